@@ -1,0 +1,302 @@
+"""Build a :class:`~model.minigpt4.MiniGPT4` from the original published files.
+
+Load order follows the reference (``MiniGPT4.from_config``): LLM + tokenizer → ViT
+(``eva_vit_g.pth``) → Q-Former, ``query_tokens`` and ``ln_vision`` (BLIP-2 file, Q-Former
+variant only) → ``llama_proj`` (+ MiniGPT-v2 LoRA) from the stage-2 checkpoint.  Unlike the
+reference every file must cover its module with the right shapes (see
+:mod:`model.checkpoints`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from model.checkpoints import (
+    CheckpointError,
+    CoverageReport,
+    convert_blip2_qformer,
+    convert_eva_vit,
+    convert_projection,
+    load_checked,
+    read_state_dict,
+)
+from model.minigpt4 import MiniGPT4
+from model.variants import VariantSpec, get_variant
+
+__all__ = ["LoadReport", "PrecisionError", "load_minigpt4", "resolve_precision"]
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+QUANTIZATIONS = ("none", "int8", "nf4")
+
+
+class PrecisionError(RuntimeError):
+    """The requested device / dtype / quantization cannot run on this machine."""
+
+
+@dataclass
+class LoadReport:
+    """What was loaded from where; shown by ``minigpt4-bot weights check``."""
+
+    variant: str
+    device: str
+    dtype: str
+    quantization: str
+    files: list[CoverageReport] = field(default_factory=list)
+    llm_ignored: list[str] = field(default_factory=list)
+    lora_rank: int | None = None
+
+
+def resolve_precision(device: str, dtype: str, quantization: str) -> tuple[torch.device, torch.dtype]:
+    """Check that the precision mode can run here, with an actionable error if not."""
+    quantization = quantization or "none"
+    if quantization not in QUANTIZATIONS:
+        raise PrecisionError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise PrecisionError(f"unknown device {device!r} (use cpu, cuda, cuda:N or auto)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise PrecisionError(
+            f"device {device!r} was requested but PyTorch sees no CUDA GPU "
+            f"(torch {torch.__version__}; a CPU build has no CUDA — see README, 'GPU install'). "
+            'Set device = "cpu" to run on the CPU.'
+        )
+    if dtype == "auto":
+        dtype = "float16" if dev.type == "cuda" else "float32"
+    if dtype not in _DTYPES:
+        raise PrecisionError(f"dtype must be one of float32, float16, bfloat16, auto; got {dtype!r}")
+    if quantization != "none":
+        if dev.type != "cuda":
+            raise PrecisionError(
+                f"quantization {quantization!r} needs a CUDA GPU (bitsandbytes); on {dev.type} use "
+                'quantization = "none" with dtype float32 (exact) or bfloat16 (half the memory)'
+            )
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise PrecisionError(f"quantization {quantization!r} needs bitsandbytes: pip install 'minigpt4-bot[gpu]'")
+        if dtype == "float32":
+            dtype = "float16"  # the reference's low_resource mode: int8 weights, fp16 activations
+    return dev, _DTYPES[dtype]
+
+
+def _quantization_config(quantization: str, dtype: torch.dtype) -> Any:
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_use_double_quant=True,
+    )
+
+
+def _load_llm(path: str, dev: torch.device, dtype: torch.dtype, quantization: str) -> tuple[Any, Any, list[str]]:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    llm_dir = Path(path).expanduser()
+    if not (llm_dir / "config.json").is_file():
+        raise CheckpointError(
+            f"LLM directory {llm_dir} has no config.json; point [model].llm at a Hugging Face "
+            "LLaMA/Vicuna directory (config.json, tokenizer.model, weights)"
+        )
+    config = LlamaConfig.from_pretrained(llm_dir)
+    if getattr(config, "model_type", "llama") != "llama":
+        raise CheckpointError(f"{llm_dir} holds a {config.model_type!r} model; MiniGPT-4 needs a LLaMA model")
+    # legacy=True: the reference's slow SentencePiece tokenizer (`[INST]` after `<s>` → `▁[`, `INST`, `]`).
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir, legacy=True)
+    if len(tokenizer) > config.vocab_size:
+        raise CheckpointError(
+            f"the tokenizer in {llm_dir} has {len(tokenizer)} tokens but the model only {config.vocab_size} "
+            "embeddings — a known Vicuna v0 delta mismatch (32001 vs 32000): re-apply the delta with the "
+            "FastChat version that matches your Vicuna weights"
+        )
+    kwargs: dict[str, Any] = dict(dtype=dtype, output_loading_info=True)
+    if quantization != "none":
+        kwargs.update(quantization_config=_quantization_config(quantization, dtype), device_map={"": dev})
+    llm, info = LlamaForCausalLM.from_pretrained(llm_dir, **kwargs)
+    missing = [k for k in info.get("missing_keys", []) if not k.endswith("rotary_emb.inv_freq")]
+    mismatched = info.get("mismatched_keys", [])
+    if missing or mismatched:
+        raise CheckpointError(
+            f"the LLM weights in {llm_dir} do not cover the model: missing {sorted(missing)[:8]} "
+            f"mismatched {list(mismatched)[:8]}"
+        )
+    if quantization == "none":
+        llm.to(dev)
+    llm.eval().requires_grad_(False)
+    return llm, tokenizer, sorted(info.get("unexpected_keys", []))
+
+
+def _apply_lora(model: MiniGPT4, spec: VariantSpec, lora: Mapping[str, torch.Tensor], report: CoverageReport) -> int:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    assert spec.lora is not None
+    ranks = {v.shape[0] for k, v in lora.items() if ".lora_A." in k}
+    if not ranks:
+        raise CheckpointError(
+            f"{report.file} has no LoRA weights (llama_model.base_model.model.….lora_A.weight); "
+            "MiniGPT-v2 needs its own checkpoint, not a MiniGPT-4 stage-2 file"
+        )
+    if len(ranks) != 1:
+        raise CheckpointError(f"{report.file} mixes LoRA ranks {sorted(ranks)}")
+    rank = ranks.pop()
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=spec.lora.alpha,
+        lora_dropout=spec.lora.dropout,
+        target_modules=list(spec.lora.target_modules),
+        bias="none",
+    )
+    inject_adapter_in_model(config, model.llm)
+    expected = {k for k in model.llm.state_dict() if ".lora_" in k}
+    absent = sorted(expected - set(lora))
+    extra = sorted(set(lora) - expected)
+    if absent or extra:
+        raise CheckpointError(
+            f"{report.file}: LoRA weights do not fit the LLM — missing {absent[:6]}, unexpected {extra[:6]}"
+        )
+    model.llm.load_state_dict(dict(lora), strict=False)
+    model.llm.to(model.device)
+    model.llm.eval().requires_grad_(False)
+    report.loaded += len(lora)
+    return rank
+
+
+def _projection_hint(spec: VariantSpec, proj: Mapping[str, torch.Tensor], llm_hidden: int) -> str:
+    weight = proj.get("llama_proj.weight")
+    if weight is None:
+        return ""
+    out_f, in_f = weight.shape
+    sizes = {4096: "7B", 5120: "13B", 6656: "33B", 8192: "70B"}
+    if out_f != llm_hidden:
+        return (
+            f"This projection maps into a {out_f}-wide LLM ({sizes.get(out_f, '?')}) but the configured LLM "
+            f"has hidden size {llm_hidden} ({sizes.get(llm_hidden, '?')}); use the stage-2 checkpoint that "
+            "matches your LLM (e.g. prerained_minigpt4_7b.pth for Vicuna-7B)."
+        )
+    if in_f != spec.projection_in_features:
+        kind = "Q-Former (vicuna0)" if in_f == (spec.qformer.hidden if spec.qformer else 768) else "no-Q-Former"
+        return (
+            f"Its input is {in_f}-wide, a {kind} checkpoint, but variant {spec.name!r} needs "
+            f"{spec.projection_in_features}; check [model].variant."
+        )
+    return ""
+
+
+def load_minigpt4(
+    variant: str = "vicuna0",
+    llm: str | os.PathLike[str] = "",
+    vit: str | os.PathLike[str] = "",
+    qformer: str | os.PathLike[str] | None = None,
+    projection: str | os.PathLike[str] = "",
+    device: str = "cpu",
+    dtype: str = "float32",
+    quantization: str = "none",
+    vision: Mapping[str, Any] | None = None,
+    qformer_dims: Mapping[str, Any] | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> MiniGPT4:
+    """Load MiniGPT-4 from the original checkpoint files (the acceptance contract).
+
+    ``vision`` / ``qformer_dims`` override ViT-g / BERT-base sizes for tiny models (keys as in
+    ``shared/parity/config.json``).  ``progress(step, bytes)`` is called after each file.
+    The returned model is in eval mode with ``model.load_report`` describing what was read.
+    """
+    spec = get_variant(variant).with_dims(vision, qformer_dims)
+    dev, torch_dtype = resolve_precision(device, dtype, quantization)
+    if spec.has_qformer and not qformer:
+        raise CheckpointError(f"variant {spec.name!r} needs the BLIP-2 Q-Former file ([model].qformer)")
+    report = LoadReport(spec.name, str(dev), str(torch_dtype).removeprefix("torch."), quantization or "none")
+    step = progress or (lambda _name, _size: None)
+
+    llm_model, tokenizer, llm_extra = _load_llm(str(llm), dev, torch_dtype, quantization or "none")
+    report.llm_ignored = llm_extra
+    step("LLM", 0)
+    llm_hidden = int(llm_model.config.hidden_size)
+    model = MiniGPT4(spec, llm_model, tokenizer, llm_hidden)
+
+    vit_sd = read_state_dict(vit, "vision encoder (eva_vit_g.pth)")
+    vit_state, vit_report = convert_eva_vit(vit_sd, spec.vision.depth, spec.vision.grid, str(vit))
+    report.files.append(load_checked(model.visual_encoder, vit_state, vit_report))
+    step("vision encoder", _size(vit))
+
+    if spec.has_qformer:
+        q_sd = read_state_dict(qformer, "Q-Former (blip2_pretrained_flant5xxl.pth)", wrapper_key="model")  # type: ignore[arg-type]
+        q_state, q_report = convert_blip2_qformer(q_sd, str(qformer))
+        assert model.qformer is not None
+        qformer_part = {k[len("qformer.") :]: v for k, v in q_state.items() if k.startswith("qformer.")}
+        load_checked(model.qformer, qformer_part, q_report)
+        rest = {k: v for k, v in q_state.items() if not k.startswith("qformer.")}
+        holder = _Holder(query_tokens=model.query_tokens, ln_vision=model.ln_vision)
+        load_checked(holder, rest, q_report, hint="the BLIP-2 file must hold query_tokens and ln_vision")
+        model.query_tokens = holder.query_tokens
+        report.files.append(q_report)
+        step("Q-Former", _size(qformer))
+
+    p_sd = read_state_dict(projection, "projection (stage-2 checkpoint)", wrapper_key="model")
+    proj, lora, p_report = convert_projection(p_sd, str(projection))
+    if not spec.has_qformer and any(k.startswith("ln_vision.") for k in proj):
+        load_checked(
+            model.ln_vision,
+            {k[len("ln_vision.") :]: v for k, v in proj.items() if k.startswith("ln_vision.")},
+            p_report,
+        )
+    proj_only = {k[len("llama_proj.") :]: v for k, v in proj.items() if k.startswith("llama_proj.")}
+    load_checked(model.llama_proj, proj_only, p_report, hint=_projection_hint(spec, proj, llm_hidden))
+    if spec.lora is not None:
+        report.lora_rank = _apply_lora(model, spec, lora, p_report)
+    elif lora:
+        raise CheckpointError(
+            f"{projection} carries LoRA weights (a MiniGPT-v2 checkpoint) but variant is {spec.name!r}; "
+            'set [model].variant = "minigptv2"'
+        )
+    report.files.append(p_report)
+    step("projection", _size(projection))
+
+    _place(model, dev, torch_dtype)
+    model.eval().requires_grad_(False)
+    model.load_report = report  # type: ignore[assignment]
+    return model
+
+
+class _Holder(torch.nn.Module):
+    """Gives ``query_tokens`` / ``ln_vision`` one state-dict namespace for a coverage check."""
+
+    def __init__(self, query_tokens: torch.nn.Parameter | None, ln_vision: torch.nn.Module) -> None:
+        super().__init__()
+        self.query_tokens = query_tokens
+        self.ln_vision = ln_vision
+
+
+def _place(model: MiniGPT4, dev: torch.device, dtype: torch.dtype) -> None:
+    """ViT in the compute dtype; ``ln_vision``, Q-Former, queries and projection in fp32 (as HF/LAVIS keep them)."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_meta and not name.startswith("llm."):
+            raise CheckpointError(f"internal: {name} was not loaded from any file")
+    model.visual_encoder.to(dev, dtype)
+    model.ln_vision.to(dev, torch.float32)
+    model.llama_proj.to(dev, torch.float32)
+    if model.qformer is not None:
+        model.qformer.to(dev, torch.float32)
+        assert model.query_tokens is not None
+        model.query_tokens.data = model.query_tokens.data.to(dev, torch.float32)
+
+
+def _size(path: Any) -> int:
+    try:
+        return os.path.getsize(path)
+    except (OSError, TypeError):
+        return 0

@@ -1,0 +1,322 @@
+"""MiniGPT-4: a frozen EVA ViT-g (+ BLIP-2 Q-Former) and a frozen LLaMA joined by one linear layer.
+
+Reference: ``minigpt4/models/minigpt4.py`` (``encode_img``), ``minigpt_v2.py`` and
+``minigpt_base.py`` (``get_context_emb``).  Built from transformers' ``Blip2VisionModel``,
+``Blip2QFormerModel`` and ``LlamaForCausalLM``; weights come from the original files
+through :mod:`model.checkpoints` (see :func:`model.loader.load_minigpt4`).
+
+Data flow for one image (real Vicuna-7B shapes)::
+
+    pixels [B, 3, 224, 224]
+      → visual_encoder (39 EVA blocks, no final norm)      [B, 257, 1408]
+      → ln_vision (LayerNorm eps 1e-5, computed in fp32)   [B, 257, 1408]
+      Q-Former variant:  → qformer(query_tokens ⨯ image)   [B, 32, 768]
+      no-Q-Former:       drop CLS, concat 4 patch tokens   [B, 64, 5632]
+      → llama_proj                                         [B, 32 | 64 | 256, 4096]
+
+The prompt is split at ``<ImageHere>``; each text segment is tokenised on its own (BOS on
+the first only), embedded, and the image tokens are spliced between them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
+
+from model.conversation import IMAGE_PLACEHOLDER, Turn, build_prompt, clean_answer
+from model.generation import (
+    GenerationOptions,
+    GenerationResult,
+    IncrementalDetokenizer,
+    RowSampler,
+    TokenStep,
+    beam_search,
+    decode_batch,
+    truncate_left,
+)
+from model.image_processing import ImageProcessor
+from model.variants import VariantSpec
+
+__all__ = ["MiniGPT4", "VisionOutputs", "build_qformer", "build_vision_encoder"]
+
+
+def build_vision_encoder(spec: VariantSpec) -> Blip2VisionModel:
+    """EVA ViT-g as ``Blip2VisionModel`` without its final norm (``ln_vision`` is separate)."""
+    d = spec.vision
+    config = Blip2VisionConfig(
+        hidden_size=d.width,
+        intermediate_size=d.mlp_hidden,
+        num_hidden_layers=d.depth,
+        num_attention_heads=d.heads,
+        image_size=d.img_size,
+        patch_size=d.patch_size,
+        hidden_act="gelu",
+        layer_norm_eps=d.layer_norm_eps,
+        qkv_bias=True,
+    )
+    encoder = Blip2VisionModel(config)
+    encoder.post_layernorm = nn.Identity()
+    return encoder
+
+
+def build_qformer(spec: VariantSpec) -> Blip2QFormerModel:
+    """The Q-Former without BERT's text side (``use_qformer_text_input=False``), as MiniGPT-4 keeps it."""
+    q = spec.qformer
+    assert q is not None
+    config = Blip2QFormerConfig(
+        hidden_size=q.hidden,
+        num_hidden_layers=q.layers,
+        num_attention_heads=q.heads,
+        intermediate_size=q.intermediate,
+        hidden_act="gelu",
+        layer_norm_eps=q.layer_norm_eps,
+        cross_attention_frequency=q.cross_attention_freq,
+        encoder_hidden_size=q.encoder_width,
+        use_qformer_text_input=False,
+    )
+    return Blip2QFormerModel(config)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 and cast back (the reference's ``base_model.LayerNorm``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+@dataclass
+class VisionOutputs:
+    """Every intermediate of :meth:`MiniGPT4.encode_images_detailed` (for parity checks and debugging)."""
+
+    vit_out: torch.Tensor  # [B, 1+P, W]
+    ln_vision_out: torch.Tensor  # [B, 1+P, W]
+    qformer_out: torch.Tensor | None  # [B, Q, Hq]      (Q-Former variant)
+    grouped: torch.Tensor | None  # [B, P/4, 4W]       (no-Q-Former variants)
+    visual_tokens: torch.Tensor  # [B, N, H]
+
+
+class MiniGPT4(nn.Module):
+    """The assembled model; build it with :func:`model.load_minigpt4`."""
+
+    def __init__(self, spec: VariantSpec, llm: nn.Module, tokenizer: Any, llm_hidden: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.image_processor = ImageProcessor(spec.vision.img_size)
+        with torch.device("meta"):
+            self.visual_encoder = build_vision_encoder(spec)
+            self.llama_proj = nn.Linear(spec.projection_in_features, llm_hidden)
+            if spec.has_qformer:
+                assert spec.qformer is not None
+                self.qformer: Blip2QFormerModel | None = build_qformer(spec)
+                self.query_tokens: nn.Parameter | None = nn.Parameter(
+                    torch.empty(1, spec.qformer.num_query_token, spec.qformer.hidden)
+                )
+            else:
+                self.qformer = None
+                self.query_tokens = None
+        # Default init (weight 1, bias 0): the no-Q-Former variants never load it.
+        self.ln_vision = FP32LayerNorm(spec.vision.width, eps=spec.vision.ln_vision_eps)
+        self.bos_id = int(tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 1)
+        self.eos_id = int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 2)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def device(self) -> torch.device:
+        return self.llama_proj.weight.device
+
+    @property
+    def vision_dtype(self) -> torch.dtype:
+        return self.visual_encoder.embeddings.patch_embedding.weight.dtype
+
+    @property
+    def llm_dtype(self) -> torch.dtype:
+        return self.llm.get_input_embeddings().weight.dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.llama_proj.out_features
+
+    # ------------------------------------------------------------------ images
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """PIL image → ``Tensor[3, S, S]`` exactly as ``Blip2ImageEvalProcessor``."""
+        return self.image_processor(image)
+
+    @torch.inference_mode()
+    def encode_images_detailed(self, pixels: torch.Tensor) -> VisionOutputs:
+        """``Tensor[B, 3, S, S]`` → all intermediates of the visual path (see module docstring)."""
+        size = self.spec.vision.img_size
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, size, size):
+            raise ValueError(f"expected pixels of shape [B, 3, {size}, {size}], got {list(pixels.shape)}")
+        pixels = pixels.to(self.device, self.vision_dtype)
+        vit_out = self.visual_encoder(pixel_values=pixels).last_hidden_state  # [B, 1+P, W]
+        ln_out = self.ln_vision(vit_out.float())  # [B, 1+P, W] fp32
+        qformer_out = grouped = None
+        if self.qformer is not None:
+            assert self.query_tokens is not None
+            queries = self.query_tokens.expand(ln_out.shape[0], -1, -1)  # [B, Q, Hq]
+            mask = torch.ones(ln_out.shape[:2], dtype=torch.long, device=ln_out.device)
+            qformer_out = self.qformer(
+                query_embeds=queries.to(self.qformer.layernorm.weight.dtype),
+                encoder_hidden_states=ln_out,
+                encoder_attention_mask=mask,
+            ).last_hidden_state  # [B, Q, Hq]
+            features = qformer_out
+        else:
+            patches = ln_out[:, 1:, :]  # drop CLS → [B, P, W]
+            batch, count, width = patches.shape
+            group = self.spec.group_tokens
+            grouped = patches.reshape(batch, count // group, width * group)  # [B, P/4, 4W]
+            features = grouped
+        tokens = self.llama_proj(features.to(self.llama_proj.weight.dtype))  # [B, N, H]
+        return VisionOutputs(vit_out, ln_out, qformer_out, grouped, tokens.to(self.llm_dtype))
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``Tensor[B, 3, S, S]`` → projected visual tokens ``Tensor[B, N, H]`` in the LLM's dtype."""
+        return self.encode_images_detailed(pixels).visual_tokens
+
+    def encode_pil(self, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """Convenience: PIL images → one ``Tensor[N, H]`` per image."""
+        if not images:
+            return []
+        pixels = torch.stack([self.preprocess(im) for im in images])
+        return list(self.encode_images(pixels).unbind(0))
+
+    # ------------------------------------------------------------------ text
+
+    def build_prompt(self, turns: Sequence[Turn | Mapping[str, Any]]) -> str:
+        """Turns → the variant's prompt, byte-exact with the reference ``Conversation``."""
+        return build_prompt(self.spec.template, turns)
+
+    def segment_token_ids(self, prompt: str) -> list[list[int]]:
+        """Split at ``<ImageHere>`` and tokenise each segment separately, BOS on the first only."""
+        return [
+            self.tokenizer(segment, add_special_tokens=(i == 0)).input_ids
+            for i, segment in enumerate(prompt.split(IMAGE_PLACEHOLDER))
+        ]
+
+    @torch.inference_mode()
+    def embed_ids(self, ids: Sequence[int]) -> torch.Tensor:
+        """Token ids → ``Tensor[T, H]`` with the LLM's input embedding table."""
+        table = self.llm.get_input_embeddings()
+        return table(torch.tensor(list(ids), dtype=torch.long, device=table.weight.device))
+
+    @torch.inference_mode()
+    def context_embeddings(self, prompt: str, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``cat([seg0, img0, seg1, img1, …, segN])`` → ``Tensor[L, H]`` (reference ``get_context_emb``)."""
+        segments = self.segment_token_ids(prompt)
+        if len(segments) != len(images) + 1:
+            raise ValueError(
+                f"the prompt has {len(segments) - 1} {IMAGE_PLACEHOLDER} placeholder(s) "
+                f"but {len(images)} image embedding(s) were given"
+            )
+        parts: list[torch.Tensor] = []
+        for i, ids in enumerate(segments):
+            parts.append(self.embed_ids(ids))
+            if i < len(images):
+                image = images[i]
+                if image.dim() == 3 and image.shape[0] == 1:
+                    image = image[0]
+                if image.dim() != 2 or image.shape[-1] != self.hidden_size:
+                    raise ValueError(
+                        f"image embedding {i} has shape {list(image.shape)}; expected [N, {self.hidden_size}]"
+                    )
+                parts.append(image.to(parts[0].device, parts[0].dtype))
+        return torch.cat(parts, dim=0)
+
+    # ------------------------------------------------------------------ generation
+
+    def default_options(self, **overrides: Any) -> GenerationOptions:
+        """The reference chat defaults plus this variant's stop strings (Vicuna: ``###``)."""
+        overrides.setdefault("stop_strings", self.spec.stop_strings)
+        return GenerationOptions.create(**overrides)
+
+    def _decode_tail(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def stream_ids(
+        self, contexts: Sequence[torch.Tensor], options: GenerationOptions | Sequence[GenerationOptions]
+    ) -> Iterator[list[TokenStep]]:
+        """Stream token steps for a batch of contexts (each row may have its own options)."""
+        per_row = [options] * len(contexts) if isinstance(options, GenerationOptions) else list(options)
+        if len(per_row) != len(contexts):
+            raise ValueError(f"{len(contexts)} contexts but {len(per_row)} option sets")
+        if not contexts:
+            return iter(())
+        trimmed = [truncate_left(c, o.max_new_tokens, o.max_length)[0] for c, o in zip(contexts, per_row, strict=True)]
+        samplers = [RowSampler(o, self.bos_id, [self.eos_id], self.device) for o in per_row]
+        return decode_batch(self.llm, trimmed, samplers, decode_tail=self._decode_tail)
+
+    def generate(
+        self, contexts: Sequence[torch.Tensor], options: GenerationOptions | Sequence[GenerationOptions]
+    ) -> list[GenerationResult]:
+        """Generate for a batch of ``Tensor[L, H]`` contexts; beams > 1 run one request at a time."""
+        per_row = [options] * len(contexts) if isinstance(options, GenerationOptions) else list(options)
+        results = [GenerationResult() for _ in contexts]
+        for i, (ctx, opts) in enumerate(zip(contexts, per_row, strict=True)):
+            trimmed, cut = truncate_left(ctx, opts.max_new_tokens, opts.max_length)
+            results[i].prompt_tokens, results[i].truncated_tokens = trimmed.shape[0], cut
+        greedy_rows = [i for i, o in enumerate(per_row) if o.num_beams == 1]
+        for i, o in enumerate(per_row):
+            if o.num_beams > 1:
+                trimmed, cut = truncate_left(contexts[i], o.max_new_tokens, o.max_length)
+                beam = beam_search(self.llm, trimmed, o, self.bos_id, [self.eos_id])
+                results[i].token_ids, results[i].finish_reason = beam.token_ids, beam.finish_reason
+        if greedy_rows:
+            stream = self.stream_ids([contexts[i] for i in greedy_rows], [per_row[i] for i in greedy_rows])
+            for steps in stream:
+                for step in steps:
+                    result = results[greedy_rows[step.row]]
+                    result.token_ids.append(step.token_id)
+                    if step.finish_reason:
+                        result.finish_reason = step.finish_reason
+        return results
+
+    def generate_ids(
+        self,
+        contexts: Sequence[torch.Tensor],
+        max_new_tokens: int = 300,
+        do_sample: bool = True,
+        num_beams: int = 1,
+        temperature: float = 1.0,
+        top_p: float = 0.9,
+        repetition_penalty: float = 1.05,
+        **options: Any,
+    ) -> list[list[int]]:
+        """The acceptance contract: generated ids per context (EOS kept, BOS placeholder not)."""
+        opts = GenerationOptions.create(
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            num_beams=num_beams,
+            temperature=temperature,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            **options,
+        )
+        return [r.token_ids for r in self.generate(contexts, opts)]
+
+    def decode_answer(self, ids: Sequence[int]) -> str:
+        """Decode and clean an answer the way ``Chat.answer`` does."""
+        return clean_answer(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def stream_answer(self, context: torch.Tensor, options: GenerationOptions) -> Iterator[str]:
+        """Text deltas of one answer as tokens arrive (beams > 1: the whole answer at the end)."""
+        if options.num_beams > 1:
+            yield self.decode_answer(self.generate([context], options)[0].token_ids)
+            return
+        detok = IncrementalDetokenizer(self._decode_tail, ("###", *options.stop_strings))
+        for steps in self.stream_ids([context], options):
+            for step in steps:
+                if delta := detok.push(step.token_id):
+                    yield delta
+        if tail := detok.flush():
+            yield tail
