@@ -268,9 +268,9 @@ def write_demo_weights(
     else:
         in_features = 4 * vision.width
     projection = out / _PROJECTION_FILES[variant]
-    _write_projection(
-        projection, in_features, sizes, torch.Generator().manual_seed(seed + 1), lora=spec.lora is not None
-    )
+    if not projection.is_file():
+        gen_proj = torch.Generator().manual_seed(seed + 1)
+        _write_projection(projection, in_features, sizes, gen_proj, lora=spec.lora is not None)
     vision_table = asdict(vision)
     vision_table.pop("ln_vision_eps")  # not a [model.vision] key: ln_vision is fixed at 1e-5
     qformer_table = asdict(sizes.qformer) if spec.has_qformer else {}

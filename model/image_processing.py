@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "ImageDecodeError", "ImageProcessor", "load_image"]
+__all__ = ["CLIP_MEAN", "CLIP_STD", "ImageDecodeError", "ImageProcessor", "builtin_test_image", "load_image"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -50,3 +50,16 @@ class ImageProcessor:
         array = np.asarray(resized, dtype=np.uint8)  # [S, S, 3]
         pixels = torch.from_numpy(array.copy()).permute(2, 0, 1).float().div(255)  # [3, S, S]
         return (pixels - self._mean) / self._std
+
+
+def builtin_test_image(size: int = 224) -> Image.Image:
+    """A procedurally drawn test picture (red circle, green square, blue stripe) for self-checks."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (size, size), (250, 250, 245))
+    draw = ImageDraw.Draw(image)
+    s = size / 224
+    draw.ellipse([20 * s, 30 * s, 100 * s, 110 * s], fill=(220, 30, 30))
+    draw.rectangle([120 * s, 40 * s, 200 * s, 120 * s], fill=(30, 170, 60))
+    draw.rectangle([0, 160 * s, size, 190 * s], fill=(40, 70, 200))
+    return image

@@ -31,7 +31,13 @@ from model.checkpoints import (
 from model.minigpt4 import MiniGPT4
 from model.variants import VariantSpec, get_variant
 
-__all__ = ["LoadReport", "PrecisionError", "load_minigpt4", "resolve_precision"]
+__all__ = ["LoadReport", "PrecisionError", "load_minigpt4", "resolve_precision", "weights_size"]
+
+
+def weights_size(*paths: Any) -> int:
+    """Total bytes the loader will read (for a progress bar's total)."""
+    return sum(_size(p) for p in paths if p)
+
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +230,7 @@ def load_minigpt4(
 
     llm_model, tokenizer, llm_extra = _load_llm(str(llm), dev, torch_dtype, quantization or "none")
     report.llm_ignored = llm_extra
-    step("LLM", 0)
+    step("LLM", _size(llm))
     llm_hidden = int(llm_model.config.hidden_size)
     model = MiniGPT4(spec, llm_model, tokenizer, llm_hidden)
 
@@ -296,7 +302,11 @@ def _place(model: MiniGPT4, dev: torch.device, dtype: torch.dtype) -> None:
 
 
 def _size(path: Any) -> int:
+    """Bytes of a file, or of the weight files in a directory (for progress bars)."""
     try:
-        return os.path.getsize(path)
+        p = Path(path).expanduser()
+        if p.is_dir():
+            return sum(f.stat().st_size for f in p.iterdir() if f.suffix in (".safetensors", ".bin", ".pth"))
+        return p.stat().st_size
     except (OSError, TypeError):
         return 0

@@ -308,14 +308,24 @@ class MiniGPT4(nn.Module):
         """Decode and clean an answer the way ``Chat.answer`` does."""
         return clean_answer(self.tokenizer.decode(list(ids), skip_special_tokens=True))
 
-    def stream_answer(self, context: torch.Tensor, options: GenerationOptions) -> Iterator[str]:
-        """Text deltas of one answer as tokens arrive (beams > 1: the whole answer at the end)."""
+    def stream_answer(
+        self, context: torch.Tensor, options: GenerationOptions, result: GenerationResult | None = None
+    ) -> Iterator[str]:
+        """Text deltas of one answer as tokens arrive (beams > 1: the whole answer at the end).
+
+        Pass ``result`` to receive the generated ids and finish reason once the stream ends.
+        """
+        result = result if result is not None else GenerationResult()
         if options.num_beams > 1:
-            yield self.decode_answer(self.generate([context], options)[0].token_ids)
+            done = self.generate([context], options)[0]
+            result.token_ids, result.finish_reason = done.token_ids, done.finish_reason
+            yield self.decode_answer(done.token_ids)
             return
         detok = IncrementalDetokenizer(self._decode_tail, ("###", *options.stop_strings))
         for steps in self.stream_ids([context], options):
             for step in steps:
+                result.token_ids.append(step.token_id)
+                result.finish_reason = step.finish_reason or result.finish_reason
                 if delta := detok.push(step.token_id):
                     yield delta
         if tail := detok.flush():

@@ -1,0 +1,268 @@
+"""``minigpt4-bot``: the operator's command line (typer + rich).
+
+Commands that need the model import it lazily, so ``bot`` itself never imports torch and
+``minigpt4-bot --help`` is instant.  Human-readable output goes to the terminal; with
+``--json`` only the JSON document goes to stdout (progress and logs go to stderr).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bot.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from model import MiniGPT4
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(help="MiniGPT-4 in your team chat.", no_args_is_help=True, add_completion=False)
+weights_app = typer.Typer(help="Create and check model weights.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+
+out = Console()
+err = Console(stderr=True)
+log = logging.getLogger("minigpt4_bot")
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", "-c", help="bot.toml to use (default: $MINIGPT4_BOT_CONFIG or ./bot.toml)")
+]
+
+
+def _setup(config: Path | None) -> Settings:
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False)],
+        force=True,
+    )
+    return settings
+
+
+def _load_model(settings: Settings) -> MiniGPT4:
+    """Load the configured weights (or write and load demo weights) with a progress bar on stderr."""
+    from model import CheckpointError, PrecisionError, load_minigpt4
+    from model.loader import weights_size
+
+    kwargs: dict[str, Any] = settings.model.loader_kwargs()
+    if settings.model.uses_demo_weights:
+        from model.demo_weights import DEMO_NOTICE, write_demo_weights
+
+        err.print(f"[yellow]No weights configured — {DEMO_NOTICE}.[/yellow]")
+        demo = write_demo_weights(settings.demo_weights_dir, settings.model.variant)
+        kwargs |= demo.loader_kwargs()
+    total = weights_size(kwargs["llm"], kwargs["vit"], kwargs.get("qformer"), kwargs["projection"])
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=err, transient=True) as progress:
+            task = progress.add_task("loading weights", total=max(total, 1))
+
+            def advance(step: str, size: int) -> None:
+                progress.update(task, advance=size, description=f"loaded {step}")
+
+            model = load_minigpt4(**kwargs, progress=advance)
+    except (CheckpointError, PrecisionError, ValueError) as exc:
+        err.print(f"[red]Cannot load the model:[/red] {exc}")
+        raise typer.Exit(1) from None
+    return model
+
+
+def _options(settings: Settings, model: MiniGPT4, **overrides: Any) -> Any:
+    from model import InvalidGenerationOptions
+
+    values = settings.generation.model_dump() | {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return model.default_options(**values)
+    except InvalidGenerationOptions as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def ask(
+    image: Annotated[Path, typer.Argument(help="picture to ask about")],
+    question: Annotated[str, typer.Argument(help="the question")],
+    config: ConfigOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help='print {"prompt", "token_ids", "text"}')] = False,
+    greedy: Annotated[bool, typer.Option("--greedy", help="deterministic: no sampling")] = False,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1)] = None,
+    num_beams: Annotated[int | None, typer.Option("--beams", min=1, max=10)] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="make sampling reproducible")] = None,
+) -> None:
+    """Answer one question about one picture, streamed to the terminal."""
+    from model.chat import ChatSession
+    from model.image_processing import ImageDecodeError
+
+    settings = _setup(config)
+    if not image.is_file():
+        err.print(f"[red]No such file: {image}[/red]")
+        raise typer.Exit(2)
+    model = _load_model(settings)
+    opts = _options(
+        settings,
+        model,
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        temperature=temperature,
+        seed=seed,
+        do_sample=False if greedy else None,
+    )
+    session = ChatSession(model, opts)
+    try:
+        session.add_image(image.read_bytes())
+    except ImageDecodeError as exc:
+        err.print(f"[red]{image} is not a picture I can read: {exc}[/red]")
+        raise typer.Exit(2) from None
+    stream = session.ask(question)
+    if as_json:
+        for _ in stream:
+            pass
+        last = session.last
+        sys.stdout.write(json.dumps({"prompt": last.prompt, "token_ids": last.token_ids, "text": last.text}) + "\n")
+        return
+    for delta in stream:
+        out.print(delta, end="", markup=False, highlight=False, soft_wrap=True)
+    out.print()
+
+
+@app.command()
+def chat(config: ConfigOption = None) -> None:
+    """Chat with the model in this terminal (/image PATH, then ask)."""
+    from adapters.terminal import TerminalChat
+    from model.chat import ChatSession
+
+    settings = _setup(config)
+    model = _load_model(settings)
+    TerminalChat(ChatSession(model, _options(settings, model)), console=out).run()
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Start the bot on the configured front ends (today: the local terminal chat)."""
+    chat(config)
+
+
+@weights_app.command("demo")
+def weights_demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="folder to write into")] = Path("data/demo-weights"),
+    variant: Annotated[str, typer.Option(help="vicuna0 | llama2 | minigptv2")] = "vicuna0",
+    seed: int = 0,
+) -> None:
+    """Write tiny random weights in the original layouts (they answer with NONSENSE text)."""
+    from model.demo_weights import DEMO_NOTICE, write_demo_weights
+
+    try:
+        demo = write_demo_weights(out_dir / variant, variant, seed=seed)
+    except ValueError as exc:
+        err.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    err.print(f"[yellow]{DEMO_NOTICE}[/yellow]")
+    lines = ["[model]", f'variant = "{variant}"']
+    lines += [f'{k} = "{getattr(demo, k)}"' for k in ("llm", "vit", "projection")]
+    if demo.qformer:
+        lines.append(f'qformer = "{demo.qformer}"')
+    for table, values in (("vision", demo.vision), ("qformer_dims", demo.qformer_dims)):
+        if values:
+            lines.append(f"[model.{table}]")
+            lines += [f"{k} = {v}" for k, v in values.items()]
+    out.print("\n".join(lines), markup=False, highlight=False)
+
+
+@weights_app.command("check")
+def weights_check(
+    config: ConfigOption = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 32,
+) -> None:
+    """Load the configured weights, report what was loaded, and answer a built-in test image."""
+    from model.image_processing import builtin_test_image
+
+    settings = _setup(config)
+    started = time.perf_counter()
+    model = _load_model(settings)
+    load_s = time.perf_counter() - started
+    report = model.load_report  # type: ignore[attr-defined]
+
+    summary = Table(title="MiniGPT-4 weights", show_header=False)
+    summary.add_row("variant", report.variant)
+    summary.add_row("device / dtype", f"{report.device} / {report.dtype}")
+    summary.add_row("quantization", report.quantization)
+    summary.add_row("visual tokens per image", str(model.spec.num_visual_tokens))
+    summary.add_row("image size", f"{model.spec.vision.img_size} px")
+    if report.lora_rank:
+        summary.add_row("LoRA", f"r={report.lora_rank}, alpha={model.spec.lora.alpha}")  # type: ignore[union-attr]
+    summary.add_row("load time", f"{load_s:.1f} s")
+    out.print(summary)
+
+    parts = Table(title="parameters and memory")
+    for col in ("part", "parameters", "dtype", "memory"):
+        parts.add_column(col, justify="right" if col in ("parameters", "memory") else "left")
+    named = {"vision encoder": model.visual_encoder, "ln_vision": model.ln_vision, "projection": model.llama_proj}
+    if model.qformer is not None:
+        named["Q-Former"] = model.qformer
+    named["LLM"] = model.llm
+    total_bytes = 0
+    for name, module in named.items():
+        params = list(module.parameters())
+        count = sum(p.numel() for p in params)
+        size = sum(p.numel() * p.element_size() for p in params)
+        total_bytes += size
+        parts.add_row(name, f"{count:,}", str(params[0].dtype).removeprefix("torch."), _gib(size))
+    cfg = model.llm.config
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.hidden_size * model.llm_dtype.itemsize
+    context = settings.generation.max_length
+    parts.add_row("weights total", "", "", _gib(total_bytes))
+    parts.add_row(f"KV cache per {context}-token thread", "", "", _gib(kv_per_token * context))
+    out.print(parts)
+
+    files = Table(title="files")
+    for col in ("role", "file", "tensors", "ignored", "unexpected"):
+        files.add_column(col)
+    for f in report.files:
+        files.add_row(f.role, f.file, str(f.loaded), str(len(f.ignored)), ", ".join(f.unexpected[:4]) or "-")
+    out.print(files)
+    if report.llm_ignored:
+        out.print(f"LLM keys not used: {', '.join(report.llm_ignored[:6])}")
+
+    from model.chat import ChatSession
+
+    session = ChatSession(model, _options(settings, model, do_sample=False, max_new_tokens=max_new_tokens))
+    session.add_image(builtin_test_image())
+    t0 = time.perf_counter()
+    answer = "".join(session.ask("Describe this image in detail."))
+    elapsed = time.perf_counter() - t0
+    n = len(session.last.token_ids)
+    out.print(f"[bold]test image answer[/bold] ({n} tokens in {elapsed:.2f} s, {n / max(elapsed, 1e-9):.1f} tok/s):")
+    out.print(answer or "(empty answer)", markup=False)
+    if settings.model.uses_demo_weights:
+        out.print("[yellow](demo weights: the answer is expected to be nonsense)[/yellow]")
+    out.print("[green]weights OK[/green]")
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB" if size >= 2**28 else f"{size / 2**20:.2f} MiB"
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

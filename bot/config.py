@@ -1,0 +1,146 @@
+"""``bot.toml``: typed, validated configuration with one clear error per bad field.
+
+The defaults here equal the documented ``bot.toml`` in the repository root (a test loads
+that file and compares).  Secrets never live in this file: they come from the
+environment.  Relative paths are resolved against the config file's folder.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = ["ConfigError", "GenerationSettings", "ModelSettings", "Settings", "find_config", "load_settings"]
+
+CONFIG_ENV = "MINIGPT4_BOT_CONFIG"
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, unreadable or invalid; the message lists every problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSettings(_Strict):
+    """``[model]``: which weights to load and how (paths to the original published files)."""
+
+    variant: Literal["vicuna0", "llama2", "minigptv2"] = "vicuna0"
+    llm: str = Field("", description="HF LLaMA/Vicuna directory; empty = demo weights")
+    vit: str = Field("", description="LAVIS eva_vit_g.pth")
+    qformer: str = Field("", description="BLIP-2 blip2_pretrained_flant5xxl.pth (vicuna0 only)")
+    projection: str = Field("", description="stage-2 checkpoint (pretrained_minigpt4*.pth / MiniGPT-v2)")
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    quantization: Literal["none", "int8", "nf4"] = "none"
+    vision: dict[str, float] | None = None
+    qformer_dims: dict[str, float] | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("use auto, cpu, cuda or cuda:N")
+
+    @property
+    def uses_demo_weights(self) -> bool:
+        """No real weights configured: the bot starts on tiny random demo weights."""
+        return not (self.llm or self.vit or self.projection)
+
+    def loader_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``model.load_minigpt4`` (paths as given, already resolved)."""
+        ints = {k: (v if "eps" in k else int(v)) for k, v in (self.vision or {}).items()}
+        qints = {k: (v if "eps" in k else int(v)) for k, v in (self.qformer_dims or {}).items()}
+        return dict(
+            variant=self.variant,
+            llm=self.llm,
+            vit=self.vit,
+            qformer=self.qformer or None,
+            projection=self.projection,
+            device=self.device,
+            dtype=self.dtype,
+            quantization=self.quantization,
+            vision=ints or None,
+            qformer_dims=qints or None,
+        )
+
+
+class GenerationSettings(_Strict):
+    """``[generation]``: answer defaults (the reference ``Chat`` defaults)."""
+
+    max_new_tokens: int = Field(300, ge=1, le=8192)
+    do_sample: bool = True
+    num_beams: int = Field(1, ge=1, le=10)
+    temperature: float = Field(1.0, gt=0, le=5)
+    top_p: float = Field(0.9, gt=0, le=1)
+    top_k: int = Field(50, ge=0)
+    repetition_penalty: float = Field(1.05, gt=0, le=10)
+    min_length: int = Field(1, ge=0)
+    max_length: int = Field(2000, ge=2)
+
+
+class Settings(_Strict):
+    """The whole ``bot.toml``."""
+
+    data_dir: str = "data"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+
+    @property
+    def demo_weights_dir(self) -> Path:
+        return Path(self.data_dir) / "demo-weights" / self.model.variant
+
+
+def find_config(explicit: str | os.PathLike[str] | None = None) -> Path | None:
+    """``--config`` if given, else ``$MINIGPT4_BOT_CONFIG``, else ``./bot.toml`` if it exists."""
+    if explicit:
+        return Path(explicit)
+    if env := os.environ.get(CONFIG_ENV):
+        return Path(env)
+    default = Path("bot.toml")
+    return default if default.is_file() else None
+
+
+def _format_errors(path: Path | None, exc: ValidationError) -> str:
+    where = str(path) if path else "configuration"
+    lines = [f"{where}: {exc.error_count()} invalid setting(s)"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        got = f" (got {err['input']!r})" if err["type"] != "missing" and "input" in err else ""
+        lines.append(f"  {loc}: {err['msg']}{got}")
+    return "\n".join(lines)
+
+
+_PATH_KEYS = ("llm", "vit", "qformer", "projection")
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read and validate the configuration (defaults if no file is found)."""
+    config_path = find_config(path)
+    data: dict[str, Any] = {}
+    if config_path is not None:
+        if not config_path.is_file():
+            raise ConfigError(f"config file not found: {config_path}")
+        try:
+            data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{config_path}: not valid TOML: {exc}") from exc
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(config_path, exc)) from None
+    base = config_path.parent if config_path is not None else Path.cwd()
+    for key in _PATH_KEYS:
+        value = getattr(settings.model, key)
+        if value and not Path(value).expanduser().is_absolute():
+            setattr(settings.model, key, str(base / value))
+    if not Path(settings.data_dir).expanduser().is_absolute():
+        settings.data_dir = str(base / settings.data_dir)
+    return settings

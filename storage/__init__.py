@@ -1,0 +1,1 @@
+"""SQL storage for conversations, usage and quotas (filled in by the bot-core issue)."""
