@@ -182,7 +182,7 @@ def weights_demo(
         if values:
             lines.append(f"[model.{table}]")
             lines += [f"{k} = {v}" for k, v in values.items()]
-    out.print("\n".join(lines), markup=False, highlight=False)
+    sys.stdout.write("\n".join(lines) + "\n")  # paste-able TOML: no wrapping, no colour
 
 
 @weights_app.command("check")

@@ -25,14 +25,24 @@ class ImageDecodeError(ValueError):
 
 
 def load_image(source: str | bytes | Image.Image) -> Image.Image:
-    """Open a path, raw bytes or a PIL image as RGB, with a readable error for bad input."""
+    """Open a path, raw bytes or a PIL image as RGB, with a readable error for bad input.
+
+    Formats are whatever Pillow decodes (JPEG, PNG, GIF — first frame —, WebP, BMP, TIFF…);
+    Pillow's decompression-bomb guard rejects absurd pixel counts.
+    """
     if isinstance(source, Image.Image):
         return source.convert("RGB")
+    if isinstance(source, bytes) and not source:
+        raise ImageDecodeError("the file is empty")
     try:
         image = Image.open(io.BytesIO(source)) if isinstance(source, bytes) else Image.open(source)
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ImageDecodeError(f"could not read the image: {exc}") from exc
+    except UnidentifiedImageError:
+        raise ImageDecodeError("the data is not in an image format I know (JPEG, PNG, GIF, WebP…)") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"the image is too large to process safely ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"the image file is truncated or corrupt ({exc})") from None
     return image.convert("RGB")
 
 

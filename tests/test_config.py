@@ -1,0 +1,82 @@
+"""bot.toml is documented, validated, and its defaults equal the code's defaults."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from bot.config import ConfigError, Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_documented_bot_toml_equals_code_defaults():
+    documented = Settings.model_validate(tomllib.loads((ROOT / "bot.toml").read_text()))
+    assert documented == Settings()
+
+
+def test_defaults_start_on_demo_weights(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MINIGPT4_BOT_CONFIG", raising=False)
+    settings = load_settings()
+    assert settings.model.uses_demo_weights
+    assert settings.demo_weights_dir == tmp_path / "data" / "demo-weights" / "vicuna0"
+
+
+def test_every_bad_field_is_reported(tmp_path):
+    path = tmp_path / "bot.toml"
+    path.write_text('[model]\ndtype = "float64"\nquantization = "int3"\ndevice = "gpu0"\ncolour = 1\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    message = str(info.value)
+    assert "4 invalid setting(s)" in message
+    for field in ("model.dtype", "model.quantization", "model.device", "model.colour"):
+        assert field in message
+    assert "'float64'" in message
+
+
+def test_generation_ranges_are_validated(tmp_path):
+    path = tmp_path / "bot.toml"
+    path.write_text("[generation]\ntop_p = 1.5\nnum_beams = 0\n")
+    with pytest.raises(ConfigError, match=r"generation\.top_p.*\n.*generation\.num_beams|generation\.num_beams"):
+        load_settings(path)
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    (folder / "bot.toml").write_text('[model]\nllm = "weights/vicuna"\nvit = "/abs/eva.pth"\n')
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(folder / "bot.toml")
+    assert settings.model.llm == str(folder / "weights/vicuna")
+    assert settings.model.vit == "/abs/eva.pth"
+    assert not settings.model.uses_demo_weights
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    bad = tmp_path / "bot.toml"
+    bad.write_text("[model\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "nope.toml")
+
+
+def test_config_from_environment(tmp_path, monkeypatch):
+    path = tmp_path / "elsewhere.toml"
+    path.write_text('[model]\nvariant = "llama2"\n')
+    monkeypatch.setenv("MINIGPT4_BOT_CONFIG", str(path))
+    assert load_settings().model.variant == "llama2"
+
+
+def test_loader_kwargs_cast_size_tables():
+    settings = Settings.model_validate(
+        {"model": {"vision": {"img_size": 56.0, "layer_norm_eps": 1e-6}, "qformer_dims": {"hidden": 32}}}
+    )
+    kwargs = settings.model.loader_kwargs()
+    assert kwargs["vision"] == {"img_size": 56, "layer_norm_eps": 1e-6}
+    assert isinstance(kwargs["vision"]["img_size"], int)
+    assert kwargs["qformer_dims"] == {"hidden": 32}
+    assert kwargs["qformer"] is None
