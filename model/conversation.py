@@ -73,7 +73,7 @@ class Turn:
         if isinstance(value, Turn):
             turn = value
         else:
-            turn = cls(role=str(value["role"]), text=value.get("text") or "", image=bool(value.get("image")))
+            turn = cls(role=str(value.get("role", "")), text=value.get("text") or "", image=bool(value.get("image")))
         if turn.role not in ("user", "assistant"):
             raise ValueError(f"turn role must be 'user' or 'assistant', got {turn.role!r}")
         if turn.role == "assistant" and turn.image:
@@ -95,8 +95,13 @@ def build_prompt(template: ConversationTemplate, turns: Sequence[Turn | Mapping[
     coerced = [Turn.coerce(t) for t in turns]
     for turn in coerced:
         if turn.role == "user":
+            last = messages[-1] if messages else None
+            if not turn.image and last and last[0] == user_role and (last[1] or "").endswith("</Img>"):
+                # Chat.ask: a question right after an uploaded image joins its message with one space
+                messages[-1] = (user_role, f"{last[1]} {turn.text}")
+                continue
             message = turn.text
-            if turn.image:  # Chat.upload_img, then Chat.ask joins the question with one space
+            if turn.image:  # Chat.upload_img (+ Chat.ask when the turn carries a question)
                 message = f"{IMAGE_MESSAGE} {turn.text}" if turn.text else IMAGE_MESSAGE
             messages.append((user_role, message))
         else:

@@ -23,6 +23,7 @@ from each row's first real token, so a row's greedy ids equal its unbatched ids.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
@@ -173,7 +174,7 @@ class RowSampler:
 
     def next_token(self, logits: torch.Tensor) -> int:
         """``logits``: ``Tensor[V]`` for this row's last position."""
-        scores = logits.float().unsqueeze(0)  # [1, V]
+        scores = logits.float().unsqueeze(0).clone()  # [1, V]; a copy: the caller's logits stay intact
         ids = torch.tensor([self.history], device=scores.device)
         for processor in self.processors:
             scores = processor(ids, scores)
@@ -292,7 +293,10 @@ def beam_search(
         generator_kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
         if options.seed is not None:
             torch.manual_seed(options.seed)
-    ids = llm.generate(**generator_kwargs)[0].tolist()
+    with warnings.catch_warnings():
+        # Penalising generated tokens only is exactly the reference's behaviour with inputs_embeds.
+        warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
+        ids = llm.generate(**generator_kwargs)[0].tolist()
     result = GenerationResult(prompt_tokens=context.shape[0])
     for i, token in enumerate(ids):
         result.token_ids.append(token)
@@ -332,7 +336,7 @@ class IncrementalDetokenizer:
                 if text.endswith(stop[:n]):
                     text = text[:-n]
                     break
-        return text
+        return text.rstrip()  # trailing whitespace is held back: the final answer is stripped
 
     def push(self, token_id: int) -> str:
         """Add one token; return the newly visible text (possibly empty)."""

@@ -122,7 +122,15 @@ def _load_llm(path: str, dev: torch.device, dtype: torch.dtype, quantization: st
     if getattr(config, "model_type", "llama") != "llama":
         raise CheckpointError(f"{llm_dir} holds a {config.model_type!r} model; MiniGPT-4 needs a LLaMA model")
     # legacy=True: the reference's slow SentencePiece tokenizer (`[INST]` after `<s>` → `▁[`, `INST`, `]`).
-    tokenizer = AutoTokenizer.from_pretrained(llm_dir, legacy=True)
+    if not any((llm_dir / name).is_file() for name in ("tokenizer.model", "tokenizer.json")):
+        raise CheckpointError(
+            f"LLM directory {llm_dir} has no tokenizer (tokenizer.model or tokenizer.json); copy the "
+            "tokenizer files of the LLaMA/Vicuna release into it"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(llm_dir, legacy=True)
+    except (OSError, ValueError, ImportError) as exc:
+        raise CheckpointError(f"could not load the tokenizer in {llm_dir}: {exc}") from exc
     if len(tokenizer) > config.vocab_size:
         raise CheckpointError(
             f"the tokenizer in {llm_dir} has {len(tokenizer)} tokens but the model only {config.vocab_size} "
@@ -132,7 +140,13 @@ def _load_llm(path: str, dev: torch.device, dtype: torch.dtype, quantization: st
     kwargs: dict[str, Any] = dict(dtype=dtype, output_loading_info=True)
     if quantization != "none":
         kwargs.update(quantization_config=_quantization_config(quantization, dtype), device_map={"": dev})
-    llm, info = LlamaForCausalLM.from_pretrained(llm_dir, **kwargs)
+    try:
+        llm, info = LlamaForCausalLM.from_pretrained(llm_dir, **kwargs)
+    except OSError as exc:
+        raise CheckpointError(
+            f"could not load the LLM weights in {llm_dir}: {exc}. The directory needs model.safetensors or "
+            "pytorch_model.bin (or their sharded index) from save_pretrained"
+        ) from exc
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("rotary_emb.inv_freq")]
     mismatched = info.get("mismatched_keys", [])
     if missing or mismatched:
@@ -181,6 +195,18 @@ def _apply_lora(model: MiniGPT4, spec: VariantSpec, lora: Mapping[str, torch.Ten
     return rank
 
 
+def _vision_hint(spec: VariantSpec, vit_sd: Mapping[str, torch.Tensor]) -> str:
+    cls = vit_sd.get("cls_token")
+    if cls is None or cls.shape[-1] == spec.vision.width:
+        return ""
+    blocks = {k.split(".")[1] for k in vit_sd if k.startswith("blocks.")}
+    return (
+        f"The file holds a ViT of width {cls.shape[-1]} with {len(blocks)} blocks; the model expects width "
+        f"{spec.vision.width} and {spec.vision.depth} blocks (EVA ViT-g drops the 40th). For a non-standard "
+        "checkpoint give its sizes in [model.vision]."
+    )
+
+
 def _projection_hint(spec: VariantSpec, proj: Mapping[str, torch.Tensor], llm_hidden: int) -> str:
     weight = proj.get("llama_proj.weight")
     if weight is None:
@@ -194,10 +220,11 @@ def _projection_hint(spec: VariantSpec, proj: Mapping[str, torch.Tensor], llm_hi
             "matches your LLM (e.g. prerained_minigpt4_7b.pth for Vicuna-7B)."
         )
     if in_f != spec.projection_in_features:
-        kind = "Q-Former (vicuna0)" if in_f == (spec.qformer.hidden if spec.qformer else 768) else "no-Q-Former"
+        need = "the Q-Former width" if spec.has_qformer else f"{spec.group_tokens} × the ViT width (no Q-Former)"
         return (
-            f"Its input is {in_f}-wide, a {kind} checkpoint, but variant {spec.name!r} needs "
-            f"{spec.projection_in_features}; check [model].variant."
+            f"Its input is {in_f}-wide, but variant {spec.name!r} feeds it {spec.projection_in_features} "
+            f"({need}). Q-Former checkpoints (vicuna0) take the Q-Former width, LLaMA-2 / MiniGPT-v2 "
+            "checkpoints 4 × the ViT width; check [model].variant."
         )
     return ""
 
@@ -232,11 +259,12 @@ def load_minigpt4(
     report.llm_ignored = llm_extra
     step("LLM", _size(llm))
     llm_hidden = int(llm_model.config.hidden_size)
-    model = MiniGPT4(spec, llm_model, tokenizer, llm_hidden)
+    spm_file = Path(llm).expanduser() / "tokenizer.model"
+    model = MiniGPT4(spec, llm_model, tokenizer, llm_hidden, str(spm_file) if spm_file.is_file() else None)
 
     vit_sd = read_state_dict(vit, "vision encoder (eva_vit_g.pth)")
     vit_state, vit_report = convert_eva_vit(vit_sd, spec.vision.depth, spec.vision.grid, str(vit))
-    report.files.append(load_checked(model.visual_encoder, vit_state, vit_report))
+    report.files.append(load_checked(model.visual_encoder, vit_state, vit_report, hint=_vision_hint(spec, vit_sd)))
     step("vision encoder", _size(vit))
 
     if spec.has_qformer:

@@ -104,8 +104,15 @@ class VisionOutputs:
 class MiniGPT4(nn.Module):
     """The assembled model; build it with :func:`model.load_minigpt4`."""
 
-    def __init__(self, spec: VariantSpec, llm: nn.Module, tokenizer: Any, llm_hidden: int) -> None:
+    def __init__(
+        self, spec: VariantSpec, llm: nn.Module, tokenizer: Any, llm_hidden: int, spm_file: str | None = None
+    ) -> None:
         super().__init__()
+        self._sp = None
+        if spm_file:
+            import sentencepiece
+
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=spm_file)
         self.spec = spec
         self.llm = llm
         self.tokenizer = tokenizer
@@ -240,8 +247,18 @@ class MiniGPT4(nn.Module):
         overrides.setdefault("stop_strings", self.spec.stop_strings)
         return GenerationOptions.create(**overrides)
 
-    def _decode_tail(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+    def decode_text(self, ids: Sequence[int]) -> str:
+        """Token ids → text without special tokens, as the reference's slow tokenizer decodes.
+
+        With a SentencePiece ``tokenizer.model`` the pieces are decoded by SentencePiece itself
+        (as transformers 4.30's slow ``LlamaTokenizer`` did): an invalid byte sequence from
+        byte-fallback pieces becomes one U+FFFD, where the fast decoder would emit one per byte.
+        """
+        if self._sp is None:
+            return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        special = set(self.tokenizer.all_special_ids)
+        size = self._sp.get_piece_size()
+        return self._sp.decode([i for i in ids if i not in special and 0 <= i < size])
 
     def stream_ids(
         self, contexts: Sequence[torch.Tensor], options: GenerationOptions | Sequence[GenerationOptions]
@@ -254,7 +271,7 @@ class MiniGPT4(nn.Module):
             return iter(())
         trimmed = [truncate_left(c, o.max_new_tokens, o.max_length)[0] for c, o in zip(contexts, per_row, strict=True)]
         samplers = [RowSampler(o, self.bos_id, [self.eos_id], self.device) for o in per_row]
-        return decode_batch(self.llm, trimmed, samplers, decode_tail=self._decode_tail)
+        return decode_batch(self.llm, trimmed, samplers, decode_tail=self.decode_text)
 
     def generate(
         self, contexts: Sequence[torch.Tensor], options: GenerationOptions | Sequence[GenerationOptions]
@@ -306,7 +323,7 @@ class MiniGPT4(nn.Module):
 
     def decode_answer(self, ids: Sequence[int]) -> str:
         """Decode and clean an answer the way ``Chat.answer`` does."""
-        return clean_answer(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+        return clean_answer(self.decode_text(ids))
 
     def stream_answer(
         self, context: torch.Tensor, options: GenerationOptions, result: GenerationResult | None = None
@@ -321,7 +338,7 @@ class MiniGPT4(nn.Module):
             result.token_ids, result.finish_reason = done.token_ids, done.finish_reason
             yield self.decode_answer(done.token_ids)
             return
-        detok = IncrementalDetokenizer(self._decode_tail, ("###", *options.stop_strings))
+        detok = IncrementalDetokenizer(self.decode_text, ("###", *options.stop_strings))
         for steps in self.stream_ids([context], options):
             for step in steps:
                 result.token_ids.append(step.token_id)

@@ -8,11 +8,14 @@ override them with the same keys as ``shared/parity/config.json``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 from model.conversation import TEMPLATES, ConversationTemplate
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "VARIANTS",
@@ -107,9 +110,9 @@ class VariantSpec:
         spec = self
         if vision:
             spec = replace(spec, vision=_override(spec.vision, vision, "vision"))
-        if qformer_dims:
-            if not spec.has_qformer:
-                raise ValueError(f"variant {spec.name!r} has no Q-Former; remove the qformer_dims table")
+        if qformer_dims and not spec.has_qformer:
+            log.warning("variant %r has no Q-Former: ignoring the Q-Former sizes given", spec.name)
+        elif qformer_dims:
             assert spec.qformer is not None
             spec = replace(spec, qformer=_override(spec.qformer, qformer_dims, "qformer_dims"))
         if spec.vision.img_size % spec.vision.patch_size:
@@ -124,13 +127,39 @@ class VariantSpec:
         return spec
 
 
+# Keys that describe a size the other keys already fix (as in shared/parity/config.json): checked, not set.
+_DERIVED: dict[str, Any] = {
+    "mlp_ratio": lambda d, v: int(d.width * v) == d.mlp_hidden,
+    "num_patches": lambda d, v: d.num_patches == v,
+    "tokens_with_cls": lambda d, v: d.num_patches + 1 == v,
+    "cross_attention_layers": lambda d, v: list(v) == list(range(0, d.layers, d.cross_attention_freq)),
+    # descriptive entries of the parity config: the architecture is fixed (exact GELU, q/v bias only)
+    "gelu": lambda d, v: "erf" in str(v) or str(v) == "gelu",
+    "hidden_act": lambda d, v: "erf" in str(v) or str(v) == "gelu",
+    "qkv_bias": lambda d, v: True,
+    "checkpoint_dtype": lambda d, v: True,
+    "bert_config_overrides": lambda d, v: True,
+}
+
+
 def _override(dims: Any, values: Mapping[str, Any], table: str) -> Any:
-    known = {f.name: f.type for f in fields(dims)}
-    unknown = sorted(set(values) - set(known))
+    known = {f.name for f in fields(dims)}
+    unknown = sorted(set(values) - known - set(_DERIVED))
     if unknown:
-        raise ValueError(f"unknown key(s) in [{table}]: {', '.join(unknown)}; known: {', '.join(known)}")
-    cast = {k: (float(v) if "eps" in k else int(v)) for k, v in values.items()}
-    return replace(dims, **cast)
+        raise ValueError(f"unknown key(s) in [{table}]: {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    settable = {k: v for k, v in values.items() if k in known}
+    if "mlp_ratio" in values and "mlp_hidden" not in values and "width" in values:
+        settable["mlp_hidden"] = int(float(settable["width"]) * float(values["mlp_ratio"]))  # EVA's formula
+    cast = {k: (float(v) if "eps" in k else int(v)) for k, v in settable.items()}
+    result = replace(dims, **cast)
+    for key in sorted(set(values) & set(_DERIVED)):
+        try:
+            consistent = _DERIVED[key](result, values[key])
+        except (AttributeError, TypeError, ValueError):
+            consistent = False
+        if not consistent:
+            raise ValueError(f"[{table}] {key} = {values[key]!r} does not agree with the other sizes given")
+    return result
 
 
 VARIANTS: dict[str, VariantSpec] = {

@@ -53,7 +53,8 @@ def parity_config(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("parity") / "bot.toml"
     path.write_text(
         f'[model]\nvariant = "vicuna0"\nllm = "{PARITY / "llama"}"\nvit = "{PARITY / "eva_vit_g.pth"}"\n'
-        f'qformer = "{PARITY / "blip2_pretrained_flant5xxl.pth"}"\nprojection = "{PARITY / "pretrained_minigpt4.pth"}"\n'
+        f'qformer = "{PARITY / "blip2_pretrained_flant5xxl.pth"}"\n'
+        f'projection = "{PARITY / "pretrained_minigpt4.pth"}"\n'
         f'device = "cpu"\ndtype = "float32"\n[model.vision]\n{vision}\n[model.qformer_dims]\n{qformer}\n'
     )
     return path

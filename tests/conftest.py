@@ -1,0 +1,102 @@
+"""Shared fixtures: the tiny reference-generated parity model and tiny demo weights.
+
+Everything heavy is session-scoped and loaded lazily, so the whole ``tests/model`` +
+``tests/parity`` suite loads each tiny model once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import model
+from model.demo_weights import DemoWeights, write_demo_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PARITY_DIR = ROOT / "tests" / "fixtures" / "parity"
+DEMO_VARIANTS = ("vicuna0", "llama2", "minigptv2")
+
+
+def _numeric_overrides(section: dict[str, Any]) -> dict[str, Any]:
+    """The numeric keys of a config.json section, as a user would copy them into ``[model.vision]``."""
+    return {k: v for k, v in section.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+@pytest.fixture(scope="session")
+def parity_dir() -> Path:
+    return PARITY_DIR
+
+
+@pytest.fixture(scope="session")
+def parity_config() -> dict[str, Any]:
+    return json.loads((PARITY_DIR / "config.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def parity_expected() -> dict[str, Any]:
+    return json.loads((PARITY_DIR / "expected" / "expected.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="session")
+def parity_vision(parity_config: dict[str, Any]) -> dict[str, Any]:
+    return _numeric_overrides(parity_config["vit"])
+
+
+@pytest.fixture(scope="session")
+def parity_qformer_dims(parity_config: dict[str, Any]) -> dict[str, Any]:
+    return _numeric_overrides(parity_config["qformer"])
+
+
+@pytest.fixture(scope="session")
+def parity_model(parity_vision: dict[str, Any], parity_qformer_dims: dict[str, Any]) -> model.MiniGPT4:
+    """Vicuna v0 layout on the public parity fixture (fp32, CPU)."""
+    return model.load_minigpt4(
+        variant="vicuna0",
+        llm=PARITY_DIR / "llama",
+        vit=PARITY_DIR / "eva_vit_g.pth",
+        qformer=PARITY_DIR / "blip2_pretrained_flant5xxl.pth",
+        projection=PARITY_DIR / "pretrained_minigpt4.pth",
+        vision=parity_vision,
+        qformer_dims=parity_qformer_dims,
+    )
+
+
+@pytest.fixture(scope="session")
+def parity_llama2_model(parity_vision: dict[str, Any]) -> model.MiniGPT4:
+    """LLaMA-2 layout (no Q-Former, 4-token grouping) on the same parity files."""
+    return model.load_minigpt4(
+        variant="llama2",
+        llm=PARITY_DIR / "llama",
+        vit=PARITY_DIR / "eva_vit_g.pth",
+        qformer=None,
+        projection=PARITY_DIR / "pretrained_minigpt4_llama2.pth",
+        vision=parity_vision,
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, DemoWeights]:
+    """Tiny random demo weights in the original layouts, one directory per variant."""
+    return {v: write_demo_weights(tmp_path_factory.mktemp(f"demo-{v}"), v) for v in DEMO_VARIANTS}
+
+
+class _DemoModels:
+    """Loads each variant's demo weights once, on first use."""
+
+    def __init__(self, weights: dict[str, DemoWeights]) -> None:
+        self._weights = weights
+        self._models: dict[str, model.MiniGPT4] = {}
+
+    def __getitem__(self, variant: str) -> model.MiniGPT4:
+        if variant not in self._models:
+            self._models[variant] = model.load_minigpt4(**self._weights[variant].loader_kwargs())
+        return self._models[variant]
+
+
+@pytest.fixture(scope="session")
+def demo_models(demo_dir: dict[str, DemoWeights]) -> _DemoModels:
+    return _DemoModels(demo_dir)
