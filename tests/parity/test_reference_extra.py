@@ -25,16 +25,6 @@ EXTRA = FIX / "reference_extra"
 CASES = json.loads((EXTRA / "expected_extra.json").read_text())
 CONFIG = json.loads((PARITY / "config.json").read_text())
 VISION_KEYS = ("img_size", "patch_size", "width", "depth", "heads", "mlp_hidden", "layer_norm_eps")
-QFORMER_KEYS = (
-    "hidden",
-    "layers",
-    "heads",
-    "intermediate",
-    "cross_attention_freq",
-    "num_query_token",
-    "encoder_width",
-    "layer_norm_eps",
-)
 ATOL = 1e-4
 
 
@@ -56,27 +46,13 @@ def _greedy(m, ctx: torch.Tensor, n: int, rp: float) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def vicuna0():
-    return load_minigpt4(
-        variant="vicuna0",
-        llm=PARITY / "llama",
-        vit=PARITY / "eva_vit_g.pth",
-        qformer=PARITY / "blip2_pretrained_flant5xxl.pth",
-        projection=PARITY / "pretrained_minigpt4.pth",
-        vision=_vision(),
-        qformer_dims={k: CONFIG["qformer"][k] for k in QFORMER_KEYS},
-    )
+def vicuna0(parity_model):
+    return parity_model
 
 
 @pytest.fixture(scope="module")
-def llama2():
-    return load_minigpt4(
-        variant="llama2",
-        llm=PARITY / "llama",
-        vit=PARITY / "eva_vit_g.pth",
-        projection=PARITY / "pretrained_minigpt4_llama2.pth",
-        vision=_vision(),
-    )
+def llama2(parity_llama2_model):
+    return parity_llama2_model
 
 
 @pytest.fixture(scope="module")
