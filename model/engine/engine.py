@@ -1,0 +1,380 @@
+"""The shared inference engine: async ``submit`` in front, one worker thread doing all tensor work.
+
+``Engine.submit(request)`` validates and queues a request (raising :class:`Busy` or
+:class:`~model.generation.InvalidGenerationOptions` at once) and returns a
+:class:`RequestStream` — an async iterator of :class:`TokenEvent` ending with one
+:class:`FinalEvent`.  Stopping the iteration early (``aclose``, ``cancel``, a cancelled task)
+aborts the request and frees its batch slot.
+
+The worker loop, per iteration: ask the :class:`Scheduler` for a plan → evict prefixes it
+names → prepare and prefill admitted sequences (each emits its first token) → one batched
+decode step for the running rows → remove finished / aborted / overdue rows, keeping their
+KV as conversation prefixes → report to the scheduler.  Nothing here blocks the event loop:
+events cross back with ``loop.call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from model.conversation import IMAGE_PLACEHOLDER
+from model.engine.caches import image_key
+from model.engine.metrics import EngineMetrics
+from model.engine.runner import Runner, image_bytes
+from model.engine.scheduler import Busy, Scheduler, SchedulerConfig, SeqInfo, StepResult
+from model.engine.types import EngineRequest, FinalEvent, RequestFailed, SeqState, TokenEvent
+from model.minigpt4 import MiniGPT4
+
+__all__ = ["Engine", "EngineConfig", "RequestStream"]
+
+log = logging.getLogger(__name__)
+
+Event = TokenEvent | FinalEvent
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine limits (documented under ``[engine]`` in bot.toml)."""
+
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    image_cache_size: int = 256
+    prefix_reuse: bool = True
+
+
+class RequestStream:
+    """Async iterator over one request's events; ``cancel()`` / ``aclose()`` abort it."""
+
+    def __init__(self, engine: Engine, seq: SeqState, queue: asyncio.Queue[Event | BaseException]) -> None:
+        self._engine = engine
+        self._seq = seq
+        self._queue = queue
+        self._done = False
+        self.request_id = seq.seq_id
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except asyncio.CancelledError:
+            self.cancel()
+            raise
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if isinstance(item, FinalEvent):
+            self._done = True
+        return item
+
+    def cancel(self) -> None:
+        """Abort the request (no effect once it has finished)."""
+        if not self._done:
+            self._done = True
+            self._engine.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.cancel()
+
+    async def __aenter__(self) -> RequestStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.cancel()
+
+    async def final(self) -> FinalEvent:
+        """Consume the stream and return its final event."""
+        async for event in self:
+            if isinstance(event, FinalEvent):
+                return event
+        raise RuntimeError("stream ended without a final event")
+
+
+class Engine:
+    """Continuous-batching engine over one :class:`MiniGPT4`; see the module docstring."""
+
+    def __init__(self, model: MiniGPT4, config: EngineConfig | None = None) -> None:
+        self.model = model
+        self.config = config or EngineConfig()
+        self.scheduler = Scheduler(self.config.scheduler)
+        self.runner = Runner(model, self.config.image_cache_size, self.config.prefix_reuse)
+        self.metrics = EngineMetrics()
+        self._lock = threading.Condition()
+        self._seqs: dict[str, SeqState] = {}
+        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
+        self._aborted: set[str] = set()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._work, name="minigpt4-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the worker; requests still queued or running end with ``aborted``."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    async def __aenter__(self) -> Engine:
+        return self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.stop)
+
+    # ------------------------------------------------------------------ submitting
+
+    def submit(self, request: EngineRequest) -> RequestStream:
+        """Validate and queue ``request``; raises ``Busy``, ``RequestTooLarge`` or ``ValueError`` subclasses."""
+        loop = asyncio.get_running_loop()
+        options = request.options or self.model.default_options()
+        options.validate()
+        if request.turns is not None:
+            prompt = self.model.build_prompt(request.turns)
+        elif request.prompt is not None:
+            prompt = request.prompt
+        else:
+            raise ValueError("a request needs turns or a prompt")
+        markers = prompt.count(IMAGE_PLACEHOLDER)
+        if markers != len(request.images):
+            raise ValueError(f"the prompt has {markers} image placeholder(s) but {len(request.images)} image(s)")
+        segments = self.model.segment_token_ids(prompt)
+        keys = [image_key(image_bytes(im)) for im in request.images]
+        prompt_tokens = sum(len(s) for s in segments) + markers * self.model.spec.num_visual_tokens
+        prompt_tokens = min(prompt_tokens, options.max_length - options.max_new_tokens)
+        now = time.monotonic()
+        seq = SeqState(
+            request=request,
+            options=options,
+            prompt=prompt,
+            segments=segments,
+            image_keys=keys,
+            prompt_tokens=prompt_tokens,
+            submitted_at=now,
+            deadline=now + request.deadline_s if request.deadline_s else None,
+        )
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        info = SeqInfo(seq.seq_id, request.user, prompt_tokens, options.max_new_tokens, request.conversation_id)
+        with self._lock:
+            if seq.seq_id in self._seqs:
+                raise ValueError(f"request id {seq.seq_id} is already in use")
+            try:
+                self.scheduler.add(info)
+            except Busy:
+                self.metrics.rejected_busy += 1
+                raise
+            self._seqs[seq.seq_id] = seq
+            self._sinks[seq.seq_id] = (loop, queue)
+            self.metrics.submitted += 1
+            self._lock.notify_all()
+        return RequestStream(self, seq, queue)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a queued or running request; its stream ends with ``aborted``."""
+        with self._lock:
+            if request_id not in self._seqs:
+                return
+            self._aborted.add(request_id)
+            self._lock.notify_all()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Current metrics (queue depth, batch size, throughput, TTFT, cache hit rates)."""
+        with self._lock:
+            return self.metrics.snapshot(
+                queue_depth=self.scheduler.queue_depth,
+                batch_size=self.runner.batch_size,
+                image_cache=(self.runner.images.hits, self.runner.images.misses),
+                prefix_cache=(self.runner.prefixes.hits, self.runner.prefixes.misses),
+                reused_prefix_tokens=self.runner.prefixes.reused_tokens,
+                cached_prefix_tokens=self.scheduler.cached_tokens,
+            )
+
+    # ------------------------------------------------------------------ worker
+
+    def _emit(self, seq: SeqState, item: Any) -> None:
+        sink = self._sinks.get(seq.seq_id)
+        if sink is None:
+            return
+        loop, queue = sink
+        with contextlib.suppress(RuntimeError):  # the consumer's loop is closed
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def _finish(self, seq: SeqState, reason: str, error: BaseException | None = None) -> None:
+        seq.finish_reason = reason
+        now = time.monotonic()
+        if error is not None:
+            self._emit(seq, error)
+        else:
+            final = FinalEvent(
+                request_id=seq.seq_id,
+                finish_reason=reason,
+                text=self.model.decode_answer(seq.generated),
+                token_ids=tuple(seq.generated),
+                prompt_tokens=int(seq.context.shape[0]) if seq.context is not None else seq.prompt_tokens,
+                completion_tokens=len(seq.generated),
+                reused_prefix_tokens=seq.reused_prefix_tokens,
+                queued_s=(seq.admitted_at or now) - seq.submitted_at,
+                ttft_s=(seq.first_token_at - seq.submitted_at) if seq.first_token_at else None,
+                total_s=now - seq.submitted_at,
+            )
+            self.metrics.record_finish(final)
+            self._emit(seq, final)
+        with self._lock:
+            self._seqs.pop(seq.seq_id, None)
+            self._sinks.pop(seq.seq_id, None)
+            self._aborted.discard(seq.seq_id)
+
+    def _token(self, seq: SeqState, token: int) -> str | None:
+        """Record a sampled token, emit it, and return the row's finish reason if it is done."""
+        assert seq.sampler is not None and seq.detok is not None
+        seq.generated.append(token)
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
+            self.metrics.record_ttft(seq.first_token_at - seq.submitted_at, follow_up=seq.reused_prefix_tokens > 0)
+        text = seq.detok.push(token)
+        reason = seq.sampler.finish_reason(self.model.decode_text)
+        if reason is not None:
+            text += seq.detok.flush()
+        self._emit(seq, TokenEvent(seq.seq_id, len(seq.generated) - 1, token, text))
+        self.metrics.tokens += 1
+        return reason
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self._has_work():
+                    self._lock.wait(timeout=0.5)
+                if self._stopping:
+                    break
+                aborted = set(self._aborted)
+                for seq_id in aborted:
+                    if self.scheduler.abort(seq_id):  # still queued
+                        queued = self._seqs.get(seq_id)
+                        if queued is not None:
+                            self._lock.release()
+                            try:
+                                self._finish(queued, "aborted")
+                            finally:
+                                self._lock.acquire()
+                plan = self.scheduler.schedule()
+                admitted = [self._seqs[s] for s in plan.admit if s in self._seqs]
+            try:
+                self._step(plan.evict_prefixes, admitted)
+            except Exception:  # never let one bad step kill the worker
+                log.exception("engine step failed; failing the running requests")
+                self._fail_all_running()
+        self._shutdown()
+
+    def _has_work(self) -> bool:
+        return bool(self.scheduler.queue_depth or self.runner.rows or self._aborted)
+
+    def _step(self, evict: tuple[str, ...], admitted: list[SeqState]) -> None:
+        step_start = time.monotonic()
+        self.runner.evict(evict)
+        generated: dict[str, int] = {}
+        done: list[SeqState] = []  # rows in the runner that end now
+        gone: list[str] = []  # admitted sequences that never joined the batch
+        for seq in admitted:
+            seq.admitted_at = time.monotonic()
+            try:
+                self.runner.prepare(seq)
+                if seq.options.num_beams > 1:
+                    self._beam(seq)
+                    gone.append(seq.seq_id)
+                    continue
+                token = self.runner.prefill(seq)
+            except RequestFailed as exc:
+                log.warning("request %s failed: %s", seq.seq_id, exc)
+                self._finish(seq, "error", exc)
+                gone.append(seq.seq_id)
+                continue
+            generated[seq.seq_id] = 1
+            if reason := self._token(seq, token):
+                seq.finish_reason = reason
+                done.append(seq)
+        now = time.monotonic()
+        for seq in self.runner.rows:
+            if seq in done:
+                continue
+            if seq.seq_id in self._aborted:
+                seq.finish_reason = "aborted"
+                done.append(seq)
+            elif seq.deadline is not None and now > seq.deadline:
+                seq.finish_reason = "deadline"
+                done.append(seq)
+        self._retire(done, gone, generated)
+        if self.runner.rows:
+            generated, done = {}, []
+            for seq, token in zip(list(self.runner.rows), self.runner.decode(), strict=True):
+                generated[seq.seq_id] = 1
+                if reason := self._token(seq, token):
+                    seq.finish_reason = reason
+                    done.append(seq)
+            self._retire(done, [], generated)
+        self.metrics.record_step(self.runner.batch_size, time.monotonic() - step_start)
+
+    def _retire(self, done: list[SeqState], gone: list[str], generated: dict[str, int]) -> None:
+        """Remove ended rows (keeping their KV as prefixes), send their final events, tell the scheduler."""
+        kept = self.runner.remove(done)
+        for seq in done:
+            self._finish(seq, seq.finish_reason or "eos")
+        with self._lock:
+            finished = tuple([s.seq_id for s in done] + gone)
+            self.scheduler.update(StepResult(generated=generated, finished=finished, cached_prefixes=kept))
+
+    def _beam(self, seq: SeqState) -> None:
+        """Beam search runs alone through transformers' generate (slower, documented); tokens come at the end."""
+        assert seq.context is not None
+        result = self.model.generate([seq.context], seq.options)[0]
+        for token in result.token_ids:
+            self._token(seq, token)
+        self._finish(seq, result.finish_reason)
+
+    def _fail_all_running(self) -> None:
+        rows = list(self.runner.rows)
+        for seq in rows:
+            seq.finish_reason = "error"
+        try:
+            self.runner.remove(rows)
+        except Exception:
+            self.runner.rows, self.runner.cache, self.runner.mask, self.runner.positions = [], None, None, None
+        for seq in rows:
+            self._finish(seq, "error", RequestFailed("engine step failed", "Something went wrong answering that."))
+        with self._lock:
+            self.scheduler.update(StepResult(finished=tuple(s.seq_id for s in rows)))
+
+    def _shutdown(self) -> None:
+        for seq in list(self.runner.rows):
+            self._finish(seq, "aborted")
+        with self._lock:
+            pending = list(self._seqs.values())
+        for seq in pending:
+            self._finish(seq, "aborted")
+
+    async def generate(self, request: EngineRequest) -> FinalEvent:
+        """Convenience: submit and wait for the final event."""
+        return await self.submit(request).final()
+
+    async def stream_text(self, request: EngineRequest) -> AsyncIterator[str]:
+        """Convenience: the answer's text deltas."""
+        async with self.submit(request) as stream:
+            async for event in stream:
+                if isinstance(event, TokenEvent) and event.text:
+                    yield event.text

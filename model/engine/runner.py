@@ -1,0 +1,211 @@
+"""The tensor side of the engine: image tokens, prefill with prefix reuse, batched decode steps.
+
+The running batch is one left-padded KV cache (a transformers ``DynamicCache`` whose layer
+tensors are ``[rows, heads, T, head_dim]``) plus a ``[rows, T]`` attention mask and each
+row's next position.  A new sequence is prefilled on its own — exactly the computation a
+lone request does — and its KV is then padded and stacked onto the batch; finished rows are
+sliced out and the all-padding columns on the left trimmed.  Every row is sampled by its own
+:class:`~model.generation.RowSampler`, so a row's greedy ids do not depend on its neighbours.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import torch
+from PIL import Image
+from transformers.cache_utils import DynamicCache
+
+from model.engine.caches import ImageTokenCache, Item, PrefixEntry, PrefixStore
+from model.engine.types import RequestFailed, SeqState
+from model.generation import IncrementalDetokenizer, RowSampler, truncate_left
+from model.image_processing import ImageDecodeError, load_image
+from model.minigpt4 import MiniGPT4
+
+__all__ = ["Runner"]
+
+log = logging.getLogger(__name__)
+
+
+def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class Runner:
+    """Owns the model, the batch KV cache and the two reuse caches.  Used by one worker thread only."""
+
+    def __init__(self, model: MiniGPT4, image_cache_size: int = 256, prefix_reuse: bool = True) -> None:
+        self.model = model
+        self.images = ImageTokenCache(image_cache_size)
+        self.prefixes = PrefixStore()
+        self.prefix_reuse = prefix_reuse
+        self.rows: list[SeqState] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # [rows, T] long
+        self.positions: torch.Tensor | None = None  # [rows] next position of each row
+        self.device = model.device
+
+    # ------------------------------------------------------------------ preparing a sequence
+
+    def image_tokens(self, keys: list[str], raw: list[bytes | Image.Image]) -> list[torch.Tensor]:
+        """Visual tokens per image, encoding all cache misses in one batch."""
+        out: list[torch.Tensor | None] = [self.images.get(k) for k in keys]
+        missing = [i for i, t in enumerate(out) if t is None]
+        if missing:
+            pixels = []
+            for i in missing:
+                data = raw[i]
+                try:
+                    pil = load_image(data if isinstance(data, Image.Image) else bytes(data))
+                except ImageDecodeError as exc:
+                    raise RequestFailed(f"image {i + 1}: {exc}", f"I couldn't read image {i + 1}: {exc}.") from exc
+                pixels.append(self.model.preprocess(pil))
+            encoded = self.model.encode_images(torch.stack(pixels))  # [M, N, H]
+            for j, i in enumerate(missing):
+                out[i] = encoded[j]
+                self.images.put(keys[i], encoded[j])
+        return [t for t in out if t is not None]
+
+    def prepare(self, seq: SeqState) -> None:
+        """Build the context embeddings and the item list (what each position holds), then truncate."""
+        tokens = self.image_tokens(seq.image_keys, list(seq.request.images))
+        context = self.model.context_embeddings(seq.prompt, tokens)  # [L, H]
+        items: list[Item] = []
+        for i, ids in enumerate(seq.segments):
+            items.extend(ids)
+            if i < len(tokens):
+                items.extend(("img", seq.image_keys[i], j) for j in range(tokens[i].shape[0]))
+        context, cut = truncate_left(context, seq.options.max_new_tokens, seq.options.max_length)
+        if cut:
+            log.warning("request %s: context cut by %d tokens from the left (max_length)", seq.seq_id, cut)
+        seq.context, seq.items = context, items[cut:]
+        seq.sampler = RowSampler(seq.options, self.model.bos_id, [self.model.eos_id], self.device)
+        seq.detok = IncrementalDetokenizer(self.model.decode_text, ("###", *seq.options.stop_strings))
+
+    # ------------------------------------------------------------------ prefill and decode
+
+    @torch.inference_mode()
+    def prefill(self, seq: SeqState) -> int:
+        """Compute the sequence's context (reusing its conversation's cached KV prefix), sample token 1, join."""
+        assert seq.context is not None and seq.sampler is not None
+        key = seq.request.conversation_id if self.prefix_reuse else None
+        reused, entry = self.prefixes.take(key, seq.items)
+        length = seq.context.shape[0]
+        if entry is not None:
+            cache = DynamicCache(ddp_cache_data=[(k[:, :, :reused], v[:, :, :reused]) for k, v in entry.kv])
+            positions = torch.arange(reused, length, device=self.device).unsqueeze(0)
+            out = self.model.llm(
+                inputs_embeds=seq.context[reused:].unsqueeze(0),
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        else:
+            cache = DynamicCache()
+            out = self.model.llm(inputs_embeds=seq.context.unsqueeze(0), cache=cache, use_cache=True, logits_to_keep=1)
+        seq.reused_prefix_tokens = reused
+        token = seq.sampler.next_token(out.logits[0, -1])
+        self._join(seq, cache, length)
+        return token
+
+    def _join(self, seq: SeqState, cache: DynamicCache, length: int) -> None:
+        row_mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+        row_pos = torch.tensor([length], device=self.device)
+        if self.cache is None or not self.rows:
+            self.cache, self.mask, self.positions, self.rows = cache, row_mask, row_pos, [seq]
+            return
+        assert self.mask is not None and self.positions is not None
+        width = max(self.mask.shape[1], length)
+        for batch_layer, row_layer in zip(self.cache.layers, cache.layers, strict=True):
+            batch_layer.keys = torch.cat([_pad_left(batch_layer.keys, width, 2), _pad_left(row_layer.keys, width, 2)])
+            batch_layer.values = torch.cat(
+                [_pad_left(batch_layer.values, width, 2), _pad_left(row_layer.values, width, 2)]
+            )
+        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(row_mask, width, 1)])
+        self.positions = torch.cat([self.positions, row_pos])
+        self.rows.append(seq)
+
+    @torch.inference_mode()
+    def decode(self) -> list[int]:
+        """One decode step for every row: feed each row's last token, sample the next one."""
+        assert self.cache is not None and self.mask is not None and self.positions is not None
+        last = torch.tensor([seq.generated[-1] for seq in self.rows], device=self.device).unsqueeze(1)  # [B, 1]
+        embeds = self.model.llm.get_input_embeddings()(last)  # [B, 1, H]
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        out = self.model.llm(
+            inputs_embeds=embeds,
+            attention_mask=self.mask,
+            position_ids=self.positions.unsqueeze(1),
+            cache=self.cache,
+            use_cache=True,
+        )
+        self.positions = self.positions + 1
+        logits = out.logits[:, -1, :]  # [B, V]
+        tokens = []
+        for i, seq in enumerate(self.rows):
+            assert seq.sampler is not None
+            tokens.append(seq.sampler.next_token(logits[i]))
+        return tokens
+
+    def remove(self, finished: list[SeqState]) -> dict[str, int]:
+        """Drop rows; keep each finished conversation's KV as its prefix. Returns ``{key: tokens}`` kept."""
+        if not finished:
+            return {}
+        assert self.cache is not None and self.mask is not None and self.positions is not None
+        gone = {s.seq_id for s in finished}
+        kept: dict[str, int] = {}
+        width = self.mask.shape[1]
+        for index, seq in enumerate(self.rows):
+            key = seq.request.conversation_id
+            if seq.seq_id not in gone or not key or not self.prefix_reuse or seq.finish_reason == "aborted":
+                continue
+            valid = int(self.mask[index].sum())  # left-padded: the valid columns are the last `valid`
+            kv = [
+                (layer.keys[index : index + 1, :, width - valid :].clone(),
+                 layer.values[index : index + 1, :, width - valid :].clone())
+                for layer in self.cache.layers
+            ]  # fmt: skip
+            items = seq.items + seq.generated[:-1]  # the last sampled token was never fed
+            if len(items) != valid:
+                log.error("prefix bookkeeping mismatch for %s (%d items, %d KV)", seq.seq_id, len(items), valid)
+                continue
+            self.prefixes.put(key, PrefixEntry(items, kv))
+            kept[key] = valid
+        keep = [i for i, s in enumerate(self.rows) if s.seq_id not in gone]
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache = self.mask = self.positions = None
+            return kept
+        index = torch.tensor(keep, device=self.device)
+        mask = self.mask[index]
+        first = int((mask.sum(0) > 0).nonzero()[0])  # leading columns that are padding in every row
+        self.mask = mask[:, first:]
+        self.positions = self.positions[index]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, first:]
+            layer.values = layer.values[index, :, first:]
+        return kept
+
+    def evict(self, keys: tuple[str, ...] | list[str]) -> None:
+        for key in keys:
+            self.prefixes.evict(key)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.rows)
+
+
+def image_bytes(image: bytes | Image.Image) -> bytes:
+    """Stable bytes for hashing a PIL image given instead of raw bytes."""
+    if isinstance(image, Image.Image):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+    return bytes(image)

@@ -1,0 +1,99 @@
+"""Public request/event types of the engine, and the per-sequence state it tracks."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+from model.conversation import Turn
+from model.generation import GenerationOptions, IncrementalDetokenizer, RowSampler
+
+__all__ = ["EngineRequest", "FinalEvent", "RequestFailed", "SeqState", "TokenEvent"]
+
+ImageInput = bytes | Image.Image
+
+
+@dataclass
+class EngineRequest:
+    """One answer to generate.
+
+    Give either ``turns`` (the whole thread, rendered with the model's template) or a ready
+    ``prompt`` with ``<ImageHere>`` markers; ``images`` are the thread's pictures in order
+    (raw bytes, decoded on the engine's worker).  ``conversation_id`` keys the KV prefix
+    kept for follow-ups; ``user`` is the fairness key; ``deadline_s`` bounds the whole request.
+    """
+
+    turns: Sequence[Turn | Mapping[str, Any]] | None = None
+    prompt: str | None = None
+    images: Sequence[ImageInput] = ()
+    options: GenerationOptions | None = None
+    conversation_id: str | None = None
+    user: str = "anonymous"
+    deadline_s: float | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token and the text it made visible (may be empty while a character is incomplete)."""
+
+    request_id: str
+    index: int
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class FinalEvent:
+    """Last event of every request: why it ended, the cleaned answer, counts and timings."""
+
+    request_id: str
+    finish_reason: str  # eos | stop | length | aborted | deadline
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    completion_tokens: int
+    reused_prefix_tokens: int
+    queued_s: float
+    ttft_s: float | None
+    total_s: float
+
+
+class RequestFailed(RuntimeError):
+    """A request could not be served (e.g. an undecodable image); other requests are unaffected."""
+
+    def __init__(self, message: str, user_message: str | None = None) -> None:
+        super().__init__(message)
+        self.user_message = user_message or message
+
+
+@dataclass
+class SeqState:
+    """Engine-internal state of one request, shared by the engine thread and the worker."""
+
+    request: EngineRequest
+    options: GenerationOptions
+    prompt: str
+    segments: list[list[int]]
+    image_keys: list[str]
+    prompt_tokens: int
+    submitted_at: float
+    deadline: float | None
+    context: torch.Tensor | None = None
+    items: list[Any] = field(default_factory=list)
+    sampler: RowSampler | None = None
+    detok: IncrementalDetokenizer | None = None
+    generated: list[int] = field(default_factory=list)
+    reused_prefix_tokens: int = 0
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    finish_reason: str | None = None
+
+    @property
+    def seq_id(self) -> str:
+        return self.request.request_id
