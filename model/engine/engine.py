@@ -344,6 +344,7 @@ class Engine:
         assert seq.context is not None
         result = self.model.generate([seq.context], seq.options)[0]
         for token in result.token_ids:
+            seq.sampler.history.append(token)  # _token asks the sampler for a finish reason; it must see the token
             self._token(seq, token)
         self._finish(seq, result.finish_reason)
 
@@ -354,7 +355,7 @@ class Engine:
         try:
             self.runner.remove(rows)
         except Exception:
-            self.runner.rows, self.runner.cache, self.runner.mask, self.runner.positions = [], None, None, None
+            self.runner.reset()
         for seq in rows:
             self._finish(seq, "error", RequestFailed("engine step failed", "Something went wrong answering that."))
         with self._lock:

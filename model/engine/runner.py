@@ -45,7 +45,8 @@ class Runner:
         self.images = ImageTokenCache(image_cache_size)
         self.prefixes = PrefixStore()
         self.prefix_reuse = prefix_reuse
-        self.rows: list[SeqState] = []
+        self._rows: list[SeqState] = []  # rows in the batch cache
+        self._pending: list[tuple[SeqState, DynamicCache, int]] = []  # prefilled, joined at the next merge
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [rows, T] long
         self.positions: torch.Tensor | None = None  # [rows] next position of each row
@@ -116,29 +117,40 @@ class Runner:
         return token
 
     def _join(self, seq: SeqState, cache: DynamicCache, length: int) -> None:
-        row_mask = torch.ones(1, length, dtype=torch.long, device=self.device)
-        row_pos = torch.tensor([length], device=self.device)
-        if self.cache is None or not self.rows:
-            self.cache, self.mask, self.positions, self.rows = cache, row_mask, row_pos, [seq]
+        self._pending.append((seq, cache, length))
+
+    @property
+    def rows(self) -> list[SeqState]:
+        """Every running sequence, in batch order (pending joins last)."""
+        return self._rows + [seq for seq, _, _ in self._pending]
+
+    def _merge_pending(self) -> None:
+        """Stack all sequences prefilled this step onto the batch in one copy of the KV cache."""
+        if not self._pending:
             return
-        assert self.mask is not None and self.positions is not None
-        width = max(self.mask.shape[1], length)
-        for batch_layer, row_layer in zip(self.cache.layers, cache.layers, strict=True):
-            batch_layer.keys = torch.cat([_pad_left(batch_layer.keys, width, 2), _pad_left(row_layer.keys, width, 2)])
-            batch_layer.values = torch.cat(
-                [_pad_left(batch_layer.values, width, 2), _pad_left(row_layer.values, width, 2)]
-            )
-        self.mask = torch.cat([_pad_left(self.mask, width, 1), _pad_left(row_mask, width, 1)])
-        self.positions = torch.cat([self.positions, row_pos])
-        self.rows.append(seq)
+        parts = [(self.cache, self.mask, self.positions)] if self._rows else []
+        for seq, cache, length in self._pending:
+            parts.append((cache, torch.ones(1, length, dtype=torch.long, device=self.device),
+                          torch.tensor([length], device=self.device)))  # fmt: skip
+            self._rows.append(seq)
+        self._pending = []
+        width = max(mask.shape[1] for _, mask, _ in parts)
+        merged = parts[0][0]
+        for i, layer in enumerate(merged.layers):
+            layer.keys = torch.cat([_pad_left(c.layers[i].keys, width, 2) for c, _, _ in parts])
+            layer.values = torch.cat([_pad_left(c.layers[i].values, width, 2) for c, _, _ in parts])
+        self.cache = merged
+        self.mask = torch.cat([_pad_left(mask, width, 1) for _, mask, _ in parts])
+        self.positions = torch.cat([pos for _, _, pos in parts])
 
     @torch.inference_mode()
     def decode(self) -> list[int]:
         """One decode step for every row: feed each row's last token, sample the next one."""
+        self._merge_pending()
         assert self.cache is not None and self.mask is not None and self.positions is not None
-        last = torch.tensor([seq.generated[-1] for seq in self.rows], device=self.device).unsqueeze(1)  # [B, 1]
+        last = torch.tensor([seq.generated[-1] for seq in self._rows], device=self.device).unsqueeze(1)  # [B, 1]
         embeds = self.model.llm.get_input_embeddings()(last)  # [B, 1, H]
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self._rows), 1)], dim=1)
         out = self.model.llm(
             inputs_embeds=embeds,
             attention_mask=self.mask,
@@ -149,7 +161,7 @@ class Runner:
         self.positions = self.positions + 1
         logits = out.logits[:, -1, :]  # [B, V]
         tokens = []
-        for i, seq in enumerate(self.rows):
+        for i, seq in enumerate(self._rows):
             assert seq.sampler is not None
             tokens.append(seq.sampler.next_token(logits[i]))
         return tokens
@@ -158,11 +170,12 @@ class Runner:
         """Drop rows; keep each finished conversation's KV as its prefix. Returns ``{key: tokens}`` kept."""
         if not finished:
             return {}
+        self._merge_pending()
         assert self.cache is not None and self.mask is not None and self.positions is not None
         gone = {s.seq_id for s in finished}
         kept: dict[str, int] = {}
         width = self.mask.shape[1]
-        for index, seq in enumerate(self.rows):
+        for index, seq in enumerate(self._rows):
             key = seq.request.conversation_id
             if seq.seq_id not in gone or not key or not self.prefix_reuse or seq.finish_reason == "aborted":
                 continue
@@ -178,9 +191,9 @@ class Runner:
                 continue
             self.prefixes.put(key, PrefixEntry(items, kv))
             kept[key] = valid
-        keep = [i for i, s in enumerate(self.rows) if s.seq_id not in gone]
-        self.rows = [self.rows[i] for i in keep]
-        if not self.rows:
+        keep = [i for i, s in enumerate(self._rows) if s.seq_id not in gone]
+        self._rows = [self._rows[i] for i in keep]
+        if not self._rows:
             self.cache = self.mask = self.positions = None
             return kept
         index = torch.tensor(keep, device=self.device)
@@ -192,6 +205,11 @@ class Runner:
             layer.keys = layer.keys[index, :, first:]
             layer.values = layer.values[index, :, first:]
         return kept
+
+    def reset(self) -> None:
+        """Forget the running batch (after a failed step); the reuse caches stay."""
+        self._rows, self._pending = [], []
+        self.cache = self.mask = self.positions = None
 
     def evict(self, keys: tuple[str, ...] | list[str]) -> None:
         for key in keys:

@@ -50,6 +50,7 @@ class SchedulerConfig:
     """Limits; see ``[engine]`` in bot.toml for the documented defaults."""
 
     max_batch: int = 16  # rows decoded together
+    max_prefills_per_step: int = 4  # new sequences prefilled between two decode steps (bounds decode stalls)
     max_queue: int = 256  # queued sequences, all users
     max_queued_per_user: int = 8
     max_running_per_user: int = 4
@@ -175,7 +176,7 @@ class Scheduler:
         admit: list[str] = []
         evict: list[str] = self._pending_evictions
         self._pending_evictions = []
-        while len(self.running) < cfg.max_batch:
+        while len(self.running) < cfg.max_batch and len(admit) < cfg.max_prefills_per_step:
             seq = self._next_candidate()
             if seq is None:
                 break

@@ -1,0 +1,285 @@
+"""Engine vs the reference's serving loop: throughput, time to first token, memory.
+
+Baseline = what the reference demo does: one request at a time (Gradio queue of 1), the
+whole history re-rendered and re-prefilled every turn, ``LlamaForCausalLM.generate
+(inputs_embeds=…)`` with the image encoded once per thread.  The engine runs the same
+threads concurrently with continuous batching and image / KV-prefix reuse.  Both use the
+same random weights and greedy decoding with a fixed answer length.
+
+    python benchmarks/engine.py --small                   # CPU, small shapes (a few minutes)
+    python benchmarks/engine.py --shape 7b --device cuda  # GPU, real Vicuna-7B shapes, fp16
+
+Each (system, threads) cell runs in its own process so peak memory is its own.  A second
+table compares a follow-up's TTFT with prefix reuse against a full re-prefill at a
+~1,000-token history.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+TURNS = ("Describe this picture in detail.", "What could I cook with these things?", "Write a short poem about it.")
+
+
+def _image(i: int) -> bytes:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (320, 240), (20 * (i % 12), 100, 255 - 10 * (i % 20)))
+    ImageDraw.Draw(img).ellipse([40 + i % 50, 40, 200, 200], fill=(200, 30 + i % 200, 40))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
+
+
+def _peak_mb(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _load(args: argparse.Namespace):
+    import torch
+    from _models import random_minigpt4
+
+    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    return random_minigpt4(args.shape, args.device, dtype)
+
+
+def _options(model, max_new: int):
+    # A fixed answer length for both systems: EOS is masked until max_new tokens (min_length counts BOS).
+    return model.default_options(
+        do_sample=False, max_new_tokens=max_new, min_length=max_new + 1, repetition_penalty=1.0, stop_strings=()
+    )
+
+
+def _turns(done: list[str], upto: int) -> list[dict]:
+    turns: list[dict] = []
+    for k in range(upto + 1):
+        turns.append({"role": "user", "text": TURNS[k], "image": k == 0})
+        if k < upto:
+            turns.append({"role": "assistant", "text": done[k]})
+    return turns
+
+
+# ----------------------------------------------------------------------------- the two systems
+
+
+async def run_baseline(model, threads: int, max_new: int) -> dict:
+    """One request at a time, full re-prefill per turn, HF generate (the reference demo's loop)."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    from model.image_processing import load_image
+
+    server = asyncio.Lock()
+    ttft_first, ttft_follow, tokens = [], [], 0
+
+    class FirstToken(BaseStreamer):
+        def __init__(self) -> None:
+            self.first: float | None = None
+            self.calls = 0
+
+        def put(self, value) -> None:
+            self.calls += 1  # call 1 is the (empty) prompt, call 2 the first generated token
+            if self.first is None and self.calls >= 2:
+                self.first = time.perf_counter()
+
+        def end(self) -> None:
+            pass
+
+    def answer(turns, image_tokens):
+        prompt = model.build_prompt(turns)
+        ctx = model.context_embeddings(prompt, [image_tokens])
+        streamer = FirstToken()
+        with torch.inference_mode():
+            out = model.llm.generate(
+                inputs_embeds=ctx.unsqueeze(0),
+                max_new_tokens=max_new,
+                min_new_tokens=max_new,
+                do_sample=False,
+                streamer=streamer,
+                pad_token_id=2,
+            )
+        return out[0].tolist(), streamer.first
+
+    async def thread(i: int) -> None:
+        nonlocal tokens
+        done: list[str] = []
+        image_tokens = None
+        for k in range(len(TURNS)):
+            submitted = time.perf_counter()
+            async with server:
+                if image_tokens is None:  # Chat.encode_img: once per upload
+                    image_tokens = model.encode_pil([load_image(_image(i))])[0]
+                ids, first = await asyncio.to_thread(answer, _turns(done, k), image_tokens)
+            (ttft_first if k == 0 else ttft_follow).append(first - submitted)
+            tokens += len(ids)
+            done.append(model.decode_answer(ids) or "ok")
+
+    start = time.perf_counter()
+    await asyncio.gather(*(thread(i) for i in range(threads)))
+    return {"elapsed": time.perf_counter() - start, "tokens": tokens, "first": ttft_first, "follow": ttft_follow}
+
+
+async def run_engine(model, threads: int, max_new: int) -> dict:
+    from model.engine import Engine, EngineConfig, EngineRequest, SchedulerConfig
+
+    opts = _options(model, max_new)
+    config = EngineConfig(scheduler=SchedulerConfig(max_batch=64, max_queue=1024, max_running_per_user=4,
+                                                    max_wait_s=3600, kv_budget_tokens=1_000_000))  # fmt: skip
+    ttft_first, ttft_follow, tokens = [], [], 0
+    async with Engine(model, config) as engine:
+
+        async def thread(i: int) -> None:
+            nonlocal tokens
+            done: list[str] = []
+            image = _image(i)
+            for k in range(len(TURNS)):
+                request = EngineRequest(
+                    turns=_turns(done, k), images=[image], options=opts, conversation_id=f"t{i}", user=f"u{i}"
+                )
+                final = await engine.generate(request)
+                (ttft_first if k == 0 else ttft_follow).append(final.ttft_s)
+                tokens += final.completion_tokens
+                done.append(final.text or "ok")
+
+        start = time.perf_counter()
+        await asyncio.gather(*(thread(i) for i in range(threads)))
+        elapsed = time.perf_counter() - start
+    return {"elapsed": elapsed, "tokens": tokens, "first": ttft_first, "follow": ttft_follow}
+
+
+async def run_follow_up(model, history_tokens: int, max_new: int) -> dict:
+    """TTFT of a follow-up at a long history: prefix reuse vs full re-prefill (both in the engine)."""
+    from model.engine import Engine, EngineConfig, EngineRequest
+
+    opts = _options(model, max_new)
+    long_answer = " ".join(["the red circle sits beside a green square on a white table"] * 8)
+    rounds = max(1, history_tokens // max(1, len(model.segment_token_ids(long_answer)[0]) + 12))
+    done = [long_answer] * rounds
+    base = []
+    for k in range(rounds):
+        base += [{"role": "user", "text": f"Tell me more, part {k}.", "image": k == 0},
+                 {"role": "assistant", "text": done[k]}]  # fmt: skip
+    results = {}
+    for reuse in (False, True):
+        async with Engine(model, EngineConfig(prefix_reuse=reuse)) as engine:
+            image = _image(1)
+            samples = []
+            for trial in range(4):
+                history = [*base, {"role": "user", "text": f"And the colours? ({trial})"}]
+                warm = await engine.generate(EngineRequest(turns=history, images=[image], options=opts,
+                                                           conversation_id=f"c{trial}"))  # fmt: skip
+                follow = [*history, {"role": "assistant", "text": warm.text or "ok"},
+                          {"role": "user", "text": "Which one is bigger?"}]  # fmt: skip
+                final = await engine.generate(EngineRequest(turns=follow, images=[image], options=opts,
+                                                            conversation_id=f"c{trial}"))  # fmt: skip
+                samples.append(final.ttft_s)
+                results["context"] = final.prompt_tokens
+                results[f"reused_{reuse}"] = final.reused_prefix_tokens
+            results["reuse" if reuse else "full"] = statistics.median(samples[1:])
+    return results
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    model = _load(args)
+    warm = model.default_options(do_sample=False, max_new_tokens=2, stop_strings=())
+    asyncio.run(_warmup(model, warm))
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    if args.system == "followup":
+        result = asyncio.run(run_follow_up(model, args.history, args.max_new))
+    else:
+        run = run_baseline if args.system == "baseline" else run_engine
+        result = asyncio.run(run(model, args.threads, args.max_new))
+    result["peak_mb"] = _peak_mb(args.device)
+    print("RESULT " + json.dumps(result))
+
+
+async def _warmup(model, opts) -> None:
+    from model.engine import Engine, EngineRequest
+
+    async with Engine(model) as engine:
+        await engine.generate(EngineRequest(turns=_turns([], 0), images=[_image(0)], options=opts))
+
+
+def _cell(args: argparse.Namespace, system: str, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", system, "--threads", str(threads), "--shape", args.shape,
+           "--device", args.device, "--max-new", str(args.max_new), "--history", str(args.history)]  # fmt: skip
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{system} x{threads} failed:\n{out.stderr[-3000:]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="CPU, small shapes (same as --shape small --device cpu)")
+    parser.add_argument("--shape", default="small", choices=["small", "7b"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, nargs="*", default=[1, 4, 16, 64])
+    parser.add_argument("--max-new", type=int, default=32)
+    parser.add_argument("--history", type=int, default=1000)
+    parser.add_argument("--worker", choices=["baseline", "engine", "followup"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.small:
+        args.shape, args.device = "small", "cpu"
+    if args.worker:
+        args.system = args.worker
+        args.threads = args.threads[0]
+        worker(args)
+        return
+
+    print(f"# engine benchmark: shape={args.shape} device={args.device} answer={args.max_new} tokens, 3 turns/thread")
+    print()
+    header = "| threads | system | gen tok/s | speed-up | TTFT first p50 / p95 (s) | TTFT follow-up p50 / p95 (s) |"
+    print(header + " peak MB |")
+    print("|---:|---|---:|---:|---|---|---:|")
+    for threads in args.threads:
+        base = _cell(args, "baseline", threads)
+        eng = _cell(args, "engine", threads)
+        base_tps = base["tokens"] / base["elapsed"]
+        for name, r in (("baseline", base), ("engine", eng)):
+            tps = r["tokens"] / r["elapsed"]
+            print(f"| {threads} | {name} | {tps:.1f} | {tps / base_tps:.2f}x | "
+                  f"{_pct(r['first'], .5):.3f} / {_pct(r['first'], .95):.3f} | "
+                  f"{_pct(r['follow'], .5):.3f} / {_pct(r['follow'], .95):.3f} | {r['peak_mb']:.0f} |")  # fmt: skip
+        sys.stdout.flush()
+    follow = _cell(args, "followup", 1)
+    print()
+    print("| follow-up at history | full re-prefill TTFT (s) | with prefix reuse (s) | ratio | tokens reused |")
+    print("|---:|---:|---:|---:|---:|")
+    print(f"| {follow['context']} tokens | {follow['full']:.4f} | {follow['reuse']:.4f} | "
+          f"{follow['reuse'] / follow['full']:.2f} | {follow['reused_True']} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
