@@ -14,7 +14,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-__all__ = ["ConfigError", "GenerationSettings", "ModelSettings", "Settings", "find_config", "load_settings"]
+__all__ = [
+    "ConfigError",
+    "EngineSettings",
+    "GenerationSettings",
+    "ModelSettings",
+    "Settings",
+    "find_config",
+    "load_settings",
+]
 
 CONFIG_ENV = "MINIGPT4_BOT_CONFIG"
 
@@ -85,6 +93,21 @@ class GenerationSettings(_Strict):
     max_length: int = Field(2000, ge=2)
 
 
+class EngineSettings(_Strict):
+    """``[engine]``: the shared inference engine's limits (continuous batching, caches, backpressure)."""
+
+    max_batch: int = Field(16, ge=1, le=512)
+    max_prefills_per_step: int = Field(4, ge=1)
+    max_queue: int = Field(256, ge=1)
+    max_queued_per_user: int = Field(8, ge=1)
+    max_running_per_user: int = Field(4, ge=1)
+    max_wait_s: float = Field(30.0, gt=0)
+    kv_budget_tokens: int = Field(65536, ge=256)
+    image_cache_size: int = Field(256, ge=0)
+    prefix_reuse: bool = True
+    request_timeout_s: float = Field(300.0, gt=0)
+
+
 class Settings(_Strict):
     """The whole ``bot.toml``."""
 
@@ -92,6 +115,7 @@ class Settings(_Strict):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     model: ModelSettings = Field(default_factory=ModelSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
 
     @property
     def demo_weights_dir(self) -> Path:

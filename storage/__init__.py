@@ -1,1 +1,5 @@
-"""SQL storage for conversations, usage and quotas (filled in by the bot-core issue)."""
+"""SQL storage beside the bot core: conversations, turns, images, usage, quotas, access rules, events."""
+
+from storage.db import ConversationKey, Database, UsageTotals, as_utc, sqlite_url
+
+__all__ = ["ConversationKey", "Database", "UsageTotals", "as_utc", "sqlite_url"]

@@ -1,0 +1,376 @@
+"""Async database access (SQLAlchemy 2): SQLite via aiosqlite by default, PostgreSQL via asyncpg by URL.
+
+:class:`Database` is the only way the bot touches SQL.  Each method is one short transaction,
+so a crash loses at most the answer being streamed — which is then marked ``interrupted``
+at the next start (:meth:`Database.mark_interrupted`), never deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, event, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+
+from storage.tables import (
+    AccessRule,
+    Base,
+    Conversation,
+    ImageBlob,
+    ProcessedEvent,
+    QuotaSetting,
+    Turn,
+    UsageEntry,
+    utcnow,
+)
+
+__all__ = ["ConversationKey", "Database", "UsageTotals", "as_utc", "sqlite_url"]
+
+QUOTA_FIELDS = ("requests_per_day", "requests_per_month", "tokens_per_day", "tokens_per_month", "images_per_day")
+
+
+def sqlite_url(path: str | Path) -> str:
+    return f"sqlite+aiosqlite:///{Path(path).expanduser()}"
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite returns naive datetimes; everything stored is UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class ConversationKey:
+    """Identifies a thread on a platform."""
+
+    platform: str
+    workspace: str
+    channel: str
+    thread: str
+
+
+@dataclass(frozen=True)
+class UsageTotals:
+    requests: int = 0
+    tokens: int = 0
+    images: int = 0
+
+
+class Database:
+    """All queries the bot, the admin CLI and the tests need."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = url
+        kwargs: dict[str, Any] = {"echo": echo}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)
+        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    async def create_all(self) -> None:
+        """Create the schema directly (tests); production uses ``minigpt4-bot admin db upgrade``."""
+        async with self.engine.begin() as conn:
+            await conn.run_sync(Base.metadata.create_all)
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+    # ------------------------------------------------------------------ events
+
+    async def mark_event(self, platform: str, event_id: str) -> bool:
+        """Record a platform event id; ``False`` if it was seen before (a retry or redelivery)."""
+        try:
+            async with self.sessions.begin() as session:
+                session.add(ProcessedEvent(platform=platform, event_id=event_id))
+        except IntegrityError:
+            return False
+        return True
+
+    async def prune_events(self, older_than: datetime) -> int:
+        async with self.sessions.begin() as session:
+            result = await session.execute(delete(ProcessedEvent).where(ProcessedEvent.received_at < older_than))
+            return result.rowcount or 0
+
+    # ------------------------------------------------------------------ conversations
+
+    async def live_conversation(self, key: ConversationKey) -> Conversation | None:
+        async with self.sessions() as session:
+            return await session.scalar(_live(key))
+
+    async def get_or_create_conversation(self, key: ConversationKey) -> Conversation:
+        """The thread's live conversation, created on first use (safe under concurrent first messages)."""
+        for _ in range(3):
+            async with self.sessions() as session:
+                found = await session.scalar(_live(key))
+                if found is not None:
+                    return found
+                session.add(conv := Conversation(**key.__dict__))
+                try:
+                    await session.commit()
+                    return conv
+                except IntegrityError:
+                    await session.rollback()
+        raise RuntimeError(f"could not create a conversation for {key}")
+
+    async def archive_conversation(self, conversation_id: int) -> None:
+        async with self.sessions.begin() as session:
+            await session.execute(
+                update(Conversation).where(Conversation.id == conversation_id).values(archived_at=utcnow())
+            )
+
+    async def set_preset(self, conversation_id: int, preset: str | None) -> None:
+        async with self.sessions.begin() as session:
+            await session.execute(update(Conversation).where(Conversation.id == conversation_id).values(preset=preset))
+
+    async def turns(self, conversation_id: int) -> list[Turn]:
+        async with self.sessions() as session:
+            rows = await session.scalars(select(Turn).where(Turn.conversation_id == conversation_id).order_by(Turn.seq))
+            return list(rows)
+
+    async def get_conversation(self, conversation_id: int) -> Conversation | None:
+        async with self.sessions() as session:
+            return await session.get(Conversation, conversation_id)
+
+    async def list_conversations(
+        self, platform: str | None = None, workspace: str | None = None, limit: int = 50
+    ) -> list[tuple[Conversation, int]]:
+        """Most recently updated conversations with their turn counts."""
+        async with self.sessions() as session:
+            query = (
+                select(Conversation, func.count(Turn.id))
+                .outerjoin(Turn, Turn.conversation_id == Conversation.id)
+                .group_by(Conversation.id)
+                .order_by(Conversation.updated_at.desc())
+                .limit(limit)
+            )
+            if platform:
+                query = query.where(Conversation.platform == platform)
+            if workspace:
+                query = query.where(Conversation.workspace == workspace)
+            return [(c, n) for c, n in (await session.execute(query)).all()]
+
+    async def purge_conversations(self, older_than: datetime) -> int:
+        """Delete conversations (and their turns) not updated since ``older_than``; unreferenced images too."""
+        async with self.sessions.begin() as session:
+            ids = list(await session.scalars(select(Conversation.id).where(Conversation.updated_at < older_than)))
+            if not ids:
+                return 0
+            await session.execute(update(UsageEntry).where(UsageEntry.turn_id.in_(
+                select(Turn.id).where(Turn.conversation_id.in_(ids)))).values(turn_id=None))  # fmt: skip
+            await session.execute(delete(Turn).where(Turn.conversation_id.in_(ids)))
+            await session.execute(delete(Conversation).where(Conversation.id.in_(ids)))
+            used = select(Turn.image_id).where(Turn.image_id.is_not(None))
+            await session.execute(delete(ImageBlob).where(ImageBlob.id.not_in(used)))
+            return len(ids)
+
+    # ------------------------------------------------------------------ images and turns
+
+    async def add_image(self, data: bytes, mime: str, width: int, height: int) -> int:
+        """Store image bytes once per SHA-256 and return the row id."""
+        digest = hashlib.sha256(data).hexdigest()
+        for _ in range(3):
+            async with self.sessions() as session:
+                existing = await session.scalar(select(ImageBlob.id).where(ImageBlob.sha256 == digest))
+                if existing is not None:
+                    return existing
+                blob = ImageBlob(sha256=digest, mime=mime, width=width, height=height, size=len(data), data=data)
+                session.add(blob)
+                try:
+                    await session.commit()
+                    return blob.id
+                except IntegrityError:
+                    await session.rollback()
+        raise RuntimeError("could not store image")
+
+    async def image_data(self, ids: Sequence[int]) -> dict[int, bytes]:
+        if not ids:
+            return {}
+        async with self.sessions() as session:
+            rows = await session.execute(select(ImageBlob.id, ImageBlob.data).where(ImageBlob.id.in_(list(ids))))
+            return {i: d for i, d in rows.all()}
+
+    async def add_turns(self, conversation_id: int, turns: Sequence[dict[str, Any]]) -> list[Turn]:
+        """Append turns (dicts of Turn columns) after the last one, atomically."""
+        for _ in range(5):
+            async with self.sessions() as session:
+                last = await session.scalar(select(func.max(Turn.seq)).where(Turn.conversation_id == conversation_id))
+                seq = (last or 0) + 1
+                rows = [Turn(conversation_id=conversation_id, seq=seq + i, **values) for i, values in enumerate(turns)]
+                session.add_all(rows)
+                await session.execute(
+                    update(Conversation).where(Conversation.id == conversation_id).values(updated_at=utcnow())
+                )
+                try:
+                    await session.commit()
+                    return rows
+                except IntegrityError:  # a concurrent append took the same seq; try again
+                    await session.rollback()
+        raise RuntimeError("could not append turns")
+
+    async def finish_turn(self, turn_id: int, usage: dict[str, Any] | None = None, **values: Any) -> None:
+        """Update an assistant turn (text, status, counts) and write its usage entry in the same transaction."""
+        async with self.sessions.begin() as session:
+            await session.execute(update(Turn).where(Turn.id == turn_id).values(updated_at=utcnow(), **values))
+            if usage:
+                session.add(UsageEntry(turn_id=turn_id, **usage))
+
+    async def mark_interrupted(self) -> int:
+        """After a restart: answers left ``pending``/``streaming`` become ``interrupted`` (kept, not deleted)."""
+        async with self.sessions.begin() as session:
+            result = await session.execute(
+                update(Turn)
+                .where(Turn.status.in_(("pending", "streaming")))
+                .values(status="interrupted", finish_reason="interrupted")
+            )
+            return result.rowcount or 0
+
+    # ------------------------------------------------------------------ usage and quotas
+
+    async def record_usage(self, **values: Any) -> None:
+        async with self.sessions.begin() as session:
+            session.add(UsageEntry(**values))
+
+    async def usage_since(self, platform: str, workspace: str, user_id: str | None, since: datetime) -> UsageTotals:
+        async with self.sessions() as session:
+            query = select(
+                func.coalesce(func.sum(UsageEntry.requests), 0),
+                func.coalesce(func.sum(UsageEntry.tokens), 0),
+                func.coalesce(func.sum(UsageEntry.images), 0),
+            ).where(UsageEntry.platform == platform, UsageEntry.workspace == workspace, UsageEntry.at >= since)
+            if user_id is not None:
+                query = query.where(UsageEntry.user_id == user_id)
+            requests, tokens, images = (await session.execute(query)).one()
+            return UsageTotals(int(requests), int(tokens), int(images))
+
+    async def usage_report(
+        self, since: datetime, platform: str | None = None, workspace: str | None = None, by_day: bool = False
+    ) -> list[dict[str, Any]]:
+        """Usage per user (and per day) since a time, largest token users first."""
+        day = func.date(UsageEntry.at) if self.dialect == "sqlite" else func.to_char(UsageEntry.at, "YYYY-MM-DD")
+        columns = [UsageEntry.platform, UsageEntry.workspace, UsageEntry.user_id]
+        if by_day:
+            columns.append(day.label("day"))
+        query = select(
+            *columns,
+            func.sum(UsageEntry.requests).label("requests"),
+            func.sum(UsageEntry.tokens).label("tokens"),
+            func.sum(UsageEntry.images).label("images"),
+        ).where(UsageEntry.at >= since)
+        if platform:
+            query = query.where(UsageEntry.platform == platform)
+        if workspace:
+            query = query.where(UsageEntry.workspace == workspace)
+        query = query.group_by(*columns)
+        order = [day.desc()] if by_day else []
+        query = query.order_by(*order, func.sum(UsageEntry.tokens).desc())
+        async with self.sessions() as session:
+            return [dict(row._mapping) for row in (await session.execute(query)).all()]
+
+    async def quota_setting(self, scope: str, platform: str, workspace: str, user_id: str = "") -> QuotaSetting | None:
+        async with self.sessions() as session:
+            return await session.scalar(
+                select(QuotaSetting).where(
+                    QuotaSetting.scope == scope,
+                    QuotaSetting.platform == platform,
+                    QuotaSetting.workspace == workspace,
+                    QuotaSetting.user_id == user_id,
+                )
+            )
+
+    async def set_quota(self, scope: str, platform: str, workspace: str, user_id: str = "", **limits: Any) -> None:
+        """Set some limits (``None`` = back to the default) for a user or a workspace."""
+        unknown = set(limits) - set(QUOTA_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown quota field(s): {', '.join(sorted(unknown))}")
+        async with self.sessions.begin() as session:
+            row = await session.scalar(
+                select(QuotaSetting).where(
+                    QuotaSetting.scope == scope,
+                    QuotaSetting.platform == platform,
+                    QuotaSetting.workspace == workspace,
+                    QuotaSetting.user_id == user_id,
+                )
+            )
+            if row is None:
+                row = QuotaSetting(scope=scope, platform=platform, workspace=workspace, user_id=user_id)
+                session.add(row)
+            for name, value in limits.items():
+                setattr(row, name, value)
+
+    async def reset_quota(self, scope: str, platform: str, workspace: str, user_id: str = "") -> bool:
+        async with self.sessions.begin() as session:
+            result = await session.execute(
+                delete(QuotaSetting).where(
+                    QuotaSetting.scope == scope,
+                    QuotaSetting.platform == platform,
+                    QuotaSetting.workspace == workspace,
+                    QuotaSetting.user_id == user_id,
+                )
+            )
+            return bool(result.rowcount)
+
+    async def list_quotas(self) -> list[QuotaSetting]:
+        async with self.sessions() as session:
+            return list(await session.scalars(select(QuotaSetting).order_by(QuotaSetting.scope, QuotaSetting.id)))
+
+    # ------------------------------------------------------------------ access rules
+
+    async def add_rule(self, action: str, target: str, platform: str, value: str, note: str | None = None) -> bool:
+        if action not in ("allow", "deny") or target not in ("user", "channel", "workspace"):
+            raise ValueError("action must be allow|deny and target user|channel|workspace")
+        try:
+            async with self.sessions.begin() as session:
+                session.add(AccessRule(action=action, target=target, platform=platform, value=value, note=note))
+        except IntegrityError:
+            return False
+        return True
+
+    async def remove_rule(self, action: str, target: str, platform: str, value: str) -> bool:
+        async with self.sessions.begin() as session:
+            result = await session.execute(
+                delete(AccessRule).where(
+                    AccessRule.action == action,
+                    AccessRule.target == target,
+                    AccessRule.platform == platform,
+                    AccessRule.value == value,
+                )
+            )
+            return bool(result.rowcount)
+
+    async def rules(self, platform: str | None = None) -> list[AccessRule]:
+        async with self.sessions() as session:
+            query = select(AccessRule).order_by(AccessRule.action, AccessRule.target, AccessRule.value)
+            if platform:
+                query = query.where(AccessRule.platform == platform)
+            return list(await session.scalars(query))
+
+
+def _live(key: ConversationKey) -> Any:
+    return select(Conversation).where(
+        Conversation.platform == key.platform,
+        Conversation.workspace == key.workspace,
+        Conversation.channel == key.channel,
+        Conversation.thread == key.thread,
+        Conversation.archived_at.is_(None),
+    )
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()

@@ -1,0 +1,196 @@
+"""SQLAlchemy tables: conversations, turns, images, usage ledger, quotas, access rules, processed events.
+
+One schema for SQLite (default) and PostgreSQL; Alembic revisions in ``migrations/`` create it.
+Images are stored once per content hash (platform URLs expire, threads outlive them).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+__all__ = [
+    "AccessRule",
+    "Base",
+    "Conversation",
+    "ImageBlob",
+    "ProcessedEvent",
+    "QuotaSetting",
+    "Turn",
+    "UsageEntry",
+    "utcnow",
+]
+
+# Stable constraint names so Alembic migrations are portable between SQLite and PostgreSQL.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: DateTime(timezone=True)}  # noqa: RUF012  (SQLAlchemy API)
+
+
+class Conversation(Base):
+    """A chat thread: (platform, workspace, channel, thread root).  ``reset`` archives it and starts anew."""
+
+    __tablename__ = "conversations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    platform: Mapped[str] = mapped_column(String(32))
+    workspace: Mapped[str] = mapped_column(String(128))
+    channel: Mapped[str] = mapped_column(String(128))
+    thread: Mapped[str] = mapped_column(String(128))
+    preset: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    archived_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    turns: Mapped[list[Turn]] = relationship(back_populates="conversation", order_by="Turn.seq", lazy="raise")
+
+    __table_args__ = (
+        # At most one live conversation per thread (partial unique index, both databases).
+        Index(
+            "uq_conversations_live_thread",
+            "platform",
+            "workspace",
+            "channel",
+            "thread",
+            unique=True,
+            sqlite_where=text("archived_at IS NULL"),
+            postgresql_where=text("archived_at IS NULL"),
+        ),
+        Index("ix_conversations_updated_at", "updated_at"),
+    )
+
+
+class ImageBlob(Base):
+    """Image bytes, stored once per SHA-256."""
+
+    __tablename__ = "images"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    mime: Mapped[str] = mapped_column(String(64))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(Integer)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Turn(Base):
+    """One message in a conversation; assistant turns carry status, token counts and timings."""
+
+    __tablename__ = "turns"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    role: Mapped[str] = mapped_column(String(16))  # user | assistant
+    text: Mapped[str] = mapped_column(Text, default="")
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"))
+    user_id: Mapped[str | None] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16), default="done")  # pending|streaming|done|failed|interrupted
+    finish_reason: Mapped[str | None] = mapped_column(String(16))
+    error: Mapped[str | None] = mapped_column(Text)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    ttft_ms: Mapped[int | None] = mapped_column(Integer)
+    duration_ms: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    conversation: Mapped[Conversation] = relationship(back_populates="turns", lazy="raise")
+
+    __table_args__ = (UniqueConstraint("conversation_id", "seq"), Index("ix_turns_status", "status"))
+
+
+class UsageEntry(Base):
+    """The usage ledger: one row per finished (or failed) answer, summed for quotas and reports."""
+
+    __tablename__ = "usage_ledger"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    platform: Mapped[str] = mapped_column(String(32))
+    workspace: Mapped[str] = mapped_column(String(128))
+    user_id: Mapped[str] = mapped_column(String(128))
+    turn_id: Mapped[int | None] = mapped_column(ForeignKey("turns.id", ondelete="SET NULL"))
+    requests: Mapped[int] = mapped_column(Integer, default=1)
+    tokens: Mapped[int] = mapped_column(Integer, default=0)
+    images: Mapped[int] = mapped_column(Integer, default=0)
+
+    __table_args__ = (
+        Index("ix_usage_user_at", "platform", "workspace", "user_id", "at"),
+        Index("ix_usage_workspace_at", "platform", "workspace", "at"),
+    )
+
+
+class QuotaSetting(Base):
+    """Per-user or per-workspace limits; ``None`` means "use the configured default"."""
+
+    __tablename__ = "quota_settings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scope: Mapped[str] = mapped_column(String(16))  # user | workspace
+    platform: Mapped[str] = mapped_column(String(32))
+    workspace: Mapped[str] = mapped_column(String(128))
+    user_id: Mapped[str] = mapped_column(String(128), default="")  # "" for workspace scope
+    requests_per_day: Mapped[int | None] = mapped_column(Integer)
+    requests_per_month: Mapped[int | None] = mapped_column(Integer)
+    tokens_per_day: Mapped[int | None] = mapped_column(Integer)
+    tokens_per_month: Mapped[int | None] = mapped_column(Integer)
+    images_per_day: Mapped[int | None] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    __table_args__ = (UniqueConstraint("scope", "platform", "workspace", "user_id"),)
+
+
+class AccessRule(Base):
+    """Allow/deny entries for users, channels and workspaces."""
+
+    __tablename__ = "access_rules"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    action: Mapped[str] = mapped_column(String(8))  # allow | deny
+    target: Mapped[str] = mapped_column(String(16))  # user | channel | workspace
+    platform: Mapped[str] = mapped_column(String(32))
+    value: Mapped[str] = mapped_column(String(128))
+    note: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (UniqueConstraint("action", "target", "platform", "value"),)
+
+
+class ProcessedEvent(Base):
+    """Platform event ids already handled: retries and redeliveries hit the primary key and are ignored."""
+
+    __tablename__ = "processed_events"
+
+    platform: Mapped[str] = mapped_column(String(32), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
