@@ -15,16 +15,21 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = [
+    "DATABASE_URL_ENV",
     "ConfigError",
+    "DatabaseSettings",
     "EngineSettings",
     "GenerationSettings",
     "ModelSettings",
     "Settings",
     "find_config",
     "load_settings",
+    "normalize_database_url",
 ]
 
 CONFIG_ENV = "MINIGPT4_BOT_CONFIG"
+DATABASE_URL_ENV = "MINIGPT4_BOT_DATABASE_URL"
+SQLITE_FILE = "minigpt4-bot.db"
 
 
 class ConfigError(ValueError):
@@ -108,6 +113,117 @@ class EngineSettings(_Strict):
     request_timeout_s: float = Field(300.0, gt=0)
 
 
+DEFAULT_PRESETS: dict[str, str] = {
+    "describe": "Describe this image in detail.",
+    "story": "Write a short story inspired by this image.",
+    "poem": "Write a poem inspired by this image.",
+    "recipe": "What can I cook with the food in this picture? Give a recipe with ingredients and steps.",
+    "website": (
+        "Write the HTML for the web page drawn in this hand-drawn sketch. "
+        "Answer with the complete page in a single ```html code block."
+    ),
+    "solve": "Solve the problem shown in this picture. Explain each step.",
+}
+
+
+class PresetOverride(_Strict):
+    """A preset prompt that differs in one workspace (and optionally one channel)."""
+
+    name: str
+    prompt: str
+    workspace: str = ""
+    channel: str = ""
+
+
+class PresetSettings(_Strict):
+    """``[presets]``: named prompts users can pick ("recipe", "poem" …)."""
+
+    default: str = "describe"  # used when a picture arrives without a question
+    prompts: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_PRESETS))
+    overrides: list[PresetOverride] = Field(default_factory=list)
+
+
+class QuotaLimits(_Strict):
+    """Limits for one scope; 0 means unlimited."""
+
+    requests_per_day: int = Field(0, ge=0)
+    requests_per_month: int = Field(0, ge=0)
+    tokens_per_day: int = Field(0, ge=0)
+    tokens_per_month: int = Field(0, ge=0)
+    images_per_day: int = Field(0, ge=0)
+
+
+class QuotaSettings(_Strict):
+    """``[quotas.user]`` / ``[quotas.workspace]``: defaults; ``minigpt4-bot admin quota set`` overrides them."""
+
+    user: QuotaLimits = Field(default_factory=lambda: QuotaLimits(requests_per_day=200, images_per_day=100))
+    workspace: QuotaLimits = Field(default_factory=QuotaLimits)
+
+
+class ImageSettings(_Strict):
+    """``[images]``: what pictures the bot accepts."""
+
+    max_bytes: int = Field(20 * 2**20, ge=1024)
+    max_pixels: int = Field(50_000_000, ge=1)
+    max_per_message: int = Field(4, ge=1)
+
+
+class WebSettings(_Strict):
+    """``[web]``: the local web chat, health and metrics endpoints (loopback by default)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+def normalize_database_url(url: str) -> str:
+    """The async-driver form of a database URL (``postgresql://`` → asyncpg, ``sqlite:///`` → aiosqlite).
+
+    Raises :class:`ConfigError` for anything that is not an SQLite or PostgreSQL URL.
+    """
+    url = url.strip()
+    scheme, sep, rest = url.partition("://")
+    if not sep or not rest:
+        raise ConfigError(f"not a database URL: {_hide_password(url)!r} (use sqlite:///PATH or postgresql://HOST/DB)")
+    scheme = scheme.lower()
+    if scheme in ("postgresql", "postgres", "postgresql+asyncpg"):
+        return f"postgresql+asyncpg://{rest}"
+    if scheme in ("sqlite", "sqlite+aiosqlite"):
+        return f"sqlite+aiosqlite://{rest}"
+    raise ConfigError(
+        f"unsupported database URL scheme {scheme!r}: use sqlite:///PATH or postgresql://USER@HOST:PORT/DB "
+        "(the bot uses the aiosqlite and asyncpg drivers)"
+    )
+
+
+def _hide_password(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if sep and at and ":" in credentials:
+        return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
+    return url
+
+
+class DatabaseSettings(_Strict):
+    """``[database]``: where conversations, usage and quotas live."""
+
+    url: str = Field("", description="empty = SQLite file <data_dir>/minigpt4-bot.db")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value:
+            return value
+        try:
+            normalize_database_url(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        credentials = value.partition("://")[2].rpartition("@")[0]
+        if ":" in credentials:
+            raise ValueError(f"passwords do not belong in bot.toml: set {DATABASE_URL_ENV} in the environment instead")
+        return value
+
+
 class Settings(_Strict):
     """The whole ``bot.toml``."""
 
@@ -116,10 +232,23 @@ class Settings(_Strict):
     model: ModelSettings = Field(default_factory=ModelSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    presets: PresetSettings = Field(default_factory=PresetSettings)
+    quotas: QuotaSettings = Field(default_factory=QuotaSettings)
+    images: ImageSettings = Field(default_factory=ImageSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
 
     @property
     def demo_weights_dir(self) -> Path:
         return Path(self.data_dir) / "demo-weights" / self.model.variant
+
+    def database_url(self) -> str:
+        """The effective async database URL: ``$MINIGPT4_BOT_DATABASE_URL``, else ``[database] url``,
+        else the SQLite file ``<data_dir>/minigpt4-bot.db``.  Raises :class:`ConfigError` for a bad URL."""
+        url = os.environ.get(DATABASE_URL_ENV, "").strip() or self.database.url
+        if not url:
+            return f"sqlite+aiosqlite:///{Path(self.data_dir).expanduser() / SQLITE_FILE}"
+        return normalize_database_url(url)
 
 
 def find_config(explicit: str | os.PathLike[str] | None = None) -> Path | None:
@@ -167,4 +296,15 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
             setattr(settings.model, key, str(base / value))
     if not Path(settings.data_dir).expanduser().is_absolute():
         settings.data_dir = str(base / settings.data_dir)
+    settings.database.url = _resolve_sqlite_path(settings.database.url, base)
     return settings
+
+
+def _resolve_sqlite_path(url: str, base: Path) -> str:
+    """``sqlite:///relative.db`` in bot.toml is relative to the file's folder, like every other path."""
+    scheme, sep, path = url.partition(":///")
+    if not sep or not scheme.lower().startswith("sqlite") or not path or path.startswith(":memory:"):
+        return url
+    if Path(path).expanduser().is_absolute():
+        return url
+    return f"{scheme}:///{base / path}"
