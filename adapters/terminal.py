@@ -1,117 +1,134 @@
-"""Interactive terminal chat: the simplest front end, for operators and for trying the model.
+"""Interactive terminal chat through the bot core (same storage, quotas and presets as every front end).
 
-Type a question after attaching an image with ``/image PATH`` (optionally followed by the
-question).  ``/reset`` starts over, ``/help`` lists commands, ``/quit`` or Ctrl-D leaves.
-The adapter only reads lines and renders text; the conversation lives in the session
-object it is given.
+Attach pictures with ``/image PATH [question]``, then ask; follow-ups continue the thread.
+``/new`` starts a new thread, ``/reset`` starts this one over, ``/help`` lists commands,
+``/quit`` or Ctrl-D leaves.
 """
 
 from __future__ import annotations
 
+import asyncio
+import getpass
 import logging
 import shlex
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Protocol
 
 from rich.console import Console
 
-__all__ = ["ChatLike", "TerminalChat"]
+from bot.requests import Delta, Final, ImageAttachment, ReplyEvent, Request
+
+__all__ = ["TerminalChat"]
 
 log = logging.getLogger(__name__)
 
-HELP = """Commands:
-  /image PATH [question]   attach a picture (JPEG, PNG, GIF, WebP…); ask right away if a question follows
-  /reset                   forget this conversation and its images
-  /help                    show this help
+HELP = """Terminal commands:
+  /image PATH [question]   attach a picture (JPEG, PNG, GIF, WebP); ask right away if a question follows
+  /new                     start a new thread
+  /reset                   start this thread over
+  /help                    this help (say `help` for the bot's own help)
   /quit                    leave (Ctrl-D works too)
-Anything else is a question about the picture(s) attached so far."""
+Anything else is sent to the bot, with the pictures attached since your last message."""
 
-
-class ChatLike(Protocol):
-    """What the terminal needs from a conversation (``model.chat.ChatSession`` provides it)."""
-
-    @property
-    def has_image(self) -> bool: ...
-
-    def add_image(self, image: bytes) -> None: ...
-
-    def ask(self, text: str) -> Iterator[str]: ...
-
-    def reset(self) -> None: ...
+Handler = Callable[[Request], AsyncIterator[ReplyEvent]]
 
 
 class TerminalChat:
-    """A read–answer loop over a :class:`ChatLike` session."""
+    """A read–answer loop that turns lines into :class:`~bot.requests.Request` objects."""
 
     def __init__(
-        self, session: ChatLike, console: Console | None = None, read_line: Callable[[str], str] = input
+        self,
+        handle: Handler,
+        console: Console | None = None,
+        read_line: Callable[[str], str] = input,
+        user: str | None = None,
     ) -> None:
-        self.session = session
+        self.handle = handle
         self.console = console or Console()
         self.read_line = read_line
+        self.user = user or _user()
+        self.thread = uuid.uuid4().hex
+        self.pending: list[ImageAttachment] = []
 
-    def run(self) -> None:
-        """Loop until ``/quit`` or end of input; errors are reported and the loop goes on."""
+    async def run(self) -> None:
+        """Loop until ``/quit`` or end of input; a failing turn is reported and the loop goes on."""
         self.console.print("[bold]MiniGPT-4 terminal chat[/bold] — /help for commands")
         while True:
             try:
-                line = self.read_line("you> ").strip()
+                line = (await asyncio.to_thread(self.read_line, "you> ")).strip()
             except (EOFError, KeyboardInterrupt):
                 self.console.print()
                 return
-            if not line:
-                continue
             if line in ("/quit", "/exit"):
                 return
-            try:
-                self.handle(line)
-            except Exception as exc:  # keep the chat alive; details to the log
-                log.exception("terminal chat turn failed")
-                self.console.print(f"[red]Sorry, that failed: {exc}[/red]")
+            if line:
+                try:
+                    await self.on_line(line)
+                except Exception as exc:  # keep the chat alive; details to the log
+                    log.exception("terminal turn failed")
+                    self.console.print(f"[red]Sorry, that failed: {exc}[/red]")
 
-    def handle(self, line: str) -> None:
-        """Process one input line."""
+    async def on_line(self, line: str) -> None:
         if line == "/help":
-            self.console.print(HELP)
+            self.console.print(HELP, markup=False)
+        elif line == "/new":
+            self.thread, self.pending = uuid.uuid4().hex, []
+            self.console.print("New thread.")
         elif line == "/reset":
-            self.session.reset()
-            self.console.print("Conversation cleared.")
+            await self.send("reset")
         elif line.startswith("/image"):
-            self._attach(line[len("/image") :].strip())
+            question = self._attach(line[len("/image") :].strip())
+            if question:
+                await self.send(question)
         elif line.startswith("/"):
-            self.console.print(f"Unknown command {line.split()[0]!r}. {HELP}")
-        elif not self.session.has_image:
-            self.console.print("Attach a picture first: /image PATH [question]")
+            self.console.print(f"Unknown command {line.split()[0]!r}. /help lists them.")
         else:
-            self._answer(line)
+            await self.send(line)
 
-    def _attach(self, rest: str) -> None:
+    def _attach(self, rest: str) -> str:
         try:
             parts = shlex.split(rest)
         except ValueError:
             parts = rest.split()
         if not parts:
             self.console.print("Usage: /image PATH [question]")
-            return
+            return ""
         path = Path(parts[0]).expanduser()
         if not path.is_file():
             self.console.print(f"[red]No such file: {path}[/red]")
-            return
-        try:
-            self.session.add_image(path.read_bytes())
-        except ValueError as exc:  # ImageDecodeError is a ValueError
-            log.warning("rejected image %s: %s", path, exc)
-            self.console.print(f"[red]{path.name} is not a picture I can read ({exc}).[/red]")
-            return
-        question = rest[len(parts[0]) :].strip().strip("\"'") if len(parts) > 1 else ""
-        if question:
-            self._answer(question)
-        else:
-            self.console.print(f"Got {path.name}. Ask me about it.")
+            return ""
+        self.pending.append(ImageAttachment(path.read_bytes(), filename=path.name))
+        question = " ".join(parts[1:])
+        if not question:
+            self.console.print(f"Attached {path.name}; it goes with your next message.")
+        return question
 
-    def _answer(self, question: str) -> None:
-        self.console.print("bot> ", end="")
-        for delta in self.session.ask(question):
-            self.console.print(delta, end="", markup=False, highlight=False, soft_wrap=True)
-        self.console.print()
+    async def send(self, text: str) -> None:
+        images, self.pending = tuple(self.pending), []
+        request = Request(
+            platform="terminal", workspace="local", channel="terminal", thread=self.thread,
+            user=self.user, text=text, images=images, event_id=uuid.uuid4().hex,
+        )  # fmt: skip
+        streamed = False
+        async for event in self.handle(request):
+            if isinstance(event, Delta):
+                if not streamed:
+                    self.console.print("bot> ", end="")
+                    streamed = True
+                self.console.print(event.text, end="", markup=False, highlight=False, soft_wrap=True)
+            elif isinstance(event, Final):
+                if streamed:
+                    self.console.print()
+                elif event.kind == "answer":
+                    self.console.print("bot> " + event.text, markup=False, highlight=False)
+                else:
+                    style = "red" if event.kind == "error" else "yellow"
+                    self.console.print(event.text, style=style, markup=False, highlight=False)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return "local"

@@ -56,31 +56,25 @@ def _setup(config: Path | None) -> Settings:
 
 
 def _load_model(settings: Settings) -> MiniGPT4:
-    """Load the configured weights (or write and load demo weights) with a progress bar on stderr."""
-    from model import CheckpointError, PrecisionError, load_minigpt4
+    """Load the configured weights (or demo weights) with a progress bar on stderr."""
+    from bot.app import load_model
+    from model import CheckpointError, PrecisionError
     from model.loader import weights_size
 
-    kwargs: dict[str, Any] = settings.model.loader_kwargs()
-    if settings.model.uses_demo_weights:
-        from model.demo_weights import DEMO_NOTICE, write_demo_weights
-
-        err.print(f"[yellow]No weights configured — {DEMO_NOTICE}.[/yellow]")
-        demo = write_demo_weights(settings.demo_weights_dir, settings.model.variant)
-        kwargs |= demo.loader_kwargs()
+    kwargs = settings.model.loader_kwargs()
     total = weights_size(kwargs["llm"], kwargs["vit"], kwargs.get("qformer"), kwargs["projection"])
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=err, transient=True) as progress:
-            task = progress.add_task("loading weights", total=max(total, 1))
+            task = progress.add_task("loading weights", total=max(total, 1) if total else None)
 
             def advance(step: str, size: int) -> None:
                 progress.update(task, advance=size, description=f"loaded {step}")
 
-            model = load_minigpt4(**kwargs, progress=advance)
+            return load_model(settings, progress=advance)
     except (CheckpointError, PrecisionError, ValueError) as exc:
         err.print(f"[red]Cannot load the model:[/red] {exc}")
         raise typer.Exit(1) from None
-    return model
 
 
 def _options(settings: Settings, model: MiniGPT4, **overrides: Any) -> Any:
@@ -144,19 +138,34 @@ def ask(
 
 @app.command()
 def chat(config: ConfigOption = None) -> None:
-    """Chat with the model in this terminal (/image PATH, then ask)."""
-    from adapters.terminal import TerminalChat
-    from model.chat import ChatSession
+    """Chat with the bot in this terminal (no web server): /image PATH, then ask."""
+    import asyncio
+
+    from bot.app import run_bot
 
     settings = _setup(config)
+    settings.web.enabled = False
     model = _load_model(settings)
-    TerminalChat(ChatSession(model, _options(settings, model)), console=out).run()
+    asyncio.run(run_bot(settings, terminal=True, model=model))
 
 
 @app.command()
-def serve(config: ConfigOption = None) -> None:
-    """Start the bot on the configured front ends (today: the local terminal chat)."""
-    chat(config)
+def serve(
+    config: ConfigOption = None,
+    terminal: Annotated[
+        bool | None, typer.Option("--terminal/--no-terminal", help="terminal chat too (default: if interactive)")
+    ] = None,
+) -> None:
+    """Start the bot: local web chat (+ /healthz, /metrics), terminal chat, configured platform adapters."""
+    import asyncio
+
+    from bot.app import run_bot
+
+    settings = _setup(config)
+    model = _load_model(settings)
+    if settings.web.enabled:
+        err.print(f"[green]web chat on http://{settings.web.host}:{settings.web.port}[/green]")
+    asyncio.run(run_bot(settings, terminal=terminal, model=model))
 
 
 @weights_app.command("demo")

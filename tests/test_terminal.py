@@ -1,7 +1,8 @@
-"""The terminal front end over a real chat session on demo weights."""
+"""The terminal front end through the real bot core, storage and engine (demo weights, SQLite)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import pytest
@@ -9,19 +10,15 @@ from PIL import Image
 from rich.console import Console
 
 from adapters.terminal import TerminalChat
-from model import load_minigpt4
-from model.chat import ChatSession
-from model.demo_weights import write_demo_weights
+from bot.config import Settings
+from bot.service import BotService
+from model.engine import Engine
+from model.engine.backend import EngineBackend
+from storage import Database, sqlite_url
 
 
-@pytest.fixture(scope="module")
-def demo_model(tmp_path_factory):
-    demo = write_demo_weights(tmp_path_factory.mktemp("demo"), "vicuna0")
-    return load_minigpt4(**demo.loader_kwargs())
-
-
-def _run(session: ChatSession, lines: list[str]) -> str:
-    buffer = io.StringIO()
+def _chat(demo_models, tmp_path, lines: list[str]) -> tuple[str, list]:
+    settings = Settings.model_validate({"generation": {"max_new_tokens": 4, "do_sample": False}})
     feed = iter(lines)
 
     def read_line(_prompt: str) -> str:
@@ -30,40 +27,56 @@ def _run(session: ChatSession, lines: list[str]) -> str:
         except StopIteration:
             raise EOFError from None
 
-    TerminalChat(session, Console(file=buffer, width=200), read_line).run()
-    return buffer.getvalue()
+    async def main():
+        db = Database(sqlite_url(tmp_path / "bot.db"))
+        await db.create_all()
+        buffer = io.StringIO()
+        async with Engine(demo_models["vicuna0"]) as engine:
+            service = BotService(settings, db, EngineBackend(engine))
+            chat = TerminalChat(service.handle, Console(file=buffer, width=200), read_line, user="tester")
+            await chat.run()
+            conversations = await db.list_conversations(platform="terminal")
+            turns = [await db.turns(c.id) for c, _ in conversations]
+        await db.dispose()
+        return buffer.getvalue(), turns
+
+    return asyncio.run(main())
 
 
-def test_image_question_follow_up_and_reset(demo_model, tmp_path):
-    picture = tmp_path / "dish.png"
-    Image.new("RGB", (64, 48), (250, 120, 0)).save(picture)
-    second = tmp_path / "second.jpg"
+@pytest.fixture
+def pictures(tmp_path):
+    first, second = tmp_path / "dish.png", tmp_path / "second.jpg"
+    Image.new("RGB", (64, 48), (250, 120, 0)).save(first)
     Image.new("RGB", (30, 60), (0, 0, 200)).save(second)
-    session = ChatSession(demo_model, demo_model.default_options(do_sample=False, max_new_tokens=4))
-    output = _run(
-        session,
+    return first, second
+
+
+def test_image_question_follow_up_and_reset(demo_models, tmp_path, pictures):
+    first, second = pictures
+    output, threads = _chat(
+        demo_models,
+        tmp_path,
         [
-            "what is this?",  # no image yet
-            f"/image {picture} What can I cook with this?",
+            "what is this?",  # no picture yet
+            f"/image {first} What can I cook with this?",
             "And for dessert?",
             f"/image {second}",
             "Compare both pictures.",
+            "/reset",
         ],
     )
-    assert "Attach a picture first" in output
-    assert "Got second.jpg" in output
+    assert "I need a picture" in output
+    assert "Attached second.jpg" in output
     assert output.count("bot> ") == 3
-    assert len(session.images) == 2
-    prompt = session.last.prompt
-    assert prompt.count("<ImageHere>") == 2
-    assert "What can I cook with this?" in prompt and "And for dessert?" in prompt
-    assert prompt.endswith("###Human: <Img><ImageHere></Img> Compare both pictures.###Assistant: ")
-
-    _run(session, ["/reset"])
-    assert session.turns == [] and session.images == []
+    assert "Starting over" in output
+    (turns,) = threads
+    assert [t.role for t in turns] == ["user", "assistant"] * 3
+    assert [t.status for t in turns if t.role == "assistant"] == ["done"] * 3
+    assert sum(1 for t in turns if t.image_id) == 2
+    assert turns[4].text == "Compare both pictures."
 
 
-def test_bad_files_keep_the_chat_alive(demo_model, tmp_path):
+def test_bad_files_keep_the_chat_alive(demo_models, tmp_path):
     html = tmp_path / "page.png"
     html.write_bytes(b"<html><body>login</body></html>")
     truncated = tmp_path / "cut.png"
@@ -72,14 +85,16 @@ def test_bad_files_keep_the_chat_alive(demo_model, tmp_path):
     truncated.write_bytes(buf.getvalue()[:60])
     good = tmp_path / "ok.png"
     Image.new("RGB", (20, 20), (9, 9, 9)).save(good)
-    session = ChatSession(demo_model, demo_model.default_options(do_sample=False, max_new_tokens=3))
-    output = _run(
-        session,
-        [f"/image {html}", f"/image {truncated}", f"/image {tmp_path / 'missing.png'}", "/bogus", f"/image {good} hi"],
-    )
-    assert "page.png is not a picture I can read" in output
-    assert "cut.png is not a picture I can read" in output
+    output, threads = _chat(
+        demo_models,
+        tmp_path,
+        [f"/image {html} hi", f"/image {truncated} hi", f"/image {tmp_path / 'missing.png'}", "/bogus",
+         f"/image {good} hi"],
+    )  # fmt: skip
+    assert "page.png arrived as a web page" in output
+    assert "cut.png seems truncated or corrupt" in output
     assert "No such file" in output
     assert "Unknown command '/bogus'" in output
     assert output.count("bot> ") == 1
-    assert len(session.images) == 1
+    (turns,) = threads
+    assert [t.role for t in turns] == ["user", "assistant"]
