@@ -144,6 +144,8 @@ class Engine:
     def submit(self, request: EngineRequest) -> RequestStream:
         """Validate and queue ``request``; raises ``Busy``, ``RequestTooLarge`` or ``ValueError`` subclasses."""
         loop = asyncio.get_running_loop()
+        if self._thread is None or self._stopping:
+            raise RuntimeError("the engine is not running (call start() or use `async with Engine(...)`)")
         options = request.options or self.model.default_options()
         options.validate()
         if request.turns is not None:
@@ -263,6 +265,15 @@ class Engine:
                     self._lock.wait(timeout=0.5)
                 if self._stopping:
                     break
+                now = time.monotonic()
+                for seq_id, queued_seq in list(self._seqs.items()):  # deadlines bound the time spent queued too
+                    overdue = queued_seq.deadline is not None and now > queued_seq.deadline
+                    if overdue and seq_id not in self._aborted and self.scheduler.abort(seq_id):
+                        self._lock.release()
+                        try:
+                            self._finish(queued_seq, "deadline")
+                        finally:
+                            self._lock.acquire()
                 aborted = set(self._aborted)
                 for seq_id in aborted:
                     if self.scheduler.abort(seq_id):  # still queued
@@ -275,6 +286,9 @@ class Engine:
                                 self._lock.acquire()
                 plan = self.scheduler.schedule()
                 admitted = [self._seqs[s] for s in plan.admit if s in self._seqs]
+                if plan.empty and not self.runner.rows:
+                    self._lock.wait(timeout=0.05)  # queued work that cannot start yet: do not spin
+                    continue
             try:
                 self._step(plan.evict_prefixes, admitted)
             except Exception:  # never let one bad step kill the worker
@@ -309,6 +323,8 @@ class Engine:
             if reason := self._token(seq, token):
                 seq.finish_reason = reason
                 done.append(seq)
+        # the scheduler released the cached prefix of every admitted conversation; drop it where prefill didn't take it
+        self.runner.evict([s.request.conversation_id or "" for s in admitted if s.seq_id in gone])
         now = time.monotonic()
         for seq in self.runner.rows:
             if seq in done:

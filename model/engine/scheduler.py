@@ -182,13 +182,18 @@ class Scheduler:
                 break
             own = self.prefixes.get(seq.prefix_key, 0) if seq.prefix_key else 0
             needed = self.reserved_tokens + self.cached_tokens - own + seq.reserve - cfg.kv_budget_tokens
-            victims = [k for k in self.prefixes if k != seq.prefix_key]
-            while needed > 0 and victims:
-                key = victims.pop(0)
-                needed -= self.prefixes.pop(key)
-                evict.append(key)
+            victims: list[str] = []
+            for key, tokens in self.prefixes.items():  # least recently used first
+                if needed <= 0:
+                    break
+                if key != seq.prefix_key:
+                    victims.append(key)
+                    needed -= tokens
             if needed > 0:
-                break  # waits for running sequences to finish; keeps its place at the head
+                break  # cannot fit yet: evict nothing, wait for running sequences; keeps its place at the head
+            for key in victims:
+                del self.prefixes[key]
+            evict.extend(victims)
             self._pop(seq)
             if seq.prefix_key in self.prefixes:
                 del self.prefixes[seq.prefix_key]  # the running reservation now holds those tokens
