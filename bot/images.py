@@ -54,7 +54,10 @@ def check_image(data: bytes, settings: ImageSettings, name: str = "the picture")
             image.load()
     except ImageError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        log.info("rejected image: %s", exc)
+        raise ImageError(f"{name} has far too many pixels; please send a smaller picture.") from None
+    except UnidentifiedImageError as exc:
         log.info("rejected image: %s", exc)
         raise ImageError(f"{name} is not an image I can read (JPEG, PNG, GIF or WebP).") from None
     except (OSError, SyntaxError, ValueError) as exc:

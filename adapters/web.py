@@ -1,0 +1,292 @@
+"""The local web chat, health check and metrics over aiohttp: HTTP in, :class:`~bot.requests.Request` out.
+
+Routes
+    ``GET /``                     the chat page (``adapters/web_static/index.html``); assets under ``/static/``
+    ``POST /api/messages``        multipart form → Server-Sent Events (``delta`` … ``final``, or ``duplicate``)
+    ``GET /api/threads/{thread}`` the thread's live conversation, for reloading the page
+    ``GET /api/presets``          preset names and prompts
+    ``GET /healthz``              ``{"status": "ok", "model": …, "engine": {queue_depth, batch_size}}``
+    ``GET /metrics``              Prometheus text format
+
+The adapter is thin: it parses the form, enforces an overall upload limit, hands one
+``Request`` to :meth:`BotService.handle` and writes each reply event as it arrives.  When the
+browser goes away mid-answer, :func:`run_web`'s server cancels the handler (with a server that
+does not cancel handlers, the next write fails instead); either way the reply iterator is
+closed and the service marks the answer ``interrupted``.  Everything the page shows comes from this origin (a strict
+Content-Security-Policy forbids anything else).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+
+from bot.requests import Final, ImageAttachment, Request
+from bot.service import BotService
+from storage import ConversationKey
+
+__all__ = ["STATIC_DIR", "create_app", "run_web", "upload_limit"]
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "web_static"
+UPLOAD_SLACK = 256 * 1024  # form fields and multipart framing on top of the pictures
+FIELD_LIMIT = 32 * 1024  # one text field (question, ids, name)
+MAX_PARTS = 64
+THREAD_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+EVENT_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
+
+SERVICE_KEY = web.AppKey("service", BotService)
+CONFIG_KEY = web.AppKey("web_config", dict)
+
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
+    "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+class UploadTooLarge(Exception):
+    pass
+
+
+def upload_limit(service: BotService) -> int:
+    """The most bytes one message may upload: every picture at its size limit, plus slack for the fields."""
+    images = service.settings.images
+    return images.max_bytes * images.max_per_message + UPLOAD_SLACK
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
+
+
+def _json_error(status: int, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+def _sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False, default=str)}\n\n".encode()
+
+
+async def _security_headers(_request: web.Request, response: web.StreamResponse) -> None:
+    response.headers.setdefault("Content-Security-Policy", CSP)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    response.headers.setdefault("X-Frame-Options", "DENY")
+
+
+def create_app(
+    service: BotService, *, platform: str = "web", workspace: str = "local", channel: str = "chat"
+) -> web.Application:
+    """The aiohttp application serving the chat page and its API for one :class:`BotService`."""
+    limit = upload_limit(service)
+    app = web.Application(client_max_size=limit)
+    app[SERVICE_KEY] = service
+    app[CONFIG_KEY] = {"platform": platform, "workspace": workspace, "channel": channel, "limit": limit}
+    app.on_response_prepare.append(_security_headers)
+    app.router.add_get("/", _index)
+    app.router.add_static("/static/", STATIC_DIR, name="static")
+    app.router.add_post("/api/messages", _post_message)
+    app.router.add_get("/api/threads/{thread}", _thread_history)
+    app.router.add_get("/api/presets", _presets)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def run_web(service: BotService, host: str, port: int, **kwargs: Any) -> web.AppRunner:
+    """Start the web front end on ``host:port`` (0 = any free port); the caller stops the runner.
+
+    Handlers are cancelled when their client disconnects, so a closed tab stops its answer at once
+    (even while it still waits for the first token); the service marks that answer interrupted.
+    """
+    runner = web.AppRunner(create_app(service, **kwargs), access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    for address in runner.addresses:
+        if isinstance(address, tuple) and len(address) >= 2:
+            shown = f"[{address[0]}]" if ":" in str(address[0]) else address[0]
+            log.info("web chat on http://%s:%s/", shown, address[1])
+    return runner
+
+
+# ---------------------------------------------------------------------- page
+
+
+async def _index(_request: web.Request) -> web.StreamResponse:
+    response = web.FileResponse(STATIC_DIR / "index.html")
+    response.headers["Cache-Control"] = "no-cache"
+    return response
+
+
+# ---------------------------------------------------------------------- messages
+
+
+async def _read_form(request: web.Request, limit: int) -> tuple[dict[str, str], list[ImageAttachment]]:
+    """Parse the multipart form, counting every byte against ``limit`` (raises :class:`UploadTooLarge`)."""
+    fields: dict[str, str] = {}
+    images: list[ImageAttachment] = []
+    total = 0
+    reader = await request.multipart()
+    parts = 0
+    while True:
+        part = await reader.next()
+        if part is None:
+            break
+        if not isinstance(part, BodyPartReader):  # nested multipart: not something the page sends
+            raise ValueError("nested multipart bodies are not supported")
+        parts += 1
+        if parts > MAX_PARTS:
+            raise ValueError("too many form parts")
+        name = part.name or ""
+        cap = limit if name == "image" else FIELD_LIMIT
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await part.read_chunk(64 * 1024):
+            size += len(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise UploadTooLarge()
+            if size > cap:
+                raise ValueError(f"the field {name!r} is too long")
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        if name == "image":
+            if data or part.filename:  # an empty file input still sends an empty part
+                mime = part.headers.get("Content-Type", "")
+                images.append(ImageAttachment(data=data, filename=part.filename or "", mime=mime))
+        elif name:
+            fields[name] = data.decode("utf-8", errors="replace")
+    return fields, images
+
+
+async def _post_message(request: web.Request) -> web.StreamResponse:
+    service = request.app[SERVICE_KEY]
+    config = request.app[CONFIG_KEY]
+    limit = config["limit"]
+    too_large = f"The upload is too large: at most {_size(limit)} per message (pictures and text together)."
+    if request.content_length is not None and request.content_length > limit:
+        return _json_error(413, too_large, limit_bytes=limit)
+    try:
+        if request.content_type == "application/x-www-form-urlencoded":  # text only (no pictures)
+            fields, images = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}, []
+        elif request.content_type.startswith("multipart/"):
+            fields, images = await _read_form(request, limit)
+        else:
+            return _json_error(400, "Send the message as multipart/form-data.")
+    except (UploadTooLarge, web.HTTPRequestEntityTooLarge):
+        return _json_error(413, too_large, limit_bytes=limit)
+    except ValueError as exc:
+        return _json_error(400, f"Bad form: {exc}.")
+
+    thread = fields.get("thread", "").strip()
+    if not THREAD_RE.match(thread):
+        return _json_error(400, "A thread id (letters, digits, - _ . :, at most 100) is required.")
+    event_id = fields.get("event_id", "").strip() or None
+    if event_id is not None and not EVENT_RE.match(event_id):
+        return _json_error(400, "The event id is malformed.")
+    user = " ".join(fields.get("user", "").split())[:64] or "local"
+    preset = fields.get("preset", "").strip() or None
+    bot_request = Request(
+        platform=config["platform"],
+        workspace=config["workspace"],
+        channel=config["channel"],
+        thread=thread,
+        user=user,
+        text=fields.get("text", ""),
+        images=tuple(images),
+        event_id=event_id,
+        preset=preset,
+    )
+
+    response = web.StreamResponse(
+        status=200,
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache, no-store",
+            "X-Accel-Buffering": "no",
+        },
+    )
+    await response.prepare(request)
+    replies = service.handle(bot_request)
+    sent_any = False
+    try:
+        async for event in replies:
+            if isinstance(event, Final):
+                payload = {"text": event.text, "kind": event.kind, "ephemeral": event.ephemeral, "meta": event.meta}
+                await response.write(_sse("final", payload))
+            else:
+                await response.write(_sse("delta", {"text": event.text}))
+            sent_any = True
+        if not sent_any:  # the service drops a redelivered event id without a reply
+            await response.write(_sse("duplicate", {"event_id": event_id}))
+        await response.write_eof()
+    except ConnectionError as exc:  # the browser left: aiohttp raises ClientConnectionResetError on write
+        log.info("web client left thread %s mid-answer: %s", thread, exc)
+    finally:
+        # Closing the reply iterator tells the service to stop: the answer is marked interrupted.
+        with contextlib.suppress(Exception):
+            await replies.aclose()
+    return response
+
+
+# ---------------------------------------------------------------------- read-only API
+
+
+async def _thread_history(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    config = request.app[CONFIG_KEY]
+    thread = request.match_info["thread"]
+    if not THREAD_RE.match(thread):
+        return _json_error(400, "Malformed thread id.")
+    key = ConversationKey(config["platform"], config["workspace"], config["channel"], thread)
+    conversation = await service.db.live_conversation(key)
+    turns = await service.db.turns(conversation.id) if conversation is not None else []
+    return web.json_response(
+        {
+            "thread": thread,
+            "turns": [
+                {
+                    "id": t.id,
+                    "role": t.role,
+                    "text": t.text or "",
+                    "status": t.status,
+                    "has_image": t.image_id is not None,
+                    "created_at": t.created_at.isoformat() if t.created_at else None,
+                }
+                for t in turns
+            ],
+        }
+    )
+
+
+async def _presets(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    config = request.app[CONFIG_KEY]
+    book = service.presets
+    presets = [{"name": n, "prompt": book.prompt(n, config["workspace"], config["channel"])} for n in book.names]
+    return web.json_response({"default": book.settings.default, "presets": presets})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    try:
+        model = service.backend.describe()
+        stats = service.backend.stats()
+    except Exception as exc:
+        log.warning("health check failed: %s", exc)
+        return web.json_response({"status": "error", "error": "the model backend did not answer"}, status=503)
+    engine = {k: stats.get(k) for k in ("queue_depth", "batch_size")}
+    body = {"status": "ok", "model": model, "engine": engine}
+    return web.json_response(body, dumps=lambda obj: json.dumps(obj, default=str))
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    service = request.app[SERVICE_KEY]
+    return web.Response(body=service.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})

@@ -1,0 +1,459 @@
+// MiniGPT-4 local web chat: no framework, no build step, nothing loaded from elsewhere.
+// Model output is only ever placed with textContent (never innerHTML).
+"use strict";
+
+(function () {
+  const THREAD_KEY = "minigpt4.thread";
+  const NAME_KEY = "minigpt4.user";
+
+  const $ = (id) => document.getElementById(id);
+  const messages = $("messages");
+  const form = $("composer");
+  const fileInput = $("file-input");
+  const attachmentsBox = $("attachments");
+  const presetSelect = $("preset");
+  const question = $("question");
+  const sendButton = $("send");
+  const stopButton = $("stop");
+  const statusLine = $("status");
+  const userName = $("user-name");
+  const dropZone = document.body;
+  const dropOverlay = $("drop-overlay");
+
+  let threadId = null;
+  let pending = []; // File objects waiting to be sent
+  let busy = false;
+  let controller = null; // AbortController of the answer being streamed
+
+  // ------------------------------------------------------------------ ids
+
+  function newId() {
+    if (window.crypto && typeof window.crypto.randomUUID === "function") {
+      return window.crypto.randomUUID();
+    }
+    const bytes = new Uint8Array(16);
+    window.crypto.getRandomValues(bytes);
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    const hex = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+    return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+  }
+
+  function storageGet(key) {
+    try {
+      return window.localStorage.getItem(key);
+    } catch (_e) {
+      return null;
+    }
+  }
+
+  function storageSet(key, value) {
+    try {
+      window.localStorage.setItem(key, value);
+    } catch (_e) {
+      /* private mode: the thread lasts for this page only */
+    }
+  }
+
+  // ------------------------------------------------------------------ rendering
+
+  // Text with ``` fences → paragraphs and <pre><code> blocks, all through textContent.
+  function renderText(container, text) {
+    container.replaceChildren();
+    const parts = String(text).split("```");
+    parts.forEach((part, index) => {
+      if (index % 2 === 1) {
+        let code = part;
+        const newline = code.indexOf("\n");
+        if (newline >= 0 && /^[\w+.#-]*\s*$/.test(code.slice(0, newline))) {
+          code = code.slice(newline + 1); // drop the language tag line (```html)
+        }
+        const pre = document.createElement("pre");
+        const codeEl = document.createElement("code");
+        codeEl.textContent = code.replace(/\n$/, "");
+        pre.appendChild(codeEl);
+        container.appendChild(pre);
+      } else if (part.trim() !== "") {
+        const p = document.createElement("p");
+        p.textContent = part.replace(/^\n+|\n+$/g, "");
+        container.appendChild(p);
+      }
+    });
+  }
+
+  function hideHint() {
+    const hint = $("empty-hint");
+    if (hint) hint.hidden = true;
+  }
+
+  function scrollDown() {
+    messages.scrollTop = messages.scrollHeight;
+  }
+
+  function addUserBubble(text, thumbnails, imageCount) {
+    hideHint();
+    const bubble = document.createElement("article");
+    bubble.className = "msg user";
+    bubble.setAttribute("aria-label", "You");
+    if (thumbnails.length) {
+      const strip = document.createElement("div");
+      strip.className = "thumbs";
+      for (const url of thumbnails) {
+        const img = document.createElement("img");
+        img.src = url;
+        img.alt = "Picture you sent";
+        img.className = "thumb";
+        strip.appendChild(img);
+      }
+      bubble.appendChild(strip);
+    } else if (imageCount > 0) {
+      const tag = document.createElement("p");
+      tag.className = "picture-tag";
+      tag.textContent = imageCount === 1 ? "[picture]" : `[${imageCount} pictures]`;
+      bubble.appendChild(tag);
+    }
+    if (text) {
+      const body = document.createElement("div");
+      body.className = "body";
+      renderText(body, text);
+      bubble.appendChild(body);
+    }
+    messages.appendChild(bubble);
+    scrollDown();
+    return bubble;
+  }
+
+  function addBotBubble() {
+    hideHint();
+    const bubble = document.createElement("article");
+    bubble.className = "msg bot streaming";
+    bubble.setAttribute("aria-label", "MiniGPT-4");
+    bubble.dataset.state = "streaming";
+    bubble.setAttribute("aria-busy", "true");
+    const body = document.createElement("div");
+    body.className = "body";
+    bubble.appendChild(body);
+    messages.appendChild(bubble);
+    scrollDown();
+    return bubble;
+  }
+
+  // kind: answer | help | notice | error | duplicate | interrupted
+  function finishBubble(bubble, text, kind) {
+    const body = bubble.querySelector(".body");
+    renderText(body, text);
+    bubble.classList.remove("streaming");
+    bubble.classList.add(kind === "answer" ? "answer" : "notice", `kind-${kind}`);
+    bubble.dataset.state = "final";
+    bubble.dataset.kind = kind;
+    bubble.removeAttribute("aria-busy");
+    scrollDown();
+  }
+
+  function showNotice(text, kind) {
+    finishBubble(addBotBubble(), text, kind || "notice");
+  }
+
+  function setBusy(value) {
+    busy = value;
+    sendButton.disabled = value;
+    stopButton.hidden = !value;
+    statusLine.textContent = value ? "Answering…" : "";
+  }
+
+  // ------------------------------------------------------------------ attachments
+
+  function renderAttachments() {
+    for (const img of attachmentsBox.querySelectorAll("img")) URL.revokeObjectURL(img.src);
+    attachmentsBox.replaceChildren();
+    pending.forEach((file, index) => {
+      const item = document.createElement("div");
+      item.className = "attachment";
+      const img = document.createElement("img");
+      img.src = URL.createObjectURL(file);
+      img.alt = file.name ? `Attached: ${file.name}` : "Attached picture";
+      img.className = "thumb";
+      const remove = document.createElement("button");
+      remove.type = "button";
+      remove.className = "remove";
+      remove.textContent = "×";
+      remove.setAttribute("aria-label", `Remove ${file.name || "picture"}`);
+      remove.addEventListener("click", () => {
+        pending.splice(index, 1);
+        renderAttachments();
+      });
+      item.append(img, remove);
+      attachmentsBox.appendChild(item);
+    });
+  }
+
+  function addFiles(files) {
+    let added = 0;
+    for (const file of files) {
+      if (!file) continue;
+      pending.push(file);
+      added += 1;
+    }
+    if (added) renderAttachments();
+  }
+
+  fileInput.addEventListener("change", () => {
+    addFiles(Array.from(fileInput.files || []));
+    fileInput.value = "";
+  });
+
+  let dragDepth = 0;
+  dropZone.addEventListener("dragenter", (event) => {
+    if (!event.dataTransfer || !Array.from(event.dataTransfer.types).includes("Files")) return;
+    event.preventDefault();
+    dragDepth += 1;
+    dropOverlay.hidden = false;
+  });
+  dropZone.addEventListener("dragover", (event) => {
+    if (!event.dataTransfer || !Array.from(event.dataTransfer.types).includes("Files")) return;
+    event.preventDefault();
+    event.dataTransfer.dropEffect = "copy";
+  });
+  dropZone.addEventListener("dragleave", () => {
+    dragDepth = Math.max(0, dragDepth - 1);
+    if (dragDepth === 0) dropOverlay.hidden = true;
+  });
+  dropZone.addEventListener("drop", (event) => {
+    event.preventDefault();
+    dragDepth = 0;
+    dropOverlay.hidden = true;
+    if (event.dataTransfer) addFiles(Array.from(event.dataTransfer.files || []));
+  });
+
+  document.addEventListener("paste", (event) => {
+    const items = event.clipboardData ? Array.from(event.clipboardData.items || []) : [];
+    const files = items.filter((i) => i.kind === "file").map((i) => i.getAsFile());
+    if (files.length) {
+      event.preventDefault();
+      addFiles(files);
+    }
+  });
+
+  // ------------------------------------------------------------------ server-sent events over fetch
+
+  // Calls onEvent(name, data) for each complete event in the response body.
+  async function readEvents(response, onEvent) {
+    const reader = response.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    const flush = (block) => {
+      let name = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith(":")) continue;
+        const colon = line.indexOf(":");
+        const field = colon >= 0 ? line.slice(0, colon) : line;
+        let value = colon >= 0 ? line.slice(colon + 1) : "";
+        if (value.startsWith(" ")) value = value.slice(1);
+        if (field === "event") name = value;
+        else if (field === "data") data.push(value);
+      }
+      if (data.length) onEvent(name, JSON.parse(data.join("\n")));
+    };
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        flush(buffer.slice(0, end));
+        buffer = buffer.slice(end + 2);
+      }
+    }
+    buffer += decoder.decode();
+    if (buffer.trim()) flush(buffer);
+  }
+
+  async function errorText(response) {
+    try {
+      const body = await response.json();
+      if (body && body.error) return body.error;
+    } catch (_e) {
+      /* not JSON */
+    }
+    return `The server answered ${response.status} ${response.statusText}.`;
+  }
+
+  async function send(form) {
+    const bubble = addBotBubble();
+    controller = new AbortController();
+    setBusy(true);
+    let streamed = "";
+    let finished = false;
+    try {
+      const response = await fetch("/api/messages", { method: "POST", body: form, signal: controller.signal });
+      if (!response.ok) {
+        finishBubble(bubble, await errorText(response), "error");
+        return;
+      }
+      await readEvents(response, (name, data) => {
+        if (name === "delta") {
+          streamed += data.text;
+          bubble.querySelector(".body").textContent = streamed;
+          scrollDown();
+        } else if (name === "final") {
+          finished = true;
+          finishBubble(bubble, data.text, data.kind || "answer");
+        } else if (name === "duplicate") {
+          finished = true;
+          finishBubble(bubble, "This message was already received.", "duplicate");
+        }
+      });
+      if (!finished) finishBubble(bubble, streamed || "The answer ended unexpectedly.", "error");
+    } catch (err) {
+      if (err && err.name === "AbortError") {
+        finishBubble(bubble, streamed ? `${streamed} [stopped]` : "Stopped.", "interrupted");
+      } else {
+        finishBubble(bubble, "Could not reach the bot. Check that it is still running and try again.", "error");
+        addRetry(bubble, form);
+      }
+    } finally {
+      controller = null;
+      setBusy(false);
+      question.focus();
+    }
+  }
+
+  // A retry re-sends the very same form (same event id), so the server never answers it twice.
+  function addRetry(bubble, form) {
+    const retry = document.createElement("button");
+    retry.type = "button";
+    retry.className = "secondary retry";
+    retry.textContent = "Retry";
+    retry.addEventListener("click", () => {
+      if (busy) return;
+      retry.remove();
+      send(form);
+    });
+    bubble.appendChild(retry);
+  }
+
+  // ------------------------------------------------------------------ composer
+
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (busy) return;
+    const text = question.value.trim();
+    const preset = presetSelect.value;
+    if (!text && !pending.length && !preset) {
+      statusLine.textContent = "Type a question or attach a picture first.";
+      return;
+    }
+    const data = new FormData();
+    data.append("thread", threadId);
+    data.append("event_id", newId());
+    data.append("text", text);
+    data.append("preset", preset);
+    data.append("user", userName.value.trim() || "local");
+    for (const file of pending) data.append("image", file, file.name || "pasted.png");
+    const thumbs = pending.map((file) => URL.createObjectURL(file));
+    const label = preset && !text ? `[${preset}]` : preset ? `[${preset}] ${text}` : text;
+    addUserBubble(label, thumbs, pending.length);
+    pending = [];
+    renderAttachments();
+    question.value = "";
+    send(data);
+  });
+
+  question.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      form.requestSubmit();
+    }
+  });
+
+  stopButton.addEventListener("click", () => {
+    if (controller) controller.abort();
+  });
+
+  userName.value = storageGet(NAME_KEY) || "";
+  userName.addEventListener("change", () => storageSet(NAME_KEY, userName.value.trim()));
+
+  $("new-chat").addEventListener("click", () => {
+    if (controller) controller.abort();
+    startThread(newId());
+    messages.querySelectorAll(".msg").forEach((el) => el.remove());
+    const hint = $("empty-hint");
+    if (hint) hint.hidden = false;
+    pending = [];
+    renderAttachments();
+    question.focus();
+  });
+
+  function startThread(id) {
+    threadId = id;
+    storageSet(THREAD_KEY, id);
+    document.body.dataset.thread = id;
+  }
+
+  // ------------------------------------------------------------------ start-up
+
+  async function loadPresets() {
+    try {
+      const response = await fetch("/api/presets");
+      if (!response.ok) return;
+      const body = await response.json();
+      for (const preset of body.presets || []) {
+        const option = document.createElement("option");
+        option.value = preset.name;
+        option.textContent = preset.name;
+        option.title = preset.prompt;
+        presetSelect.appendChild(option);
+      }
+    } catch (_e) {
+      /* the select keeps "No preset" */
+    }
+  }
+
+  async function loadModelInfo() {
+    try {
+      const response = await fetch("/healthz");
+      const body = await response.json();
+      const model = body.model || {};
+      const parts = [model.variant, model.device, model.dtype].filter(Boolean);
+      if (model.demo) parts.push("demo weights: answers are nonsense");
+      $("model-info").textContent = parts.join(" · ");
+    } catch (_e) {
+      $("model-info").textContent = "";
+    }
+  }
+
+  async function loadHistory() {
+    try {
+      const response = await fetch(`/api/threads/${encodeURIComponent(threadId)}`);
+      if (!response.ok) return;
+      const body = await response.json();
+      let images = 0;
+      for (const turn of body.turns || []) {
+        if (turn.role === "user") {
+          if (turn.has_image) images += 1;
+          if (turn.text || !turn.has_image) {
+            addUserBubble(turn.text, [], images);
+            images = 0;
+          }
+        } else {
+          const bubble = addBotBubble();
+          if (turn.status === "done") finishBubble(bubble, turn.text || "(no answer)", "answer");
+          else if (turn.status === "pending" || turn.status === "streaming")
+            finishBubble(bubble, turn.text || "(still answering — reload to see the answer)", "interrupted");
+          else finishBubble(bubble, turn.text || `(answer ${turn.status})`, "interrupted");
+        }
+      }
+      if (images) addUserBubble("", [], images);
+    } catch (_e) {
+      showNotice("Could not load this conversation's history.", "error");
+    }
+  }
+
+  startThread(storageGet(THREAD_KEY) || newId());
+  loadPresets();
+  loadModelInfo();
+  loadHistory().then(() => {
+    document.body.dataset.ready = "1";
+  });
+})();
