@@ -268,6 +268,11 @@ def _gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB" if size >= 2**28 else f"{size / 2**20:.2f} MiB"
 
 
+from bot.admin import admin_app  # noqa: E402  (it reuses _setup and ConfigOption from above)
+
+app.add_typer(admin_app, name="admin")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -266,7 +266,8 @@ def _format_errors(path: Path | None, exc: ValidationError) -> str:
     lines = [f"{where}: {exc.error_count()} invalid setting(s)"]
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        got = f" (got {err['input']!r})" if err["type"] != "missing" and "input" in err else ""
+        shown = _hide_password(err["input"]) if isinstance(err.get("input"), str) else err.get("input")
+        got = f" (got {shown!r})" if err["type"] != "missing" and "input" in err else ""
         lines.append(f"  {loc}: {err['msg']}{got}")
     return "\n".join(lines)
 

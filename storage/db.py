@@ -162,6 +162,17 @@ class Database:
                 query = query.where(Conversation.workspace == workspace)
             return [(c, n) for c, n in (await session.execute(query)).all()]
 
+    async def conversation_ids(self) -> list[int]:
+        """Every conversation id, archived ones too, oldest first (for exports)."""
+        async with self.sessions() as session:
+            return list(await session.scalars(select(Conversation.id).order_by(Conversation.id)))
+
+    async def count_conversations_before(self, older_than: datetime) -> int:
+        """How many conversations :meth:`purge_conversations` would delete."""
+        async with self.sessions() as session:
+            query = select(func.count(Conversation.id)).where(Conversation.updated_at < older_than)
+            return int(await session.scalar(query) or 0)
+
     async def purge_conversations(self, older_than: datetime) -> int:
         """Delete conversations (and their turns) not updated since ``older_than``; unreferenced images too."""
         async with self.sessions.begin() as session:
@@ -202,21 +213,36 @@ class Database:
             rows = await session.execute(select(ImageBlob.id, ImageBlob.data).where(ImageBlob.id.in_(list(ids))))
             return {i: d for i, d in rows.all()}
 
+    async def image_info(self, ids: Sequence[int]) -> dict[int, dict[str, Any]]:
+        """sha256, size, mime, width and height per image id — everything but the bytes."""
+        if not ids:
+            return {}
+        columns = (ImageBlob.sha256, ImageBlob.size, ImageBlob.mime, ImageBlob.width, ImageBlob.height)
+        async with self.sessions() as session:
+            rows = await session.execute(select(ImageBlob.id, *columns).where(ImageBlob.id.in_(list(set(ids)))))
+            return {row.id: {c.key: getattr(row, c.key) for c in columns} for row in rows.all()}
+
     async def add_turns(self, conversation_id: int, turns: Sequence[dict[str, Any]]) -> list[Turn]:
         """Append turns (dicts of Turn columns) after the last one, atomically."""
         for _ in range(5):
             async with self.sessions() as session:
-                last = await session.scalar(select(func.max(Turn.seq)).where(Turn.conversation_id == conversation_id))
-                seq = (last or 0) + 1
-                rows = [Turn(conversation_id=conversation_id, seq=seq + i, **values) for i, values in enumerate(turns)]
-                session.add_all(rows)
-                await session.execute(
-                    update(Conversation).where(Conversation.id == conversation_id).values(updated_at=utcnow())
-                )
                 try:
+                    # Touch the conversation first: that takes its row lock (PostgreSQL) or the write lock
+                    # (SQLite), so concurrent appends to one thread queue up and each reads the last seq.
+                    await session.execute(
+                        update(Conversation).where(Conversation.id == conversation_id).values(updated_at=utcnow())
+                    )
+                    last = await session.scalar(
+                        select(func.max(Turn.seq)).where(Turn.conversation_id == conversation_id)
+                    )
+                    seq = (last or 0) + 1
+                    rows = [
+                        Turn(conversation_id=conversation_id, seq=seq + i, **values) for i, values in enumerate(turns)
+                    ]
+                    session.add_all(rows)
                     await session.commit()
                     return rows
-                except IntegrityError:  # a concurrent append took the same seq; try again
+                except IntegrityError:  # should not happen with the lock above; retry to be safe
                     await session.rollback()
         raise RuntimeError("could not append turns")
 
@@ -259,7 +285,11 @@ class Database:
         self, since: datetime, platform: str | None = None, workspace: str | None = None, by_day: bool = False
     ) -> list[dict[str, Any]]:
         """Usage per user (and per day) since a time, largest token users first."""
-        day = func.date(UsageEntry.at) if self.dialect == "sqlite" else func.to_char(UsageEntry.at, "YYYY-MM-DD")
+        # UTC days on both databases (PostgreSQL would otherwise use the server's TimeZone).
+        if self.dialect == "sqlite":
+            day = func.date(UsageEntry.at)
+        else:
+            day = func.to_char(func.timezone("UTC", UsageEntry.at), "YYYY-MM-DD")
         columns = [UsageEntry.platform, UsageEntry.workspace, UsageEntry.user_id]
         if by_day:
             columns.append(day.label("day"))

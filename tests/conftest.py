@@ -100,3 +100,21 @@ class _DemoModels:
 @pytest.fixture(scope="session")
 def demo_models(demo_dir: dict[str, DemoWeights]) -> _DemoModels:
     return _DemoModels(demo_dir)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Any:
+    """A throwaway PostgreSQL cluster (``tests/pg.py``) for the session: the async URL of an empty database.
+
+    Fails (never skips) when PostgreSQL is not installed: ``apt-get install postgresql``.
+    """
+    from tests.pg import PostgresCluster, PostgresUnavailable, create_database
+
+    try:
+        cluster = PostgresCluster.launch()
+    except PostgresUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield create_database(cluster.url(), "minigpt4_test")
+    finally:
+        cluster.stop()

@@ -1,0 +1,204 @@
+"""Alembic migrations create exactly the models' schema, on SQLite and PostgreSQL, and round-trip."""
+
+from __future__ import annotations
+
+import asyncio
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from storage import ConversationKey, Database, migrate
+from storage.tables import Base
+from tests import pg
+
+ROOT = Path(__file__).resolve().parents[2]
+TABLES = {t.name for t in Base.metadata.sorted_tables}
+
+
+async def _inspect(url: str) -> dict[str, Any]:
+    """Schema differences to the models, table names, and the live-thread index's WHERE clause."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+
+            def look(sync_conn: Any) -> dict[str, Any]:
+                context = MigrationContext.configure(sync_conn, opts={"compare_type": True})
+                insp = inspect(sync_conn)
+                if sync_conn.dialect.name == "sqlite":
+                    where = sync_conn.execute(
+                        text("SELECT sql FROM sqlite_master WHERE name = 'uq_conversations_live_thread'")
+                    ).scalar()
+                else:
+                    where = sync_conn.execute(
+                        text("SELECT indexdef FROM pg_indexes WHERE indexname = 'uq_conversations_live_thread'")
+                    ).scalar()
+                return {
+                    "diff": compare_metadata(context, Base.metadata),
+                    "tables": set(insp.get_table_names()),
+                    "live_index": where,
+                    "fks": {
+                        fk["name"]
+                        for name in TABLES & set(insp.get_table_names())
+                        for fk in insp.get_foreign_keys(name)
+                    },
+                    "uniques": {
+                        uq["name"]
+                        for name in TABLES & set(insp.get_table_names())
+                        for uq in insp.get_unique_constraints(name)
+                    },
+                }
+
+            return await conn.run_sync(look)
+    finally:
+        await engine.dispose()
+
+
+def inspect_schema(url: str) -> dict[str, Any]:
+    return asyncio.run(_inspect(url))
+
+
+def test_upgrade_creates_exactly_the_models_schema(empty_db_url):
+    assert migrate.current(empty_db_url) is None
+    assert migrate.upgrade(empty_db_url) == migrate.head() == "0001"
+    schema = inspect_schema(empty_db_url)
+    assert schema["diff"] == []
+    assert schema["tables"] == TABLES | {"alembic_version"}
+    assert "WHERE" in schema["live_index"].upper() and "archived_at IS NULL" in schema["live_index"]
+    assert schema["fks"] == {
+        "fk_turns_conversation_id_conversations",
+        "fk_turns_image_id_images",
+        "fk_usage_ledger_turn_id_turns",
+    }
+    assert {"uq_images_sha256", "uq_turns_conversation_id_seq", "uq_access_rules_action_target_platform_value"} <= (
+        schema["uniques"]
+    )
+
+
+def test_upgrade_downgrade_upgrade_round_trip(empty_db_url):
+    migrate.upgrade(empty_db_url)
+    assert migrate.downgrade(empty_db_url, "base") is None
+    after_down = inspect_schema(empty_db_url)
+    assert after_down["tables"] == {"alembic_version"}  # everything the revision made is gone
+    assert after_down["live_index"] is None
+    assert migrate.upgrade(empty_db_url) == "0001"
+    assert inspect_schema(empty_db_url)["diff"] == []
+
+
+def test_the_comparison_would_notice_a_different_schema(empty_db_url):
+    """The schema check is not vacuous: a missing index and column show up as differences."""
+    migrate.upgrade(empty_db_url)
+
+    async def damage() -> None:
+        engine = create_async_engine(empty_db_url)
+        async with engine.begin() as conn:
+            await conn.execute(text("DROP INDEX ix_turns_status"))
+            await conn.execute(text("ALTER TABLE access_rules DROP COLUMN note"))
+        await engine.dispose()
+
+    asyncio.run(damage())
+    kinds = {entry[0] if isinstance(entry, tuple) else entry[0][0] for entry in inspect_schema(empty_db_url)["diff"]}
+    assert {"add_index", "add_column"} <= kinds
+
+
+def test_data_survives_a_no_op_re_upgrade(empty_db_url):
+    migrate.upgrade(empty_db_url)
+
+    async def write() -> int:
+        db = Database(empty_db_url)
+        try:
+            conv = await db.get_or_create_conversation(ConversationKey("slack", "T", "C", "t"))
+            await db.add_turns(conv.id, [{"role": "user", "text": "still here"}])
+            await db.set_quota("user", "slack", "T", "U", tokens_per_day=5)
+            return conv.id
+        finally:
+            await db.dispose()
+
+    async def read(conv_id: int) -> tuple[list[str], int | None]:
+        db = Database(empty_db_url)
+        try:
+            quota = await db.quota_setting("user", "slack", "T", "U")
+            return [t.text for t in await db.turns(conv_id)], quota.tokens_per_day if quota else None
+        finally:
+            await db.dispose()
+
+    conv_id = asyncio.run(write())
+    assert migrate.upgrade(empty_db_url) == "0001"
+    assert asyncio.run(read(conv_id)) == (["still here"], 5)
+
+
+def test_async_variants_run_inside_an_event_loop(empty_db_url):
+    async def main() -> tuple[str | None, str | None, str | None]:
+        before = await migrate.current_async(empty_db_url)
+        up = await migrate.upgrade_async(empty_db_url)
+        down = await migrate.downgrade_async(empty_db_url, "base")
+        assert before is None
+        return up, down, await migrate.upgrade_async(empty_db_url)
+
+    assert asyncio.run(main()) == ("0001", None, "0001")
+    assert inspect_schema(empty_db_url)["diff"] == []
+
+
+def _create_all(url: str, drop_column: str | None = None) -> None:
+    async def create() -> None:
+        db = Database(url)
+        await db.create_all()
+        if drop_column:
+            async with db.engine.begin() as conn:
+                await conn.execute(text(f"ALTER TABLE {drop_column}"))
+        await db.dispose()
+
+    asyncio.run(create())
+
+
+def test_stamp_records_a_revision_without_running_it(empty_db_url):
+    _create_all(empty_db_url)
+    assert migrate.current(empty_db_url) is None
+    migrate.stamp(empty_db_url)
+    assert migrate.current(empty_db_url) == "0001"
+    assert migrate.upgrade(empty_db_url) == "0001"  # nothing left to run, nothing fails
+
+
+def test_upgrade_adopts_tables_made_by_create_all(empty_db_url):
+    _create_all(empty_db_url)
+    assert migrate.upgrade(empty_db_url) == "0001"
+    assert inspect_schema(empty_db_url)["diff"] == []
+
+
+def test_upgrade_refuses_unversioned_tables_that_differ(empty_db_url):
+    _create_all(empty_db_url, drop_column="access_rules DROP COLUMN note")
+    with pytest.raises(migrate.SchemaMismatch, match="no migration revision"):
+        migrate.upgrade(empty_db_url)
+    assert migrate.current(empty_db_url) is None
+
+
+def test_plain_urls_are_accepted(tmp_path):
+    url = f"sqlite:///{tmp_path / 'plain.db'}"
+    assert migrate.upgrade(url) == "0001"
+    assert migrate.current(f"sqlite+aiosqlite:///{tmp_path / 'plain.db'}") == "0001"
+
+
+def test_migrations_ship_with_the_package():
+    assert migrate.MIGRATIONS_DIR == ROOT / "migrations"
+    assert (migrate.MIGRATIONS_DIR / "script.py.mako").is_file()
+    assert (migrate.MIGRATIONS_DIR / "versions" / "0001_initial.py").is_file()
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "migrations*" in setuptools["packages"]["find"]["include"]
+    assert "script.py.mako" in setuptools["package-data"]["migrations"]
+
+
+def test_missing_postgresql_fails_with_the_install_hint(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(pg, "PG_LIB_DIRS", (str(tmp_path),))
+    with pytest.raises(pg.PostgresUnavailable, match="apt-get install postgresql"):
+        pg.find_pg_bin()
+    fake = tmp_path / "13" / "bin"
+    fake.mkdir(parents=True)
+    for tool in ("initdb", "pg_ctl"):
+        (fake / tool).write_text("#!/bin/sh\n")
+    assert pg.find_pg_bin() == fake  # found under <lib>/<version>/bin when not on PATH
