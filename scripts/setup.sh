@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install minigpt4-bot into it.   Usage: scripts/setup.sh [--dev]
+# --dev adds the test tools and the system packages the tests use (scripts/test-deps.sh).
 #
 # torch is installed first, and only if the venv has none: TORCH_SPEC (default "torch==2.13.0",
 # the CPU build on machines that carry its wheel). GPU users install a CUDA build first, e.g.
@@ -10,7 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 extras=""
-[[ "${1:-}" == "--dev" ]] && extras="[dev]"
+if [[ "${1:-}" == "--dev" ]]; then
+    extras="[dev]"
+    ./scripts/test-deps.sh  # chromium + postgresql binaries for the web and database tests
+fi
 
 python=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
