@@ -34,12 +34,16 @@ class CheckedImage:
     height: int
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
+
+
 def check_image(data: bytes, settings: ImageSettings, name: str = "the picture") -> CheckedImage:
     """Decode fully (catches truncated files) and enforce the limits; raises :class:`ImageError`."""
     if not data:
         raise ImageError(f"{name} is empty.")
     if len(data) > settings.max_bytes:
-        raise ImageError(f"{name} is {len(data) / 2**20:.1f} MiB; the limit is {settings.max_bytes / 2**20:.0f} MiB.")
+        raise ImageError(f"{name} is {_size(len(data))}; the limit is {_size(settings.max_bytes)}.")
     head = data[:512].lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html")):
         raise ImageError(f"{name} arrived as a web page, not an image (the download link may need a login).")

@@ -20,7 +20,15 @@ from typing import Any
 from bot.access import AccessControl
 from bot.backend import GenerationBackend
 from bot.config import Settings
-from bot.errors import BotError, BusyError, ImageError, ModelUnavailable, NoImageError, UserInputError
+from bot.errors import (
+    BotError,
+    BusyError,
+    ImageError,
+    ModelUnavailable,
+    NoImageError,
+    QuotaExceeded,
+    UserInputError,
+)
 from bot.images import check_image
 from bot.metrics import BotMetrics
 from bot.presets import Command, PresetBook, parse_message
@@ -79,6 +87,8 @@ class BotService:
                 yield event
         except BotError as exc:
             outcome = type(exc).__name__
+            if isinstance(exc, QuotaExceeded):
+                self.metrics.quota_rejections.labels(exc.scope, exc.limit_name).inc()
             log.info("%s for %s/%s: %s", outcome, request.platform, request.user, exc)
             kind = "error" if not isinstance(exc, UserInputError) else "notice"
             yield Final(exc.user_message, kind=kind, ephemeral=exc.ephemeral)

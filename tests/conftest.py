@@ -6,7 +6,11 @@ Everything heavy is session-scoped and loaded lazily, so the whole ``tests/model
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
+import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,9 @@ import pytest
 
 import model
 from model.demo_weights import DemoWeights, write_demo_weights
+from storage import Database, sqlite_url
+from storage.tables import Base
+from tests.pg import create_database, truncate_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -118,3 +125,61 @@ def postgres_url() -> Any:
         yield create_database(cluster.url(), "minigpt4_test")
     finally:
         cluster.stop()
+
+
+# ----------------------------------------------------------------------------- databases (SQLite and PostgreSQL)
+
+DB_BACKENDS = ("sqlite", "postgres")
+_db_numbers = itertools.count()
+
+
+def _db_name(prefix: str) -> str:
+    return f"{prefix}_{os.getpid()}_{next(_db_numbers)}"
+
+
+def _create_all(url: str) -> None:
+    async def create() -> None:
+        db = Database(url)
+        try:
+            await db.create_all()
+        finally:
+            await db.dispose()
+
+    asyncio.run(create())
+
+
+@pytest.fixture(scope="session")
+def pg_schema_url(postgres_url: str) -> str:
+    """A PostgreSQL database with the models' schema, emptied before each test that uses it."""
+    url = create_database(postgres_url, _db_name("schema"))
+    _create_all(url)
+    return url
+
+
+@pytest.fixture(params=DB_BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a new database with the schema created from the models."""
+    if request.param == "sqlite":
+        url = sqlite_url(tmp_path / "test.db")
+        _create_all(url)
+        return url
+    url = request.getfixturevalue("pg_schema_url")
+    truncate_tables(url, [t.name for t in Base.metadata.sorted_tables])  # ids restart at 1
+    return url
+
+
+@pytest.fixture
+def run_db(db_url: str) -> Callable[[Callable[[Database], Awaitable[Any]]], Any]:
+    """``run_db(async_fn)``: await ``async_fn(Database)`` in a fresh event loop, disposing the engine after."""
+
+    def run(fn: Callable[[Database], Awaitable[Any]]) -> Any:
+        async def main() -> Any:
+            db = Database(db_url)
+            try:
+                return await fn(db)
+            finally:
+                await db.dispose()
+
+        return asyncio.run(main())
+
+    return run

@@ -10,15 +10,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from storage import Database, sqlite_url
-from storage.tables import Base
-from tests.pg import create_database, truncate_tables
+from tests.pg import create_database
 
 BACKENDS = ("sqlite", "postgres")
 _numbers = itertools.count()
@@ -39,46 +36,9 @@ def _create_all(url: str) -> None:
     asyncio.run(create())
 
 
-@pytest.fixture(scope="session")
-def pg_schema_url(postgres_url: str) -> str:
-    """A PostgreSQL database with the models' schema, emptied before each test that uses it."""
-    url = create_database(postgres_url, _name("schema"))
-    _create_all(url)
-    return url
-
-
 @pytest.fixture(params=BACKENDS)
 def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The URL of a new database without any tables."""
     if request.param == "sqlite":
         return sqlite_url(tmp_path / "empty.db")
     return create_database(request.getfixturevalue("postgres_url"), _name("empty"))
-
-
-@pytest.fixture(params=BACKENDS)
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The URL of a new database with the schema created from the models."""
-    if request.param == "sqlite":
-        url = sqlite_url(tmp_path / "test.db")
-        _create_all(url)
-        return url
-    url = request.getfixturevalue("pg_schema_url")
-    truncate_tables(url, [t.name for t in Base.metadata.sorted_tables])  # ids restart at 1
-    return url
-
-
-@pytest.fixture
-def run_db(db_url: str) -> Callable[[Callable[[Database], Awaitable[Any]]], Any]:
-    """``run_db(async_fn)``: await ``async_fn(Database)`` in a fresh event loop, disposing the engine after."""
-
-    def run(fn: Callable[[Database], Awaitable[Any]]) -> Any:
-        async def main() -> Any:
-            db = Database(db_url)
-            try:
-                return await fn(db)
-            finally:
-                await db.dispose()
-
-        return asyncio.run(main())
-
-    return run

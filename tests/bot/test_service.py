@@ -1,0 +1,300 @@
+"""The bot core on SQLite and a real PostgreSQL, with a scripted model backend (no torch work).
+
+Covers dedup, access rules, commands, presets, quotas, pictures, multi-image threads, failures,
+backpressure, sanitising and metrics; the real engine is exercised in tests/web, tests/system.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from bot.config import Settings
+from bot.requests import Delta, Final, ImageAttachment, Request
+from bot.service import BotService
+from storage import Database
+
+
+@dataclass
+class Token:
+    text: str
+
+
+@dataclass
+class Done:
+    text: str
+    finish_reason: str = "eos"
+    prompt_tokens: int = 10
+    completion_tokens: int = 3
+    ttft_s: float = 0.01
+
+
+class BusyNow(Exception):
+    retry_after_s = 12.0
+
+
+class ScriptedBackend:
+    """Records what the core sends and answers with a fixed text, or fails as told."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.answer = "A red circle."
+        self.fail: Exception | None = None
+
+    async def stream(self, **kwargs: Any):
+        self.calls.append(kwargs)
+        if self.fail is not None:
+            raise self.fail
+        for word in self.answer.split(" "):
+            yield Token(word + " ")
+        yield Done(self.answer)
+
+    def describe(self) -> dict[str, Any]:
+        return {"variant": "vicuna0", "device": "cpu", "dtype": "float32", "demo": True}
+
+    def stats(self) -> dict[str, Any]:
+        return {"queue_depth": 0, "batch_size": 0}
+
+
+def png(color=(200, 10, 10), size=(40, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def req(text: str = "", *images: bytes, thread: str = "t1", user: str = "alice", **kw: Any) -> Request:
+    return Request("slack", "T1", "C1", thread, user, text, tuple(ImageAttachment(i) for i in images), **kw)
+
+
+class Harness:
+    def __init__(self, db: Database, settings: Settings, backend: ScriptedBackend) -> None:
+        self.db, self.backend = db, backend
+        self.now = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+        self.service = BotService(settings, db, backend, clock=lambda: self.now)
+
+    async def ask(self, request: Request) -> list[Any]:
+        return [event async for event in self.service.handle(request)]
+
+    async def turns(self, thread: str = "t1") -> list[Any]:
+        from storage import ConversationKey
+
+        conv = await self.db.live_conversation(ConversationKey("slack", "T1", "C1", thread))
+        return await self.db.turns(conv.id) if conv else []
+
+
+@pytest.fixture
+def run(db_url):
+    """``run(async_fn, settings=None)`` with a fresh harness on SQLite and on PostgreSQL."""
+
+    def go(fn, settings: dict | None = None):
+        async def main():
+            db = Database(db_url)
+            try:
+                harness = Harness(db, Settings.model_validate(settings or {}), ScriptedBackend())
+                return await fn(harness)
+            finally:
+                await db.dispose()
+
+        return asyncio.run(main())
+
+    return go
+
+
+def test_answer_is_streamed_stored_and_counted(run):
+    async def fn(h: Harness):
+        events = await h.ask(req("What is this?", png(), event_id="e1"))
+        assert [type(e) for e in events] == [Delta, Delta, Delta, Final]
+        assert events[-1].text == "A red circle." and events[-1].kind == "answer"
+        turns = await h.turns()
+        assert [(t.role, t.status) for t in turns] == [("user", "done"), ("assistant", "done")]
+        assert turns[1].text == "A red circle." and turns[1].completion_tokens == 3 and turns[1].ttft_ms == 10
+        usage = await h.db.usage_since("slack", "T1", "alice", h.now.replace(hour=0))
+        assert (usage.requests, usage.tokens, usage.images) == (1, 3, 1)
+        call = h.backend.calls[0]
+        assert call["turns"] == [{"role": "user", "text": "What is this?", "image": True}]
+        assert len(call["images"]) == 1 and call["user"] == "alice"
+
+    run(fn)
+
+
+def test_redelivered_event_is_ignored(run):
+    async def fn(h: Harness):
+        assert await h.ask(req("What is this?", png(), event_id="e1"))
+        assert await h.ask(req("What is this?", png(), event_id="e1")) == []
+        assert len(await h.turns()) == 2 and len(h.backend.calls) == 1
+
+    run(fn)
+
+
+def test_follow_ups_and_new_pictures_join_the_thread(run):
+    async def fn(h: Harness):
+        await h.ask(req("Describe this.", png((1, 2, 3))))
+        await h.ask(req("And the colour?"))
+        await h.ask(req("Compare them.", png((9, 9, 9)), png((8, 8, 8))))
+        call = h.backend.calls[-1]
+        roles = [(t["role"], t.get("image", False)) for t in call["turns"]]
+        assert roles == [("user", True), ("assistant", False), ("user", False), ("assistant", False),
+                         ("user", True), ("user", True)]  # fmt: skip
+        assert call["turns"][-1]["text"] == "Compare them." and len(call["images"]) == 3
+        assert len(await h.turns()) == 7
+
+    run(fn)
+
+
+def test_no_picture_in_thread_gets_help_and_stores_nothing(run):
+    async def fn(h: Harness):
+        (event,) = await h.ask(req("hello"))
+        assert event.kind == "notice" and "attach an image" in event.text
+        assert await h.turns() == [] and h.backend.calls == []
+
+    run(fn)
+
+
+def test_commands(run):
+    async def fn(h: Harness):
+        (helped,) = await h.ask(req("help"))
+        assert helped.kind == "help" and helped.ephemeral and "`recipe`" in helped.text
+        await h.ask(req("hi", png()))
+        (settings,) = await h.ask(req("settings"))
+        assert "vicuna0" in settings.text and "requests per day 200" in settings.text
+        (reset,) = await h.ask(req("reset"))
+        assert "Starting over" in reset.text
+        assert await h.turns() == []  # the old conversation is archived, not deleted
+        (notice,) = await h.ask(req("and now?"))
+        assert notice.kind == "notice"
+
+    run(fn)
+
+
+def test_presets_by_name_default_and_override(run):
+    settings = {"presets": {"overrides": [{"name": "recipe", "prompt": "Vegetarian please.", "channel": "C1"}]}}
+
+    async def fn(h: Harness):
+        await h.ask(req("", png()))  # a bare picture uses the default preset
+        assert h.backend.calls[-1]["turns"][-1]["text"] == "Describe this image in detail."
+        await h.ask(req("poem: about cats", thread="t2"))  # no picture yet in t2 → help
+        await h.ask(req("poem about cats", png(), thread="t3"))
+        assert h.backend.calls[-1]["turns"][-1]["text"] == "Write a poem inspired by this image. about cats"
+        await h.ask(req("/recipe", png(), thread="t4"))
+        assert h.backend.calls[-1]["turns"][-1]["text"] == "Vegetarian please."
+        await h.ask(req("something", png(), thread="t5", preset="story"))
+        assert h.backend.calls[-1]["turns"][-1]["text"].startswith("Write a short story")
+        (bad,) = await h.ask(req("x", png(), thread="t6", preset="limerick"))
+        assert bad.kind == "notice" and "limerick" in bad.text
+
+    run(fn, settings)
+
+
+def test_quota_names_the_limit_and_reset_time(run):
+    settings = {"quotas": {"user": {"requests_per_day": 2, "images_per_day": 0}}}
+
+    async def fn(h: Harness):
+        await h.ask(req("one", png()))
+        await h.ask(req("two"))
+        (refused,) = await h.ask(req("three"))
+        assert refused.kind == "error" and refused.ephemeral
+        assert "limit of 2 requests per day" in refused.text and "2026-11-26 00:00 UTC" in refused.text
+        assert len(await h.turns()) == 4  # the refused question was not stored or sent
+        await h.db.set_quota("user", "slack", "T1", "alice", requests_per_day=3)  # admin override
+        assert (await h.ask(req("three")))[-1].kind == "answer"
+        h.now = h.now.replace(day=26)  # a new day
+        assert (await h.ask(req("four")))[-1].kind == "answer"
+        metrics = h.service.metrics.render().decode()
+        assert 'minigpt4_quota_rejections_total{limit="requests_per_day",scope="user"} 1.0' in metrics
+
+    run(fn, settings)
+
+
+def test_workspace_token_and_image_quotas(run):
+    settings = {"quotas": {"user": {"requests_per_day": 0, "images_per_day": 2},
+                           "workspace": {"tokens_per_month": 5}}}  # fmt: skip
+
+    async def fn(h: Harness):
+        (over,) = await h.ask(req("many", png((1, 1, 1)), png((2, 2, 2)), png((3, 3, 3))))
+        assert "3 images per day" not in over.text and "limit of 2 images per day" in over.text
+        await h.ask(req("two", png((1, 1, 1)), png((2, 2, 2)), user="bob"))
+        await h.ask(req("more", user="bob"))  # 3 + 3 = 6 tokens used this month
+        (refused,) = await h.ask(req("again", png(), user="carol", thread="t9"))
+        assert "This workspace has reached the limit of 5 tokens per month" in refused.text
+
+    run(fn, settings)
+
+
+def test_access_rules(run):
+    async def fn(h: Harness):
+        await h.db.add_rule("deny", "user", "slack", "mallory")
+        (denied,) = await h.ask(req("hi", png(), user="mallory"))
+        assert denied.kind == "error" and "not enabled" in denied.text
+        await h.db.add_rule("allow", "channel", "slack", "C9")
+        h.service.access.invalidate()
+        (blocked,) = await h.ask(req("hi", png()))  # C1 is not on the channel allow-list
+        assert "not enabled" in blocked.text
+        await h.db.add_rule("allow", "channel", "slack", "C1")
+        h.service.access.invalidate()
+        assert (await h.ask(req("hi", png())))[-1].kind == "answer"
+
+    run(fn)
+
+
+def test_bad_pictures_get_clear_replies(run):
+    settings = {"images": {"max_bytes": 200_000, "max_pixels": 1_000_000}}
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 64), (5, 5, 5)).save(jpeg, format="JPEG")
+    cases = {
+        b"<!DOCTYPE html><html>Sign in</html>": "web page",
+        jpeg.getvalue()[:200]: "truncated or corrupt",
+        png(size=(1200, 1000)): "1200×1000 pixels",
+        b"GIF89a not really": "not an image I can read",
+        b"\x00" * 300_000: "293 KiB; the limit is 195 KiB",
+        b"": "empty",
+    }
+
+    async def fn(h: Harness):
+        for i, (data, expected) in enumerate(cases.items()):
+            (event,) = await h.ask(req("what?", data, thread=f"bad{i}"))
+            assert event.kind == "notice" and expected in event.text, (expected, event.text)
+        tiff = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(tiff, format="TIFF")
+        (event,) = await h.ask(req("what?", tiff.getvalue(), thread="tiff"))
+        assert "TIFF file" in event.text
+        assert h.backend.calls == []
+
+    run(fn, settings)
+
+
+def test_backend_failures_keep_history(run):
+    async def fn(h: Harness):
+        await h.ask(req("first", png()))
+        h.backend.fail = BusyNow("full")
+        (busy,) = await h.ask(req("second"))
+        assert busy.kind == "error" and "about 12 seconds" in busy.text
+        h.backend.fail = RuntimeError("CUDA out of memory")
+        (broken,) = await h.ask(req("third"))
+        assert broken.kind == "error" and "CUDA" not in broken.text and "went wrong" in broken.text
+        h.backend.fail = None
+        await h.ask(req("fourth"))
+        turns = await h.turns()
+        assert [t.status for t in turns] == ["done", "done", "done", "failed", "done", "failed", "done", "done"]
+        # failed answers are left out of what the model sees next
+        sent = h.backend.calls[-1]["turns"]
+        assert [t["role"] for t in sent] == ["user", "assistant", "user", "user", "user"]
+
+    run(fn)
+
+
+def test_mass_mentions_are_neutralised(run):
+    async def fn(h: Harness):
+        h.backend.answer = "Hey @everyone and <!here> look"
+        events = await h.ask(req("hi", png()))
+        final = events[-1].text
+        assert "@everyone" not in final and "<!here>" not in final and "look" in final
+        assert all("@everyone" not in e.text for e in events)
+        assert "@everyone" not in (await h.turns())[1].text
+
+    run(fn)
