@@ -106,15 +106,23 @@ async def run_bot(settings: Settings, *, terminal: bool | None = None, model: Mi
             from adapters.web import run_web
 
             runners.append(await run_web(service, settings.web.host, settings.web.port))
+        if settings.slack.enabled:
+            from adapters.slack import SlackSetupError, start_slack  # slack_bolt only when Slack is on
+
+            try:
+                runners.append(await start_slack(service, settings))
+            except SlackSetupError as exc:
+                log.error("Slack: %s (see docs/slack.md)", exc)
+                return
         use_terminal = sys.stdin.isatty() if terminal is None else terminal
         if use_terminal:
             from adapters.terminal import TerminalChat
 
             chat = asyncio.create_task(TerminalChat(service.handle).run())
-            chat.add_done_callback(lambda _t: stop.set() if not settings.web.enabled else None)
+            chat.add_done_callback(lambda _t: stop.set() if not runners else None)  # the only front end
             tasks.append(chat)
         if not runners and not tasks:
-            log.error("no front end enabled: set [web] enabled = true or run in a terminal")
+            log.error("no front end enabled: set [web] or [slack] enabled = true, or run in a terminal")
             return
         await stop.wait()
     finally:

@@ -20,7 +20,7 @@ import model
 from model.demo_weights import DemoWeights, write_demo_weights
 from storage import Database, sqlite_url
 from storage.tables import Base
-from tests.pg import create_database, truncate_tables
+from tests.pg import create_database, create_schema, truncate_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,22 +137,11 @@ def _db_name(prefix: str) -> str:
     return f"{prefix}_{os.getpid()}_{next(_db_numbers)}"
 
 
-def _create_all(url: str) -> None:
-    async def create() -> None:
-        db = Database(url)
-        try:
-            await db.create_all()
-        finally:
-            await db.dispose()
-
-    asyncio.run(create())
-
-
 @pytest.fixture(scope="session")
 def pg_schema_url(postgres_url: str) -> str:
     """A PostgreSQL database with the models' schema, emptied before each test that uses it."""
     url = create_database(postgres_url, _db_name("schema"))
-    _create_all(url)
+    create_schema(url)
     return url
 
 
@@ -161,7 +150,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The URL of a new database with the schema created from the models."""
     if request.param == "sqlite":
         url = sqlite_url(tmp_path / "test.db")
-        _create_all(url)
+        create_schema(url)
         return url
     url = request.getfixturevalue("pg_schema_url")
     truncate_tables(url, [t.name for t in Base.metadata.sorted_tables])  # ids restart at 1

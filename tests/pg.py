@@ -184,3 +184,19 @@ def truncate_tables(url: str, tables: list[str]) -> None:
             await conn.close()
 
     asyncio.run(truncate())
+
+
+def create_schema(url: str) -> None:
+    """Create the models' tables in the database at ``url`` (tests; production uses migrations)."""
+    import asyncio
+
+    from storage import Database
+
+    async def create() -> None:
+        db = Database(url)
+        try:
+            await db.create_all()
+        finally:
+            await db.dispose()
+
+    asyncio.run(create())

@@ -7,14 +7,13 @@ tables at all (migrations) get a database of their own.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 from pathlib import Path
 
 import pytest
 
-from storage import Database, sqlite_url
+from storage import sqlite_url
 from tests.pg import create_database
 
 BACKENDS = ("sqlite", "postgres")
@@ -23,17 +22,6 @@ _numbers = itertools.count()
 
 def _name(prefix: str) -> str:
     return f"{prefix}_{os.getpid()}_{next(_numbers)}"
-
-
-def _create_all(url: str) -> None:
-    async def create() -> None:
-        db = Database(url)
-        try:
-            await db.create_all()
-        finally:
-            await db.dispose()
-
-    asyncio.run(create())
 
 
 @pytest.fixture(params=BACKENDS)

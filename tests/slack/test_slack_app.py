@@ -1,0 +1,113 @@
+"""Slack in the composition root: ``run_bot`` starts it from ``[slack]`` + environment tokens, and
+refuses clearly (without echoing secrets) when a token is missing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fake_slack import FakeSlack
+from slack_helpers import CHANNEL, make_settings, png_bytes
+
+from adapters.slack import SlackSetupError, SlackTokens
+from adapters.slack_format import PLACEHOLDER, SUFFIX
+from bot.app import run_bot
+from bot.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_tokens_come_from_the_environment_and_are_never_shown():
+    env = {"SLACK_BOT_TOKEN": "xoxb-secret-1", "SLACK_APP_TOKEN": "xapp-secret-2", "SLACK_SIGNING_SECRET": "s3"}
+    tokens = SlackTokens.from_env("socket", env)
+    assert (tokens.bot, tokens.app) == ("xoxb-secret-1", "xapp-secret-2")
+    assert "secret" not in repr(tokens) and "s3" not in repr(tokens)
+    with pytest.raises(SlackSetupError, match="SLACK_BOT_TOKEN and SLACK_APP_TOKEN"):
+        SlackTokens.from_env("socket", {})
+    with pytest.raises(SlackSetupError, match="SLACK_SIGNING_SECRET") as info:
+        SlackTokens.from_env("http", {"SLACK_BOT_TOKEN": "xoxb-secret-1"})
+    assert "secret-1" not in str(info.value)
+    with pytest.raises(SlackSetupError, match="xapp-"):
+        SlackTokens.from_env("socket", env | {"SLACK_APP_TOKEN": "xoxb-wrong-kind"})
+
+
+def test_slack_settings_are_validated():
+    slack = Settings.model_validate({"slack": {"api_url": "https://slack-gov.com/api"}}).slack
+    assert slack.api_url == "https://slack-gov.com/api/" and slack.mode == "socket" and not slack.enabled
+    for bad in ({"mode": "rtm"}, {"api_url": "slack.com"}, {"slash_command": "minigpt4"}, {"updates_per_minute": 0}):
+        with pytest.raises(ValueError):
+            Settings.model_validate({"slack": bad})
+
+
+def _serve_settings(tmp_path: Path, api_url: str) -> Settings:
+    settings = make_settings(slack={"enabled": True, "api_url": api_url}, web={"enabled": False})
+    settings.data_dir = str(tmp_path / "data")
+    return settings
+
+
+def test_run_bot_starts_socket_mode_and_answers(demo_models: Any, tmp_path: Path, monkeypatch, caplog) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    async def main() -> None:
+        fake = await FakeSlack().start()
+        monkeypatch.setenv("SLACK_BOT_TOKEN", fake.bot_token)
+        monkeypatch.setenv("SLACK_APP_TOKEN", fake.app_token)
+        bot = asyncio.create_task(run_bot(_serve_settings(tmp_path, fake.api_url), terminal=False,
+                                          model=demo_models["vicuna0"]))  # fmt: skip
+        try:
+            await asyncio.wait_for(fake.wait_connected(), 60)
+            mention = fake.mention(CHANNEL, "What is this?", files=[fake.add_file(png_bytes())])
+            await fake.send_event(mention)
+
+            def answered() -> bool:
+                replies = fake.bot_replies(CHANNEL, mention["ts"])
+                return bool(replies) and replies[0].text != PLACEHOLDER and not replies[0].text.endswith(SUFFIX)
+
+            await fake.wait_for(answered, 30)
+        finally:
+            bot.cancel()
+            await asyncio.gather(bot, return_exceptions=True)
+            await fake.close()
+        assert bot.cancelled()
+
+    asyncio.run(main())
+    assert "stopped" in caplog.text
+    assert "xoxb-fake-bot" not in caplog.text and "xapp-fake-app" not in caplog.text
+
+
+def test_run_bot_refuses_to_start_slack_without_tokens(demo_models: Any, tmp_path: Path, monkeypatch, caplog) -> None:
+    for name in ("SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLACK_BOT_TOKEN", "xoxb-do-not-print")
+    settings = _serve_settings(tmp_path, "http://127.0.0.1:9/api/")
+    asyncio.run(asyncio.wait_for(run_bot(settings, terminal=False, model=demo_models["vicuna0"]), 60))
+    assert "SLACK_APP_TOKEN" in caplog.text and "docs/slack.md" in caplog.text
+    assert "xoxb-do-not-print" not in caplog.text
+
+
+def test_the_core_and_terminal_do_not_load_slack():
+    code = (
+        "import sys, bot.app, bot.config, bot.cli, adapters.terminal, adapters.web\n"
+        "assert not [m for m in sys.modules if m.startswith(('slack_bolt', 'slack_sdk'))]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_the_manifest_matches_what_the_adapter_needs():
+    import yaml
+
+    manifest = yaml.safe_load((ROOT / "adapters" / "slack_manifest.yaml").read_text(encoding="utf-8"))
+    scopes = set(manifest["oauth_config"]["scopes"]["bot"])
+    assert scopes == {"app_mentions:read", "chat:write", "files:read", "im:history", "channels:history",
+                      "groups:history", "commands"}  # fmt: skip
+    events = set(manifest["settings"]["event_subscriptions"]["bot_events"])
+    assert events == {"app_mention", "message.im", "message.channels", "message.groups"}
+    assert manifest["settings"]["socket_mode_enabled"] is True
+    (command,) = manifest["features"]["slash_commands"]
+    assert command["command"] == Settings().slack.slash_command
+    assert manifest["features"]["app_home"]["messages_tab_enabled"] is True
