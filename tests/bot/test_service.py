@@ -298,3 +298,20 @@ def test_mass_mentions_are_neutralised(run):
         assert "@everyone" not in (await h.turns())[1].text
 
     run(fn)
+
+
+def test_heic_photos_are_accepted(run):
+    import pillow_heif  # the maintained HEIF decoder bot/images.py registers
+
+    pillow_heif.register_heif_opener()
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), (10, 200, 30)).save(buf, format="HEIF")
+
+    async def fn(h: Harness):
+        events = await h.ask(req("What is this?", buf.getvalue()))
+        assert events[-1].kind == "answer"
+        turns = await h.turns()
+        info = await h.db.image_data([turns[0].image_id])
+        assert info[turns[0].image_id] == buf.getvalue()  # stored as received, decoded by Pillow + pillow-heif
+
+    run(fn)
