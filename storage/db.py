@@ -311,14 +311,7 @@ class Database:
 
     async def quota_setting(self, scope: str, platform: str, workspace: str, user_id: str = "") -> QuotaSetting | None:
         async with self.sessions() as session:
-            return await session.scalar(
-                select(QuotaSetting).where(
-                    QuotaSetting.scope == scope,
-                    QuotaSetting.platform == platform,
-                    QuotaSetting.workspace == workspace,
-                    QuotaSetting.user_id == user_id,
-                )
-            )
+            return await session.scalar(select(QuotaSetting).where(*_quota_key(scope, platform, workspace, user_id)))
 
     async def set_quota(self, scope: str, platform: str, workspace: str, user_id: str = "", **limits: Any) -> None:
         """Set some limits (``None`` = back to the default) for a user or a workspace."""
@@ -326,14 +319,7 @@ class Database:
         if unknown:
             raise ValueError(f"unknown quota field(s): {', '.join(sorted(unknown))}")
         async with self.sessions.begin() as session:
-            row = await session.scalar(
-                select(QuotaSetting).where(
-                    QuotaSetting.scope == scope,
-                    QuotaSetting.platform == platform,
-                    QuotaSetting.workspace == workspace,
-                    QuotaSetting.user_id == user_id,
-                )
-            )
+            row = await session.scalar(select(QuotaSetting).where(*_quota_key(scope, platform, workspace, user_id)))
             if row is None:
                 row = QuotaSetting(scope=scope, platform=platform, workspace=workspace, user_id=user_id)
                 session.add(row)
@@ -342,14 +328,7 @@ class Database:
 
     async def reset_quota(self, scope: str, platform: str, workspace: str, user_id: str = "") -> bool:
         async with self.sessions.begin() as session:
-            result = await session.execute(
-                delete(QuotaSetting).where(
-                    QuotaSetting.scope == scope,
-                    QuotaSetting.platform == platform,
-                    QuotaSetting.workspace == workspace,
-                    QuotaSetting.user_id == user_id,
-                )
-            )
+            result = await session.execute(delete(QuotaSetting).where(*_quota_key(scope, platform, workspace, user_id)))
             return bool(result.rowcount)
 
     async def list_quotas(self) -> list[QuotaSetting]:
@@ -386,6 +365,16 @@ class Database:
             if platform:
                 query = query.where(AccessRule.platform == platform)
             return list(await session.scalars(query))
+
+
+def _quota_key(scope: str, platform: str, workspace: str, user_id: str) -> tuple[Any, ...]:
+    """The columns that identify one quota override."""
+    return (
+        QuotaSetting.scope == scope,
+        QuotaSetting.platform == platform,
+        QuotaSetting.workspace == workspace,
+        QuotaSetting.user_id == user_id,
+    )
 
 
 def _live(key: ConversationKey) -> Any:
