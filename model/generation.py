@@ -88,11 +88,15 @@ class GenerationOptions:
     @classmethod
     def create(cls, **overrides: Any) -> GenerationOptions:
         """Build validated options, ignoring ``None`` values (so callers can pass optional flags)."""
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls)} | {"stop_sequences"}
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise InvalidGenerationOptions(f"unknown generation option(s): {', '.join(unknown)}")
         values = {k: v for k, v in overrides.items() if v is not None}
+        # `stop_sequences` (a common name) may hold strings, token-id lists, or both.
+        for seq in values.pop("stop_sequences", None) or ():
+            key = "stop_strings" if isinstance(seq, str) else "stop_token_ids"
+            values[key] = (*values.get(key, ()), seq)
         for key in ("stop_token_ids",):
             if key in values:
                 values[key] = tuple(tuple(int(i) for i in seq) for seq in values[key])

@@ -264,6 +264,7 @@ class MiniGPT4(nn.Module):
         self, contexts: Sequence[torch.Tensor], options: GenerationOptions | Sequence[GenerationOptions]
     ) -> Iterator[list[TokenStep]]:
         """Stream token steps for a batch of contexts (each row may have its own options)."""
+        contexts = [_as_2d(c) for c in contexts]
         per_row = [options] * len(contexts) if isinstance(options, GenerationOptions) else list(options)
         if len(per_row) != len(contexts):
             raise ValueError(f"{len(contexts)} contexts but {len(per_row)} option sets")
@@ -277,6 +278,7 @@ class MiniGPT4(nn.Module):
         self, contexts: Sequence[torch.Tensor], options: GenerationOptions | Sequence[GenerationOptions]
     ) -> list[GenerationResult]:
         """Generate for a batch of ``Tensor[L, H]`` contexts; beams > 1 run one request at a time."""
+        contexts = [_as_2d(c) for c in contexts]
         per_row = [options] * len(contexts) if isinstance(options, GenerationOptions) else list(options)
         results = [GenerationResult() for _ in contexts]
         for i, (ctx, opts) in enumerate(zip(contexts, per_row, strict=True)):
@@ -347,3 +349,12 @@ class MiniGPT4(nn.Module):
                     yield delta
         if tail := detok.flush():
             yield tail
+
+
+def _as_2d(context: torch.Tensor) -> torch.Tensor:
+    """Accept ``Tensor[1, L, H]`` where ``Tensor[L, H]`` is meant (what ``get_context_emb`` returns)."""
+    if context.dim() == 3 and context.shape[0] == 1:
+        return context[0]
+    if context.dim() != 2:
+        raise ValueError(f"a context must be Tensor[L, H], got shape {list(context.shape)}")
+    return context

@@ -351,3 +351,16 @@ def test_detokenizer_joined_equals_clean_answer(pieces):
     detok = IncrementalDetokenizer(decode, ("###",))
     joined = "".join(_stream(detok, list(table)))
     assert joined == clean_answer(decode(list(table)))
+
+
+def test_stop_sequences_alias_and_batched_context_shape(parity_model, contexts, unbatched):
+    ids = unbatched[0]
+    stop = ids[3]
+    opts = model.GenerationOptions.create(stop_sequences=[[stop], "###"], max_new_tokens=16, do_sample=False)
+    assert opts.stop_token_ids == ((stop,),) and opts.stop_strings == ("###",)
+    # a [1, L, H] context (what the reference's get_context_emb returns) is accepted as [L, H]
+    got = parity_model.generate_ids([contexts[0].unsqueeze(0)], max_new_tokens=16, do_sample=False,
+                                    repetition_penalty=1.0, stop_sequences=[[stop]])  # fmt: skip
+    assert got == [ids[: ids.index(stop) + 1]]
+    with pytest.raises(ValueError, match="Tensor"):
+        parity_model.generate_ids([contexts[0].unsqueeze(0).repeat(2, 1, 1)], max_new_tokens=2)
