@@ -25,9 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model.conversation import IMAGE_PLACEHOLDER
-from model.engine.caches import image_key
 from model.engine.metrics import EngineMetrics
-from model.engine.runner import Runner, image_bytes
+from model.engine.runner import Runner
 from model.engine.scheduler import Busy, Scheduler, SchedulerConfig, SeqInfo, StepResult
 from model.engine.types import EngineRequest, FinalEvent, RequestFailed, SeqState, TokenEvent
 from model.minigpt4 import MiniGPT4
@@ -158,7 +157,6 @@ class Engine:
         if markers != len(request.images):
             raise ValueError(f"the prompt has {markers} image placeholder(s) but {len(request.images)} image(s)")
         segments = self.model.segment_token_ids(prompt)
-        keys = [image_key(image_bytes(im)) for im in request.images]
         prompt_tokens = sum(len(s) for s in segments) + markers * self.model.spec.num_visual_tokens
         prompt_tokens = min(prompt_tokens, options.max_length - options.max_new_tokens)
         now = time.monotonic()
@@ -167,7 +165,6 @@ class Engine:
             options=options,
             prompt=prompt,
             segments=segments,
-            image_keys=keys,
             prompt_tokens=prompt_tokens,
             submitted_at=now,
             deadline=now + request.deadline_s if request.deadline_s else None,

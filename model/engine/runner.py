@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from transformers.cache_utils import DynamicCache
 
-from model.engine.caches import ImageTokenCache, Item, PrefixEntry, PrefixStore
+from model.engine.caches import ImageTokenCache, Item, PrefixEntry, PrefixStore, image_key
 from model.engine.types import RequestFailed, SeqState
 from model.generation import IncrementalDetokenizer, RowSampler, truncate_left
 from model.image_processing import ImageDecodeError, load_image
@@ -75,6 +75,8 @@ class Runner:
 
     def prepare(self, seq: SeqState) -> None:
         """Build the context embeddings and the item list (what each position holds), then truncate."""
+        # Hashing (possibly large) image bytes happens here, on the worker, not on the event loop.
+        seq.image_keys = [image_key(image_bytes(image)) for image in seq.request.images]
         tokens = self.image_tokens(seq.image_keys, list(seq.request.images))
         context = self.model.context_embeddings(seq.prompt, tokens)  # [L, H]
         items: list[Item] = []

@@ -80,10 +80,10 @@ class SeqState:
     options: GenerationOptions
     prompt: str
     segments: list[list[int]]
-    image_keys: list[str]
     prompt_tokens: int
     submitted_at: float
     deadline: float | None
+    image_keys: list[str] = field(default_factory=list)  # content hashes, computed on the worker
     context: torch.Tensor | None = None
     items: list[Any] = field(default_factory=list)
     sampler: RowSampler | None = None
