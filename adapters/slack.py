@@ -44,6 +44,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.slack_format import ThreadReply, TokenBucket, escape_mrkdwn, strip_mention
 from bot.config import Settings, SlackSettings
+from bot.images import format_size
 from bot.requests import Final, ImageAttachment, ReplyEvent, Request
 from bot.service import BotService
 from storage import ConversationKey
@@ -110,10 +111,6 @@ async def start_slack(service: BotService, settings: Settings, environ: Mapping[
         await adapter.cleanup()
         raise
     return adapter
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
 
 
 def _no_fence(text: str) -> str:
@@ -283,7 +280,7 @@ class SlackAdapter:
 
     async def _download_one(self, file: dict, cap: int) -> ImageAttachment:
         name, mime = file.get("name") or file.get("title") or "the picture", file.get("mimetype") or ""
-        too_big = f"{name} is larger than {_size(cap)}, the most I accept; please send a smaller picture."
+        too_big = f"{name} is larger than {format_size(cap)}, the most I accept; please send a smaller picture."
         if mime and not mime.startswith("image/"):
             raise DownloadError(f"{name} is not a picture ({mime}); I read JPEG, PNG, GIF and WebP.")
         if int(file.get("size") or 0) > cap:

@@ -27,6 +27,7 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
+from bot.images import format_size
 from bot.requests import Final, ImageAttachment, Request
 from bot.service import BotService
 from storage import ConversationKey
@@ -59,10 +60,6 @@ def upload_limit(service: BotService) -> int:
     """The most bytes one message may upload: every picture at its size limit, plus slack for the fields."""
     images = service.settings.images
     return images.max_bytes * images.max_per_message + UPLOAD_SLACK
-
-
-def _size(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
 
 
 def _json_error(status: int, message: str, **extra: Any) -> web.Response:
@@ -170,7 +167,7 @@ async def _post_message(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE_KEY]
     config = request.app[CONFIG_KEY]
     limit = config["limit"]
-    too_large = f"The upload is too large: at most {_size(limit)} per message (pictures and text together)."
+    too_large = f"The upload is too large: at most {format_size(limit)} per message (pictures and text together)."
     if request.content_length is not None and request.content_length > limit:
         return _json_error(413, too_large, limit_bytes=limit)
     try:

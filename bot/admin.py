@@ -27,6 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from bot.config import ConfigError, Settings
+from bot.quotas import QuotaPolicy, day_start, month_start
 
 if TYPE_CHECKING:
     from storage import Database
@@ -197,10 +198,6 @@ def _limit_text(value: int | None) -> str:
     return "unlimited" if value == 0 else f"{value:,}"
 
 
-def _day_start(now: datetime) -> datetime:
-    return now.astimezone(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-
-
 # ---------------------------------------------------------------------------- quotas
 
 
@@ -230,21 +227,22 @@ def quota_show(
         return
 
     now = datetime.now(UTC)
-    today = _day_start(now)
-    month = today.replace(day=1)
+    today, month = day_start(now), month_start(now)
 
-    async def gather(db: Database) -> list[tuple[str, str, Any, Any, Any]]:
+    async def gather(db: Database) -> list[tuple[str, str, Any, Any, Any, Any]]:
+        policy = QuotaPolicy(settings.quotas, db)  # the limits the bot enforces, computed the same way
         scopes = [("workspace", "")] + ([("user", user)] if user is not None else [])
         found = []
         for scope, who in scopes:
             row = await db.quota_setting(scope, platform, workspace, who)
+            limits = await policy.effective(scope, platform, workspace, who)
             user_id = who if scope == "user" else None
             day = await db.usage_since(platform, workspace, user_id, today)
             mon = await db.usage_since(platform, workspace, user_id, month)
-            found.append((scope, who, row, day, mon))
+            found.append((scope, who, row, limits, day, mon))
         return found
 
-    for scope, who, row, day, mon in reversed(_run(settings, gather)):
+    for scope, who, row, limits, day, mon in reversed(_run(settings, gather)):
         defaults = settings.quotas.user if scope == "user" else settings.quotas.workspace
         title = f"{scope} {who} in {platform}/{workspace}" if who else f"workspace {platform}/{workspace}"
         table = Table(title=f"{title} (usage since {today:%Y-%m-%d} / {month:%Y-%m} UTC)")
@@ -252,7 +250,7 @@ def quota_show(
             table.add_column(column, justify="left" if column == "limit" else "right")
         for name in QUOTA_FIELDS:
             override = getattr(row, name) if row is not None else None
-            effective = override if override is not None else getattr(defaults, name)
+            effective = getattr(limits, name)
             window = day if name.endswith("_day") else mon
             used = getattr(window, name.split("_per_")[0])
             _add(
@@ -340,7 +338,7 @@ def usage(
 ) -> None:
     """Requests, tokens and images per user (largest token users first) from the usage ledger."""
     settings = _settings(config)
-    since = _day_start(datetime.now(UTC)) - timedelta(days=days - 1)
+    since = day_start(datetime.now(UTC)) - timedelta(days=days - 1)
     rows = _run(settings, lambda db: db.usage_report(since, platform=platform, workspace=workspace, by_day=by_day))
     rows = [{k: (int(v) if k in ("requests", "tokens", "images") else v) for k, v in r.items()} for r in rows]
     if top is not None:

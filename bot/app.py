@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from bot.config import Settings
 from bot.service import BotService
-from storage import Database, sqlite_url
+from storage import Database
 
 if TYPE_CHECKING:
     from model import MiniGPT4
@@ -39,29 +39,16 @@ def load_model(settings: Settings, progress: Callable[[str, int], None] | None =
     return load_minigpt4(**kwargs, progress=progress)
 
 
-def database_url(settings: Settings) -> str:
-    getter = getattr(settings, "database_url", None)
-    if callable(getter):
-        return str(getter())
-    return sqlite_url(f"{settings.data_dir}/minigpt4-bot.db")
-
-
 async def open_database(settings: Settings) -> Database:
-    """Open the configured database and bring its schema up to date."""
+    """Open the configured database and bring its schema up to date (Alembic)."""
     from pathlib import Path
 
+    from storage.migrate import upgrade_async
+
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
-    url = database_url(settings)
-    try:
-        from storage.migrate import upgrade
-    except ImportError:  # migrations not available: create the tables directly
-        upgrade = None
-    db = Database(url)
-    if upgrade is not None:
-        await asyncio.to_thread(upgrade, url)
-    else:
-        await db.create_all()
-    return db
+    url = settings.database_url()
+    await upgrade_async(url)
+    return Database(url)
 
 
 def engine_config(settings: Settings) -> Any:

@@ -11,7 +11,7 @@ from PIL import Image, UnidentifiedImageError
 from bot.config import ImageSettings
 from bot.errors import ImageError
 
-__all__ = ["CheckedImage", "check_image"]
+__all__ = ["CheckedImage", "check_image", "format_size"]
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,8 @@ class CheckedImage:
     height: int
 
 
-def _size(n: int) -> str:
+def format_size(n: int) -> str:
+    """Bytes as KiB / MiB for messages to users."""
     return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 1024:.0f} KiB"
 
 
@@ -43,7 +44,7 @@ def check_image(data: bytes, settings: ImageSettings, name: str = "the picture")
     if not data:
         raise ImageError(f"{name} is empty.")
     if len(data) > settings.max_bytes:
-        raise ImageError(f"{name} is {_size(len(data))}; the limit is {_size(settings.max_bytes)}.")
+        raise ImageError(f"{name} is {format_size(len(data))}; the limit is {format_size(settings.max_bytes)}.")
     head = data[:512].lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html")):
         raise ImageError(f"{name} arrived as a web page, not an image (the download link may need a login).")

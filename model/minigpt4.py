@@ -281,15 +281,15 @@ class MiniGPT4(nn.Module):
         contexts = [_as_2d(c) for c in contexts]
         per_row = [options] * len(contexts) if isinstance(options, GenerationOptions) else list(options)
         results = [GenerationResult() for _ in contexts]
+        greedy_rows = []
         for i, (ctx, opts) in enumerate(zip(contexts, per_row, strict=True)):
             trimmed, cut = truncate_left(ctx, opts.max_new_tokens, opts.max_length)
             results[i].prompt_tokens, results[i].truncated_tokens = trimmed.shape[0], cut
-        greedy_rows = [i for i, o in enumerate(per_row) if o.num_beams == 1]
-        for i, o in enumerate(per_row):
-            if o.num_beams > 1:
-                trimmed, cut = truncate_left(contexts[i], o.max_new_tokens, o.max_length)
-                beam = beam_search(self.llm, trimmed, o, self.bos_id, [self.eos_id])
+            if opts.num_beams > 1:
+                beam = beam_search(self.llm, trimmed, opts, self.bos_id, [self.eos_id])
                 results[i].token_ids, results[i].finish_reason = beam.token_ids, beam.finish_reason
+            else:
+                greedy_rows.append(i)
         if greedy_rows:
             stream = self.stream_ids([contexts[i] for i in greedy_rows], [per_row[i] for i in greedy_rows])
             for steps in stream:

@@ -262,36 +262,36 @@ class Engine:
                     self._lock.wait(timeout=0.5)
                 if self._stopping:
                     break
-                now = time.monotonic()
-                for seq_id, queued_seq in list(self._seqs.items()):  # deadlines bound the time spent queued too
-                    overdue = queued_seq.deadline is not None and now > queued_seq.deadline
-                    if overdue and seq_id not in self._aborted and self.scheduler.abort(seq_id):
-                        self._lock.release()
-                        try:
-                            self._finish(queued_seq, "deadline")
-                        finally:
-                            self._lock.acquire()
-                aborted = set(self._aborted)
-                for seq_id in aborted:
-                    if self.scheduler.abort(seq_id):  # still queued
-                        queued = self._seqs.get(seq_id)
-                        if queued is not None:
-                            self._lock.release()
-                            try:
-                                self._finish(queued, "aborted")
-                            finally:
-                                self._lock.acquire()
+                dropped = self._drop_queued()
                 plan = self.scheduler.schedule()
                 admitted = [self._seqs[s] for s in plan.admit if s in self._seqs]
-                if plan.empty and not self.runner.rows:
+            for seq, reason in dropped:  # _finish takes the lock itself
+                self._finish(seq, reason)
+            if plan.empty and not self.runner.rows:
+                with self._lock:
                     self._lock.wait(timeout=0.05)  # queued work that cannot start yet: do not spin
-                    continue
+                continue
             try:
                 self._step(plan.evict_prefixes, admitted)
             except Exception:  # never let one bad step kill the worker
                 log.exception("engine step failed; failing the running requests")
                 self._fail_all_running()
         self._shutdown()
+
+    def _drop_queued(self) -> list[tuple[SeqState, str]]:
+        """Take aborted and overdue requests out of the queue (deadlines bound queueing too); caller holds the lock."""
+        now = time.monotonic()
+        dropped = []
+        for seq_id, seq in list(self._seqs.items()):
+            if seq_id in self._aborted:
+                reason = "aborted"
+            elif seq.deadline is not None and now > seq.deadline:
+                reason = "deadline"
+            else:
+                continue
+            if self.scheduler.abort(seq_id):  # False: it is running; _step removes it
+                dropped.append((seq, reason))
+        return dropped
 
     def _has_work(self) -> bool:
         return bool(self.scheduler.queue_depth or self.runner.rows or self._aborted)
