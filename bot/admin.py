@@ -16,7 +16,7 @@ import json
 import logging
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
@@ -226,10 +226,8 @@ def quota_show(
         _say(table if rows else "No quota overrides: the configured defaults apply to everyone.")
         return
 
-    now = datetime.now(UTC)
-    today, month = day_start(now), month_start(now)
-
-    async def gather(db: Database) -> list[tuple[str, str, Any, Any, Any, Any]]:
+    async def gather(db: Database) -> tuple[datetime, datetime, list[tuple[str, str, Any, Any, Any, Any]]]:
+        today, month = day_start(db.now()), month_start(db.now())  # the database's clock, as the bot uses
         policy = QuotaPolicy(settings.quotas, db)  # the limits the bot enforces, computed the same way
         scopes = [("workspace", "")] + ([("user", user)] if user is not None else [])
         found = []
@@ -240,9 +238,10 @@ def quota_show(
             day = await db.usage_since(platform, workspace, user_id, today)
             mon = await db.usage_since(platform, workspace, user_id, month)
             found.append((scope, who, row, limits, day, mon))
-        return found
+        return today, month, found
 
-    for scope, who, row, limits, day, mon in reversed(_run(settings, gather)):
+    today, month, found = _run(settings, gather)
+    for scope, who, row, limits, day, mon in reversed(found):
         defaults = settings.quotas.user if scope == "user" else settings.quotas.workspace
         title = f"{scope} {who} in {platform}/{workspace}" if who else f"workspace {platform}/{workspace}"
         table = Table(title=f"{title} (usage since {today:%Y-%m-%d} / {month:%Y-%m} UTC)")
@@ -338,8 +337,12 @@ def usage(
 ) -> None:
     """Requests, tokens and images per user (largest token users first) from the usage ledger."""
     settings = _settings(config)
-    since = day_start(datetime.now(UTC)) - timedelta(days=days - 1)
-    rows = _run(settings, lambda db: db.usage_report(since, platform=platform, workspace=workspace, by_day=by_day))
+
+    async def report(db: Database) -> tuple[datetime, list[dict[str, Any]]]:
+        since = day_start(db.now()) - timedelta(days=days - 1)  # the database's clock, as the bot uses
+        return since, await db.usage_report(since, platform=platform, workspace=workspace, by_day=by_day)
+
+    since, rows = _run(settings, report)
     rows = [{k: (int(v) if k in ("requests", "tokens", "images") else v) for k, v in r.items()} for r in rows]
     if top is not None:
         totals: dict[tuple[str, str, str], int] = {}
@@ -592,8 +595,12 @@ def conversations_purge(
 ) -> None:
     """Delete conversations (turns, and images no longer used) not active for N days. Usage history stays."""
     settings = _settings(config)
-    cutoff = datetime.now(UTC) - timedelta(days=older_than_days)
-    count = _run(settings, lambda db: db.count_conversations_before(cutoff))
+
+    async def count_old(db: Database) -> tuple[datetime, int]:
+        cutoff = db.now() - timedelta(days=older_than_days)  # the database's clock, as the bot uses
+        return cutoff, await db.count_conversations_before(cutoff)
+
+    cutoff, count = _run(settings, count_old)
     if not count:
         _say(f"No conversations inactive since {cutoff:%Y-%m-%d %H:%M} UTC.")
         return

@@ -67,6 +67,16 @@ def engine_config(settings: Settings) -> Any:
     return EngineConfig(scheduler=scheduler, image_cache_size=e.image_cache_size, prefix_reuse=e.prefix_reuse)
 
 
+async def _prune_daily(service: BotService) -> None:
+    """Keep the redelivery table small: prune at start, then once a day."""
+    while True:
+        try:
+            await service.prune_events()
+        except Exception:  # a database blip must not end the bot; try again tomorrow
+            log.exception("pruning processed events failed")
+        await asyncio.sleep(24 * 3600)
+
+
 async def run_bot(settings: Settings, *, terminal: bool | None = None, model: MiniGPT4 | None = None) -> None:
     """Start everything configured and run until a signal (or the terminal chat) ends it."""
     from model.engine import Engine
@@ -81,13 +91,14 @@ async def run_bot(settings: Settings, *, terminal: bool | None = None, model: Mi
     )
     service = BotService(settings, db, backend)
     await service.recover()
+    housekeeping = asyncio.create_task(_prune_daily(service))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread / no signals here
             loop.add_signal_handler(sig, stop.set)
     runners: list[Any] = []
-    tasks: list[asyncio.Task[Any]] = []
+    tasks: list[asyncio.Task[Any]] = [housekeeping]
     try:
         if settings.web.enabled:
             from adapters.web import run_web
@@ -108,7 +119,7 @@ async def run_bot(settings: Settings, *, terminal: bool | None = None, model: Mi
             chat = asyncio.create_task(TerminalChat(service.handle).run())
             chat.add_done_callback(lambda _t: stop.set() if not runners else None)  # the only front end
             tasks.append(chat)
-        if not runners and not tasks:
+        if not runners and tasks == [housekeeping]:
             log.error("no front end enabled: set [web] or [slack] enabled = true, or run in a terminal")
             return
         await stop.wait()

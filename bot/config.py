@@ -241,6 +241,9 @@ class DatabaseSettings(_Strict):
     """``[database]``: where conversations, usage and quotas live."""
 
     url: str = Field("", description="empty = SQLite file <data_dir>/minigpt4-bot.db")
+    event_retention_days: int = Field(
+        7, ge=1, description="how long platform event ids are kept to drop redeliveries (pruned daily)"
+    )
 
     @field_validator("url")
     @classmethod

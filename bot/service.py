@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 from bot.access import AccessControl
@@ -62,7 +62,6 @@ class BotService:
         db: Database,
         backend: GenerationBackend,
         metrics: BotMetrics | None = None,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.settings = settings
         self.db = db
@@ -71,7 +70,6 @@ class BotService:
         self.presets = PresetBook(settings.presets)
         self.quotas = QuotaPolicy(settings.quotas, db)
         self.access = AccessControl(db)
-        self.clock = clock
         self.metrics.watch_engine(backend.stats)
 
     async def handle(self, request: Request) -> AsyncIterator[ReplyEvent]:
@@ -141,7 +139,7 @@ class BotService:
         question = self.presets.question(command, bool(checked), request.workspace, request.channel)
         if not question and not checked:
             raise UserInputError("What would you like to know about the picture?")
-        await self.quotas.check(request.platform, request.workspace, request.user, len(checked), self.clock())
+        await self.quotas.check(request.platform, request.workspace, request.user, len(checked), self.db.now())
 
         image_ids = [await self.db.add_image(c.data, c.mime, c.width, c.height) for c in checked]
         new_turns: list[dict[str, Any]] = [
@@ -246,6 +244,14 @@ class BotService:
         caps = [f"{name.replace('_', ' ')} {value}" for name, value in limits.model_dump().items() if value]
         lines.append("*Your limits*: " + (", ".join(caps) if caps else "none"))
         return "\n".join(lines)
+
+    async def prune_events(self) -> int:
+        """Forget redelivery ids older than ``[database] event_retention_days`` (by the database's clock)."""
+        keep = timedelta(days=self.settings.database.event_retention_days)
+        count = await self.db.prune_events(self.db.now() - keep)
+        if count:
+            log.info("pruned %d processed event id(s) older than %s", count, keep)
+        return count
 
     async def recover(self) -> int:
         """At start-up: mark answers left streaming by a crash as interrupted."""

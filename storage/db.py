@@ -8,7 +8,7 @@ at the next start (:meth:`Database.mark_interrupted`), never deleted.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +30,10 @@ from storage.tables import (
     utcnow,
 )
 
-__all__ = ["ConversationKey", "Database", "UsageTotals", "as_utc", "sqlite_url"]
+__all__ = ["Clock", "ConversationKey", "Database", "UsageTotals", "as_utc", "sqlite_url"]
+
+Clock = Callable[[], datetime]
+"""Returns the current time (aware; converted to UTC).  Production: wall-clock UTC; tests move it."""
 
 QUOTA_FIELDS = ("requests_per_day", "requests_per_month", "tokens_per_day", "tokens_per_month", "images_per_day")
 
@@ -62,10 +65,16 @@ class UsageTotals:
 
 
 class Database:
-    """All queries the bot, the admin CLI and the tests need."""
+    """All queries the bot, the admin CLI and the tests need.
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    ``clock`` is the one source of "now" for everything stored and compared: every row's timestamps
+    come from it, and the core and the admin commands ask :meth:`now` rather than the wall clock, so
+    a day's quota, a usage report, a purge cutoff and event pruning can never disagree.
+    """
+
+    def __init__(self, url: str, *, echo: bool = False, clock: Clock = utcnow) -> None:
         self.url = url
+        self.clock = clock
         kwargs: dict[str, Any] = {"echo": echo}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 30}
@@ -75,6 +84,10 @@ class Database:
         if url.startswith("sqlite"):
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    def now(self) -> datetime:
+        """The current time from this database's clock, in UTC."""
+        return as_utc(self.clock())
 
     @property
     def dialect(self) -> str:
@@ -94,7 +107,7 @@ class Database:
         """Record a platform event id; ``False`` if it was seen before (a retry or redelivery)."""
         try:
             async with self.sessions.begin() as session:
-                session.add(ProcessedEvent(platform=platform, event_id=event_id))
+                session.add(ProcessedEvent(platform=platform, event_id=event_id, received_at=self.now()))
         except IntegrityError:
             return False
         return True
@@ -117,7 +130,8 @@ class Database:
                 found = await session.scalar(_live(key))
                 if found is not None:
                     return found
-                session.add(conv := Conversation(**key.__dict__))
+                now = self.now()
+                session.add(conv := Conversation(**key.__dict__, created_at=now, updated_at=now))
                 try:
                     await session.commit()
                     return conv
@@ -128,12 +142,16 @@ class Database:
     async def archive_conversation(self, conversation_id: int) -> None:
         async with self.sessions.begin() as session:
             await session.execute(
-                update(Conversation).where(Conversation.id == conversation_id).values(archived_at=utcnow())
+                update(Conversation).where(Conversation.id == conversation_id).values(archived_at=self.now())
             )
 
     async def set_preset(self, conversation_id: int, preset: str | None) -> None:
         async with self.sessions.begin() as session:
-            await session.execute(update(Conversation).where(Conversation.id == conversation_id).values(preset=preset))
+            await session.execute(
+                update(Conversation)
+                .where(Conversation.id == conversation_id)
+                .values(preset=preset, updated_at=self.now())
+            )
 
     async def turns(self, conversation_id: int) -> list[Turn]:
         async with self.sessions() as session:
@@ -197,7 +215,15 @@ class Database:
                 existing = await session.scalar(select(ImageBlob.id).where(ImageBlob.sha256 == digest))
                 if existing is not None:
                     return existing
-                blob = ImageBlob(sha256=digest, mime=mime, width=width, height=height, size=len(data), data=data)
+                blob = ImageBlob(
+                    sha256=digest,
+                    mime=mime,
+                    width=width,
+                    height=height,
+                    size=len(data),
+                    data=data,
+                    created_at=self.now(),
+                )
                 session.add(blob)
                 try:
                     await session.commit()
@@ -229,15 +255,17 @@ class Database:
                 try:
                     # Touch the conversation first: that takes its row lock (PostgreSQL) or the write lock
                     # (SQLite), so concurrent appends to one thread queue up and each reads the last seq.
+                    now = self.now()
                     await session.execute(
-                        update(Conversation).where(Conversation.id == conversation_id).values(updated_at=utcnow())
+                        update(Conversation).where(Conversation.id == conversation_id).values(updated_at=now)
                     )
                     last = await session.scalar(
                         select(func.max(Turn.seq)).where(Turn.conversation_id == conversation_id)
                     )
                     seq = (last or 0) + 1
                     rows = [
-                        Turn(conversation_id=conversation_id, seq=seq + i, **values) for i, values in enumerate(turns)
+                        Turn(conversation_id=conversation_id, seq=seq + i, created_at=now, updated_at=now, **values)
+                        for i, values in enumerate(turns)
                     ]
                     session.add_all(rows)
                     await session.commit()
@@ -248,10 +276,11 @@ class Database:
 
     async def finish_turn(self, turn_id: int, usage: dict[str, Any] | None = None, **values: Any) -> None:
         """Update an assistant turn (text, status, counts) and write its usage entry in the same transaction."""
+        now = self.now()
         async with self.sessions.begin() as session:
-            await session.execute(update(Turn).where(Turn.id == turn_id).values(updated_at=utcnow(), **values))
+            await session.execute(update(Turn).where(Turn.id == turn_id).values(updated_at=now, **values))
             if usage:
-                session.add(UsageEntry(turn_id=turn_id, **usage))
+                session.add(UsageEntry(turn_id=turn_id, at=now, **usage))
 
     async def mark_interrupted(self) -> int:
         """After a restart: answers left ``pending``/``streaming`` become ``interrupted`` (kept, not deleted)."""
@@ -259,13 +288,15 @@ class Database:
             result = await session.execute(
                 update(Turn)
                 .where(Turn.status.in_(("pending", "streaming")))
-                .values(status="interrupted", finish_reason="interrupted")
+                .values(status="interrupted", finish_reason="interrupted", updated_at=self.now())
             )
             return result.rowcount or 0
 
     # ------------------------------------------------------------------ usage and quotas
 
     async def record_usage(self, **values: Any) -> None:
+        """Add a ledger row; ``at`` defaults to :meth:`now` (imports and tests may back-date it)."""
+        values.setdefault("at", self.now())
         async with self.sessions.begin() as session:
             session.add(UsageEntry(**values))
 
@@ -323,6 +354,7 @@ class Database:
             if row is None:
                 row = QuotaSetting(scope=scope, platform=platform, workspace=workspace, user_id=user_id)
                 session.add(row)
+            row.updated_at = self.now()
             for name, value in limits.items():
                 setattr(row, name, value)
 
@@ -342,7 +374,11 @@ class Database:
             raise ValueError("action must be allow|deny and target user|channel|workspace")
         try:
             async with self.sessions.begin() as session:
-                session.add(AccessRule(action=action, target=target, platform=platform, value=value, note=note))
+                session.add(
+                    AccessRule(
+                        action=action, target=target, platform=platform, value=value, note=note, created_at=self.now()
+                    )
+                )
         except IntegrityError:
             return False
         return True

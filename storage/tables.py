@@ -2,6 +2,10 @@
 
 One schema for SQLite (default) and PostgreSQL; Alembic revisions in ``migrations/`` create it.
 Images are stored once per content hash (platform URLs expire, threads outlive them).
+
+Timestamps have no column defaults on purpose: :class:`storage.Database` stamps every row from its
+one injectable clock, so quotas, reports, purges and event pruning all compare times from the same
+source (a forgotten stamp fails loudly as a NOT NULL violation instead of silently using the wall clock).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ NAMING = {
 
 
 def utcnow() -> datetime:
+    """The production clock: aware UTC.  :class:`storage.Database` takes any other clock in its place."""
     return datetime.now(UTC)
 
 
@@ -65,8 +70,8 @@ class Conversation(Base):
     channel: Mapped[str] = mapped_column(String(128))
     thread: Mapped[str] = mapped_column(String(128))
     preset: Mapped[str | None] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    created_at: Mapped[datetime] = mapped_column()
+    updated_at: Mapped[datetime] = mapped_column()
     archived_at: Mapped[datetime | None] = mapped_column(default=None)
 
     turns: Mapped[list[Turn]] = relationship(back_populates="conversation", order_by="Turn.seq", lazy="raise")
@@ -99,7 +104,7 @@ class ImageBlob(Base):
     height: Mapped[int] = mapped_column(Integer)
     size: Mapped[int] = mapped_column(Integer)
     data: Mapped[bytes] = mapped_column(LargeBinary)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column()
 
 
 class Turn(Base):
@@ -121,8 +126,8 @@ class Turn(Base):
     completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
     ttft_ms: Mapped[int | None] = mapped_column(Integer)
     duration_ms: Mapped[int | None] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    created_at: Mapped[datetime] = mapped_column()
+    updated_at: Mapped[datetime] = mapped_column()
 
     conversation: Mapped[Conversation] = relationship(back_populates="turns", lazy="raise")
 
@@ -135,7 +140,7 @@ class UsageEntry(Base):
     __tablename__ = "usage_ledger"
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
-    at: Mapped[datetime] = mapped_column(default=utcnow)
+    at: Mapped[datetime] = mapped_column()
     platform: Mapped[str] = mapped_column(String(32))
     workspace: Mapped[str] = mapped_column(String(128))
     user_id: Mapped[str] = mapped_column(String(128))
@@ -165,7 +170,7 @@ class QuotaSetting(Base):
     tokens_per_day: Mapped[int | None] = mapped_column(Integer)
     tokens_per_month: Mapped[int | None] = mapped_column(Integer)
     images_per_day: Mapped[int | None] = mapped_column(Integer)
-    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    updated_at: Mapped[datetime] = mapped_column()
 
     __table_args__ = (UniqueConstraint("scope", "platform", "workspace", "user_id"),)
 
@@ -181,7 +186,7 @@ class AccessRule(Base):
     platform: Mapped[str] = mapped_column(String(32))
     value: Mapped[str] = mapped_column(String(128))
     note: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    created_at: Mapped[datetime] = mapped_column()
 
     __table_args__ = (UniqueConstraint("action", "target", "platform", "value"),)
 
@@ -193,4 +198,4 @@ class ProcessedEvent(Base):
 
     platform: Mapped[str] = mapped_column(String(32), primary_key=True)
     event_id: Mapped[str] = mapped_column(String(255), primary_key=True)
-    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    received_at: Mapped[datetime] = mapped_column()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import time_machine
 from sqlalchemy import select, update
 from typer.testing import CliRunner
 
@@ -30,8 +31,16 @@ from tests.pg import create_database, truncate_tables
 
 runner = CliRunner()
 _numbers = itertools.count()
-NOW = datetime.now(UTC)
+# The admin commands read the database's clock (wall-clock UTC); it is pinned mid-day so that "today" in the
+# seeded data and in the command's windows are the same day whatever the date the suite runs.
+NOW = datetime(2026, 7, 15, 12, 0, tzinfo=UTC)
 TODAY = NOW.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+@pytest.fixture(autouse=True)
+def _pinned_clock():
+    with time_machine.travel(NOW, tick=True):
+        yield
 
 
 @dataclass

@@ -62,6 +62,14 @@ class ScriptedBackend:
         return {"queue_depth": 0, "batch_size": 0}
 
 
+@dataclass
+class MovableClock:
+    now: datetime
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
 def png(color=(200, 10, 10), size=(40, 30)) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", size, color).save(buf, format="PNG")
@@ -72,11 +80,23 @@ def req(text: str = "", *images: bytes, thread: str = "t1", user: str = "alice",
     return Request("slack", "T1", "C1", thread, user, text, tuple(ImageAttachment(i) for i in images), **kw)
 
 
+START = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+
 class Harness:
-    def __init__(self, db: Database, settings: Settings, backend: ScriptedBackend) -> None:
-        self.db, self.backend = db, backend
-        self.now = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
-        self.service = BotService(settings, db, backend, clock=lambda: self.now)
+    """The core on a database whose one clock the test moves (``h.now``): stored stamps and quota windows agree."""
+
+    def __init__(self, db: Database, settings: Settings, backend: ScriptedBackend, clock: MovableClock) -> None:
+        self.db, self.backend, self._clock = db, backend, clock
+        self.service = BotService(settings, db, backend)
+
+    @property
+    def now(self) -> datetime:
+        return self._clock.now
+
+    @now.setter
+    def now(self, value: datetime) -> None:
+        self._clock.now = value
 
     async def ask(self, request: Request) -> list[Any]:
         return [event async for event in self.service.handle(request)]
@@ -94,9 +114,10 @@ def run(db_url):
 
     def go(fn, settings: dict | None = None):
         async def main():
-            db = Database(db_url)
+            clock = MovableClock(START)
+            db = Database(db_url, clock=clock)
             try:
-                harness = Harness(db, Settings.model_validate(settings or {}), ScriptedBackend())
+                harness = Harness(db, Settings.model_validate(settings or {}), ScriptedBackend(), clock)
                 return await fn(harness)
             finally:
                 await db.dispose()

@@ -14,7 +14,7 @@ from storage import ConversationKey, Database, UsageTotals, as_utc
 from storage.tables import Conversation, ImageBlob, Turn, UsageEntry
 
 KEY = ConversationKey("slack", "T1", "C1", "1700000000.0001")
-NOW = datetime.now(UTC)
+NOW = datetime.now(UTC)  # only ever compared relative to itself
 
 
 def usage(user: str = "U1", workspace: str = "T1", platform: str = "slack", **values):
@@ -34,8 +34,8 @@ def test_mark_event_dedups_and_prunes(run_db):
         assert await db.mark_event("slack", "Ev1") is True
         assert await db.mark_event("slack", "Ev1") is False
         assert await db.mark_event("discord", "Ev1") is True  # ids are per platform
-        assert await db.prune_events(datetime.now(UTC) - timedelta(hours=1)) == 0
-        assert await db.prune_events(datetime.now(UTC) + timedelta(seconds=1)) == 2
+        assert await db.prune_events(db.now() - timedelta(hours=1)) == 0
+        assert await db.prune_events(db.now() + timedelta(seconds=1)) == 2
         assert await db.mark_event("slack", "Ev1") is True  # pruned: seen as new again
 
     run_db(body)
@@ -107,7 +107,7 @@ def test_archive_then_a_new_live_conversation_for_the_same_thread(run_db):
     old, new, archived, third, new_turns, old_turns = run_db(body)
     assert new.id != old.id and third.id not in (old.id, new.id)
     assert archived.archived_at is not None
-    assert as_utc(archived.archived_at) <= datetime.now(UTC)
+    assert as_utc(archived.archived_at) <= datetime.now(UTC)  # the default clock is wall-clock UTC
     assert new.archived_at is None
     assert new_turns == [] and [t.text for t in old_turns] == ["hello"]
 
@@ -498,7 +498,7 @@ def test_export_helpers_ids_counts_and_image_info(run_db):
             await db.conversation_ids(),
             await db.count_conversations_before(NOW - timedelta(days=5)),
             await db.count_conversations_before(NOW - timedelta(days=20)),
-            await db.count_conversations_before(datetime.now(UTC) + timedelta(seconds=1)),
+            await db.count_conversations_before(db.now() + timedelta(seconds=1)),
             await db.image_info([image, image, 4242]),
             await db.image_info([]),
         )
