@@ -1,4 +1,4 @@
-"""The Slack front end (slack_bolt ``AsyncApp``): events in, :class:`~bot.requests.Request` out, replies in threads.
+"""The Slack front end (slack_bolt ``AsyncApp``): events in, a core ``Request`` out, replies in threads.
 
 * ``@minigpt4 question`` + a picture in a channel (``app_mention``) answers in the thread rooted at that
   message; later messages in that thread continue the conversation without a mention (a ``message``
@@ -43,10 +43,10 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.slack_format import ThreadReply, TokenBucket, escape_mrkdwn, strip_mention
-from bot.config import Settings, SlackSettings
-from bot.images import format_size
-from bot.requests import Final, ImageAttachment, ReplyEvent, Request
-from bot.service import BotService
+from bot.core.config import Settings, SlackSettings
+from bot.core.images import format_size
+from bot.core.requests import Final, ImageAttachment, ReplyEvent, Request
+from bot.core.service import BotService
 from storage import ConversationKey
 
 __all__ = ["EVENTS_PATH", "SlackAdapter", "SlackSetupError", "SlackTokens", "make_client", "start_slack"]

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 from slack_sdk.errors import SlackApiError, SlackClientError
 
-from bot.requests import Delta, Final, ReplyEvent
+from bot.core.requests import Delta, Final, ReplyEvent
 
 __all__ = [
     "ThreadReply",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from bot.requests import Delta, Final, ImageAttachment, ReplyEvent, Request
+from bot.core.requests import Delta, Final, ImageAttachment, ReplyEvent, Request
 
 __all__ = ["TerminalChat"]
 
@@ -35,7 +35,7 @@ Handler = Callable[[Request], AsyncIterator[ReplyEvent]]
 
 
 class TerminalChat:
-    """A read–answer loop that turns lines into :class:`~bot.requests.Request` objects."""
+    """A read–answer loop that turns lines into :class:`~bot.core.requests.Request` objects."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""The local web chat, health check and metrics over aiohttp: HTTP in, :class:`~bot.requests.Request` out.
+"""The local web chat, health check and metrics over aiohttp: HTTP in, :class:`~bot.core.requests.Request` out.
 
 Routes
     ``GET /``                     the chat page (``adapters/web_static/index.html``); assets under ``/static/``
@@ -27,9 +27,9 @@ from typing import Any
 
 from aiohttp import BodyPartReader, web
 
-from bot.images import format_size
-from bot.requests import Final, ImageAttachment, Request
-from bot.service import BotService
+from bot.core.images import format_size
+from bot.core.requests import Final, ImageAttachment, Request
+from bot.core.service import BotService
 from storage import ConversationKey
 
 __all__ = ["STATIC_DIR", "create_app", "run_web", "upload_limit"]

@@ -25,7 +25,7 @@ target_metadata = Base.metadata
 def _url() -> str:
     url = config.attributes.get("url") or config.get_main_option("sqlalchemy.url")
     if not url:
-        from bot.config import load_settings
+        from bot.core.config import load_settings
 
         url = load_settings().database_url()
     return url

@@ -23,8 +23,8 @@ import time_machine
 from sqlalchemy import select, update
 from typer.testing import CliRunner
 
-import bot.cli
-from bot.cli import app
+import bot.cli.common
+from bot.cli.main import app
 from storage import ConversationKey, Database
 from storage.tables import Base, Conversation, UsageEntry
 from tests.pg import create_database, truncate_tables
@@ -82,7 +82,7 @@ def _upgrade(config: Path) -> Any:
 def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MINIGPT4_BOT_DATABASE_URL", raising=False)
     monkeypatch.delenv("MINIGPT4_BOT_CONFIG", raising=False)
-    monkeypatch.setattr(bot.cli.out, "width", 220)  # a wide terminal: table cells are not folded
+    monkeypatch.setattr(bot.cli.common.out, "width", 220)  # a wide terminal: table cells are not folded
 
 
 @pytest.fixture(scope="module")

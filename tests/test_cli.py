@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from bot.cli import app
+from bot.cli.main import app
 from model import load_minigpt4
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ def _imports(package: str) -> set[str]:
 
 def test_importing_the_core_and_adapters_does_not_load_torch():
     code = (
-        "import sys, bot.config, bot.cli, adapters.terminal\n"
+        "import sys, bot.core.config, bot.cli.main, adapters.terminal\n"
         "heavy = [m for m in ('torch', 'transformers', 'slack_bolt', 'discord') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

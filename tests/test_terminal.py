@@ -10,8 +10,8 @@ from PIL import Image
 from rich.console import Console
 
 from adapters.terminal import TerminalChat
-from bot.config import Settings
-from bot.service import BotService
+from bot.core.config import Settings
+from bot.core.service import BotService
 from model.engine import Engine
 from model.engine.backend import EngineBackend
 from storage import Database, sqlite_url

@@ -1,4 +1,4 @@
-"""The engine as the bot core's generation backend (``bot.backend.GenerationBackend``, by duck typing)."""
+"""The engine as the bot core's generation backend (``bot.core.backend.GenerationBackend``, by duck typing)."""
 
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import time_machine
 
-from bot.config import Settings
-from bot.service import BotService
+from bot.core.config import Settings
+from bot.core.service import BotService
 from storage import Database
 from tests.bot.test_service import ScriptedBackend, png, req
 

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from bot.config import Settings
-from bot.requests import Delta, Final, ImageAttachment, Request
-from bot.service import BotService
+from bot.core.config import Settings
+from bot.core.requests import Delta, Final, ImageAttachment, Request
+from bot.core.service import BotService
 from storage import Database
 
 

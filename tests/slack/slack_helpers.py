@@ -23,8 +23,8 @@ from PIL import Image
 
 from adapters.slack import EVENTS_PATH, SlackAdapter, SlackTokens
 from adapters.slack_format import escape_mrkdwn
-from bot.config import Settings
-from bot.service import BotService
+from bot.core.config import Settings
+from bot.core.service import BotService
 from storage import ConversationKey, Database, sqlite_url
 
 CHANNEL = "C0GENERAL"
@@ -62,7 +62,7 @@ class _Done:
 
 
 class ScriptedBackend:
-    """A ``bot.backend.GenerationBackend`` that streams a fixed text in pieces (``delay`` seconds apart)."""
+    """A ``bot.core.backend.GenerationBackend`` that streams a fixed text in pieces (``delay`` seconds apart)."""
 
     def __init__(self, text: str, piece: int = 7, delay: float = 0.0) -> None:
         self.text, self.piece, self.delay = text, piece, delay

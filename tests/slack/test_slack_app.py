@@ -16,8 +16,8 @@ from slack_helpers import CHANNEL, make_settings, png_bytes
 
 from adapters.slack import SlackSetupError, SlackTokens
 from adapters.slack_format import PLACEHOLDER, SUFFIX
-from bot.app import run_bot
-from bot.config import Settings
+from bot.cli.serve import run_bot
+from bot.core.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -92,7 +92,7 @@ def test_run_bot_refuses_to_start_slack_without_tokens(demo_models: Any, tmp_pat
 
 def test_the_core_and_terminal_do_not_load_slack():
     code = (
-        "import sys, bot.app, bot.config, bot.cli, adapters.terminal, adapters.web\n"
+        "import sys, bot.cli.serve, bot.core.config, bot.cli.main, adapters.terminal, adapters.web\n"
         "assert not [m for m in sys.modules if m.startswith(('slack_bolt', 'slack_sdk'))]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)

@@ -16,7 +16,7 @@ from slack_helpers import CHANNEL, ScriptedBackend, png_bytes, slack_env
 
 from adapters.slack import make_client
 from adapters.slack_format import INTERRUPTED, PLACEHOLDER, ThreadReply, TokenBucket, unescape_mrkdwn
-from bot.requests import Delta, Final
+from bot.core.requests import Delta, Final
 
 CODE = "\n".join(f"print('línea {i}: 漢字 👩‍💻 e\u0301 <b>&amp;</b>')" for i in range(30))
 LONG = (

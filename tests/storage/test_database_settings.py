@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bot.config import ConfigError, Settings, load_settings, normalize_database_url
+from bot.core.config import ConfigError, Settings, load_settings, normalize_database_url
 
 
 @pytest.fixture(autouse=True)

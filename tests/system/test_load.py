@@ -15,8 +15,8 @@ import aiohttp
 from PIL import Image
 
 from adapters.web import run_web
-from bot.config import Settings
-from bot.service import BotService
+from bot.core.config import Settings
+from bot.core.service import BotService
 from model.engine import Engine
 from model.engine.backend import EngineBackend
 from storage import Database, sqlite_url
@@ -65,7 +65,7 @@ def test_200_concurrent_conversations_store_every_turn_once(demo_models, tmp_pat
     )
 
     async def main():
-        from bot.app import engine_config
+        from bot.cli.serve import engine_config
 
         db = Database(sqlite_url(tmp_path / "load.db"))
         await db.create_all()

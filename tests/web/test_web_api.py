@@ -21,8 +21,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from web_helpers import jpeg_bytes, make_settings, parse_sse, png_bytes, png_header_only, start_demo_engine
 
 from adapters.web import create_app, run_web, upload_limit
-from bot.config import Settings
-from bot.service import BotService
+from bot.core.config import Settings
+from bot.core.service import BotService
 from model.engine import Engine
 from model.engine.backend import EngineBackend
 from storage import ConversationKey, Database, sqlite_url

@@ -28,7 +28,7 @@ from PIL import Image
 from web_helpers import make_settings, png_bytes, start_demo_engine
 
 from adapters.web import run_web
-from bot.service import BotService
+from bot.core.service import BotService
 from model.engine.backend import EngineBackend
 from storage import ConversationKey, Database, sqlite_url
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image
 
-from bot.config import Settings
+from bot.core.config import Settings
 from model import load_minigpt4
 from model.demo_weights import write_demo_weights
 from model.engine import Engine

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from bot.config import QuotaLimits, QuotaSettings
-from bot.errors import QuotaExceeded
+from bot.core.config import QuotaLimits, QuotaSettings
+from bot.core.errors import QuotaExceeded
 from storage import Database
 
 __all__ = ["QuotaPolicy", "day_start", "month_start"]

@@ -26,8 +26,9 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from bot.config import ConfigError, Settings
-from bot.quotas import QuotaPolicy, day_start, month_start
+from bot.cli.common import ConfigOption, err, out, setup
+from bot.core.config import ConfigError, Settings
+from bot.core.quotas import QuotaPolicy, day_start, month_start
 
 if TYPE_CHECKING:
     from storage import Database
@@ -143,7 +144,7 @@ def _run(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
 
 
 def _settings(config: Path | None) -> Settings:
-    settings = _setup(config)
+    settings = setup(config)
     # Alembic logs every plugin and step at INFO; the commands print their own one-line summary.
     logging.getLogger("alembic").setLevel(logging.DEBUG if settings.log_level == "DEBUG" else logging.WARNING)
     return settings
@@ -656,7 +657,3 @@ def db_current(config: ConfigOption = None) -> None:
     head = migrate.head()
     state = "up to date" if revision == head else "run `minigpt4-bot admin db upgrade`"
     _say(f"Database {_safe_url(url)}: revision {revision or 'none'}, newest {head} ({state}).")
-
-
-# bot.cli registers admin_app; importing its helpers last keeps either import order working.
-from bot.cli import ConfigOption, _setup, err, out  # noqa: E402

@@ -8,19 +8,18 @@ Commands that need the model import it lazily, so ``bot`` itself never imports t
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bot.config import ConfigError, Settings, load_settings
+from bot.cli.admin import admin_app
+from bot.cli.common import ConfigOption, err, out, setup
+from bot.core.config import Settings
 
 if TYPE_CHECKING:
     from model import MiniGPT4
@@ -31,33 +30,10 @@ app = typer.Typer(help="MiniGPT-4 in your team chat.", no_args_is_help=True, add
 weights_app = typer.Typer(help="Create and check model weights.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
 
-out = Console()
-err = Console(stderr=True)
-log = logging.getLogger("minigpt4_bot")
-
-ConfigOption = Annotated[
-    Path | None, typer.Option("--config", "-c", help="bot.toml to use (default: $MINIGPT4_BOT_CONFIG or ./bot.toml)")
-]
-
-
-def _setup(config: Path | None) -> Settings:
-    try:
-        settings = load_settings(config)
-    except ConfigError as exc:
-        err.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(message)s",
-        handlers=[RichHandler(console=err, show_path=False)],
-        force=True,
-    )
-    return settings
-
 
 def _load_model(settings: Settings) -> MiniGPT4:
     """Load the configured weights (or demo weights) with a progress bar on stderr."""
-    from bot.app import load_model
+    from bot.cli.serve import load_model
     from model import CheckpointError, PrecisionError
     from model.loader import weights_size
 
@@ -104,7 +80,7 @@ def ask(
     from model.chat import ChatSession
     from model.image_processing import ImageDecodeError
 
-    settings = _setup(config)
+    settings = setup(config)
     if not image.is_file():
         err.print(f"[red]No such file: {image}[/red]")
         raise typer.Exit(2)
@@ -141,9 +117,9 @@ def chat(config: ConfigOption = None) -> None:
     """Chat with the bot in this terminal (no web server): /image PATH, then ask."""
     import asyncio
 
-    from bot.app import run_bot
+    from bot.cli.serve import run_bot
 
-    settings = _setup(config)
+    settings = setup(config)
     settings.web.enabled = False
     model = _load_model(settings)
     asyncio.run(run_bot(settings, terminal=True, model=model))
@@ -159,9 +135,9 @@ def serve(
     """Start the bot: local web chat (+ /healthz, /metrics), terminal chat, configured platform adapters."""
     import asyncio
 
-    from bot.app import run_bot
+    from bot.cli.serve import run_bot
 
-    settings = _setup(config)
+    settings = setup(config)
     model = _load_model(settings)
     if settings.web.enabled:
         err.print(f"[green]web chat on http://{settings.web.host}:{settings.web.port}[/green]")
@@ -202,7 +178,7 @@ def weights_check(
     """Load the configured weights, report what was loaded, and answer a built-in test image."""
     from model.image_processing import builtin_test_image
 
-    settings = _setup(config)
+    settings = setup(config)
     started = time.perf_counter()
     model = _load_model(settings)
     load_s = time.perf_counter() - started
@@ -267,8 +243,6 @@ def weights_check(
 def _gib(size: int) -> str:
     return f"{size / 2**30:.2f} GiB" if size >= 2**28 else f"{size / 2**20:.2f} MiB"
 
-
-from bot.admin import admin_app  # noqa: E402  (it reuses _setup and ConfigOption from above)
 
 app.add_typer(admin_app, name="admin")
 

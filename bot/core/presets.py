@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from bot.config import PresetSettings
+from bot.core.config import PresetSettings
 
 __all__ = ["Command", "PresetBook", "parse_message"]
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
-from bot.config import ImageSettings
-from bot.errors import ImageError
+from bot.core.config import ImageSettings
+from bot.core.errors import ImageError
 
 __all__ = ["CheckedImage", "check_image", "format_size"]
 

@@ -14,8 +14,8 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from bot.config import Settings
-from bot.service import BotService
+from bot.core.config import Settings
+from bot.core.service import BotService
 from storage import Database
 
 if TYPE_CHECKING:

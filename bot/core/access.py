@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from bot.errors import AccessDenied
+from bot.core.errors import AccessDenied
 from storage import Database
 
 __all__ = ["AccessControl"]

@@ -4,7 +4,7 @@ For each message: drop redeliveries (a unique event id in SQL) → access rules 
 (``help``, ``reset``, ``settings``) → the thread's conversation → check and store new pictures
 → preset → quota → store the user turn and a pending answer → stream the answer from the
 backend → store it with its token counts and a usage-ledger entry.  Errors become
-:class:`~bot.requests.Final` replies with user-facing text; details go to the log.  A failed or
+:class:`~bot.core.requests.Final` replies with user-facing text; details go to the log.  A failed or
 interrupted answer is marked as such; nothing already stored is deleted.
 """
 
@@ -17,10 +17,10 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
-from bot.access import AccessControl
-from bot.backend import GenerationBackend
-from bot.config import Settings
-from bot.errors import (
+from bot.core.access import AccessControl
+from bot.core.backend import GenerationBackend
+from bot.core.config import Settings
+from bot.core.errors import (
     BotError,
     BusyError,
     ImageError,
@@ -29,12 +29,12 @@ from bot.errors import (
     QuotaExceeded,
     UserInputError,
 )
-from bot.images import check_image
-from bot.metrics import BotMetrics
-from bot.presets import Command, PresetBook, parse_message
-from bot.quotas import QuotaPolicy
-from bot.requests import Delta, Final, ReplyEvent, Request
-from bot.sanitize import sanitize_output
+from bot.core.images import check_image
+from bot.core.metrics import BotMetrics
+from bot.core.presets import Command, PresetBook, parse_message
+from bot.core.quotas import QuotaPolicy
+from bot.core.requests import Delta, Final, ReplyEvent, Request
+from bot.core.sanitize import sanitize_output
 from storage import ConversationKey, Database
 
 __all__ = ["BotService", "help_text"]
