@@ -3,23 +3,45 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["Delta", "Final", "ImageAttachment", "ReplyEvent", "Request"]
+__all__ = ["Delta", "Final", "FinalKind", "ImageAttachment", "ReplyEvent", "Request", "ThreadRef"]
+
+FinalKind = Literal["answer", "help", "notice", "error"]
+
+
+@dataclass(frozen=True)
+class ThreadRef:
+    """Identifies a thread on a platform: the conversation key every front end uses."""
+
+    platform: str
+    workspace: str
+    channel: str
+    thread: str
 
 
 @dataclass(frozen=True)
 class ImageAttachment:
-    """An image as the platform delivered it (bytes already downloaded)."""
+    """An image as the platform delivered it (bytes already downloaded).
+
+    ``error`` (user-facing text) marks a picture the front end could not fetch — too large, not a
+    picture, a download that failed.  The core answers it like any bad picture, after dropping a
+    redelivered event, so a retry of the same message is never answered twice.
+    """
 
     data: bytes
     filename: str = ""
     mime: str = ""
+    error: str | None = None
 
 
 @dataclass(frozen=True)
 class Request:
-    """One message to the bot.  ``thread`` is the thread root (a new message is its own root)."""
+    """One message to the bot.  ``thread`` is the thread root (a new message is its own root).
+
+    ``addressed``: the user spoke to the bot directly (a mention, a slash command, a DM); the core
+    then follows the thread, so later pictures there need no second mention (kept in SQL).
+    """
 
     platform: str
     workspace: str
@@ -30,6 +52,11 @@ class Request:
     images: tuple[ImageAttachment, ...] = ()
     event_id: str | None = None
     preset: str | None = None  # picked in a UI or slash command; the text may also name one
+    addressed: bool = False
+
+    @property
+    def ref(self) -> ThreadRef:
+        return ThreadRef(self.platform, self.workspace, self.channel, self.thread)
 
 
 @dataclass(frozen=True)
@@ -41,10 +68,13 @@ class Delta:
 
 @dataclass(frozen=True)
 class Final:
-    """A complete message: the full answer (replaces the streamed text) or a notice/help/error text."""
+    """A complete message: the full answer (replaces the streamed text) or a notice/help/error text.
+
+    ``meta`` of an answer: ``tokens`` (completion tokens) and ``turn_id`` (the stored answer).
+    """
 
     text: str
-    kind: str = "answer"  # answer | help | notice | error
+    kind: FinalKind = "answer"
     ephemeral: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
 

@@ -1,26 +1,30 @@
 """The shared inference engine: continuous batching, streaming, image and KV-prefix reuse, backpressure.
 
-``scheduler`` (plain Python, no tensors) decides; ``runner`` (tensors, KV cache) executes;
-``engine`` connects them to asyncio callers through one worker thread.
+``api`` (torch-free) is the contract both the engine and the bot core import: the events a request
+streams and the errors it raises.  ``scheduler`` (plain Python, no tensors) decides; ``runner``
+(tensors, KV cache) executes; ``engine`` connects them to asyncio callers through one worker thread.
+Names are loaded on first use, so importing ``model.engine.api`` loads no torch.
 """
 
-from model.engine.engine import Engine, EngineConfig, RequestStream
-from model.engine.scheduler import Busy, RequestTooLarge, Scheduler, SchedulerConfig, SeqInfo, StepPlan, StepResult
-from model.engine.types import EngineRequest, FinalEvent, RequestFailed, TokenEvent
+from model._lazy import lazy_exports
 
-__all__ = [
-    "Busy",
-    "Engine",
-    "EngineConfig",
-    "EngineRequest",
-    "FinalEvent",
-    "RequestFailed",
-    "RequestStream",
-    "RequestTooLarge",
-    "Scheduler",
-    "SchedulerConfig",
-    "SeqInfo",
-    "StepPlan",
-    "StepResult",
-    "TokenEvent",
-]
+_EXPORTS = {
+    "Busy": "model.engine.api",
+    "EngineError": "model.engine.api",
+    "FinalEvent": "model.engine.api",
+    "RequestFailed": "model.engine.api",
+    "RequestRejected": "model.engine.api",
+    "TokenEvent": "model.engine.api",
+    "Engine": "model.engine.engine",
+    "EngineConfig": "model.engine.engine",
+    "RequestStream": "model.engine.engine",
+    "RequestTooLarge": "model.engine.scheduler",
+    "Scheduler": "model.engine.scheduler",
+    "SchedulerConfig": "model.engine.scheduler",
+    "SeqInfo": "model.engine.scheduler",
+    "StepPlan": "model.engine.scheduler",
+    "StepResult": "model.engine.scheduler",
+    "EngineRequest": "model.engine.types",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

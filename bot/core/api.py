@@ -1,0 +1,204 @@
+"""The front-end seam: what a front end gets from the core (:class:`Core`) and what it gives (:class:`FrontEnd`).
+
+In the style of vLLM's ``SchedulerInterface``: two small Protocols and the value types that cross
+them, nothing else.  A front end (web chat, terminal, Slack, Discord …) is one module that
+
+1. declares a :class:`FrontEndPlugin` — its name, its ``bot.toml`` table (a pydantic model derived from
+   :class:`FrontEndSettings`) and a factory — registered under the entry-point group
+   ``minigpt4_bot.frontends`` (see ``pyproject.toml``), so ``serve`` starts whatever ``bot.toml``
+   enables without the core naming any platform;
+2. turns platform events into :class:`~bot.core.requests.Request` values, passes them to
+   :meth:`Core.handle` and renders the :data:`~bot.core.requests.ReplyEvent` stream back;
+3. uses nothing of the core but :class:`Core`: never the database, the model backend or ``storage``.
+
+``docs/adapters.md`` walks through the web chat as the worked example.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
+
+from bot.core.requests import ReplyEvent, Request, ThreadRef
+
+__all__ = [
+    "Core",
+    "FrontEnd",
+    "FrontEndContext",
+    "FrontEndPlugin",
+    "FrontEndSettings",
+    "FrontEndSetupError",
+    "Health",
+    "ImageLimits",
+    "PresetInfo",
+    "ThreadRef",
+    "ThreadTurn",
+    "ThreadView",
+]
+
+FRONTENDS_GROUP = "minigpt4_bot.frontends"
+
+
+# ----------------------------------------------------------------------------- values crossing the seam
+
+
+@dataclass(frozen=True)
+class ThreadTurn:
+    """One stored message of a thread, as a front end may show it (history views)."""
+
+    id: int
+    role: Literal["user", "assistant"]
+    text: str
+    status: str  # pending | streaming | done | failed | interrupted
+    has_image: bool
+    created_at: datetime | None
+
+
+@dataclass(frozen=True)
+class ThreadView:
+    """What the core knows about a thread.
+
+    ``live``: it has a live conversation with at least one turn — messages in it are follow-ups and
+    need no mention.  ``followed``: the bot was addressed in it at some point (a mention, a ``reset``),
+    kept in SQL so a picture posted there later (also after a restart) starts the conversation.
+    """
+
+    ref: ThreadRef
+    live: bool
+    followed: bool
+    has_image: bool = False
+    turns: tuple[ThreadTurn, ...] = ()
+
+
+@dataclass(frozen=True)
+class PresetInfo:
+    """A preset as it applies in one workspace and channel (overrides resolved)."""
+
+    name: str
+    prompt: str
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What pictures the core accepts; front ends check sizes before downloading."""
+
+    max_bytes: int
+    max_pixels: int
+    max_per_message: int
+
+
+@dataclass(frozen=True)
+class Health:
+    """Liveness and readiness facts for ``/healthz``-style endpoints (``ok`` = every check passed)."""
+
+    ok: bool
+    model: dict[str, Any] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=dict)
+    checks: dict[str, str] = field(default_factory=dict)  # name → "ok" or a one-line problem
+
+
+# ----------------------------------------------------------------------------- what the core gives
+
+
+@runtime_checkable
+class Core(Protocol):
+    """The whole API a front end may use.  :class:`bot.core.service.BotService` implements it."""
+
+    def handle(self, request: Request) -> AsyncIterator[ReplyEvent]:
+        """Answer one message: streamed :class:`~bot.core.requests.Delta` values, then one ``Final``.
+
+        Yields nothing for a redelivered ``event_id``.  Never raises for bad input, quotas, access or
+        model failures: those arrive as a ``Final`` whose ``kind`` says which.  Closing the iterator
+        early (the user left) interrupts the answer; what was stored is kept.
+        """
+        ...
+
+    async def thread(self, ref: ThreadRef, *, turns: bool = False) -> ThreadView:
+        """The thread's state (and its stored turns when ``turns``), for follow-up detection and history."""
+        ...
+
+    def presets(self, workspace: str = "", channel: str = "") -> list[PresetInfo]:
+        """The presets a user can pick here, in their configured order."""
+        ...
+
+    @property
+    def default_preset(self) -> str:
+        """The preset a bare picture gets ("" = none)."""
+        ...
+
+    def help_text(self) -> str:
+        """Platform-neutral help (plain text; front ends may add their own lines around it)."""
+        ...
+
+    @property
+    def image_limits(self) -> ImageLimits: ...
+
+    async def health(self) -> Health:
+        """The model backend's facts and each check's state."""
+        ...
+
+    def metrics_text(self) -> bytes:
+        """Prometheus text exposition of the bot's and the engine's metrics."""
+        ...
+
+
+# ----------------------------------------------------------------------------- what a front end gives
+
+
+class FrontEndSetupError(RuntimeError):
+    """A front end cannot start (a missing or rejected token, a missing permission, an unreachable server).
+
+    The message is one line saying what is wrong and where to fix it; ``serve`` prints it and stops.
+    """
+
+
+@runtime_checkable
+class FrontEnd(Protocol):
+    """A running front end: ``start`` returns once it is serving (or raises
+    :class:`FrontEndSetupError`); ``stop`` ends it and interrupts answers in flight."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class FrontEndSettings(BaseModel):
+    """Base of a front end's ``bot.toml`` table: every front end has ``enabled``; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    enabled: bool = False
+
+
+@dataclass(frozen=True)
+class FrontEndContext:
+    """What ``serve`` hands a front end besides the core.
+
+    ``interactive``: the process runs in a terminal.  ``request_stop``: the front end's user asked to
+    end the bot (e.g. quitting the terminal chat); ``serve`` stops when no other front end is running.
+    """
+
+    interactive: bool = False
+    request_stop: Callable[[str], None] = lambda _name: None
+
+
+@dataclass(frozen=True)
+class FrontEndPlugin:
+    """The entry-point object a front end module exports: name, settings table and factory.
+
+    ``create(core, settings, context)`` builds the front end without starting it; ``enabled(settings,
+    context)`` decides whether ``serve`` starts it (default: the table's ``enabled``).  ``docs`` names
+    the page with its set-up guide, quoted in start-up errors.
+    """
+
+    name: str
+    settings: type[FrontEndSettings]
+    create: Callable[[Core, Any, FrontEndContext], FrontEnd]
+    enabled: Callable[[Any, FrontEndContext], bool] = lambda settings, _context: bool(settings.enabled)
+    docs: str = "docs/adapters.md"

@@ -1,0 +1,119 @@
+"""The engine's contract with its callers, torch-free: the events a request streams and the errors it raises.
+
+Both sides import this one module: the engine (and any other generation backend — Ray Serve, vLLM)
+produces these types, and the bot core consumes them by type (``isinstance``), never by probing
+attributes.  It imports nothing heavy (no torch, PIL or transformers), so the core stays light, and it
+carries **no user-facing text**: errors describe what happened (``reason``, ``retry_after_s``,
+``image_index``); the core decides what a person is told.
+
+A request streams zero or more :class:`TokenEvent` and ends with exactly one :class:`FinalEvent`,
+unless it raises one of the :class:`EngineError` subclasses:
+
+======================  ==========================================================  ===================
+error                   meaning                                                     whose fault
+======================  ==========================================================  ===================
+:class:`Busy`           too loaded right now; ``retry_after_s`` is a best guess      nobody: try later
+:class:`RequestRejected` this request can never be served as given (an unreadable    the input
+                        picture, a thread too long for the context)
+:class:`RequestFailed`  the backend broke while serving it (a step crashed, a        the backend
+                        replica died); other requests are unaffected
+======================  ==========================================================  ===================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NotRequired, TypedDict
+
+__all__ = [
+    "Busy",
+    "ChatTurn",
+    "EngineError",
+    "FinalEvent",
+    "FinishReason",
+    "RequestFailed",
+    "RequestRejected",
+    "RequestTooLarge",
+    "TokenEvent",
+]
+
+FinishReason = Literal["eos", "stop", "length", "aborted", "deadline"]
+
+
+class ChatTurn(TypedDict):
+    """One turn of a thread as the backend receives it; ``image`` marks a user turn that carries a picture."""
+
+    role: Literal["user", "assistant"]
+    text: str
+    image: NotRequired[bool]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token and the text it made visible (may be empty while a character is incomplete)."""
+
+    request_id: str
+    index: int
+    token_id: int
+    text: str
+
+
+@dataclass(frozen=True)
+class FinalEvent:
+    """Last event of every request: why it ended, the cleaned answer, counts and timings."""
+
+    request_id: str
+    finish_reason: FinishReason
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    completion_tokens: int
+    reused_prefix_tokens: int
+    queued_s: float
+    ttft_s: float | None
+    total_s: float
+
+
+class EngineError(Exception):
+    """Base of everything a backend raises for one request (``str(exc)`` is for logs, not for users)."""
+
+
+class Busy(EngineError):
+    """Too loaded to take this request now; ``retry_after_s`` is a best guess of when it would be taken."""
+
+    def __init__(self, reason: str, retry_after_s: float) -> None:
+        super().__init__(f"busy: {reason} (retry in about {retry_after_s:.0f} s)")
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+
+class RequestRejected(EngineError):
+    """This request cannot be served as given; sending it again will not help.
+
+    ``reason`` is ``"image"`` (picture ``image_index``, 0-based, cannot be decoded), ``"too_large"``
+    (the thread plus the answer cannot fit the context or the KV budget) or ``"invalid"`` (anything
+    else wrong with the request, e.g. a placeholder/picture count mismatch).
+    """
+
+    def __init__(
+        self,
+        reason: Literal["image", "too_large", "invalid"],
+        detail: str,
+        *,
+        image_index: int | None = None,
+    ) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.image_index = image_index
+
+
+class RequestTooLarge(RequestRejected, ValueError):
+    """The request can never fit the KV budget (context + ``max_new_tokens``)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("too_large", detail)
+
+
+class RequestFailed(EngineError):
+    """The backend failed while serving this request (not the input's fault); other requests go on."""
