@@ -2,7 +2,9 @@
 
 Attach pictures with ``/image PATH [question]``, then ask; follow-ups continue the thread.
 ``/new`` starts a new thread, ``/reset`` starts this one over, ``/help`` lists commands,
-``/quit`` or Ctrl-D leaves.
+``/quit`` or Ctrl-D leaves.  Registered as the ``terminal`` front end (``[terminal]`` in bot.toml):
+``enabled = "auto"`` starts it when ``serve`` runs in a terminal; leaving it ends ``serve`` when it is
+the only front end running.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ import shlex
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any, Literal
 
 from rich.console import Console
 
+from bot.core.api import Core, FrontEndContext, FrontEndPlugin, FrontEndSettings
 from bot.core.requests import Delta, Final, ImageAttachment, ReplyEvent, Request
 
-__all__ = ["TerminalChat"]
+__all__ = ["FRONT_END", "TerminalChat", "TerminalFrontEnd", "TerminalSettings"]
 
 log = logging.getLogger(__name__)
 
@@ -132,3 +136,51 @@ def _user() -> str:
         return getpass.getuser()
     except Exception:
         return "local"
+
+
+class TerminalSettings(FrontEndSettings):
+    """``[terminal]``: the terminal chat; ``"auto"`` = when ``serve`` runs in an interactive terminal."""
+
+    enabled: bool | Literal["auto"] = "auto"
+
+
+class TerminalFrontEnd:
+    """The terminal chat as a :class:`~bot.core.api.FrontEnd` (a task reading stdin)."""
+
+    name = "terminal"
+
+    def __init__(self, core: Core, context: FrontEndContext, chat: TerminalChat | None = None) -> None:
+        self.chat = chat or TerminalChat(core.handle)
+        self.context = context
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self.chat.run())
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled():
+            self.context.request_stop(self.name)  # the user left the chat
+
+    async def stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+def _enabled(settings: TerminalSettings, context: FrontEndContext) -> bool:
+    return context.interactive if settings.enabled == "auto" else bool(settings.enabled)
+
+
+def _create(core: Core, _settings: Any, context: FrontEndContext) -> TerminalFrontEnd:
+    return TerminalFrontEnd(core, context)
+
+
+FRONT_END = FrontEndPlugin(
+    name="terminal",
+    settings=TerminalSettings,
+    create=_create,
+    enabled=_enabled,
+    docs="docs/adapters.md",
+    start_order=100,  # its prompt comes after the other front ends' start-up lines
+)

@@ -9,7 +9,9 @@ Routes
     ``GET /metrics``              Prometheus text format
 
 The adapter is thin: it parses the form, enforces an overall upload limit, hands one
-``Request`` to :meth:`BotService.handle` and writes each reply event as it arrives.  When the
+``Request`` to :meth:`Core.handle <bot.core.api.Core.handle>` and writes each reply event as it arrives.
+It uses nothing of the core but the :class:`~bot.core.api.Core` protocol, and is registered as the
+``web`` front end (:data:`FRONT_END`, ``[web]`` in bot.toml) — the worked example in docs/adapters.md.  When the
 browser goes away mid-answer, :func:`run_web`'s server cancels the handler (with a server that
 does not cancel handlers, the next write fails instead); either way the reply iterator is
 closed and the service marks the answer ``interrupted``.  Everything the page shows comes from this origin (a strict
@@ -26,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from pydantic import Field
 
+from bot.core.api import Core, FrontEndContext, FrontEndPlugin, FrontEndSettings
 from bot.core.images import format_size
-from bot.core.requests import Final, ImageAttachment, Request
-from bot.core.service import BotService
-from storage import ConversationKey
+from bot.core.requests import Final, ImageAttachment, Request, ThreadRef
 
-__all__ = ["STATIC_DIR", "create_app", "run_web", "upload_limit"]
+__all__ = ["FRONT_END", "STATIC_DIR", "WebFrontEnd", "WebSettings", "create_app", "run_web", "upload_limit"]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ MAX_PARTS = 64
 THREAD_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 EVENT_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 
-SERVICE_KEY = web.AppKey("service", BotService)
+SERVICE_KEY = web.AppKey("core", Core)
 CONFIG_KEY = web.AppKey("web_config", dict)
 
 CSP = (
@@ -56,9 +58,17 @@ class UploadTooLarge(Exception):
     pass
 
 
-def upload_limit(service: BotService) -> int:
+class WebSettings(FrontEndSettings):
+    """``[web]``: the local web chat, health and metrics endpoints (loopback by default)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+
+
+def upload_limit(core: Core) -> int:
     """The most bytes one message may upload: every picture at its size limit, plus slack for the fields."""
-    images = service.settings.images
+    images = core.image_limits
     return images.max_bytes * images.max_per_message + UPLOAD_SLACK
 
 
@@ -78,12 +88,12 @@ async def _security_headers(_request: web.Request, response: web.StreamResponse)
 
 
 def create_app(
-    service: BotService, *, platform: str = "web", workspace: str = "local", channel: str = "chat"
+    core: Core, *, platform: str = "web", workspace: str = "local", channel: str = "chat"
 ) -> web.Application:
-    """The aiohttp application serving the chat page and its API for one :class:`BotService`."""
-    limit = upload_limit(service)
+    """The aiohttp application serving the chat page and its API for one core."""
+    limit = upload_limit(core)
     app = web.Application(client_max_size=limit)
-    app[SERVICE_KEY] = service
+    app[SERVICE_KEY] = core
     app[CONFIG_KEY] = {"platform": platform, "workspace": workspace, "channel": channel, "limit": limit}
     app.on_response_prepare.append(_security_headers)
     app.router.add_get("/", _index)
@@ -96,16 +106,20 @@ def create_app(
     return app
 
 
-async def run_web(service: BotService, host: str, port: int, **kwargs: Any) -> web.AppRunner:
+async def run_web(core: Core, host: str, port: int, **kwargs: Any) -> web.AppRunner:
     """Start the web front end on ``host:port`` (0 = any free port); the caller stops the runner.
 
     Handlers are cancelled when their client disconnects, so a closed tab stops its answer at once
     (even while it still waits for the first token); the service marks that answer interrupted.
     """
-    runner = web.AppRunner(create_app(service, **kwargs), access_log=None, handler_cancellation=True)
+    runner = web.AppRunner(create_app(core, **kwargs), access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from exc
     for address in runner.addresses:
         if isinstance(address, tuple) and len(address) >= 2:
             shown = f"[{address[0]}]" if ":" in str(address[0]) else address[0]
@@ -242,9 +256,9 @@ async def _thread_history(request: web.Request) -> web.Response:
     thread = request.match_info["thread"]
     if not THREAD_RE.match(thread):
         return _json_error(400, "Malformed thread id.")
-    key = ConversationKey(config["platform"], config["workspace"], config["channel"], thread)
-    conversation = await service.db.live_conversation(key)
-    turns = await service.db.turns(conversation.id) if conversation is not None else []
+    view = await service.thread(
+        ThreadRef(config["platform"], config["workspace"], config["channel"], thread), turns=True
+    )
     return web.json_response(
         {
             "thread": thread,
@@ -252,12 +266,12 @@ async def _thread_history(request: web.Request) -> web.Response:
                 {
                     "id": t.id,
                     "role": t.role,
-                    "text": t.text or "",
+                    "text": t.text,
                     "status": t.status,
-                    "has_image": t.image_id is not None,
+                    "has_image": t.has_image,
                     "created_at": t.created_at.isoformat() if t.created_at else None,
                 }
-                for t in turns
+                for t in view.turns
             ],
         }
     )
@@ -266,24 +280,48 @@ async def _thread_history(request: web.Request) -> web.Response:
 async def _presets(request: web.Request) -> web.Response:
     service = request.app[SERVICE_KEY]
     config = request.app[CONFIG_KEY]
-    book = service.presets
-    presets = [{"name": n, "prompt": book.prompt(n, config["workspace"], config["channel"])} for n in book.names]
-    return web.json_response({"default": book.settings.default, "presets": presets})
+    presets = [{"name": p.name, "prompt": p.prompt} for p in service.presets(config["workspace"], config["channel"])]
+    return web.json_response({"default": service.default_preset, "presets": presets})
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    service = request.app[SERVICE_KEY]
-    try:
-        model = service.backend.describe()
-        stats = service.backend.stats()
-    except Exception as exc:
-        log.warning("health check failed: %s", exc)
-        return web.json_response({"status": "error", "error": "the model backend did not answer"}, status=503)
-    engine = {k: stats.get(k) for k in ("queue_depth", "batch_size")}
-    body = {"status": "ok", "model": model, "engine": engine}
+    health = await request.app[SERVICE_KEY].health()
+    if not health.ok:
+        problems = "; ".join(f"{name}: {state}" for name, state in health.checks.items() if state != "ok")
+        return web.json_response({"status": "error", "error": problems, "checks": health.checks}, status=503)
+    body = {"status": "ok", "model": health.model, "engine": health.engine}
     return web.json_response(body, dumps=lambda obj: json.dumps(obj, default=str))
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    service = request.app[SERVICE_KEY]
-    return web.Response(body=service.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+    body = request.app[SERVICE_KEY].metrics_text()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+# ---------------------------------------------------------------------- the front end
+
+
+class WebFrontEnd:
+    """The web chat as a :class:`~bot.core.api.FrontEnd`: ``start`` listens, ``stop`` closes (answers in
+    flight are interrupted and stored as such)."""
+
+    name = "web"
+
+    def __init__(self, core: Core, settings: WebSettings) -> None:
+        self.core, self.settings = core, settings
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        self._runner = await run_web(self.core, self.settings.host, self.settings.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+def _create(core: Core, settings: WebSettings, _context: FrontEndContext) -> WebFrontEnd:
+    return WebFrontEnd(core, settings)
+
+
+FRONT_END = FrontEndPlugin(name="web", settings=WebSettings, create=_create, docs="docs/adapters.md")

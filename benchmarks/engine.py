@@ -66,9 +66,11 @@ def _load(args: argparse.Namespace):
 
 
 def _options(model, max_new: int):
+    from model.generate import default_options
+
     # A fixed answer length for both systems: EOS is masked until max_new tokens (min_length counts BOS).
-    return model.default_options(
-        do_sample=False, max_new_tokens=max_new, min_length=max_new + 1, repetition_penalty=1.0, stop_strings=()
+    return default_options(
+        model, do_sample=False, max_new_tokens=max_new, min_length=max_new + 1, repetition_penalty=1.0, stop_strings=()
     )
 
 
@@ -89,6 +91,7 @@ async def run_baseline(model, threads: int, max_new: int) -> dict:
     import torch
     from transformers.generation.streamers import BaseStreamer
 
+    from model.generate import decode_answer
     from model.image_processing import load_image
 
     server = asyncio.Lock()
@@ -134,7 +137,7 @@ async def run_baseline(model, threads: int, max_new: int) -> dict:
                 ids, first = await asyncio.to_thread(answer, _turns(done, k), image_tokens)
             (ttft_first if k == 0 else ttft_follow).append(first - submitted)
             tokens += len(ids)
-            done.append(model.decode_answer(ids) or "ok")
+            done.append(decode_answer(model, ids) or "ok")
 
     start = time.perf_counter()
     await asyncio.gather(*(thread(i) for i in range(threads)))
@@ -207,9 +210,11 @@ async def run_follow_up(model, history_tokens: int, max_new: int) -> dict:
 def worker(args: argparse.Namespace) -> None:
     import torch
 
+    from model.generate import default_options
+
     torch.manual_seed(0)
     model = _load(args)
-    warm = model.default_options(do_sample=False, max_new_tokens=2, stop_strings=())
+    warm = default_options(model, do_sample=False, max_new_tokens=2, stop_strings=())
     asyncio.run(_warmup(model, warm))
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()

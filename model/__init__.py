@@ -1,5 +1,10 @@
 """The MiniGPT-4 model stack: original checkpoints in, reference-identical numbers out.
 
+``minigpt4`` (the model: encoding, prompts, context embeddings, ``forward``) · ``loader`` (original
+files → model) · ``sampling`` (options, per-row sampler, streaming detokenizer) · ``generate`` (the
+static-batch oracle, beam search, ``ChatSession``) · ``report`` (what was loaded, sizes) · ``engine``
+(continuous batching behind the bot's backend seam).
+
 Names are loaded on first use, so ``import model.engine.api`` (the engine's torch-free contract,
 imported by the bot core) does not pull in torch.
 """
@@ -12,14 +17,28 @@ _EXPORTS = {
     "Turn": "model.conversation",
     "build_prompt": "model.conversation",
     "clean_answer": "model.conversation",
-    "GenerationOptions": "model.generation",
-    "GenerationResult": "model.generation",
-    "InvalidGenerationOptions": "model.generation",
-    "LoadReport": "model.loader",
+    "ChatSession": "model.generate",
+    "ChatTurnResult": "model.generate",
+    "GenerationResult": "model.generate",
+    "TokenStep": "model.generate",
+    "beam_search": "model.generate",
+    "decode_answer": "model.generate",
+    "default_options": "model.generate",
+    "generate_ids": "model.generate",
+    "stream_answer": "model.generate",
+    "stream_ids": "model.generate",
     "PrecisionError": "model.loader",
     "load_minigpt4": "model.loader",
     "MiniGPT4": "model.minigpt4",
     "VisionOutputs": "model.minigpt4",
+    "LoadReport": "model.report",
+    "PartReport": "model.report",
+    "WeightsReport": "model.report",
+    "describe_weights": "model.report",
+    "GenerationOptions": "model.sampling",
+    "IncrementalDetokenizer": "model.sampling",
+    "InvalidGenerationOptions": "model.sampling",
+    "RowSampler": "model.sampling",
     "VARIANTS": "model.variants",
     "VariantSpec": "model.variants",
 }

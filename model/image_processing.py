@@ -38,7 +38,7 @@ def load_image(source: str | bytes | Image.Image) -> Image.Image:
         image = Image.open(io.BytesIO(source)) if isinstance(source, bytes) else Image.open(source)
         image.load()
     except UnidentifiedImageError:
-        raise ImageDecodeError("the data is not in an image format I know (JPEG, PNG, GIF, WebP…)") from None
+        raise ImageDecodeError("the data is not in an image format Pillow decodes (JPEG, PNG, GIF, WebP…)") from None
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"the image is too large to process safely ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:

@@ -13,7 +13,6 @@ import importlib.util
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from model.checkpoints import (
     read_state_dict,
 )
 from model.minigpt4 import MiniGPT4
+from model.report import LoadReport
 from model.variants import VariantSpec, get_variant
 
 __all__ = ["LoadReport", "PrecisionError", "load_minigpt4", "resolve_precision", "weights_size"]
@@ -47,19 +47,6 @@ QUANTIZATIONS = ("none", "int8", "nf4")
 
 class PrecisionError(RuntimeError):
     """The requested device / dtype / quantization cannot run on this machine."""
-
-
-@dataclass
-class LoadReport:
-    """What was loaded from where; shown by ``minigpt4-bot weights check``."""
-
-    variant: str
-    device: str
-    dtype: str
-    quantization: str
-    files: list[CoverageReport] = field(default_factory=list)
-    llm_ignored: list[str] = field(default_factory=list)
-    lora_rank: int | None = None
 
 
 def resolve_precision(device: str, dtype: str, quantization: str) -> tuple[torch.device, torch.dtype]:
@@ -302,7 +289,7 @@ def load_minigpt4(
 
     _place(model, dev, torch_dtype)
     model.eval().requires_grad_(False)
-    model.load_report = report  # type: ignore[assignment]
+    model.load_report = report
     return model
 
 

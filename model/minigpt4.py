@@ -15,12 +15,15 @@ Data flow for one image (real Vicuna-7B shapes)::
       → llama_proj                                         [B, 32 | 64 | 256, 4096]
 
 The prompt is split at ``<ImageHere>``; each text segment is tokenised on its own (BOS on
-the first only), embedded, and the image tokens are spliced between them.
+the first only), embedded, and the image tokens are spliced between them
+(:meth:`MiniGPT4.context_embeddings`); :meth:`MiniGPT4.forward` runs the LLM over such
+embeddings.  Generating (sampling loops, beam search, chat sessions) lives in
+:mod:`model.generate` and :mod:`model.engine`, as transformers keeps it out of its model classes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,19 +31,12 @@ import torch
 from PIL import Image
 from torch import nn
 from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from model.conversation import IMAGE_PLACEHOLDER, Turn, build_prompt, clean_answer
-from model.generation import (
-    GenerationOptions,
-    GenerationResult,
-    IncrementalDetokenizer,
-    RowSampler,
-    TokenStep,
-    beam_search,
-    decode_batch,
-    truncate_left,
-)
+from model.conversation import IMAGE_PLACEHOLDER, Turn, build_prompt
 from model.image_processing import ImageProcessor
+from model.report import LoadReport
 from model.variants import VariantSpec
 
 __all__ = ["MiniGPT4", "VisionOutputs", "build_qformer", "build_vision_encoder"]
@@ -102,7 +98,12 @@ class VisionOutputs:
 
 
 class MiniGPT4(nn.Module):
-    """The assembled model; build it with :func:`model.load_minigpt4`."""
+    """The assembled model; build it with :func:`model.load_minigpt4`.
+
+    ``load_report`` says what the loader read from which file (``None`` for a model assembled by hand).
+    """
+
+    load_report: LoadReport | None
 
     def __init__(
         self, spec: VariantSpec, llm: nn.Module, tokenizer: Any, llm_hidden: int, spm_file: str | None = None
@@ -133,6 +134,7 @@ class MiniGPT4(nn.Module):
         self.ln_vision = FP32LayerNorm(spec.vision.width, eps=spec.vision.ln_vision_eps)
         self.bos_id = int(tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 1)
         self.eos_id = int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 2)
+        self.load_report = None
 
     # ------------------------------------------------------------------ properties
 
@@ -240,12 +242,7 @@ class MiniGPT4(nn.Module):
                 parts.append(image.to(parts[0].device, parts[0].dtype))
         return torch.cat(parts, dim=0)
 
-    # ------------------------------------------------------------------ generation
-
-    def default_options(self, **overrides: Any) -> GenerationOptions:
-        """The reference chat defaults plus this variant's stop strings (Vicuna: ``###``)."""
-        overrides.setdefault("stop_strings", self.spec.stop_strings)
-        return GenerationOptions.create(**overrides)
+    # ------------------------------------------------------------------ tokens ↔ text
 
     def decode_text(self, ids: Sequence[int]) -> str:
         """Token ids → text without special tokens, as the reference's slow tokenizer decodes.
@@ -260,101 +257,34 @@ class MiniGPT4(nn.Module):
         size = self._sp.get_piece_size()
         return self._sp.decode([i for i in ids if i not in special and 0 <= i < size])
 
-    def stream_ids(
-        self, contexts: Sequence[torch.Tensor], options: GenerationOptions | Sequence[GenerationOptions]
-    ) -> Iterator[list[TokenStep]]:
-        """Stream token steps for a batch of contexts (each row may have its own options)."""
-        contexts = [_as_2d(c) for c in contexts]
-        per_row = [options] * len(contexts) if isinstance(options, GenerationOptions) else list(options)
-        if len(per_row) != len(contexts):
-            raise ValueError(f"{len(contexts)} contexts but {len(per_row)} option sets")
-        if not contexts:
-            return iter(())
-        trimmed = [truncate_left(c, o.max_new_tokens, o.max_length)[0] for c, o in zip(contexts, per_row, strict=True)]
-        samplers = [RowSampler(o, self.bos_id, [self.eos_id], self.device) for o in per_row]
-        return decode_batch(self.llm, trimmed, samplers, decode_tail=self.decode_text)
+    # ------------------------------------------------------------------ forward
 
-    def generate(
-        self, contexts: Sequence[torch.Tensor], options: GenerationOptions | Sequence[GenerationOptions]
-    ) -> list[GenerationResult]:
-        """Generate for a batch of ``Tensor[L, H]`` contexts; beams > 1 run one request at a time."""
-        contexts = [_as_2d(c) for c in contexts]
-        per_row = [options] * len(contexts) if isinstance(options, GenerationOptions) else list(options)
-        results = [GenerationResult() for _ in contexts]
-        greedy_rows = []
-        for i, (ctx, opts) in enumerate(zip(contexts, per_row, strict=True)):
-            trimmed, cut = truncate_left(ctx, opts.max_new_tokens, opts.max_length)
-            results[i].prompt_tokens, results[i].truncated_tokens = trimmed.shape[0], cut
-            if opts.num_beams > 1:
-                beam = beam_search(self.llm, trimmed, opts, self.bos_id, [self.eos_id])
-                results[i].token_ids, results[i].finish_reason = beam.token_ids, beam.finish_reason
-            else:
-                greedy_rows.append(i)
-        if greedy_rows:
-            stream = self.stream_ids([contexts[i] for i in greedy_rows], [per_row[i] for i in greedy_rows])
-            for steps in stream:
-                for step in steps:
-                    result = results[greedy_rows[step.row]]
-                    result.token_ids.append(step.token_id)
-                    if step.finish_reason:
-                        result.finish_reason = step.finish_reason
-        return results
-
-    def generate_ids(
+    def forward(
         self,
-        contexts: Sequence[torch.Tensor],
-        max_new_tokens: int = 300,
-        do_sample: bool = True,
-        num_beams: int = 1,
-        temperature: float = 1.0,
-        top_p: float = 0.9,
-        repetition_penalty: float = 1.05,
-        **options: Any,
-    ) -> list[list[int]]:
-        """The acceptance contract: generated ids per context (EOS kept, BOS placeholder not)."""
-        opts = GenerationOptions.create(
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            num_beams=num_beams,
-            temperature=temperature,
-            top_p=top_p,
-            repetition_penalty=repetition_penalty,
-            **options,
-        )
-        return [r.token_ids for r in self.generate(contexts, opts)]
+        inputs_embeds: torch.Tensor | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+    ) -> CausalLMOutputWithPast:
+        """One LLM pass: ``Tensor[B, L, H]`` embeddings (or ``input_ids [B, L]``) → logits ``[B, L', V]``.
 
-    def decode_answer(self, ids: Sequence[int]) -> str:
-        """Decode and clean an answer the way ``Chat.answer`` does."""
-        return clean_answer(self.decode_text(ids))
-
-    def stream_answer(
-        self, context: torch.Tensor, options: GenerationOptions, result: GenerationResult | None = None
-    ) -> Iterator[str]:
-        """Text deltas of one answer as tokens arrive (beams > 1: the whole answer at the end).
-
-        Pass ``result`` to receive the generated ids and finish reason once the stream ends.
+        Pictures enter through the embeddings (:meth:`context_embeddings`, one row per thread); the
+        generation loops in :mod:`model.generate` and the engine call this.  ``cache`` (a transformers
+        ``Cache``) is extended in place; ``use_cache`` defaults to whether a cache is given, and
+        ``logits_to_keep=n`` computes the last ``n`` positions' logits only (0: all).
         """
-        result = result if result is not None else GenerationResult()
-        if options.num_beams > 1:
-            done = self.generate([context], options)[0]
-            result.token_ids, result.finish_reason = done.token_ids, done.finish_reason
-            yield self.decode_answer(done.token_ids)
-            return
-        detok = IncrementalDetokenizer(self.decode_text, ("###", *options.stop_strings))
-        for steps in self.stream_ids([context], options):
-            for step in steps:
-                result.token_ids.append(step.token_id)
-                result.finish_reason = step.finish_reason or result.finish_reason
-                if delta := detok.push(step.token_id):
-                    yield delta
-        if tail := detok.flush():
-            yield tail
-
-
-def _as_2d(context: torch.Tensor) -> torch.Tensor:
-    """Accept ``Tensor[1, L, H]`` where ``Tensor[L, H]`` is meant (what ``get_context_emb`` returns)."""
-    if context.dim() == 3 and context.shape[0] == 1:
-        return context[0]
-    if context.dim() != 2:
-        raise ValueError(f"a context must be Tensor[L, H], got shape {list(context.shape)}")
-    return context
+        if (inputs_embeds is None) == (input_ids is None):
+            raise ValueError("give exactly one of inputs_embeds and input_ids")
+        return self.llm(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None if use_cache is None else use_cache,
+            logits_to_keep=logits_to_keep,
+        )

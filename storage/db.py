@@ -11,10 +11,9 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, event, func, select, update
+from sqlalchemy import Integer, delete, event, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
@@ -22,6 +21,7 @@ from storage.tables import (
     AccessRule,
     Base,
     Conversation,
+    FollowedThread,
     ImageBlob,
     ProcessedEvent,
     QuotaSetting,
@@ -29,17 +29,17 @@ from storage.tables import (
     UsageEntry,
     utcnow,
 )
+from storage.url import sqlite_url
 
 __all__ = ["Clock", "ConversationKey", "Database", "UsageTotals", "as_utc", "sqlite_url"]
 
 Clock = Callable[[], datetime]
 """Returns the current time (aware; converted to UTC).  Production: wall-clock UTC; tests move it."""
 
-QUOTA_FIELDS = ("requests_per_day", "requests_per_month", "tokens_per_day", "tokens_per_month", "images_per_day")
-
-
-def sqlite_url(path: str | Path) -> str:
-    return f"sqlite+aiosqlite:///{Path(path).expanduser()}"
+QUOTA_LIMITS: tuple[str, ...] = tuple(
+    column.name for column in QuotaSetting.__table__.columns if column.nullable and isinstance(column.type, Integer)
+)
+"""The limits a quota override stores: :class:`QuotaSetting`'s nullable integer columns (``None`` = the default)."""
 
 
 def as_utc(value: datetime) -> datetime:
@@ -203,7 +203,28 @@ class Database:
             await session.execute(delete(Conversation).where(Conversation.id.in_(ids)))
             used = select(Turn.image_id).where(Turn.image_id.is_not(None))
             await session.execute(delete(ImageBlob).where(ImageBlob.id.not_in(used)))
+            await session.execute(delete(FollowedThread).where(FollowedThread.addressed_at < older_than))
             return len(ids)
+
+    async def follow_thread(self, key: ConversationKey) -> None:
+        """Remember that the bot was addressed in this thread (insert, or touch the time)."""
+        now = self.now()
+        async with self.sessions() as session:
+            row = await session.get(FollowedThread, (key.platform, key.workspace, key.channel, key.thread))
+            if row is not None:
+                row.addressed_at = now
+                await session.commit()
+                return
+            session.add(FollowedThread(**key.__dict__, addressed_at=now))
+            try:
+                await session.commit()
+            except IntegrityError:  # a concurrent first address: the row is there, which is all we need
+                await session.rollback()
+
+    async def is_followed(self, key: ConversationKey) -> bool:
+        async with self.sessions() as session:
+            pk = (key.platform, key.workspace, key.channel, key.thread)
+            return await session.get(FollowedThread, pk) is not None
 
     # ------------------------------------------------------------------ images and turns
 
@@ -346,7 +367,7 @@ class Database:
 
     async def set_quota(self, scope: str, platform: str, workspace: str, user_id: str = "", **limits: Any) -> None:
         """Set some limits (``None`` = back to the default) for a user or a workspace."""
-        unknown = set(limits) - set(QUOTA_FIELDS)
+        unknown = set(limits) - set(QUOTA_LIMITS)
         if unknown:
             raise ValueError(f"unknown quota field(s): {', '.join(sorted(unknown))}")
         async with self.sessions.begin() as session:

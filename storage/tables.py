@@ -31,6 +31,7 @@ __all__ = [
     "AccessRule",
     "Base",
     "Conversation",
+    "FollowedThread",
     "ImageBlob",
     "ProcessedEvent",
     "QuotaSetting",
@@ -199,3 +200,20 @@ class ProcessedEvent(Base):
     platform: Mapped[str] = mapped_column(String(32), primary_key=True)
     event_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     received_at: Mapped[datetime] = mapped_column()
+
+
+class FollowedThread(Base):
+    """Threads the bot was addressed in (a mention, a DM, ``reset``): later pictures there need no mention.
+
+    Kept in SQL so that following survives a restart; one row per thread, touched on each address.
+    """
+
+    __tablename__ = "followed_threads"
+
+    platform: Mapped[str] = mapped_column(String(32), primary_key=True)
+    workspace: Mapped[str] = mapped_column(String(128), primary_key=True)
+    channel: Mapped[str] = mapped_column(String(128), primary_key=True)
+    thread: Mapped[str] = mapped_column(String(128), primary_key=True)
+    addressed_at: Mapped[datetime] = mapped_column()
+
+    __table_args__ = (Index("ix_followed_threads_addressed_at", "addressed_at"),)

@@ -20,12 +20,14 @@ from typing import Any
 
 import pytest
 import time_machine
-from sqlalchemy import select, update
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, select, update
+from sqlalchemy.ext.asyncio import create_async_engine
 from typer.testing import CliRunner
 
 import bot.cli.common
 from bot.cli.main import app
-from storage import ConversationKey, Database
+from storage import ConversationKey, Database, migrate
 from storage.tables import Base, Conversation, UsageEntry
 from tests.pg import create_database, truncate_tables
 
@@ -108,25 +110,101 @@ def env(request: pytest.FixtureRequest, tmp_path: Path) -> Env:
 
 
 def test_db_upgrade_creates_the_schema_and_is_idempotent(request: pytest.FixtureRequest, tmp_path: Path, backend):
-    if backend == "sqlite":
-        config = _write_config(tmp_path, f"sqlite:///{tmp_path / 'fresh.db'}")
-    else:
-        url = create_database(request.getfixturevalue("postgres_url"), f"fresh_{next(_numbers)}")
-        config = _write_config(tmp_path, url)
+    config, _url = _fresh_config(request, tmp_path, backend)
     args = ["admin", "db", "current", "--config", str(config)]
     before = runner.invoke(app, args)
     assert before.exit_code == 0 and "revision none" in before.output
     first = _upgrade(config)
-    assert "upgraded from empty to revision 0001" in first.output
+    head = migrate.head()
+    assert f"upgraded from empty to revision {head}" in first.output
     again = _upgrade(config)
-    assert "at revision 0001 (nothing to do)" in again.output
+    assert f"at revision {head} (nothing to do)" in again.output
     after = runner.invoke(app, args)
-    assert "revision 0001, newest 0001 (up to date)" in after.output
+    assert f"revision {head}, newest {head} (up to date)" in after.output
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def backend(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+def _fresh_config(request: pytest.FixtureRequest, tmp_path: Path, backend: str) -> tuple[Path, str]:
+    """A bot.toml for a new, empty database, and that database's async URL."""
+    if backend == "sqlite":
+        return _write_config(tmp_path, f"sqlite:///{tmp_path / 'fresh.db'}"), f"sqlite+aiosqlite:///{tmp_path}/fresh.db"
+    url = create_database(request.getfixturevalue("postgres_url"), f"fresh_{next(_numbers)}")
+    return _write_config(tmp_path, url), url
+
+
+def _tables(url: str) -> set[str]:
+    async def names() -> set[str]:
+        engine = create_async_engine(url)
+        try:
+            async with engine.connect() as conn:
+                return set(await conn.run_sync(lambda sync: inspect(sync).get_table_names()))
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(names()) & {t.name for t in Base.metadata.sorted_tables}
+
+
+def test_db_downgrade_to_base_asks_first_then_drops_the_tables(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: str
+):
+    config, url = _fresh_config(request, tmp_path, backend)
+    every_table = {t.name for t in Base.metadata.sorted_tables}
+    _upgrade(config)
+    assert _tables(url) == every_table
+    head = migrate.head()
+    args = ["admin", "db", "downgrade", "--revision", "base", "--config", str(config)]
+
+    declined = runner.invoke(app, args, input="n\n")
+    assert declined.exit_code == 1, declined.output
+    assert f"downgrade from revision {head} to base (drops every table and all stored data)" in declined.output
+    assert "Nothing changed." in declined.output
+    assert _tables(url) == every_table
+    unanswered = runner.invoke(app, args)  # no terminal to answer on: refused as well
+    assert unanswered.exit_code == 1 and _tables(url) == every_table
+
+    confirmed = runner.invoke(app, args, input="y\n")
+    assert confirmed.exit_code == 0, confirmed.output
+    assert f"downgraded from {head} to revision base (no tables)" in confirmed.output
+    assert _tables(url) == set()
+    current = runner.invoke(app, ["admin", "db", "current", "--config", str(config)])
+    assert "revision none" in current.output
+    nothing = runner.invoke(app, args)
+    assert nothing.exit_code == 0 and "nothing to downgrade" in nothing.output
+
+    again = _upgrade(config)
+    assert f"upgraded from empty to revision {head}" in again.output
+    assert _tables(url) == every_table
+
+
+def test_db_downgrade_by_steps_with_yes_and_bad_targets(request: pytest.FixtureRequest, tmp_path: Path, backend: str):
+    config, url = _fresh_config(request, tmp_path, backend)
+    _upgrade(config)
+    head = migrate.head()
+
+    def downgrade(*args: str) -> Any:
+        return runner.invoke(app, ["admin", "db", "downgrade", *args, "--config", str(config)])
+
+    unknown = downgrade("--revision", "nosuchrevision", "--yes")
+    assert unknown.exit_code == 2 and "Cannot downgrade to 'nosuchrevision'" in unknown.output
+    same = downgrade("--revision", head, "--yes")
+    assert same.exit_code == 0 and f"at revision {head} (nothing to do)" in same.output
+    too_far = downgrade("--revision", "-99", "--yes")
+    assert too_far.exit_code == 2
+
+    steps = [r.revision for r in ScriptDirectory.from_config(migrate.alembic_config()).walk_revisions()]
+    below = steps[1] if len(steps) > 1 else "base"
+    one_down = downgrade("--revision", "-1", "--yes")  # --yes: no question asked
+    assert one_down.exit_code == 0, one_down.output
+    assert f"downgrade from revision {head} to {below}" in one_down.output and "Downgrade now?" not in one_down.output
+    assert migrate.current(url) == (None if below == "base" else below)
+    if below != "base":
+        up = downgrade("--revision", head, "--yes")
+        assert up.exit_code == 2 and "not below the current revision" in up.output
+    assert _upgrade(config).exit_code == 0 and migrate.current(url) == head
 
 
 # ---------------------------------------------------------------------------- quotas
@@ -194,6 +272,19 @@ def test_quota_set_show_and_reset(env: Env):
 
     plain = env.run("quota", "show", "-p", "slack", "-w", "T9", "-u", "nobody")
     assert plain.exit_code == 0 and "no stored override for this user" in plain.output
+
+
+def test_ids_with_brackets_are_printed_literally(env: Env):
+    """Rich would read ``[model]`` as a style (and drop it) and fail on ``[/INST]``: ids are shown as given."""
+    workspace, user = "[model]", "[/INST]"
+    result = env.run("quota", "set", "-p", "slack", "-w", workspace, "-u", user, "--images-per-day", "3")
+    assert result.exit_code == 0, result.output
+    assert "Quota for user [/INST] in slack/[model]:" in result.output
+    shown = env.run("quota", "show", "-p", "slack", "-w", workspace, "-u", user)
+    assert shown.exit_code == 0, shown.output
+    assert "user [/INST] in slack/[model]" in shown.output and "workspace slack/[model]" in shown.output
+    bad = env.run("quota", "set", "-p", "slack", "-w", workspace, "--tokens-per-day", "[/INST]")
+    assert bad.exit_code == 2 and "got '[/INST]'" in bad.output
 
 
 def test_quota_set_rejects_bad_values(env: Env):

@@ -164,3 +164,61 @@ def test_weights_demo_writes_loadable_files(tmp_path, variant):
     )
     assert m.spec.num_visual_tokens == (64 if variant == "llama2" else 256)
     assert "nonsense" in _text(result)
+
+
+# ---------------------------------------------------------------------------- messages are printed literally
+
+
+def _flat(result) -> str:
+    """Output with every space and line break removed: rich folds a long path anywhere, even mid-word."""
+    return "".join(result.output.split())
+
+
+def test_config_errors_are_printed_literally(tmp_path):
+    """rich would read ``[model]`` as a style and drop it, and raise on ``[/INST]``; neither may happen."""
+    folder = tmp_path / "[model]"
+    folder.mkdir()
+    config = folder / "bot.toml"
+    config.write_text('[model]\ndtype = "[/INST]"\n')
+    result = runner.invoke(app, ["weights", "check", "-c", str(config)])
+    assert result.exit_code == 2, result.output
+    assert "[model]/bot.toml:1invalidsetting(s)" in _flat(result)
+    assert "model.dtype" in _text(result) and "(got '[/INST]')" in _text(result)
+
+
+def test_load_errors_keep_the_table_names_they_quote(tmp_path):
+    missing = tmp_path / "[" / "INST]"  # the path reads .../[/INST]/llama
+    config = tmp_path / "bot.toml"
+    config.write_text(
+        f'[model]\nvariant = "vicuna0"\nllm = "{missing / "llama"}"\nvit = "{PARITY / "eva_vit_g.pth"}"\n'
+        f'qformer = "{PARITY / "blip2_pretrained_flant5xxl.pth"}"\n'
+        f'projection = "{PARITY / "pretrained_minigpt4.pth"}"\ndevice = "cpu"\n'
+    )
+    result = runner.invoke(app, ["weights", "check", "-c", str(config)])
+    assert result.exit_code == 1, result.output
+    assert "Cannot load the model" in _text(result)
+    assert "[/INST]/llama" in _flat(result)
+    assert "point [model].llm at a Hugging Face" in _text(result)
+
+    config.write_text(
+        config.read_text()
+        .replace(str(missing / "llama"), str(PARITY / "llama"))
+        .replace(str(PARITY / "eva_vit_g.pth"), str(missing / "vit.pth"))
+    )
+    result = runner.invoke(app, ["weights", "check", "-c", str(config)])
+    assert result.exit_code == 1, result.output
+    assert "[/INST]/vit.pth" in _flat(result) and "(check the [model] section of bot.toml)" in _text(result)
+
+
+def test_ask_prints_paths_and_errors_literally(demo_config, tmp_path):
+    folder = tmp_path / "[model]" / "["
+    folder.mkdir(parents=True)
+    missing = runner.invoke(app, ["ask", str(folder / "INST]-nothing.png"), "hi", "-c", str(demo_config)])
+    assert missing.exit_code == 2, missing.output
+    assert "[model]/[/INST]-nothing.png" in _flat(missing)
+
+    page = folder / "INST].jpg"
+    page.write_text("[/INST] is not a picture")
+    result = runner.invoke(app, ["ask", str(page), "[/INST] what is [model]?", "-c", str(demo_config)])
+    assert result.exit_code == 2, result.output
+    assert "[model]/[/INST].jpgisnotapictureIcanread" in _flat(result)

@@ -8,13 +8,41 @@ from pathlib import Path
 import pytest
 
 from bot.core.config import ConfigError, Settings, load_settings
+from bot.core.plugins import FRONTENDS, plugin_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_documented_bot_toml_equals_code_defaults():
-    documented = Settings.model_validate(tomllib.loads((ROOT / "bot.toml").read_text()))
-    assert documented == Settings()
+    documented = load_settings(ROOT / "bot.toml")
+    default = Settings()
+    for name in Settings.model_fields:
+        if name != "data_dir":  # load_settings resolves it against the file's folder
+            assert getattr(documented, name) == getattr(default, name), name
+    # Every installed front end's table is documented, with its defaults.
+    tables = tomllib.loads((ROOT / "bot.toml").read_text())
+    for name in plugin_names(FRONTENDS):
+        assert name in tables, f"[{name}] is not documented in bot.toml"
+        assert documented.frontend(name) == default.frontend(name), name
+
+
+def test_front_end_tables_are_validated_by_their_front_end(tmp_path):
+    path = tmp_path / "bot.toml"
+    path.write_text('[web]\nport = 99999\nbogus = 1\n[webb]\nenabled = true\n[model]\ndtype = "float64"\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    message = str(info.value)
+    assert "4 invalid setting(s)" in message
+    for where in ("web.port", "web.bogus", "webb: unknown table", "model.dtype"):
+        assert where in message
+    assert load_settings(None).frontend("web").port == 8080
+
+
+def test_the_engine_backend_must_be_installed(tmp_path):
+    path = tmp_path / "bot.toml"
+    path.write_text('[engine]\nbackend = "quantum"\n')
+    with pytest.raises(ConfigError, match=r"engine\.backend: .*no generation backend 'quantum'.*installed: local"):
+        load_settings(path)
 
 
 def test_defaults_start_on_demo_weights(tmp_path, monkeypatch):

@@ -1,4 +1,9 @@
-"""What every command shares: the ``--config`` option, loading settings with logging, the two consoles."""
+"""What every command shares: the ``--config`` option, loading settings with logging, the two consoles.
+
+Text that comes from outside the program (configuration errors, paths, exception messages, user
+input) is never printed as rich markup: rich would read ``[model]`` as a style and drop it, and
+``[/INST]`` would raise.  Print it as ``rich.text.Text``, with ``markup=False``, or escaped.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.text import Text
 
 from bot.core.config import ConfigError, Settings, load_settings
 
@@ -28,7 +34,7 @@ def setup(config: Path | None) -> Settings:
     try:
         settings = load_settings(config)
     except ConfigError as exc:
-        err.print(f"[red]{exc}[/red]")
+        err.print(Text(str(exc), style="red"))  # literally: messages quote tables such as [model]
         raise typer.Exit(2) from None
     logging.basicConfig(
         level=settings.log_level,

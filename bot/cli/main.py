@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from bot.cli.admin import admin_app
 from bot.cli.common import ConfigOption, err, out, setup
@@ -49,18 +51,20 @@ def _load_model(settings: Settings) -> MiniGPT4:
 
             return load_model(settings, progress=advance)
     except (CheckpointError, PrecisionError, ValueError) as exc:
-        err.print(f"[red]Cannot load the model:[/red] {exc}")
+        err.print(f"[red]Cannot load the model:[/red] {escape(str(exc))}")
         raise typer.Exit(1) from None
 
 
 def _options(settings: Settings, model: MiniGPT4, **overrides: Any) -> Any:
-    from model import InvalidGenerationOptions
+    """``[generation]`` plus command-line overrides, as the model's validated generation options."""
+    from model.generate import default_options
+    from model.sampling import InvalidGenerationOptions
 
     values = settings.generation.model_dump() | {k: v for k, v in overrides.items() if v is not None}
     try:
-        return model.default_options(**values)
+        return default_options(model, **values)
     except InvalidGenerationOptions as exc:
-        err.print(f"[red]{exc}[/red]")
+        err.print(Text(str(exc.detail), style="red"))
         raise typer.Exit(2) from None
 
 
@@ -77,12 +81,12 @@ def ask(
     seed: Annotated[int | None, typer.Option("--seed", help="make sampling reproducible")] = None,
 ) -> None:
     """Answer one question about one picture, streamed to the terminal."""
-    from model.chat import ChatSession
+    from model.generate import ChatSession
     from model.image_processing import ImageDecodeError
 
     settings = setup(config)
     if not image.is_file():
-        err.print(f"[red]No such file: {image}[/red]")
+        err.print(Text(f"No such file: {image}", style="red"))
         raise typer.Exit(2)
     model = _load_model(settings)
     opts = _options(
@@ -98,7 +102,7 @@ def ask(
     try:
         session.add_image(image.read_bytes())
     except ImageDecodeError as exc:
-        err.print(f"[red]{image} is not a picture I can read: {exc}[/red]")
+        err.print(Text(f"{image} is not a picture I can read: {exc}", style="red"))
         raise typer.Exit(2) from None
     stream = session.ask(question)
     if as_json:
@@ -114,15 +118,14 @@ def ask(
 
 @app.command()
 def chat(config: ConfigOption = None) -> None:
-    """Chat with the bot in this terminal (no web server): /image PATH, then ask."""
+    """Chat with the bot in this terminal (no web server or platform front ends): /image PATH, then ask."""
     import asyncio
 
     from bot.cli.serve import run_bot
 
     settings = setup(config)
-    settings.web.enabled = False
     model = _load_model(settings)
-    asyncio.run(run_bot(settings, terminal=True, model=model))
+    raise typer.Exit(asyncio.run(run_bot(settings, terminal=True, model=model, only=("terminal",))))
 
 
 @app.command()
@@ -132,16 +135,14 @@ def serve(
         bool | None, typer.Option("--terminal/--no-terminal", help="terminal chat too (default: if interactive)")
     ] = None,
 ) -> None:
-    """Start the bot: local web chat (+ /healthz, /metrics), terminal chat, configured platform adapters."""
+    """Start the bot: the front ends bot.toml enables (web chat with /healthz and /metrics, terminal, Slack …)."""
     import asyncio
 
     from bot.cli.serve import run_bot
 
     settings = setup(config)
-    model = _load_model(settings)
-    if settings.web.enabled:
-        err.print(f"[green]web chat on http://{settings.web.host}:{settings.web.port}[/green]")
-    asyncio.run(run_bot(settings, terminal=terminal, model=model))
+    model = _load_model(settings) if settings.engine.backend == "local" else None
+    raise typer.Exit(asyncio.run(run_bot(settings, terminal=terminal, model=model)))
 
 
 @weights_app.command("demo")
@@ -156,9 +157,9 @@ def weights_demo(
     try:
         demo = write_demo_weights(out_dir / variant, variant, seed=seed)
     except ValueError as exc:
-        err.print(f"[red]{exc}[/red]")
+        err.print(Text(str(exc), style="red"))
         raise typer.Exit(2) from None
-    err.print(f"[yellow]{DEMO_NOTICE}[/yellow]")
+    err.print(Text(DEMO_NOTICE, style="yellow"))
     lines = ["[model]", f'variant = "{variant}"']
     lines += [f'{k} = "{getattr(demo, k)}"' for k in ("llm", "vit", "projection")]
     if demo.qformer:
@@ -176,13 +177,18 @@ def weights_check(
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 32,
 ) -> None:
     """Load the configured weights, report what was loaded, and answer a built-in test image."""
+    from model.generate import ChatSession
     from model.image_processing import builtin_test_image
+    from model.report import describe_weights
 
     settings = setup(config)
     started = time.perf_counter()
     model = _load_model(settings)
     load_s = time.perf_counter() - started
-    report = model.load_report  # type: ignore[attr-defined]
+    report = model.load_report
+    if report is None:  # load_minigpt4 always sets it
+        err.print("[red]the loader did not report what it loaded[/red]")
+        raise typer.Exit(1)
 
     summary = Table(title="MiniGPT-4 weights", show_header=False)
     summary.add_row("variant", report.variant)
@@ -190,42 +196,31 @@ def weights_check(
     summary.add_row("quantization", report.quantization)
     summary.add_row("visual tokens per image", str(model.spec.num_visual_tokens))
     summary.add_row("image size", f"{model.spec.vision.img_size} px")
-    if report.lora_rank:
-        summary.add_row("LoRA", f"r={report.lora_rank}, alpha={model.spec.lora.alpha}")  # type: ignore[union-attr]
+    if report.lora_rank and model.spec.lora is not None:
+        summary.add_row("LoRA", f"r={report.lora_rank}, alpha={model.spec.lora.alpha}")
     summary.add_row("load time", f"{load_s:.1f} s")
     out.print(summary)
 
+    weights = describe_weights(model, context_tokens=settings.generation.max_length)
     parts = Table(title="parameters and memory")
     for col in ("part", "parameters", "dtype", "memory"):
         parts.add_column(col, justify="right" if col in ("parameters", "memory") else "left")
-    named = {"vision encoder": model.visual_encoder, "ln_vision": model.ln_vision, "projection": model.llama_proj}
-    if model.qformer is not None:
-        named["Q-Former"] = model.qformer
-    named["LLM"] = model.llm
-    total_bytes = 0
-    for name, module in named.items():
-        params = list(module.parameters())
-        count = sum(p.numel() for p in params)
-        size = sum(p.numel() * p.element_size() for p in params)
-        total_bytes += size
-        parts.add_row(name, f"{count:,}", str(params[0].dtype).removeprefix("torch."), _gib(size))
-    cfg = model.llm.config
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.hidden_size * model.llm_dtype.itemsize
-    context = settings.generation.max_length
-    parts.add_row("weights total", "", "", _gib(total_bytes))
-    parts.add_row(f"KV cache per {context}-token thread", "", "", _gib(kv_per_token * context))
+    for part in weights.parts:
+        parts.add_row(part.name, f"{part.parameters:,}", part.dtype, _gib(part.bytes))
+    parts.add_row("weights total", "", "", _gib(weights.weights_bytes))
+    parts.add_row(f"KV cache per {weights.context_tokens}-token thread", "", "", _gib(weights.kv_bytes_per_thread))
     out.print(parts)
 
     files = Table(title="files")
     for col in ("role", "file", "tensors", "ignored", "unexpected"):
         files.add_column(col)
     for f in report.files:
-        files.add_row(f.role, f.file, str(f.loaded), str(len(f.ignored)), ", ".join(f.unexpected[:4]) or "-")
+        files.add_row(
+            f.role, Text(f.file), str(f.loaded), str(len(f.ignored)), Text(", ".join(f.unexpected[:4]) or "-")
+        )
     out.print(files)
     if report.llm_ignored:
-        out.print(f"LLM keys not used: {', '.join(report.llm_ignored[:6])}")
-
-    from model.chat import ChatSession
+        out.print(f"LLM keys not used: {', '.join(report.llm_ignored[:6])}", markup=False)
 
     session = ChatSession(model, _options(settings, model, do_sample=False, max_new_tokens=max_new_tokens))
     session.add_image(builtin_test_image())
@@ -241,6 +236,7 @@ def weights_check(
 
 
 def _gib(size: int) -> str:
+    """Bytes as GiB (from a quarter GiB up) or MiB."""
     return f"{size / 2**30:.2f} GiB" if size >= 2**28 else f"{size / 2**20:.2f} MiB"
 
 

@@ -1,7 +1,8 @@
-"""The composition root: settings → database → model + engine → bot core → front ends.
+"""The composition root: settings → database → generation backend → bot core → front ends.
 
-``serve`` runs until interrupted (or until the terminal chat ends when it is the only front
-end).  The model is imported here, lazily, so the rest of ``bot`` stays free of torch.
+``serve`` runs until a signal (or until the terminal chat ends when it is the only front end).  It
+names no platform and no backend: both come from the plugin registry (:mod:`bot.core.plugins`) by the
+names ``bot.toml`` enables, so a new front end or backend is a new package, not an edit here.
 """
 
 from __future__ import annotations
@@ -11,32 +12,25 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
+from bot.cli.backends import engine_config, load_model
+from bot.core.api import FrontEnd, FrontEndContext, FrontEndPlugin, FrontEndSetupError
+from bot.core.backend import BackendPlugin
 from bot.core.config import Settings
+from bot.core.plugins import BACKENDS, FRONTENDS, load_plugin, plugin_names
 from bot.core.service import BotService
 from storage import Database
 
 if TYPE_CHECKING:
     from model import MiniGPT4
 
-__all__ = ["load_model", "open_database", "run_bot"]
+__all__ = ["engine_config", "load_model", "open_database", "run_bot"]
 
 log = logging.getLogger(__name__)
 
-
-def load_model(settings: Settings, progress: Callable[[str, int], None] | None = None) -> MiniGPT4:
-    """Load the configured weights, writing tiny demo weights first when none are configured."""
-    from model import load_minigpt4
-
-    kwargs: dict[str, Any] = settings.model.loader_kwargs()
-    if settings.model.uses_demo_weights:
-        from model.demo_weights import DEMO_NOTICE, write_demo_weights
-
-        log.warning("No weights configured — %s.", DEMO_NOTICE)
-        kwargs |= write_demo_weights(settings.demo_weights_dir, settings.model.variant).loader_kwargs()
-    return load_minigpt4(**kwargs, progress=progress)
+PRUNE_EVERY_S = 24 * 3600
 
 
 async def open_database(settings: Settings) -> Database:
@@ -51,22 +45,6 @@ async def open_database(settings: Settings) -> Database:
     return Database(url)
 
 
-def engine_config(settings: Settings) -> Any:
-    from model.engine import EngineConfig, SchedulerConfig
-
-    e = settings.engine
-    scheduler = SchedulerConfig(
-        max_batch=e.max_batch,
-        max_prefills_per_step=e.max_prefills_per_step,
-        max_queue=e.max_queue,
-        max_queued_per_user=e.max_queued_per_user,
-        max_running_per_user=e.max_running_per_user,
-        max_wait_s=e.max_wait_s,
-        kv_budget_tokens=e.kv_budget_tokens,
-    )
-    return EngineConfig(scheduler=scheduler, image_cache_size=e.image_cache_size, prefix_reuse=e.prefix_reuse)
-
-
 async def _prune_daily(service: BotService) -> None:
     """Keep the redelivery table small: prune at start, then once a day."""
     while True:
@@ -74,21 +52,39 @@ async def _prune_daily(service: BotService) -> None:
             await service.prune_events()
         except Exception:  # a database blip must not end the bot; try again tomorrow
             log.exception("pruning processed events failed")
-        await asyncio.sleep(24 * 3600)
+        await asyncio.sleep(PRUNE_EVERY_S)
 
 
-async def run_bot(settings: Settings, *, terminal: bool | None = None, model: MiniGPT4 | None = None) -> None:
-    """Start everything configured and run until a signal (or the terminal chat) ends it."""
-    from model.engine import Engine
-    from model.engine.backend import EngineBackend
+def _enabled_front_ends(
+    settings: Settings, context: FrontEndContext, only: Collection[str] | None
+) -> list[tuple[FrontEndPlugin, Any]]:
+    chosen = []
+    for name in plugin_names(FRONTENDS):
+        if only is not None and name not in only:
+            continue
+        plugin: FrontEndPlugin = load_plugin(FRONTENDS, name)
+        table = settings.frontend(name)
+        if only is not None or plugin.enabled(table, context):
+            chosen.append((plugin, table))
+    return sorted(chosen, key=lambda pair: (pair[0].start_order, pair[0].name))
 
+
+async def run_bot(
+    settings: Settings,
+    *,
+    terminal: bool | None = None,
+    model: MiniGPT4 | None = None,
+    only: Collection[str] | None = None,
+) -> int:
+    """Start everything configured and run until a signal (or the last front end) ends it; the exit status.
+
+    ``terminal`` overrides whether this is an interactive session (default: stdin is a terminal);
+    ``only`` starts just those front ends, whatever bot.toml enables; ``model`` is an already
+    loaded model for the local backend.
+    """
     db = await open_database(settings)
-    if model is None:
-        model = await asyncio.to_thread(load_model, settings)
-    engine = Engine(model, engine_config(settings)).start()
-    backend = EngineBackend(
-        engine, info={"demo": settings.model.uses_demo_weights}, timeout_s=settings.engine.request_timeout_s
-    )
+    backend_plugin: BackendPlugin = load_plugin(BACKENDS, settings.engine.backend)
+    backend = await backend_plugin.start(settings, model=model)
     service = BotService(settings, db, backend)
     await service.recover()
     housekeeping = asyncio.create_task(_prune_daily(service))
@@ -97,37 +93,46 @@ async def run_bot(settings: Settings, *, terminal: bool | None = None, model: Mi
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread / no signals here
             loop.add_signal_handler(sig, stop.set)
-    runners: list[Any] = []
-    tasks: list[asyncio.Task[Any]] = [housekeeping]
+    running: list[FrontEnd] = []
+    ended: set[str] = set()
+
+    def request_stop(name: str) -> None:
+        ended.add(name)
+        others = [f.name for f in running if f.name not in ended]
+        if others:
+            log.info("%s ended; still serving %s", name, ", ".join(others))
+        else:
+            stop.set()
+
+    interactive = sys.stdin.isatty() if terminal is None else terminal
+    context = FrontEndContext(interactive=interactive, request_stop=request_stop)
+    status = 0
     try:
-        if settings.web.enabled:
-            from adapters.web import run_web
-
-            runners.append(await run_web(service, settings.web.host, settings.web.port))
-        if settings.slack.enabled:
-            from adapters.slack import SlackSetupError, start_slack  # slack_bolt only when Slack is on
-
+        for plugin, table in _enabled_front_ends(settings, context, only):
+            front_end = plugin.create(service, table, context)
             try:
-                runners.append(await start_slack(service, settings))
-            except SlackSetupError as exc:
-                log.error("Slack: %s (see docs/slack.md)", exc)
-                return
-        use_terminal = sys.stdin.isatty() if terminal is None else terminal
-        if use_terminal:
-            from adapters.terminal import TerminalChat
-
-            chat = asyncio.create_task(TerminalChat(service.handle).run())
-            chat.add_done_callback(lambda _t: stop.set() if not runners else None)  # the only front end
-            tasks.append(chat)
-        if not runners and tasks == [housekeeping]:
-            log.error("no front end enabled: set [web] or [slack] enabled = true, or run in a terminal")
-            return
+                await front_end.start()
+            except (FrontEndSetupError, OSError) as exc:
+                log.error("%s: %s (see %s)", plugin.name, exc, plugin.docs)
+                with contextlib.suppress(Exception):
+                    await front_end.stop()
+                status = 1
+                return status
+            running.append(front_end)
+        if not running:
+            log.error("no front end enabled: set enabled = true in one of [%s], or run in a terminal",
+                      "], [".join(plugin_names(FRONTENDS)))  # fmt: skip
+            return 1
         await stop.wait()
     finally:
-        for task in tasks:
-            task.cancel()
-        for runner in runners:
-            await runner.cleanup()
-        await asyncio.to_thread(engine.stop)
+        for front_end in reversed(running):
+            try:
+                await front_end.stop()
+            except Exception:
+                log.exception("stopping %s failed", front_end.name)
+        housekeeping.cancel()
+        await asyncio.gather(housekeeping, return_exceptions=True)
+        await backend.close()
         await db.dispose()
         log.info("stopped")
+    return status

@@ -194,7 +194,7 @@ class FrontEndPlugin:
 
     ``create(core, settings, context)`` builds the front end without starting it; ``enabled(settings,
     context)`` decides whether ``serve`` starts it (default: the table's ``enabled``).  ``docs`` names
-    the page with its set-up guide, quoted in start-up errors.
+    the page with its set-up guide, quoted in start-up errors; ``start_order`` sorts the start.
     """
 
     name: str
@@ -202,3 +202,4 @@ class FrontEndPlugin:
     create: Callable[[Core, Any, FrontEndContext], FrontEnd]
     enabled: Callable[[Any, FrontEndContext], bool] = lambda settings, _context: bool(settings.enabled)
     docs: str = "docs/adapters.md"
+    start_order: int = 0  # lower starts first; an interactive prompt goes last, after the others' start-up lines

@@ -1,38 +1,68 @@
-"""What the core needs from a model backend; ``model.engine.backend.EngineBackend`` provides it.
+"""The backend seam: what the core needs from whatever generates answers, and how backends are found.
 
-The core never imports torch: it talks to this protocol, and events are recognised by
-their attributes (a final event has ``finish_reason``).  Backpressure errors carry
-``retry_after_s``; per-request failures carry ``user_message``.
+A backend streams the events of :mod:`model.engine.api` — the engine's torch-free contract, which
+both sides import — and raises only its errors (``Busy``, ``RequestRejected``, ``RequestFailed``).
+The core dispatches on those types (:meth:`bot.core.service.BotService._stream`), so a backend never
+decides what a user is told.  The local engine (``model.engine.backend.EngineBackend``) implements
+this; Ray Serve and vLLM backends plug in the same way, chosen by ``[engine] backend`` through the
+entry-point group ``minigpt4_bot.backends`` (:mod:`bot.core.plugins`).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-__all__ = ["GenerationBackend"]
+from model.engine.api import ChatTurn, FinalEvent, TokenEvent
+
+if TYPE_CHECKING:
+    from bot.core.config import Settings
+
+__all__ = ["BackendPlugin", "ChatTurn", "GenerationBackend"]
 
 
+@runtime_checkable
 class GenerationBackend(Protocol):
-    """Streams one answer for a thread's turns and images."""
+    """Streams one answer for a thread's turns and pictures."""
 
     def stream(
         self,
         *,
-        turns: Sequence[dict[str, Any]],
+        turns: Sequence[ChatTurn],
         images: Sequence[bytes],
         conversation_id: str,
         user: str,
-        options: dict[str, Any],
-    ) -> AsyncIterator[Any]:
-        """Yield events with ``.text`` (deltas); the last has ``finish_reason``, ``prompt_tokens``,
-        ``completion_tokens`` and ``ttft_s``.  Raise an error with ``retry_after_s`` when busy."""
+        options: Mapping[str, Any],
+    ) -> AsyncIterator[TokenEvent | FinalEvent]:
+        """Token events, then one final event.  ``conversation_id`` keys cached image tokens and KV
+        prefixes (and replica affinity); ``user`` is the fairness key; ``options`` the ``[generation]``
+        settings.  Raises ``model.engine.api.EngineError`` subclasses only."""
         ...
 
     def describe(self) -> dict[str, Any]:
-        """Model facts for the ``settings`` command (variant, weights, device, dtype)."""
+        """Model facts for the ``settings`` command and health (variant, device, dtype, demo)."""
         ...
 
     def stats(self) -> dict[str, Any]:
-        """Engine metrics (queue depth, batch size, tokens/s …) for /metrics."""
+        """Engine gauges (queue depth, batch size, tokens/s, cache hit rates) for /metrics."""
         ...
+
+    async def close(self) -> None:
+        """Stop generating (answers in flight end as aborted) and free the resources."""
+        ...
+
+
+@dataclass(frozen=True)
+class BackendPlugin:
+    """The entry-point object of a backend: ``create(settings, **overrides)`` builds and starts it.
+
+    Overrides are keyword arguments the entry layer may pass (the local backend takes an already
+    loaded ``model=``); a backend ignores the ones it does not know.
+    """
+
+    name: str
+    create: Callable[..., Awaitable[GenerationBackend]]
+
+    async def start(self, settings: Settings, **overrides: Any) -> GenerationBackend:
+        return await self.create(settings, **overrides)

@@ -14,6 +14,18 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from bot.core.api import FrontEndSettings
+from bot.core.plugins import BACKENDS, FRONTENDS, load_plugin, plugin_names
+from storage.url import (
+    DATABASE_URL_ENV,
+    DatabaseURLError,
+    effective_database_url,
+    has_password,
+    hide_password,
+    resolve_sqlite_path,
+)
+from storage.url import normalize_database_url as _normalize
+
 __all__ = [
     "DATABASE_URL_ENV",
     "ConfigError",
@@ -22,15 +34,11 @@ __all__ = [
     "GenerationSettings",
     "ModelSettings",
     "Settings",
-    "SlackSettings",
     "find_config",
     "load_settings",
-    "normalize_database_url",
 ]
 
 CONFIG_ENV = "MINIGPT4_BOT_CONFIG"
-DATABASE_URL_ENV = "MINIGPT4_BOT_DATABASE_URL"
-SQLITE_FILE = "minigpt4-bot.db"
 
 
 class ConfigError(ValueError):
@@ -100,8 +108,13 @@ class GenerationSettings(_Strict):
 
 
 class EngineSettings(_Strict):
-    """``[engine]``: the shared inference engine's limits (continuous batching, caches, backpressure)."""
+    """``[engine]``: which generation backend answers, and the shared engine's limits.
 
+    The limits are the engine's own configuration (``SchedulerConfig`` and ``EngineConfig`` take them by
+    name, no field-by-field copy); a test keeps the names in step.
+    """
+
+    backend: str = Field("local", description="a registered generation backend (entry point minigpt4_bot.backends)")
     max_batch: int = Field(16, ge=1, le=512)
     max_prefills_per_step: int = Field(4, ge=1)
     max_queue: int = Field(256, ge=1)
@@ -112,6 +125,14 @@ class EngineSettings(_Strict):
     image_cache_size: int = Field(256, ge=0)
     prefix_reuse: bool = True
     request_timeout_s: float = Field(300.0, gt=0)
+
+    @field_validator("backend")
+    @classmethod
+    def _backend(cls, value: str) -> str:
+        installed = plugin_names(BACKENDS)
+        if value not in installed:
+            raise ValueError(f"no generation backend {value!r} is installed (installed: {', '.join(installed)})")
+        return value
 
 
 DEFAULT_PRESETS: dict[str, str] = {
@@ -145,13 +166,18 @@ class PresetSettings(_Strict):
 
 
 class QuotaLimits(_Strict):
-    """Limits for one scope; 0 means unlimited."""
+    """Limits for one scope; 0 means unlimited.
 
-    requests_per_day: int = Field(0, ge=0)
-    requests_per_month: int = Field(0, ge=0)
-    tokens_per_day: int = Field(0, ge=0)
-    tokens_per_month: int = Field(0, ge=0)
-    images_per_day: int = Field(0, ge=0)
+    The one list of quota limits: the quota checks, the admin commands' options and columns, and a
+    test against the ``quota_settings`` table all follow these fields.  Each name is
+    ``<usage counter>_per_<day|month>``; the title is the short column name in admin tables.
+    """
+
+    requests_per_day: int = Field(0, ge=0, title="req/day")
+    requests_per_month: int = Field(0, ge=0, title="req/month")
+    tokens_per_day: int = Field(0, ge=0, title="tok/day")
+    tokens_per_month: int = Field(0, ge=0, title="tok/month")
+    images_per_day: int = Field(0, ge=0, title="img/day")
 
 
 class QuotaSettings(_Strict):
@@ -169,74 +195,6 @@ class ImageSettings(_Strict):
     max_per_message: int = Field(4, ge=1)
 
 
-class WebSettings(_Strict):
-    """``[web]``: the local web chat, health and metrics endpoints (loopback by default)."""
-
-    enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
-
-
-class SlackSettings(_Strict):
-    """``[slack]``: the Slack front end (tokens come from the environment, never from this file)."""
-
-    enabled: bool = False
-    mode: Literal["socket", "http"] = "socket"
-    api_url: str = "https://slack.com/api/"
-    http_host: str = "127.0.0.1"
-    http_port: int = Field(3000, ge=0, le=65535)
-    slash_command: str = "/minigpt4"
-    max_image_bytes: int = Field(0, ge=0, description="0 = [images] max_bytes")
-    update_interval_s: float = Field(1.0, ge=0)
-    updates_per_minute: int = Field(45, ge=1, le=1000)
-    max_message_chars: int = Field(3500, ge=200, le=4000)
-
-    @field_validator("api_url")
-    @classmethod
-    def _api_url(cls, value: str) -> str:
-        value = value.strip()
-        if not value.startswith(("https://", "http://")):
-            raise ValueError(
-                "use the Web API base URL, e.g. https://slack.com/api/ (GovSlack: https://slack-gov.com/api/)"
-            )
-        return value if value.endswith("/") else value + "/"
-
-    @field_validator("slash_command")
-    @classmethod
-    def _slash_command(cls, value: str) -> str:
-        if not value.startswith("/") or len(value) < 2 or any(c.isspace() or c.isupper() for c in value):
-            raise ValueError("a slash command is '/' and a lowercase name without spaces, e.g. /minigpt4")
-        return value
-
-
-def normalize_database_url(url: str) -> str:
-    """The async-driver form of a database URL (``postgresql://`` → asyncpg, ``sqlite:///`` → aiosqlite).
-
-    Raises :class:`ConfigError` for anything that is not an SQLite or PostgreSQL URL.
-    """
-    url = url.strip()
-    scheme, sep, rest = url.partition("://")
-    if not sep or not rest:
-        raise ConfigError(f"not a database URL: {_hide_password(url)!r} (use sqlite:///PATH or postgresql://HOST/DB)")
-    scheme = scheme.lower()
-    if scheme in ("postgresql", "postgres", "postgresql+asyncpg"):
-        return f"postgresql+asyncpg://{rest}"
-    if scheme in ("sqlite", "sqlite+aiosqlite"):
-        return f"sqlite+aiosqlite://{rest}"
-    raise ConfigError(
-        f"unsupported database URL scheme {scheme!r}: use sqlite:///PATH or postgresql://USER@HOST:PORT/DB "
-        "(the bot uses the aiosqlite and asyncpg drivers)"
-    )
-
-
-def _hide_password(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if sep and at and ":" in credentials:
-        return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
-    return url
-
-
 class DatabaseSettings(_Strict):
     """``[database]``: where conversations, usage and quotas live."""
 
@@ -250,18 +208,21 @@ class DatabaseSettings(_Strict):
     def _url(cls, value: str) -> str:
         if not value:
             return value
-        try:
-            normalize_database_url(value)
-        except ConfigError as exc:
-            raise ValueError(str(exc)) from None
-        credentials = value.partition("://")[2].rpartition("@")[0]
-        if ":" in credentials:
+        _normalize(value)  # a DatabaseURLError (a ValueError) names what is accepted
+        if has_password(value):
             raise ValueError(f"passwords do not belong in bot.toml: set {DATABASE_URL_ENV} in the environment instead")
         return value
 
 
 class Settings(_Strict):
-    """The whole ``bot.toml``."""
+    """The whole ``bot.toml``.
+
+    Besides the core's tables, each installed front end (``bot.core.plugins``) owns one table named
+    after it (``[web]``, ``[slack]`` …), validated by the front end's own settings model: read it
+    with :meth:`frontend`.  Any other table is an error (reported by :func:`load_settings`).
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
 
     data_dir: str = "data"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -272,8 +233,22 @@ class Settings(_Strict):
     presets: PresetSettings = Field(default_factory=PresetSettings)
     quotas: QuotaSettings = Field(default_factory=QuotaSettings)
     images: ImageSettings = Field(default_factory=ImageSettings)
-    web: WebSettings = Field(default_factory=WebSettings)
-    slack: SlackSettings = Field(default_factory=SlackSettings)
+
+    def frontend(self, name: str) -> FrontEndSettings:
+        """The validated ``[name]`` table of an installed front end (its defaults when absent)."""
+        extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
+        value = extra.get(name)
+        if isinstance(value, FrontEndSettings):
+            return value
+        plugin = load_plugin(FRONTENDS, name)
+        try:
+            validated = plugin.settings.model_validate(value or {})
+        except ValidationError as exc:
+            raise ConfigError(_format_errors(None, exc, prefix=name)) from None
+        extra[name] = validated
+        if self.__pydantic_extra__ is None:
+            object.__setattr__(self, "__pydantic_extra__", extra)
+        return validated
 
     @property
     def demo_weights_dir(self) -> Path:
@@ -282,10 +257,10 @@ class Settings(_Strict):
     def database_url(self) -> str:
         """The effective async database URL: ``$MINIGPT4_BOT_DATABASE_URL``, else ``[database] url``,
         else the SQLite file ``<data_dir>/minigpt4-bot.db``.  Raises :class:`ConfigError` for a bad URL."""
-        url = os.environ.get(DATABASE_URL_ENV, "").strip() or self.database.url
-        if not url:
-            return f"sqlite+aiosqlite:///{Path(self.data_dir).expanduser() / SQLITE_FILE}"
-        return normalize_database_url(url)
+        try:
+            return effective_database_url(self.database.url, self.data_dir)
+        except DatabaseURLError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def find_config(explicit: str | os.PathLike[str] | None = None) -> Path | None:
@@ -298,15 +273,45 @@ def find_config(explicit: str | os.PathLike[str] | None = None) -> Path | None:
     return default if default.is_file() else None
 
 
-def _format_errors(path: Path | None, exc: ValidationError) -> str:
-    where = str(path) if path else "configuration"
-    lines = [f"{where}: {exc.error_count()} invalid setting(s)"]
+def _error_lines(exc: ValidationError, prefix: str = "") -> list[str]:
+    lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        shown = _hide_password(err["input"]) if isinstance(err.get("input"), str) else err.get("input")
+        loc = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(err["loc"])) or "(top level)"
+        shown = hide_password(err["input"]) if isinstance(err.get("input"), str) else err.get("input")
         got = f" (got {shown!r})" if err["type"] != "missing" and "input" in err else ""
         lines.append(f"  {loc}: {err['msg']}{got}")
-    return "\n".join(lines)
+    return lines
+
+
+def _format_errors(path: Path | None, exc: ValidationError | list[str], prefix: str = "") -> str:
+    where = str(path) if path else "configuration"
+    lines = exc if isinstance(exc, list) else _error_lines(exc, prefix)
+    return "\n".join([f"{where}: {len(lines)} invalid setting(s)", *lines])
+
+
+def _validate(data: dict[str, Any], path: Path | None) -> Settings:
+    """The core's tables and every front end's table, all problems reported together."""
+    lines: list[str] = []
+    settings: Settings | None = None
+    try:
+        settings = Settings.model_validate(data)
+    except ValidationError as exc:
+        lines += _error_lines(exc)
+    tables: dict[str, FrontEndSettings] = {}
+    installed = plugin_names(FRONTENDS)
+    for name in data.keys() - Settings.model_fields.keys():
+        if name not in installed:
+            lines.append(f"  {name}: unknown table or setting (front ends installed: {', '.join(installed)})")
+            continue
+        try:
+            tables[name] = load_plugin(FRONTENDS, name).settings.model_validate(data[name])
+        except ValidationError as exc:
+            lines += _error_lines(exc, name)
+    if lines or settings is None:
+        raise ConfigError(_format_errors(path, lines))
+    for name, table in tables.items():
+        settings.__pydantic_extra__[name] = table  # type: ignore[index]
+    return settings
 
 
 _PATH_KEYS = ("llm", "vit", "qformer", "projection")
@@ -323,10 +328,7 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
             data = tomllib.loads(config_path.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{config_path}: not valid TOML: {exc}") from exc
-    try:
-        settings = Settings.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(config_path, exc)) from None
+    settings = _validate(data, config_path)
     base = config_path.parent if config_path is not None else Path.cwd()
     for key in _PATH_KEYS:
         value = getattr(settings.model, key)
@@ -334,15 +336,5 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
             setattr(settings.model, key, str(base / value))
     if not Path(settings.data_dir).expanduser().is_absolute():
         settings.data_dir = str(base / settings.data_dir)
-    settings.database.url = _resolve_sqlite_path(settings.database.url, base)
+    settings.database.url = resolve_sqlite_path(settings.database.url, base)
     return settings
-
-
-def _resolve_sqlite_path(url: str, base: Path) -> str:
-    """``sqlite:///relative.db`` in bot.toml is relative to the file's folder, like every other path."""
-    scheme, sep, path = url.partition(":///")
-    if not sep or not scheme.lower().startswith("sqlite") or not path or path.startswith(":memory:"):
-        return url
-    if Path(path).expanduser().is_absolute():
-        return url
-    return f"{scheme}:///{base / path}"

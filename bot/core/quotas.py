@@ -1,4 +1,9 @@
-"""Quotas: per-user and per-workspace limits checked before work is queued, counted from the usage ledger."""
+"""Quotas: per-user and per-workspace limits checked before work is queued, counted from the usage ledger.
+
+The limits are the fields of :class:`~bot.core.config.QuotaLimits`, each named
+``<counter>_per_<window>``: ``counter`` is a :class:`~storage.UsageTotals` field (requests, tokens,
+images) and ``window`` a UTC calendar ``day`` or ``month``.  Nothing here lists them again.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,11 @@ from datetime import UTC, datetime, timedelta
 
 from bot.core.config import QuotaLimits, QuotaSettings
 from bot.core.errors import QuotaExceeded
-from storage import Database
+from storage import Database, UsageTotals
 
-__all__ = ["QuotaPolicy", "day_start", "month_start"]
+__all__ = ["WINDOWS", "QuotaPolicy", "day_start", "limit_parts", "month_start", "window_starts"]
 
-LIMITS = ("requests_per_day", "requests_per_month", "tokens_per_day", "tokens_per_month", "images_per_day")
+WINDOWS = ("day", "month")
 
 
 def day_start(now: datetime) -> datetime:
@@ -26,6 +31,19 @@ def _next_month(start: datetime) -> datetime:
     return (start + timedelta(days=32)).replace(day=1)
 
 
+def window_starts(now: datetime) -> dict[str, datetime]:
+    """When the current day and month began (UTC): ``{"day": …, "month": …}``."""
+    return {"day": day_start(now), "month": month_start(now)}
+
+
+def limit_parts(name: str) -> tuple[str, str]:
+    """``"tokens_per_day"`` → ``("tokens", "day")``: the usage counter a limit caps, and its window."""
+    counter, sep, window = name.partition("_per_")
+    if not sep or window not in WINDOWS or counter not in UsageTotals.__dataclass_fields__:
+        raise ValueError(f"a quota limit is <requests|tokens|images>_per_<day|month>, not {name!r}")
+    return counter, window
+
+
 @dataclass
 class QuotaPolicy:
     """Checks a request against the effective limits (admin overrides, else configured defaults)."""
@@ -33,33 +51,48 @@ class QuotaPolicy:
     settings: QuotaSettings
     db: Database
 
+    def defaults(self, scope: str) -> QuotaLimits:
+        """The configured limits for a scope (``user`` or ``workspace``)."""
+        return self.settings.user if scope == "user" else self.settings.workspace
+
     async def effective(self, scope: str, platform: str, workspace: str, user: str = "") -> QuotaLimits:
-        base = self.settings.user if scope == "user" else self.settings.workspace
+        base = self.defaults(scope)
         row = await self.db.quota_setting(scope, platform, workspace, user)
         if row is None:
             return base
-        values = {name: getattr(row, name) for name in LIMITS if getattr(row, name) is not None}
+        values = {name: getattr(row, name) for name in QuotaLimits.model_fields if getattr(row, name) is not None}
         return base.model_copy(update=values)
+
+    async def usage(self, platform: str, workspace: str, user_id: str | None, now: datetime) -> dict[str, UsageTotals]:
+        """Usage in the current day and month (``user_id=None``: the whole workspace)."""
+        return {
+            window: await self.db.usage_since(platform, workspace, user_id, start)
+            for window, start in window_starts(now).items()
+        }
 
     async def check(self, platform: str, workspace: str, user: str, new_images: int, now: datetime) -> None:
         """Raise :class:`QuotaExceeded` naming the first limit this request would cross."""
-        today, month = day_start(now), month_start(now)
+        starts = window_starts(now)
+        resets = {"day": starts["day"] + timedelta(days=1), "month": _next_month(starts["month"])}
         for scope, who in (("user", user), ("workspace", "")):
             limits = await self.effective(scope, platform, workspace, who)
-            if not any(getattr(limits, name) for name in LIMITS):
+            if not any(getattr(limits, name) for name in QuotaLimits.model_fields):
                 continue
-            user_id = user if scope == "user" else None
-            day = await self.db.usage_since(platform, workspace, user_id, today)
-            mon = await self.db.usage_since(platform, workspace, user_id, month)
-            checks = [
-                ("requests_per_day", day.requests + 1, today + timedelta(days=1)),
-                ("requests_per_month", mon.requests + 1, _next_month(month)),
-                ("tokens_per_day", day.tokens + 1 if day.tokens else 0, today + timedelta(days=1)),
-                ("tokens_per_month", mon.tokens + 1 if mon.tokens else 0, _next_month(month)),
-                ("images_per_day", day.images + new_images, today + timedelta(days=1)),
-            ]
-            for name, would_use, resets in checks:
+            usage = await self.usage(platform, workspace, user if scope == "user" else None, now)
+            for name in QuotaLimits.model_fields:
                 limit = getattr(limits, name)
-                if limit and would_use > limit:
-                    used = would_use - (new_images if name == "images_per_day" else 1)
-                    raise QuotaExceeded(scope, name, max(used, 0), limit, resets)
+                counter, window = limit_parts(name)
+                used = getattr(usage[window], counter)
+                if limit and _crosses(counter, used, limit, new_images):
+                    raise QuotaExceeded(scope, name, used, limit, resets[window])
+
+
+def _crosses(counter: str, used: int, limit: int, new_images: int) -> bool:
+    """Whether this request would go over ``limit``.
+
+    A request counts one, pictures count as they arrive; an answer's tokens are not known in advance,
+    so a token limit stops requests once it has been reached.
+    """
+    if counter == "tokens":
+        return used >= limit
+    return used + (new_images if counter == "images" else 1) > limit

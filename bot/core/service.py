@@ -11,14 +11,16 @@ interrupted answer is marked as such; nothing already stored is deleted.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from typing import Any
 
 from bot.core.access import AccessControl
-from bot.core.backend import GenerationBackend
+from bot.core.api import Health, ImageLimits, PresetInfo, ThreadTurn, ThreadView
+from bot.core.backend import ChatTurn, GenerationBackend
 from bot.core.config import Settings
 from bot.core.errors import (
     BotError,
@@ -33,8 +35,9 @@ from bot.core.images import check_image
 from bot.core.metrics import BotMetrics
 from bot.core.presets import Command, PresetBook, parse_message
 from bot.core.quotas import QuotaPolicy
-from bot.core.requests import Delta, Final, ReplyEvent, Request
-from bot.core.sanitize import sanitize_output
+from bot.core.requests import Delta, Final, ReplyEvent, Request, ThreadRef
+from bot.core.sanitize import clean_text, sanitize_output
+from model.engine.api import Busy, FinalEvent, RequestFailed, RequestRejected, TokenEvent
 from storage import ConversationKey, Database
 
 __all__ = ["BotService", "help_text"]
@@ -43,18 +46,49 @@ log = logging.getLogger(__name__)
 
 
 def help_text(presets: list[str]) -> str:
-    names = ", ".join(f"`{p}`" for p in presets)
+    """The one help text, plain (no markup): every front end shows it as is or escaped."""
+    names = ", ".join(presets)
     return (
-        "*MiniGPT-4* answers questions about pictures.\n"
+        "MiniGPT-4 answers questions about pictures.\n"
         "• Send a picture with a question — or just a picture for a description.\n"
         "• Reply in the thread to follow up; new pictures join the conversation.\n"
         f"• Start with a preset name to use its prompt: {names}.\n"
-        "• `reset` starts this thread over, `settings` shows the model and your limits, `help` shows this."
+        '• "reset" starts this thread over, "settings" shows the model and your limits, "help" shows this.'
     )
 
 
+def _clean_request(request: Request) -> Request:
+    """The request with every text field cleaned (ids too: they are stored and echoed)."""
+    images = tuple(
+        dataclasses.replace(i, filename=clean_text(i.filename), error=clean_text(i.error) if i.error else i.error)
+        for i in request.images
+    )
+    return dataclasses.replace(
+        request,
+        platform=clean_text(request.platform),
+        workspace=clean_text(request.workspace),
+        channel=clean_text(request.channel),
+        thread=clean_text(request.thread),
+        user=clean_text(request.user),
+        text=clean_text(request.text),
+        images=images,
+        event_id=clean_text(request.event_id) if request.event_id else request.event_id,
+        preset=clean_text(request.preset) if request.preset else request.preset,
+    )
+
+
+def _clean_reply(event: ReplyEvent) -> ReplyEvent:
+    cleaned = clean_text(event.text)
+    return event if cleaned == event.text else dataclasses.replace(event, text=cleaned)
+
+
+def _key(ref: ThreadRef) -> ConversationKey:
+    return ConversationKey(ref.platform, ref.workspace, ref.channel, ref.thread)
+
+
 class BotService:
-    """Ties config, storage, quotas, presets and the model backend together."""
+    """Ties config, storage, quotas, presets and the model backend together; implements
+    :class:`bot.core.api.Core`, the only surface front ends use (the database and the backend stay private)."""
 
     def __init__(
         self,
@@ -64,32 +98,39 @@ class BotService:
         metrics: BotMetrics | None = None,
     ) -> None:
         self.settings = settings
-        self.db = db
-        self.backend = backend
+        self._db = db
+        self._backend = backend
         self.metrics = metrics or BotMetrics()
-        self.presets = PresetBook(settings.presets)
-        self.quotas = QuotaPolicy(settings.quotas, db)
-        self.access = AccessControl(db)
+        self._presets = PresetBook(settings.presets)
+        self._quotas = QuotaPolicy(settings.quotas, db)
+        self._access = AccessControl(db)
         self.metrics.watch_engine(backend.stats)
 
+    # ------------------------------------------------------------------ the Core API (bot.core.api)
+
     async def handle(self, request: Request) -> AsyncIterator[ReplyEvent]:
-        """Answer one message; yields nothing for a redelivered event."""
+        """Answer one message; yields nothing for a redelivered event.
+
+        Text is cleaned once, here, both ways (:func:`~bot.core.sanitize.clean_text`): what the request
+        brings before anything is stored, and every reply before any front end sends it.
+        """
         started = time.monotonic()
         outcome = "answered"
+        request = _clean_request(request)
         try:
-            if request.event_id and not await self.db.mark_event(request.platform, request.event_id):
+            if request.event_id and not await self._db.mark_event(request.platform, request.event_id):
                 log.info("ignoring redelivered event %s/%s", request.platform, request.event_id)
                 outcome = "duplicate"
                 return
             async for event in self._handle(request):
-                yield event
+                yield _clean_reply(event)
         except BotError as exc:
             outcome = type(exc).__name__
             if isinstance(exc, QuotaExceeded):
                 self.metrics.quota_rejections.labels(exc.scope, exc.limit_name).inc()
             log.info("%s for %s/%s: %s", outcome, request.platform, request.user, exc)
             kind = "error" if not isinstance(exc, UserInputError) else "notice"
-            yield Final(exc.user_message, kind=kind, ephemeral=exc.ephemeral)
+            yield Final(clean_text(exc.user_message), kind=kind, ephemeral=exc.ephemeral)
         except Exception:
             outcome = "error"
             log.exception("unexpected error handling a %s message", request.platform)
@@ -99,20 +140,71 @@ class BotService:
             if outcome == "answered":
                 self.metrics.latency.labels(request.platform).observe(time.monotonic() - started)
 
-    async def _handle(self, request: Request) -> AsyncIterator[ReplyEvent]:
-        await self.access.check(request.platform, request.workspace, request.channel, request.user)
+    async def thread(self, ref: ThreadRef, *, turns: bool = False) -> ThreadView:
+        key = _key(ref)
+        conversation = await self._db.live_conversation(key)
+        stored = await self._db.turns(conversation.id) if conversation is not None else []
+        shown = tuple(
+            ThreadTurn(t.id, t.role, t.text or "", t.status, t.image_id is not None, t.created_at)  # type: ignore[arg-type]
+            for t in stored
+        )
+        return ThreadView(
+            ref=ref,
+            live=bool(stored),
+            followed=await self._db.is_followed(key),
+            has_image=any(t.image_id is not None for t in stored),
+            turns=shown if turns else (),
+        )
+
+    def presets(self, workspace: str = "", channel: str = "") -> list[PresetInfo]:
+        return [PresetInfo(n, self._presets.prompt(n, workspace, channel)) for n in self._presets.names]
+
+    @property
+    def default_preset(self) -> str:
+        return self.settings.presets.default
+
+    def help_text(self) -> str:
+        return help_text(self._presets.names)
+
+    @property
+    def image_limits(self) -> ImageLimits:
+        i = self.settings.images
+        return ImageLimits(max_bytes=i.max_bytes, max_pixels=i.max_pixels, max_per_message=i.max_per_message)
+
+    async def health(self) -> Health:
         try:
-            command = parse_message(request.text, self.presets.names, request.preset)
+            model, stats = self._backend.describe(), self._backend.stats()
+        except Exception as exc:
+            log.warning("health check: the model backend did not answer: %s", exc)
+            return Health(ok=False, checks={"engine": "the model backend did not answer"})
+        engine = {k: stats.get(k) for k in ("queue_depth", "batch_size")}
+        return Health(ok=True, model=model, engine=engine, checks={"engine": "ok"})
+
+    def metrics_text(self) -> bytes:
+        return self.metrics.render()
+
+    # ------------------------------------------------------------------ answering
+
+    async def _handle(self, request: Request) -> AsyncIterator[ReplyEvent]:
+        await self._access.check(request.platform, request.workspace, request.channel, request.user)
+        key = _key(request.ref)
+        if request.addressed:
+            await self._db.follow_thread(key)
+        failed = next((img.error for img in request.images if img.error), None)
+        if failed:
+            raise ImageError(failed)
+        try:
+            command = parse_message(request.text, self._presets.names, request.preset)
         except KeyError as exc:
-            raise UserInputError(f"{exc.args[0]}. Say `help` for the list.") from None
-        key = ConversationKey(request.platform, request.workspace, request.channel, request.thread)
+            raise UserInputError(f"{exc.args[0]}. Say help for the list.") from None
         if command.command == "help":
-            yield Final(help_text(self.presets.names), kind="help", ephemeral=True)
+            yield Final(self.help_text(), kind="help", ephemeral=True)
             return
         if command.command == "reset":
-            live = await self.db.live_conversation(key)
+            live = await self._db.live_conversation(key)
             if live is not None:
-                await self.db.archive_conversation(live.id)
+                await self._db.archive_conversation(live.id)
+            await self._db.follow_thread(key)  # a picture posted after the reset starts anew, even after a restart
             yield Final("Starting over: the next picture and question begin a new conversation.", kind="notice")
             return
         if command.command == "settings":
@@ -129,35 +221,35 @@ class BotService:
             check_image(img.data, limits, name=img.filename or f"picture {i + 1}")
             for i, img in enumerate(request.images)
         ]
-        conversation = await self.db.live_conversation(key)
-        history = await self.db.turns(conversation.id) if conversation is not None else []
+        conversation = await self._db.live_conversation(key)
+        history = await self._db.turns(conversation.id) if conversation is not None else []
         if not checked and not any(t.image_id for t in history):
             raise NoImageError()
         if conversation is None:
-            conversation = await self.db.get_or_create_conversation(key)
-            history = await self.db.turns(conversation.id)
-        question = self.presets.question(command, bool(checked), request.workspace, request.channel)
+            conversation = await self._db.get_or_create_conversation(key)
+            history = await self._db.turns(conversation.id)
+        question = self._presets.question(command, bool(checked), request.workspace, request.channel)
         if not question and not checked:
             raise UserInputError("What would you like to know about the picture?")
-        await self.quotas.check(request.platform, request.workspace, request.user, len(checked), self.db.now())
+        await self._quotas.check(request.platform, request.workspace, request.user, len(checked), self._db.now())
 
-        image_ids = [await self.db.add_image(c.data, c.mime, c.width, c.height) for c in checked]
+        image_ids = [await self._db.add_image(c.data, c.mime, c.width, c.height) for c in checked]
         new_turns: list[dict[str, Any]] = [
             {"role": "user", "text": "", "image_id": i, "user_id": request.user} for i in image_ids[:-1]
         ]
         new_turns.append({"role": "user", "text": question, "image_id": image_ids[-1] if image_ids else None,
                           "user_id": request.user})  # fmt: skip
         new_turns.append({"role": "assistant", "status": "pending"})
-        stored = await self.db.add_turns(conversation.id, new_turns)
+        stored = await self._db.add_turns(conversation.id, new_turns)
         answer_turn = stored[-1]
         turns, images = await self._model_input(history + stored[:-1])
         async for event in self._stream(request, conversation.id, answer_turn.id, turns, images, len(checked)):
             yield event
 
-    async def _model_input(self, history: list[Any]) -> tuple[list[dict[str, Any]], list[bytes]]:
+    async def _model_input(self, history: Sequence[Any]) -> tuple[list[ChatTurn], list[bytes]]:
         """The thread as model turns: finished answers only (failed/interrupted ones are left out)."""
-        data = await self.db.image_data([t.image_id for t in history if t.image_id])
-        turns: list[dict[str, Any]] = []
+        data = await self._db.image_data([t.image_id for t in history if t.image_id])
+        turns: list[ChatTurn] = []
         images: list[bytes] = []
         for t in history:
             if t.role == "assistant":
@@ -170,26 +262,36 @@ class BotService:
         return turns, images
 
     async def _stream(
-        self, request: Request, conversation_id: int, turn_id: int, turns: list, images: list, new_images: int
+        self,
+        request: Request,
+        conversation_id: int,
+        turn_id: int,
+        turns: list[ChatTurn],
+        images: list[bytes],
+        new_images: int,
     ) -> AsyncIterator[ReplyEvent]:
-        gen = self.settings.generation
-        options = gen.model_dump()
         started = time.monotonic()
         parts: list[str] = []
-        final: Any = None
+        final: FinalEvent | None = None
         status, error = "failed", None
         try:
-            stream = self.backend.stream(
-                turns=turns, images=images, conversation_id=str(conversation_id), user=request.user, options=options
+            stream = self._backend.stream(
+                turns=turns,
+                images=images,
+                conversation_id=str(conversation_id),
+                user=request.user,
+                options=self.settings.generation.model_dump(),
             )
             first = True
             async for event in stream:
-                if getattr(event, "finish_reason", None) is not None:
+                if isinstance(event, FinalEvent):
                     final = event
                     continue
+                if not isinstance(event, TokenEvent):
+                    raise TypeError(f"the backend streamed a {type(event).__name__}, not a token or final event")
                 if first:
                     first = False
-                    await self.db.finish_turn(turn_id, status="streaming")
+                    await self._db.finish_turn(turn_id, status="streaming")
                 if event.text:
                     parts.append(event.text)
                     yield Delta(sanitize_output(event.text))
@@ -199,28 +301,22 @@ class BotService:
             raise
         except Exception as exc:
             error = repr(exc)
-            if getattr(exc, "retry_after_s", None) is not None:
-                raise BusyError(exc.retry_after_s) from exc  # type: ignore[attr-defined]
-            if getattr(exc, "user_message", None):
-                raise UserInputError(exc.user_message) from exc  # type: ignore[attr-defined]
-            log.exception("backend failed for conversation %s", conversation_id)
-            raise ModelUnavailable(str(exc)) from exc
+            raise self._engine_error(exc, conversation_id) from exc
         finally:
             if status != "done":
-                await asyncio.shield(self.db.finish_turn(turn_id, status=status, error=error, finish_reason=status))
-        text = final.text if final is not None and getattr(final, "text", None) is not None else "".join(parts)
-        text = sanitize_output(text.strip())
-        completion = int(getattr(final, "completion_tokens", 0) or 0)
-        ttft = getattr(final, "ttft_s", None)
+                await asyncio.shield(self._db.finish_turn(turn_id, status=status, error=error, finish_reason=status))
+        text = sanitize_output((final.text if final is not None else "".join(parts)).strip())
+        completion = final.completion_tokens if final is not None else 0
+        ttft = final.ttft_s if final is not None else None
         usage = dict(platform=request.platform, workspace=request.workspace, user_id=request.user,
                      requests=1, tokens=completion, images=new_images)  # fmt: skip
-        await self.db.finish_turn(
+        await self._db.finish_turn(
             turn_id,
             usage=usage,
             text=text,
             status="done",
-            finish_reason=getattr(final, "finish_reason", "eos"),
-            prompt_tokens=int(getattr(final, "prompt_tokens", 0) or 0),
+            finish_reason=final.finish_reason if final is not None else "eos",
+            prompt_tokens=final.prompt_tokens if final is not None else 0,
             completion_tokens=completion,
             ttft_ms=round(ttft * 1000) if ttft is not None else None,
             duration_ms=round((time.monotonic() - started) * 1000),
@@ -230,32 +326,52 @@ class BotService:
             self.metrics.ttft.labels(request.platform).observe(ttft)
         yield Final(text or "(no answer)", kind="answer", meta={"tokens": completion, "turn_id": turn_id})
 
+    @staticmethod
+    def _engine_error(exc: Exception, conversation_id: int) -> BotError:
+        """What the user is told for a backend error: decided here, by type, never by the backend."""
+        if isinstance(exc, Busy):
+            return BusyError(exc.retry_after_s)
+        if isinstance(exc, RequestRejected) and exc.reason == "image":
+            which = f"picture {exc.image_index + 1}" if exc.image_index is not None else "a picture"
+            log.info("conversation %s: %s", conversation_id, exc)
+            return ImageError(f"I couldn't read {which} of this thread as an image. Please send it again.")
+        if isinstance(exc, RequestRejected) and exc.reason == "too_large":
+            log.info("conversation %s: %s", conversation_id, exc)
+            return UserInputError(
+                "This thread is too long for the model now. Say reset to start over (you can post the picture again)."
+            )
+        if isinstance(exc, RequestFailed | RequestRejected):
+            log.error("backend failed for conversation %s: %s", conversation_id, exc)
+        else:
+            log.error("backend failed for conversation %s", conversation_id, exc_info=exc)
+        return ModelUnavailable(str(exc))
+
     async def _settings_text(self, request: Request) -> str:
-        model = self.backend.describe()
-        limits = await self.quotas.effective("user", request.platform, request.workspace, request.user)
+        model = self._backend.describe()
+        limits = await self._quotas.effective("user", request.platform, request.workspace, request.user)
         g = self.settings.generation
         lines = [
-            f"*Model*: MiniGPT-4 `{model.get('variant', '?')}` on {model.get('device', '?')} "
+            f"Model: MiniGPT-4 {model.get('variant', '?')} on {model.get('device', '?')} "
             f"({model.get('dtype', '?')}{', demo weights' if model.get('demo') else ''})",
-            f"*Answers*: up to {g.max_new_tokens} tokens, temperature {g.temperature}, top-p {g.top_p}, "
+            f"Answers: up to {g.max_new_tokens} tokens, temperature {g.temperature}, top-p {g.top_p}, "
             f"{'sampling' if g.do_sample else 'greedy'}",
-            f"*Presets*: {', '.join(self.presets.names)} (default for a bare picture: {self.settings.presets.default})",
+            f"Presets: {', '.join(self._presets.names)} (default for a bare picture: {self.settings.presets.default})",
         ]
         caps = [f"{name.replace('_', ' ')} {value}" for name, value in limits.model_dump().items() if value]
-        lines.append("*Your limits*: " + (", ".join(caps) if caps else "none"))
+        lines.append("Your limits: " + (", ".join(caps) if caps else "none"))
         return "\n".join(lines)
 
     async def prune_events(self) -> int:
         """Forget redelivery ids older than ``[database] event_retention_days`` (by the database's clock)."""
         keep = timedelta(days=self.settings.database.event_retention_days)
-        count = await self.db.prune_events(self.db.now() - keep)
+        count = await self._db.prune_events(self._db.now() - keep)
         if count:
             log.info("pruned %d processed event id(s) older than %s", count, keep)
         return count
 
     async def recover(self) -> int:
         """At start-up: mark answers left streaming by a crash as interrupted."""
-        count = await self.db.mark_interrupted()
+        count = await self._db.mark_interrupted()
         if count:
             log.warning("marked %d unfinished answer(s) from a previous run as interrupted", count)
         return count

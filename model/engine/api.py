@@ -7,7 +7,9 @@ carries **no user-facing text**: errors describe what happened (``reason``, ``re
 ``image_index``); the core decides what a person is told.
 
 A request streams zero or more :class:`TokenEvent` and ends with exactly one :class:`FinalEvent`,
-unless it raises one of the :class:`EngineError` subclasses:
+unless it raises one of the :class:`EngineError` subclasses.  Token events may come in one burst
+just before the final event when the decoding cannot stream (the local engine's beam search: the
+best beam is known only at the end); :attr:`FinalEvent.text` is the answer either way.
 
 ======================  ==========================================================  ===================
 error                   meaning                                                     whose fault

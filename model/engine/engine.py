@@ -1,10 +1,19 @@
 """The shared inference engine: async ``submit`` in front, one worker thread doing all tensor work.
 
-``Engine.submit(request)`` validates and queues a request (raising :class:`Busy` or
-:class:`~model.generation.InvalidGenerationOptions` at once) and returns a
-:class:`RequestStream` — an async iterator of :class:`TokenEvent` ending with one
-:class:`FinalEvent`.  Stopping the iteration early (``aclose``, ``cancel``, a cancelled task)
-aborts the request and frees its batch slot.
+``Engine.submit(request)`` validates and queues a request and returns a :class:`RequestStream`
+— an async iterator of :class:`~model.engine.api.TokenEvent` ending with one
+:class:`~model.engine.api.FinalEvent`.  Stopping the iteration early (``aclose``, ``cancel``, a
+cancelled task) aborts the request and frees its batch slot.
+
+Errors are those of the contract in :mod:`model.engine.api`, and carry no user-facing text:
+``submit`` raises :class:`~model.engine.api.Busy`, :class:`~model.engine.api.RequestTooLarge`
+(the KV budget) or :class:`~model.engine.api.RequestRejected` (``"invalid"``: bad options — an
+:class:`~model.sampling.InvalidGenerationOptions` —, a placeholder/picture count mismatch, a
+request id in use); the stream raises ``RequestRejected("image", …, image_index=i)`` for a
+picture that cannot be decoded and :class:`~model.engine.api.RequestFailed` when a step crashes.
+
+Beam search (``num_beams > 1``) runs alone through :func:`model.generate.beam_search`; its
+tokens are streamed as ordinary token events once the search has ended, then the final event.
 
 The worker loop, per iteration: ask the :class:`Scheduler` for a plan → evict prefixes it
 names → prepare and prefill admitted sequences (each emits its first token) → one batched
@@ -25,10 +34,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model.conversation import IMAGE_PLACEHOLDER
+from model.engine.api import Busy, EngineError, FinalEvent, RequestFailed, RequestRejected, TokenEvent
 from model.engine.metrics import EngineMetrics
 from model.engine.runner import Runner
-from model.engine.scheduler import Busy, Scheduler, SchedulerConfig, SeqInfo, StepResult
-from model.engine.types import EngineRequest, FinalEvent, RequestFailed, SeqState, TokenEvent
+from model.engine.scheduler import Scheduler, SchedulerConfig, SeqInfo, StepResult
+from model.engine.types import EngineRequest, SeqState
+from model.generate import beam_search, decode_answer, default_options
 from model.minigpt4 import MiniGPT4
 
 __all__ = ["Engine", "EngineConfig", "RequestStream"]
@@ -141,21 +152,27 @@ class Engine:
     # ------------------------------------------------------------------ submitting
 
     def submit(self, request: EngineRequest) -> RequestStream:
-        """Validate and queue ``request``; raises ``Busy``, ``RequestTooLarge`` or ``ValueError`` subclasses."""
+        """Validate and queue ``request``; raises ``Busy``, ``RequestTooLarge``, ``RequestRejected`` or
+        ``RequestFailed`` (the engine is not running)."""
         loop = asyncio.get_running_loop()
         if self._thread is None or self._stopping:
-            raise RuntimeError("the engine is not running (call start() or use `async with Engine(...)`)")
-        options = request.options or self.model.default_options()
+            raise RequestFailed("the engine is not running (call start() or use `async with Engine(...)`)")
+        options = request.options or default_options(self.model)
         options.validate()
         if request.turns is not None:
-            prompt = self.model.build_prompt(request.turns)
+            try:
+                prompt = self.model.build_prompt(request.turns)
+            except ValueError as exc:  # a bad role, an image on an assistant turn, a reserved marker in the text
+                raise RequestRejected("invalid", str(exc)) from exc
         elif request.prompt is not None:
             prompt = request.prompt
         else:
-            raise ValueError("a request needs turns or a prompt")
+            raise RequestRejected("invalid", "a request needs turns or a prompt")
         markers = prompt.count(IMAGE_PLACEHOLDER)
         if markers != len(request.images):
-            raise ValueError(f"the prompt has {markers} image placeholder(s) but {len(request.images)} image(s)")
+            raise RequestRejected(
+                "invalid", f"the prompt has {markers} image placeholder(s) but {len(request.images)} image(s)"
+            )
         segments = self.model.segment_token_ids(prompt)
         prompt_tokens = sum(len(s) for s in segments) + markers * self.model.spec.num_visual_tokens
         prompt_tokens = min(prompt_tokens, options.max_length - options.max_new_tokens)
@@ -173,7 +190,7 @@ class Engine:
         info = SeqInfo(seq.seq_id, request.user, prompt_tokens, options.max_new_tokens, request.conversation_id)
         with self._lock:
             if seq.seq_id in self._seqs:
-                raise ValueError(f"request id {seq.seq_id} is already in use")
+                raise RequestRejected("invalid", f"request id {seq.seq_id} is already in use")
             try:
                 self.scheduler.add(info)
             except Busy:
@@ -224,7 +241,7 @@ class Engine:
             final = FinalEvent(
                 request_id=seq.seq_id,
                 finish_reason=reason,
-                text=self.model.decode_answer(seq.generated),
+                text=decode_answer(self.model, seq.generated),
                 token_ids=tuple(seq.generated),
                 prompt_tokens=int(seq.context.shape[0]) if seq.context is not None else seq.prompt_tokens,
                 completion_tokens=len(seq.generated),
@@ -242,18 +259,23 @@ class Engine:
 
     def _token(self, seq: SeqState, token: int) -> str | None:
         """Record a sampled token, emit it, and return the row's finish reason if it is done."""
-        assert seq.sampler is not None and seq.detok is not None
+        assert seq.sampler is not None
+        reason = seq.sampler.finish_reason(self.model.decode_text)
+        self._emit_token(seq, token, last=reason is not None)
+        return reason
+
+    def _emit_token(self, seq: SeqState, token: int, last: bool) -> None:
+        """Append ``token`` to the answer and send its token event (``last``: flush held-back text)."""
+        assert seq.detok is not None
         seq.generated.append(token)
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
             self.metrics.record_ttft(seq.first_token_at - seq.submitted_at, follow_up=seq.reused_prefix_tokens > 0)
         text = seq.detok.push(token)
-        reason = seq.sampler.finish_reason(self.model.decode_text)
-        if reason is not None:
+        if last:
             text += seq.detok.flush()
         self._emit(seq, TokenEvent(seq.seq_id, len(seq.generated) - 1, token, text))
         self.metrics.tokens += 1
-        return reason
 
     def _work(self) -> None:
         while True:
@@ -273,9 +295,9 @@ class Engine:
                 continue
             try:
                 self._step(plan.evict_prefixes, admitted)
-            except Exception:  # never let one bad step kill the worker
+            except Exception as exc:  # never let one bad step kill the worker
                 log.exception("engine step failed; failing the running requests")
-                self._fail_all_running()
+                self._fail_all_running(exc)
         self._shutdown()
 
     def _drop_queued(self) -> list[tuple[SeqState, str]]:
@@ -311,9 +333,8 @@ class Engine:
                     gone.append(seq.seq_id)
                     continue
                 token = self.runner.prefill(seq)
-            except RequestFailed as exc:
-                log.warning("request %s failed: %s", seq.seq_id, exc)
-                self._finish(seq, "error", exc)
+            except Exception as exc:  # this request only: the others in the step go on
+                self._finish(seq, "error", self._request_error(seq, exc))
                 gone.append(seq.seq_id)
                 continue
             generated[seq.seq_id] = 1
@@ -353,15 +374,25 @@ class Engine:
             self.scheduler.update(StepResult(generated=generated, finished=finished, cached_prefixes=kept))
 
     def _beam(self, seq: SeqState) -> None:
-        """Beam search runs alone through transformers' generate (slower, documented); tokens come at the end."""
-        assert seq.context is not None
-        result = self.model.generate([seq.context], seq.options)[0]
-        for token in result.token_ids:
-            seq.sampler.history.append(token)  # _token asks the sampler for a finish reason; it must see the token
-            self._token(seq, token)
+        """Beam search runs alone (slower, documented): its tokens stream as token events once it has ended."""
+        assert seq.context is not None  # already truncated by the runner
+        result = beam_search(self.model, seq.context, seq.options)
+        for i, token in enumerate(result.token_ids):
+            self._emit_token(seq, token, last=i == len(result.token_ids) - 1)
         self._finish(seq, result.finish_reason)
 
-    def _fail_all_running(self) -> None:
+    @staticmethod
+    def _request_error(seq: SeqState, exc: Exception) -> EngineError:
+        """The contract error for a failure while preparing one request (logged; its stream raises it)."""
+        if isinstance(exc, EngineError):
+            log.warning("request %s rejected: %s", seq.seq_id, exc)
+            return exc
+        log.error("request %s failed", seq.seq_id, exc_info=exc)
+        error = RequestFailed(f"preparing the request failed: {exc!r}")
+        error.__cause__ = exc
+        return error
+
+    def _fail_all_running(self, exc: Exception) -> None:
         rows = list(self.runner.rows)
         for seq in rows:
             seq.finish_reason = "error"
@@ -370,7 +401,9 @@ class Engine:
         except Exception:
             self.runner.reset()
         for seq in rows:
-            self._finish(seq, "error", RequestFailed("engine step failed", "Something went wrong answering that."))
+            error = RequestFailed(f"engine step failed: {exc!r}")
+            error.__cause__ = exc
+            self._finish(seq, "error", error)
         with self._lock:
             self.scheduler.update(StepResult(finished=tuple(s.seq_id for s in rows)))
 

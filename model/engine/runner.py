@@ -5,7 +5,8 @@ tensors are ``[rows, heads, T, head_dim]``) plus a ``[rows, T]`` attention mask 
 row's next position.  A new sequence is prefilled on its own — exactly the computation a
 lone request does — and its KV is then padded and stacked onto the batch; finished rows are
 sliced out and the all-padding columns on the left trimmed.  Every row is sampled by its own
-:class:`~model.generation.RowSampler`, so a row's greedy ids do not depend on its neighbours.
+:class:`~model.sampling.RowSampler`, so a row's greedy ids do not depend on its neighbours.
+All LLM passes go through :meth:`MiniGPT4.forward`.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import torch
 from PIL import Image
 from transformers.cache_utils import DynamicCache
 
+from model.engine.api import RequestRejected
 from model.engine.caches import ImageTokenCache, Item, PrefixEntry, PrefixStore, image_key
-from model.engine.types import RequestFailed, SeqState
-from model.generation import IncrementalDetokenizer, RowSampler, truncate_left
+from model.engine.types import SeqState
+from model.generate import answer_detokenizer
 from model.image_processing import ImageDecodeError, load_image
 from model.minigpt4 import MiniGPT4
+from model.sampling import RowSampler, truncate_left
 
 __all__ = ["Runner"]
 
@@ -55,7 +58,11 @@ class Runner:
     # ------------------------------------------------------------------ preparing a sequence
 
     def image_tokens(self, keys: list[str], raw: list[bytes | Image.Image]) -> list[torch.Tensor]:
-        """Visual tokens per image, encoding all cache misses in one batch."""
+        """Visual tokens per image, encoding all cache misses in one batch.
+
+        Raises :class:`~model.engine.api.RequestRejected` (reason ``"image"``, 0-based ``image_index``)
+        for a picture that cannot be decoded.
+        """
         out: list[torch.Tensor | None] = [self.images.get(k) for k in keys]
         missing = [i for i, t in enumerate(out) if t is None]
         if missing:
@@ -65,7 +72,7 @@ class Runner:
                 try:
                     pil = load_image(data if isinstance(data, Image.Image) else bytes(data))
                 except ImageDecodeError as exc:
-                    raise RequestFailed(f"image {i + 1}: {exc}", f"I couldn't read image {i + 1}: {exc}.") from exc
+                    raise RequestRejected("image", str(exc), image_index=i) from exc
                 pixels.append(self.model.preprocess(pil))
             encoded = self.model.encode_images(torch.stack(pixels))  # [M, N, H]
             for j, i in enumerate(missing):
@@ -89,7 +96,7 @@ class Runner:
             log.warning("request %s: context cut by %d tokens from the left (max_length)", seq.seq_id, cut)
         seq.context, seq.items = context, items[cut:]
         seq.sampler = RowSampler(seq.options, self.model.bos_id, [self.model.eos_id], self.device)
-        seq.detok = IncrementalDetokenizer(self.model.decode_text, ("###", *seq.options.stop_strings))
+        seq.detok = answer_detokenizer(self.model, seq.options)
 
     # ------------------------------------------------------------------ prefill and decode
 
@@ -103,16 +110,12 @@ class Runner:
         if entry is not None:
             cache = DynamicCache(ddp_cache_data=[(k[:, :, :reused], v[:, :, :reused]) for k, v in entry.kv])
             positions = torch.arange(reused, length, device=self.device).unsqueeze(0)
-            out = self.model.llm(
-                inputs_embeds=seq.context[reused:].unsqueeze(0),
-                position_ids=positions,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=1,
+            out = self.model(
+                inputs_embeds=seq.context[reused:].unsqueeze(0), position_ids=positions, cache=cache, logits_to_keep=1
             )
         else:
             cache = DynamicCache()
-            out = self.model.llm(inputs_embeds=seq.context.unsqueeze(0), cache=cache, use_cache=True, logits_to_keep=1)
+            out = self.model(inputs_embeds=seq.context.unsqueeze(0), cache=cache, logits_to_keep=1)
         seq.reused_prefix_tokens = reused
         token = seq.sampler.next_token(out.logits[0, -1])
         self._join(seq, cache, length)
@@ -153,12 +156,8 @@ class Runner:
         last = torch.tensor([seq.generated[-1] for seq in self._rows], device=self.device).unsqueeze(1)  # [B, 1]
         embeds = self.model.llm.get_input_embeddings()(last)  # [B, 1, H]
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self._rows), 1)], dim=1)
-        out = self.model.llm(
-            inputs_embeds=embeds,
-            attention_mask=self.mask,
-            position_ids=self.positions.unsqueeze(1),
-            cache=self.cache,
-            use_cache=True,
+        out = self.model(
+            inputs_embeds=embeds, attention_mask=self.mask, position_ids=self.positions.unsqueeze(1), cache=self.cache
         )
         self.positions = self.positions + 1
         logits = out.logits[:, -1, :]  # [B, V]

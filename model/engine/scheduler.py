@@ -7,8 +7,9 @@ reports back what each step produced.
 
 Interface (called by the engine under one lock):
 
-* :meth:`Scheduler.add` — queue a sequence, or raise :class:`Busy` when the estimated wait
-  or a queue limit is exceeded (a flooding user hits their own per-user limit first).
+* :meth:`Scheduler.add` — queue a sequence, or raise :class:`~model.engine.api.Busy` when the
+  estimated wait or a queue limit is exceeded (a flooding user hits their own per-user limit
+  first) and :class:`~model.engine.api.RequestTooLarge` when it can never fit the KV budget.
 * :meth:`Scheduler.schedule` → :class:`StepPlan` — sequences to admit this step (round-robin
   over users, within the batch size, the per-user running cap and the KV token budget) and
   prefixes to evict (least recently used first) to make room.
@@ -25,24 +26,9 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["Busy", "RequestTooLarge", "Scheduler", "SchedulerConfig", "SeqInfo", "StepPlan", "StepResult"]
+from model.engine.api import Busy, RequestTooLarge
 
-
-class Busy(Exception):
-    """The engine is too loaded to take this request now; ``retry_after_s`` is a best guess."""
-
-    def __init__(self, reason: str, retry_after_s: float) -> None:
-        super().__init__(f"busy: {reason} (retry in about {retry_after_s:.0f} s)")
-        self.reason = reason
-        self.retry_after_s = retry_after_s
-        self.user_message = (
-            "I'm answering a lot of questions right now — please try again in about "
-            f"{max(1, round(retry_after_s))} seconds."
-        )
-
-
-class RequestTooLarge(ValueError):
-    """The request can never fit the KV budget (context + max_new_tokens)."""
+__all__ = ["Scheduler", "SchedulerConfig", "SeqInfo", "StepPlan", "StepResult"]
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,8 @@
-"""Public request/event types of the engine, and the per-sequence state it tracks."""
+"""The engine's request type and the per-sequence state it tracks.
+
+The events a request streams and the errors it raises are the torch-free contract in
+:mod:`model.engine.api`.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +15,9 @@ import torch
 from PIL import Image
 
 from model.conversation import Turn
-from model.generation import GenerationOptions, IncrementalDetokenizer, RowSampler
+from model.sampling import GenerationOptions, IncrementalDetokenizer, RowSampler
 
-__all__ = ["EngineRequest", "FinalEvent", "RequestFailed", "SeqState", "TokenEvent"]
+__all__ = ["EngineRequest", "SeqState"]
 
 ImageInput = bytes | Image.Image
 
@@ -36,40 +40,6 @@ class EngineRequest:
     user: str = "anonymous"
     deadline_s: float | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-
-@dataclass(frozen=True)
-class TokenEvent:
-    """One generated token and the text it made visible (may be empty while a character is incomplete)."""
-
-    request_id: str
-    index: int
-    token_id: int
-    text: str
-
-
-@dataclass(frozen=True)
-class FinalEvent:
-    """Last event of every request: why it ended, the cleaned answer, counts and timings."""
-
-    request_id: str
-    finish_reason: str  # eos | stop | length | aborted | deadline
-    text: str
-    token_ids: tuple[int, ...]
-    prompt_tokens: int
-    completion_tokens: int
-    reused_prefix_tokens: int
-    queued_s: float
-    ttft_s: float | None
-    total_s: float
-
-
-class RequestFailed(RuntimeError):
-    """A request could not be served (e.g. an undecodable image); other requests are unaffected."""
-
-    def __init__(self, message: str, user_message: str | None = None) -> None:
-        super().__init__(message)
-        self.user_message = user_message or message
 
 
 @dataclass

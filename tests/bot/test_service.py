@@ -18,48 +18,9 @@ from PIL import Image
 from bot.core.config import Settings
 from bot.core.requests import Delta, Final, ImageAttachment, Request
 from bot.core.service import BotService
+from model.engine.api import Busy, RequestFailed, RequestRejected
 from storage import Database
-
-
-@dataclass
-class Token:
-    text: str
-
-
-@dataclass
-class Done:
-    text: str
-    finish_reason: str = "eos"
-    prompt_tokens: int = 10
-    completion_tokens: int = 3
-    ttft_s: float = 0.01
-
-
-class BusyNow(Exception):
-    retry_after_s = 12.0
-
-
-class ScriptedBackend:
-    """Records what the core sends and answers with a fixed text, or fails as told."""
-
-    def __init__(self) -> None:
-        self.calls: list[dict[str, Any]] = []
-        self.answer = "A red circle."
-        self.fail: Exception | None = None
-
-    async def stream(self, **kwargs: Any):
-        self.calls.append(kwargs)
-        if self.fail is not None:
-            raise self.fail
-        for word in self.answer.split(" "):
-            yield Token(word + " ")
-        yield Done(self.answer)
-
-    def describe(self) -> dict[str, Any]:
-        return {"variant": "vicuna0", "device": "cpu", "dtype": "float32", "demo": True}
-
-    def stats(self) -> dict[str, Any]:
-        return {"queue_depth": 0, "batch_size": 0}
+from tests.scripted_backend import ScriptedBackend
 
 
 @dataclass
@@ -180,7 +141,7 @@ def test_no_picture_in_thread_gets_help_and_stores_nothing(run):
 def test_commands(run):
     async def fn(h: Harness):
         (helped,) = await h.ask(req("help"))
-        assert helped.kind == "help" and helped.ephemeral and "`recipe`" in helped.text
+        assert helped.kind == "help" and helped.ephemeral and "recipe" in helped.text and "`" not in helped.text
         await h.ask(req("hi", png()))
         (settings,) = await h.ask(req("settings"))
         assert "vicuna0" in settings.text and "requests per day 200" in settings.text
@@ -253,11 +214,11 @@ def test_access_rules(run):
         (denied,) = await h.ask(req("hi", png(), user="mallory"))
         assert denied.kind == "error" and "not enabled" in denied.text
         await h.db.add_rule("allow", "channel", "slack", "C9")
-        h.service.access.invalidate()
+        h.service._access.invalidate()  # the admin CLI edits rules in another process; the cache expires
         (blocked,) = await h.ask(req("hi", png()))  # C1 is not on the channel allow-list
         assert "not enabled" in blocked.text
         await h.db.add_rule("allow", "channel", "slack", "C1")
-        h.service.access.invalidate()
+        h.service._access.invalidate()  # the admin CLI edits rules in another process; the cache expires
         assert (await h.ask(req("hi", png())))[-1].kind == "answer"
 
     run(fn)
@@ -292,7 +253,7 @@ def test_bad_pictures_get_clear_replies(run):
 def test_backend_failures_keep_history(run):
     async def fn(h: Harness):
         await h.ask(req("first", png()))
-        h.backend.fail = BusyNow("full")
+        h.backend.fail = Busy("queue full", 12.0)
         (busy,) = await h.ask(req("second"))
         assert busy.kind == "error" and "about 12 seconds" in busy.text
         h.backend.fail = RuntimeError("CUDA out of memory")
@@ -336,3 +297,98 @@ def test_heic_photos_are_accepted(run):
         assert info[turns[0].image_id] == buf.getvalue()  # stored as received, decoded by Pillow + pillow-heif
 
     run(fn)
+
+
+def test_backend_errors_are_told_by_type_not_by_text(run):
+    """An engine crash is the bot's fault (error, public), a bad picture the input's (notice), never mixed up."""
+
+    async def fn(h: Harness):
+        await h.ask(req("first", png()))
+        h.backend.fail = RequestFailed("engine step failed: CUDA error")
+        (broken,) = await h.ask(req("second"))
+        assert (broken.kind, broken.ephemeral) == ("error", False) and "went wrong" in broken.text
+        assert "CUDA" not in broken.text
+        h.backend.fail = RequestRejected("image", "cannot identify image file", image_index=0)
+        (bad,) = await h.ask(req("third"))
+        assert (bad.kind, bad.ephemeral) == ("notice", True) and "picture 1" in bad.text
+        h.backend.fail = RequestRejected("too_large", "2100 tokens > 2000")
+        (long,) = await h.ask(req("fourth"))
+        assert long.kind == "notice" and "reset" in long.text
+        h.backend.fail = ValueError("a bug in a backend")
+        (odd,) = await h.ask(req("fifth"))
+        assert odd.kind == "error" and "bug" not in odd.text
+        metrics = h.service.metrics_text().decode()
+        assert 'minigpt4_requests_total{outcome="ModelUnavailable",platform="slack"} 2.0' in metrics
+        assert 'minigpt4_requests_total{outcome="ImageError",platform="slack"} 1.0' in metrics
+        assert 'outcome="UserInputError"' in metrics
+
+    run(fn)
+
+
+def test_thread_view_tells_live_followed_and_history(run):
+    async def fn(h: Harness):
+        from bot.core.requests import ThreadRef
+
+        ref = ThreadRef("slack", "T1", "C1", "t1")
+        empty = await h.service.thread(ref)
+        assert (empty.live, empty.followed, empty.has_image, empty.turns) == (False, False, False, ())
+        (notice,) = await h.ask(req("what is this?", addressed=True))  # a mention without a picture
+        assert notice.kind == "notice"
+        followed = await h.service.thread(ref)
+        assert (followed.live, followed.followed) == (False, True)  # no conversation yet, but followed
+        await h.ask(req("now with a picture", png()))
+        view = await h.service.thread(ref, turns=True)
+        assert view.live and view.has_image
+        assert [(t.role, t.text, t.has_image, t.status) for t in view.turns] == [
+            ("user", "now with a picture", True, "done"),
+            ("assistant", "A red circle.", False, "done"),
+        ]
+        assert (await h.service.thread(ref)).turns == ()  # history only when asked for
+        await h.ask(req("reset"))
+        after = await h.service.thread(ref)
+        assert (after.live, after.followed) == (False, True)
+        # Following lives in SQL: a second service on the same database (a restart) sees it.
+        again = BotService(h.service.settings, h.db, ScriptedBackend())
+        assert (await again.thread(ref)).followed
+        assert not (await again.thread(ThreadRef("slack", "T1", "C1", "elsewhere"))).followed
+
+    run(fn)
+
+
+def test_a_picture_the_front_end_could_not_fetch_is_answered_once(run):
+    async def fn(h: Harness):
+        failed = ImageAttachment(b"", filename="cat.heic", error="cat.heic is larger than 20 MiB.")
+        request = Request("slack", "T1", "C1", "t1", "alice", "look", (failed,), event_id="Ev9")
+        (first,) = [e async for e in h.service.handle(request)]
+        assert (first.kind, first.ephemeral, first.text) == ("notice", True, "cat.heic is larger than 20 MiB.")
+        assert [e async for e in h.service.handle(request)] == []  # a redelivery of it: dropped by the core
+        assert h.backend.calls == [] and await h.turns() == []
+
+    run(fn)
+
+
+def test_the_core_api_for_front_ends(run):
+    settings = {
+        "presets": {"overrides": [{"name": "recipe", "prompt": "Vegan recipes only.", "workspace": "T1"}]},
+        "images": {"max_per_message": 2},
+    }
+
+    async def fn(h: Harness):
+        from bot.core.api import Core
+
+        assert isinstance(h.service, Core)
+        here = {p.name: p.prompt for p in h.service.presets("T1", "C1")}
+        assert here["recipe"] == "Vegan recipes only." and "recipe" in {p.name for p in h.service.presets()}
+        assert h.service.presets()[0].name == "describe" and h.service.default_preset == "describe"
+        assert h.service.image_limits.max_per_message == 2
+        help_text = h.service.help_text()
+        assert "recipe" in help_text and "*" not in help_text and "`" not in help_text  # plain text
+        (settings_reply,) = await h.ask(req("settings"))
+        assert "*" not in settings_reply.text and "Model: MiniGPT-4 vicuna0" in settings_reply.text
+        health = await h.service.health()
+        assert (
+            health.ok and health.model["variant"] == "vicuna0" and health.engine == {"queue_depth": 0, "batch_size": 0}
+        )
+        assert b"minigpt4_engine_queue_depth" in h.service.metrics_text()
+
+    run(fn, settings)

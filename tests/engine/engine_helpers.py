@@ -13,6 +13,7 @@ import torch
 
 from model.engine import FinalEvent, RequestStream, TokenEvent
 from model.engine.caches import Item, image_key
+from model.generate import generate
 from model.image_processing import load_image
 
 
@@ -54,7 +55,7 @@ def items_for(m: Any, turns: list[dict[str, Any]], images: list[bytes]) -> list[
 
 def alone_ids(m: Any, turns: list[dict[str, Any]], images: list[bytes], options: Any) -> list[int]:
     """Greedy ids of the same request run on its own through ``model.generate``."""
-    return m.generate([context_for(m, turns, images)], options)[0].token_ids
+    return generate(m, [context_for(m, turns, images)], options)[0].token_ids
 
 
 async def collect(stream: RequestStream, events: list[Any] | None = None) -> tuple[list[TokenEvent], FinalEvent]:

@@ -17,12 +17,16 @@ from model.engine import (
     Busy,
     Engine,
     EngineConfig,
+    EngineError,
     EngineRequest,
     FinalEvent,
     RequestFailed,
+    RequestRejected,
+    RequestTooLarge,
     SchedulerConfig,
     TokenEvent,
 )
+from model.generate import decode_answer, default_options, generate
 from model.image_processing import builtin_test_image
 
 WAIT = 20.0  # generous bound on anything that should end; a hang fails instead of blocking the suite
@@ -44,7 +48,7 @@ def m(demo_models):
 
 
 def greedy(m, n: int, **extra):
-    return m.default_options(do_sample=False, max_new_tokens=n, repetition_penalty=1.0, **extra)
+    return default_options(m, do_sample=False, max_new_tokens=n, repetition_penalty=1.0, **extra)
 
 
 def endless(m, n: int = 1500):
@@ -75,7 +79,7 @@ def test_streaming_token_events_then_final_and_text_matches(m, question: str) ->
     tokens, final = asyncio.run(main())
     assert len(tokens) == final.completion_tokens >= 1 and final.text
     assert any(t.text == "" for t in tokens)  # some deltas were held back (partial characters, whitespace)
-    assert "".join(t.text for t in tokens) == final.text == m.decode_answer(final.token_ids)
+    assert "".join(t.text for t in tokens) == final.text == decode_answer(m, final.token_ids)
     assert list(final.token_ids) == alone_ids(m, list(request.turns), list(request.images), request.options)
     assert final.finish_reason in {"length", "eos", "stop"}
     if final.finish_reason == "length":
@@ -96,7 +100,7 @@ def test_stream_text_yields_the_answer_in_pieces(m) -> None:
 
 
 def test_sampling_with_a_seed_is_reproducible_through_the_engine(m) -> None:
-    options = m.default_options(do_sample=True, max_new_tokens=12, seed=1234, temperature=0.9)
+    options = default_options(m, do_sample=True, max_new_tokens=12, seed=1234, temperature=0.9)
 
     async def main():
         async with Engine(m) as eng:
@@ -211,13 +215,15 @@ def test_invalid_options_raise_at_submit_and_the_engine_keeps_serving(m) -> None
     async def main():
         async with Engine(m) as eng:
             stream = eng.submit(good)
-            with pytest.raises(model.InvalidGenerationOptions, match="temperature"):
+            with pytest.raises(model.InvalidGenerationOptions, match="temperature") as info:
                 eng.submit(ask(m, "Bad question.", bad))
             with pytest.raises(model.InvalidGenerationOptions, match="max_length"):
                 eng.submit(ask(m, "Bad question.", dataclasses.replace(greedy(m, 4), max_length=4)))
-            return await bounded(collect(stream)), eng.metrics.submitted
+            return await bounded(collect(stream)), eng.metrics.submitted, info.value
 
-    (_, final), submitted = asyncio.run(main())
+    (_, final), submitted, error = asyncio.run(main())
+    # bad options are a request the engine rejects, in the contract's terms
+    assert isinstance(error, RequestRejected) and error.reason == "invalid" and "temperature" in error.detail
     assert list(final.token_ids) == alone_ids(m, list(good.turns), list(good.images), good.options)
     assert submitted == 1
 
@@ -230,7 +236,7 @@ def test_undecodable_image_fails_only_its_own_request(m) -> None:
             ok = eng.submit(good)
             broken = eng.submit(ask(m, "What is this?", greedy(m, 12), image=b"definitely not an image"))
             ok_task = asyncio.create_task(bounded(collect(ok)))
-            with pytest.raises(RequestFailed) as info:
+            with pytest.raises(RequestRejected) as info:
                 await bounded(collect(broken))
             result = await ok_task
             assert await wait_until(lambda: not eng.scheduler.running and not eng._seqs)
@@ -238,43 +244,116 @@ def test_undecodable_image_fails_only_its_own_request(m) -> None:
             return info.value, result, again
 
     error, (_, final), again = asyncio.run(main())
-    assert "image 1" in error.user_message and "couldn't read" in error.user_message
+    assert type(error) is RequestRejected and error.reason == "image" and error.image_index == 0
+    assert "image format" in error.detail
+    assert not hasattr(error, "user_message")  # the model carries no user-facing text
     assert list(final.token_ids) == alone_ids(m, list(good.turns), list(good.images), good.options)
     assert again.completion_tokens == 3
 
 
-def test_empty_image_bytes_fail_with_a_user_message(m) -> None:
+def test_the_undecodable_picture_is_named_by_its_index(m) -> None:
+    turns = [user("One."), assistant("A picture."), user("Two?")]
+
     async def main():
         async with Engine(m) as eng:
-            with pytest.raises(RequestFailed) as info:
-                await bounded(eng.generate(ask(m, "Hm?", greedy(m, 3), image=b"")))
+            with pytest.raises(RequestRejected) as info:
+                await bounded(eng.generate(EngineRequest(turns=turns, images=[PICTURE, b""], options=greedy(m, 3))))
             return info.value
 
-    assert "empty" in asyncio.run(main()).user_message
+    error = asyncio.run(main())
+    assert (error.reason, error.image_index) == ("image", 1)
+    assert "empty" in error.detail
 
 
 def test_prompt_and_image_count_mismatch_raises_at_submit(m) -> None:
     async def main():
         async with Engine(m) as eng:
-            with pytest.raises(ValueError, match="1 image placeholder"):
-                eng.submit(EngineRequest(turns=[user("Look.")], images=[], options=greedy(m, 3)))
-            with pytest.raises(ValueError, match="0 image placeholder"):
-                eng.submit(EngineRequest(prompt="No marker here.", images=[PICTURE], options=greedy(m, 3)))
-            with pytest.raises(ValueError, match="2 image"):
-                eng.submit(EngineRequest(turns=[user("Look.")], images=[PICTURE, OTHER], options=greedy(m, 3)))
-            with pytest.raises(ValueError, match="turns or a prompt"):
-                eng.submit(EngineRequest(images=[], options=greedy(m, 3)))
-            return eng.metrics.submitted, eng.scheduler.queue_depth
+            errors = []
+            for match, request in (
+                ("1 image placeholder", EngineRequest(turns=[user("Look.")], images=[], options=greedy(m, 3))),
+                ("0 image placeholder", EngineRequest(prompt="No marker.", images=[PICTURE], options=greedy(m, 3))),
+                ("2 image", EngineRequest(turns=[user("Look.")], images=[PICTURE, OTHER], options=greedy(m, 3))),
+                ("turns or a prompt", EngineRequest(images=[], options=greedy(m, 3))),
+            ):
+                with pytest.raises(RequestRejected, match=match) as info:
+                    eng.submit(request)
+                errors.append(info.value)
+            return eng.metrics.submitted, eng.scheduler.queue_depth, errors
 
-    assert asyncio.run(main()) == (0, 0)
+    submitted, depth, errors = asyncio.run(main())
+    assert (submitted, depth) == (0, 0)
+    assert all(type(e) is RequestRejected and e.reason == "invalid" and e.image_index is None for e in errors)
+
+
+def test_a_turn_the_template_refuses_is_rejected_as_invalid(m) -> None:
+    async def main():
+        async with Engine(m) as eng:
+            with pytest.raises(RequestRejected, match="reserved marker") as info:
+                eng.submit(ask(m, "What is <ImageHere> here?", greedy(m, 3)))
+            return info.value, eng.metrics.submitted
+
+    error, submitted = asyncio.run(main())
+    assert error.reason == "invalid" and submitted == 0
+
+
+def test_a_crashing_step_fails_the_running_requests_and_the_engine_goes_on(m, monkeypatch) -> None:
+    async def main():
+        async with Engine(m) as eng:
+            real, calls = eng.runner.decode, []
+
+            def decode():
+                calls.append(1)
+                if len(calls) == 2:
+                    raise RuntimeError("device-side assert (simulated)")
+                return real()
+
+            monkeypatch.setattr(eng.runner, "decode", decode)
+            with pytest.raises(RequestFailed) as info:
+                await bounded(collect(eng.submit(ask(m, "Long.", endless(m, 50)))))
+            assert await wait_until(lambda: not eng.scheduler.running and not eng._seqs)
+            after = await bounded(eng.generate(ask(m, "Again.", greedy(m, 3, min_length=4))))
+            return info.value, after
+
+    error, after = asyncio.run(main())
+    assert type(error) is RequestFailed and "simulated" in str(error)
+    assert isinstance(error.__cause__, RuntimeError)
+    assert after.completion_tokens == 3
+
+
+def test_a_request_that_fails_to_prefill_fails_alone(m, monkeypatch) -> None:
+    good = ask(m, "Fine question.", greedy(m, 6), user="good")
+
+    async def main():
+        async with Engine(m) as eng:
+            real = eng.runner.prefill
+
+            def prefill(seq):
+                if seq.request.user == "bad":
+                    raise RuntimeError("out of memory (simulated)")
+                return real(seq)
+
+            monkeypatch.setattr(eng.runner, "prefill", prefill)
+            ok = eng.submit(good)
+            bad = eng.submit(ask(m, "Other question.", greedy(m, 6), user="bad"))
+            ok_task = asyncio.create_task(bounded(collect(ok)))
+            with pytest.raises(RequestFailed) as info:
+                await bounded(collect(bad))
+            result = await ok_task
+            assert await wait_until(lambda: not eng.scheduler.running and not eng._seqs)
+            return info.value, result
+
+    error, (_, final) = asyncio.run(main())
+    assert "simulated" in str(error) and isinstance(error.__cause__, RuntimeError)
+    assert list(final.token_ids) == alone_ids(m, list(good.turns), list(good.images), good.options)
 
 
 def test_a_request_id_in_use_is_rejected(m) -> None:
     async def main():
         async with Engine(m) as eng:
             stream = eng.submit(ask(m, "One.", endless(m), request_id="same"))
-            with pytest.raises(ValueError, match="already in use"):
+            with pytest.raises(RequestRejected, match="already in use") as info:
                 eng.submit(ask(m, "Two.", greedy(m, 3), request_id="same"))
+            assert info.value.reason == "invalid"
             stream.cancel()
 
     asyncio.run(main())
@@ -295,7 +374,8 @@ def test_busy_when_the_queue_is_full(m) -> None:
         return info.value, snap, finals
 
     error, snap, finals = asyncio.run(main())
-    assert error.retry_after_s >= 1 and "seconds" in error.user_message
+    assert isinstance(error, EngineError) and error.retry_after_s >= 1 and "queue full" in error.reason
+    assert not hasattr(error, "user_message")
     assert snap["queue_depth"] == 2 and snap["batch_size"] == 1
     assert snap["rejected_busy"] == 1 and snap["submitted"] == 3
     assert [f.finish_reason for f in finals] == ["aborted"] * 3
@@ -377,20 +457,22 @@ def test_request_too_large_for_the_budget_is_rejected_at_submit(m) -> None:
 
     async def main():
         async with Engine(m, config) as eng:
-            with pytest.raises(model.engine.RequestTooLarge):
+            with pytest.raises(RequestTooLarge) as info:
                 eng.submit(ask(m, "Too big.", greedy(m, 20)))
-            return eng.metrics.submitted
+            return eng.metrics.submitted, info.value
 
-    assert asyncio.run(main()) == 0
+    submitted, error = asyncio.run(main())
+    assert submitted == 0
+    assert isinstance(error, RequestRejected) and error.reason == "too_large" and "KV budget of 50" in error.detail
 
 
 # ----------------------------------------------------------------------------- beam search
 
 
 def test_beam_search_through_the_engine_equals_model_generate(m) -> None:
-    options = m.default_options(do_sample=False, num_beams=3, max_new_tokens=8, repetition_penalty=1.0)
+    options = default_options(m, do_sample=False, num_beams=3, max_new_tokens=8, repetition_penalty=1.0)
     request = ask(m, "Describe this image.", options)
-    expected = m.generate([context_for(m, list(request.turns), [PICTURE])], options)[0]
+    expected = generate(m, [context_for(m, list(request.turns), [PICTURE])], options)[0]
 
     async def main():
         async with Engine(m) as eng:
@@ -400,7 +482,7 @@ def test_beam_search_through_the_engine_equals_model_generate(m) -> None:
     assert list(final.token_ids) == expected.token_ids
     assert final.finish_reason == expected.finish_reason
     assert len(tokens) == len(expected.token_ids)
-    assert final.text == m.decode_answer(expected.token_ids)
+    assert final.text == decode_answer(m, expected.token_ids)
 
 
 # ----------------------------------------------------------------------------- metrics and shutdown
@@ -497,7 +579,7 @@ def test_prefix_accounting_stays_in_sync_when_a_follow_up_never_prefills(m, foll
             assert await wait_until(lambda: "c" in eng.scheduler.prefixes and "c" in eng.runner.prefixes)
             turns = [user("What is this?"), assistant(first.text), user("Sure?", image=False)]
             second = EngineRequest(turns=turns, images=second_images, options=second_options, conversation_id="c")
-            with contextlib.suppress(RequestFailed):
+            with contextlib.suppress(RequestRejected):
                 await bounded(eng.generate(second))
             assert await wait_until(lambda: not eng.scheduler.running)
             return set(eng.scheduler.prefixes), set(eng.runner.prefixes._entries)

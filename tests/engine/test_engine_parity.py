@@ -18,6 +18,7 @@ from transformers.cache_utils import DynamicCache
 
 from model.engine import Engine, EngineConfig, EngineRequest, FinalEvent, TokenEvent
 from model.engine.caches import common_prefix
+from model.generate import decode_answer, default_options
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 PARITY = FIX / "parity"
@@ -39,7 +40,7 @@ def m(parity_model):
 
 
 def greedy(m, n: int, rp: float = 1.0):
-    return m.default_options(do_sample=False, max_new_tokens=n, repetition_penalty=rp)
+    return default_options(m, do_sample=False, max_new_tokens=n, repetition_penalty=rp)
 
 
 def two_turn_requests(conversation_id: str | None, n: int = 8) -> tuple[EngineRequest, EngineRequest]:
@@ -68,7 +69,7 @@ def test_single_request_gives_the_reference_greedy_ids(m) -> None:
     tokens, final = asyncio.run(main())
     assert list(final.token_ids) == SINGLE["greedy_ids_8_rp1.0"] == PUBLIC["vicuna0_single"]["greedy_ids"]
     assert final.finish_reason == "length"
-    assert final.text == m.decode_answer(final.token_ids) == SINGLE["decoded_text_chat_answer_8_rp1.0"]
+    assert final.text == decode_answer(m, final.token_ids) == SINGLE["decoded_text_chat_answer_8_rp1.0"]
     assert final.prompt_tokens == SINGLE["context_len"]
     assert final.completion_tokens == 8 and len(tokens) == 8
     assert final.reused_prefix_tokens == 0
@@ -287,7 +288,7 @@ def test_token_events_stream_before_the_final_event(m) -> None:
 
 
 def test_context_cut_from_the_left_by_max_length_matches_model_generate(m) -> None:
-    options = m.default_options(do_sample=False, max_new_tokens=8, repetition_penalty=1.0, max_length=60)
+    options = default_options(m, do_sample=False, max_new_tokens=8, repetition_penalty=1.0, max_length=60)
     turns = [user(SINGLE["question"])]
 
     async def main():
@@ -304,7 +305,7 @@ def test_context_cut_from_the_left_by_max_length_matches_model_generate(m) -> No
 def test_llama2_layout_through_the_engine_gives_the_reference_ids(parity_llama2_model) -> None:
     case = CASES["llama2_single"]
     lm = parity_llama2_model
-    options = lm.default_options(do_sample=False, max_new_tokens=8, repetition_penalty=1.05)
+    options = default_options(lm, do_sample=False, max_new_tokens=8, repetition_penalty=1.05)
 
     async def main():
         async with Engine(lm) as eng:

@@ -9,7 +9,8 @@ from transformers import RepetitionPenaltyLogitsProcessor
 
 import model
 from model.conversation import clean_answer
-from model.generation import GenerationOptions, IncrementalDetokenizer, RowSampler
+from model.generate import decode_answer, default_options, generate, generate_ids, stream_answer
+from model.sampling import GenerationOptions, IncrementalDetokenizer, RowSampler
 
 TWO_TURNS = [
     {"role": "user", "text": "Describe this image.", "image": True},
@@ -40,7 +41,7 @@ def contexts(parity_model: model.MiniGPT4, parity_dir) -> list[torch.Tensor]:
 @pytest.fixture(scope="module")
 def unbatched(parity_model, contexts) -> list[list[int]]:
     return [
-        parity_model.generate_ids([c], max_new_tokens=16, do_sample=False, repetition_penalty=1.0)[0] for c in contexts
+        generate_ids(parity_model, [c], max_new_tokens=16, do_sample=False, repetition_penalty=1.0)[0] for c in contexts
     ]
 
 
@@ -48,15 +49,15 @@ def unbatched(parity_model, contexts) -> list[list[int]]:
 
 
 def test_batched_equals_unbatched_greedy(parity_model, contexts, unbatched):
-    batched = parity_model.generate_ids(contexts, max_new_tokens=16, do_sample=False, repetition_penalty=1.0)
+    batched = generate_ids(parity_model, contexts, max_new_tokens=16, do_sample=False, repetition_penalty=1.0)
     assert batched == unbatched
     assert all(len(ids) == 16 for ids in batched)
     assert len({tuple(ids) for ids in batched}) == 3
 
 
 def test_batched_equals_unbatched_with_repetition_penalty(parity_model, contexts):
-    alone = [parity_model.generate_ids([c], max_new_tokens=12, do_sample=False)[0] for c in contexts]
-    batched = parity_model.generate_ids(list(reversed(contexts)), max_new_tokens=12, do_sample=False)
+    alone = [generate_ids(parity_model, [c], max_new_tokens=12, do_sample=False)[0] for c in contexts]
+    batched = generate_ids(parity_model, list(reversed(contexts)), max_new_tokens=12, do_sample=False)
     assert list(reversed(batched)) == alone
 
 
@@ -66,7 +67,7 @@ def test_per_row_stop_token(parity_model, contexts, unbatched):
     opts = GenerationOptions.create(
         max_new_tokens=16, do_sample=False, repetition_penalty=1.0, stop_token_ids=((stop,),)
     )
-    first, second = parity_model.generate(contexts[:2], opts)
+    first, second = generate(parity_model, contexts[:2], opts)
     assert first.token_ids == unbatched[0][:3]
     assert first.finish_reason == "stop"
     assert second.token_ids == unbatched[1]
@@ -79,7 +80,7 @@ def test_multi_token_stop_sequence_and_per_row_options(parity_model, contexts, u
         max_new_tokens=16, do_sample=False, repetition_penalty=1.0, stop_token_ids=(seq,)
     )
     plain = GenerationOptions.create(max_new_tokens=10, do_sample=False, repetition_penalty=1.0)
-    a, b = parity_model.generate(contexts[:2], [plain, stopping])
+    a, b = generate(parity_model, contexts[:2], [plain, stopping])
     assert (a.token_ids, a.finish_reason) == (unbatched[0][:10], "length")
     assert (b.token_ids, b.finish_reason) == (unbatched[1][:6], "stop")
 
@@ -88,18 +89,18 @@ def test_max_length_truncates_context_from_the_left(parity_model, contexts):
     ctx = contexts[0]
     length, max_new, max_length = ctx.shape[0], 8, 50
     opts = GenerationOptions.create(max_new_tokens=max_new, max_length=max_length, do_sample=False)
-    (result,) = parity_model.generate([ctx], opts)
+    (result,) = generate(parity_model, [ctx], opts)
     cut = length + max_new - max_length
     assert result.truncated_tokens == cut == 39
     assert result.prompt_tokens == length - cut
-    expected = parity_model.generate_ids([ctx[cut:]], max_new_tokens=max_new, do_sample=False)
+    expected = generate_ids(parity_model, [ctx[cut:]], max_new_tokens=max_new, do_sample=False)
     assert result.token_ids == expected[0]
-    untruncated = parity_model.generate_ids([ctx], max_new_tokens=max_new, do_sample=False)
+    untruncated = generate_ids(parity_model, [ctx], max_new_tokens=max_new, do_sample=False)
     assert result.token_ids != untruncated[0]
 
 
 def test_no_truncation_within_max_length(parity_model, contexts):
-    (result,) = parity_model.generate([contexts[0]], GenerationOptions.create(max_new_tokens=4, do_sample=False))
+    (result,) = generate(parity_model, [contexts[0]], GenerationOptions.create(max_new_tokens=4, do_sample=False))
     assert result.truncated_tokens == 0 and result.prompt_tokens == contexts[0].shape[0]
 
 
@@ -108,26 +109,26 @@ def test_no_truncation_within_max_length(parity_model, contexts):
 
 def test_sampling_is_reproducible_with_a_seed(parity_model, contexts):
     ctx = contexts[0]
-    first = parity_model.generate_ids([ctx], max_new_tokens=8, do_sample=True, seed=1234)
-    again = parity_model.generate_ids([ctx], max_new_tokens=8, do_sample=True, seed=1234)
+    first = generate_ids(parity_model, [ctx], max_new_tokens=8, do_sample=True, seed=1234)
+    again = generate_ids(parity_model, [ctx], max_new_tokens=8, do_sample=True, seed=1234)
     assert first == again
-    others = {tuple(parity_model.generate_ids([ctx], max_new_tokens=8, do_sample=True, seed=s)[0]) for s in (1, 2, 3)}
+    others = {tuple(generate_ids(parity_model, [ctx], max_new_tokens=8, do_sample=True, seed=s)[0]) for s in (1, 2, 3)}
     assert len(others | {tuple(first[0])}) > 1
 
 
 def test_seeded_sampling_is_per_row(parity_model, contexts):
-    alone = [parity_model.generate_ids([c], max_new_tokens=8, do_sample=True, seed=7)[0] for c in contexts[:2]]
-    batched = parity_model.generate_ids(contexts[:2], max_new_tokens=8, do_sample=True, seed=7)
+    alone = [generate_ids(parity_model, [c], max_new_tokens=8, do_sample=True, seed=7)[0] for c in contexts[:2]]
+    batched = generate_ids(parity_model, contexts[:2], max_new_tokens=8, do_sample=True, seed=7)
     assert batched == alone
 
 
 @pytest.mark.parametrize("beams", [1, 3])
 def test_beam_search_returns_ids(parity_model, contexts, beams):
-    (ids,) = parity_model.generate_ids([contexts[2]], max_new_tokens=6, do_sample=False, num_beams=beams)
+    (ids,) = generate_ids(parity_model, [contexts[2]], max_new_tokens=6, do_sample=False, num_beams=beams)
     assert 1 <= len(ids) <= 6
     assert all(isinstance(i, int) and 0 <= i < 512 for i in ids)
-    (result,) = parity_model.generate(
-        [contexts[2]], GenerationOptions.create(max_new_tokens=6, do_sample=False, num_beams=beams)
+    (result,) = generate(
+        parity_model, [contexts[2]], GenerationOptions.create(max_new_tokens=6, do_sample=False, num_beams=beams)
     )
     assert result.token_ids == ids
     assert result.finish_reason in ("length", "eos", "stop")
@@ -161,9 +162,9 @@ def test_invalid_options(overrides, name):
 
 def test_invalid_options_through_the_model(parity_model, contexts):
     with pytest.raises(model.InvalidGenerationOptions, match="top_p"):
-        parity_model.generate_ids([contexts[2]], top_p=1.5)
+        generate_ids(parity_model, [contexts[2]], top_p=1.5)
     with pytest.raises(model.InvalidGenerationOptions, match="bogus"):
-        parity_model.generate_ids([contexts[2]], bogus=1)
+        generate_ids(parity_model, [contexts[2]], bogus=1)
 
 
 def test_defaults_are_the_reference_chat_defaults():
@@ -285,18 +286,51 @@ def test_top_k_limits_candidates():
 
 @pytest.mark.parametrize("index", [0, 1, 2])
 def test_stream_answer_joins_to_decode_answer(parity_model, contexts, index):
-    opts = parity_model.default_options(do_sample=False, max_new_tokens=24)
+    opts = default_options(parity_model, do_sample=False, max_new_tokens=24)
     result = model.GenerationResult()
-    chunks = list(parity_model.stream_answer(contexts[index], opts, result))
-    (ids,) = parity_model.generate_ids([contexts[index]], max_new_tokens=24, do_sample=False)
+    chunks = list(stream_answer(parity_model, contexts[index], opts, result))
+    (ids,) = generate_ids(parity_model, [contexts[index]], max_new_tokens=24, do_sample=False)
     assert result.token_ids == ids
-    assert "".join(chunks) == parity_model.decode_answer(ids)
+    assert "".join(chunks) == decode_answer(parity_model, ids)
     assert len([c for c in chunks if c]) > 1  # it really streamed
+
+
+def test_beam_answer_comes_as_one_delta_equal_to_decode_answer(parity_model, contexts):
+    opts = default_options(parity_model, do_sample=False, max_new_tokens=8, num_beams=3)
+    result = model.GenerationResult()
+    chunks = list(stream_answer(parity_model, contexts[0], opts, result))
+    (expected,) = generate(parity_model, [contexts[0]], opts)
+    assert result.token_ids == expected.token_ids and result.finish_reason == expected.finish_reason
+    assert chunks == [decode_answer(parity_model, expected.token_ids)]
+
+
+def test_default_options_add_the_variant_stop_strings(parity_model):
+    assert default_options(parity_model).stop_strings == parity_model.spec.stop_strings == ("###",)
+    assert default_options(parity_model, stop_strings=None).stop_strings == ("###",)  # None: not given
+    assert default_options(parity_model, stop_strings=()).stop_strings == ()
+    assert default_options(parity_model, max_new_tokens=5).max_new_tokens == 5
+
+
+def test_forward_runs_the_llm_over_embeddings_or_ids(parity_model):
+    m = parity_model
+    ids = torch.tensor([m.tokenizer("Hello there").input_ids])
+    by_ids = m(input_ids=ids).logits
+    by_embeds = m(inputs_embeds=m.embed_ids(ids[0].tolist()).unsqueeze(0)).logits
+    with torch.inference_mode():
+        direct = m.llm(input_ids=ids).logits
+    assert by_ids.shape == (1, ids.shape[1], m.llm.config.vocab_size)
+    torch.testing.assert_close(by_ids, direct)
+    torch.testing.assert_close(by_embeds, direct)
+    assert m(input_ids=ids, logits_to_keep=1).logits.shape[1] == 1
+    with pytest.raises(ValueError, match="exactly one"):
+        m(input_ids=ids, inputs_embeds=by_embeds)
+    with pytest.raises(ValueError, match="exactly one"):
+        m()
 
 
 def test_decode_text_skips_special_tokens(parity_model):
     hello = parity_model.tokenizer("Hello", add_special_tokens=False).input_ids
-    assert parity_model.decode_answer([BOS, *hello, EOS]) == "Hello"
+    assert decode_answer(parity_model, [BOS, *hello, EOS]) == "Hello"
 
 
 def _byte_decoder(table: dict[int, bytes]):
@@ -359,8 +393,8 @@ def test_stop_sequences_alias_and_batched_context_shape(parity_model, contexts, 
     opts = model.GenerationOptions.create(stop_sequences=[[stop], "###"], max_new_tokens=16, do_sample=False)
     assert opts.stop_token_ids == ((stop,),) and opts.stop_strings == ("###",)
     # a [1, L, H] context (what the reference's get_context_emb returns) is accepted as [L, H]
-    got = parity_model.generate_ids([contexts[0].unsqueeze(0)], max_new_tokens=16, do_sample=False,
+    got = generate_ids(parity_model, [contexts[0].unsqueeze(0)], max_new_tokens=16, do_sample=False,
                                     repetition_penalty=1.0, stop_sequences=[[stop]])  # fmt: skip
     assert got == [ids[: ids.index(stop) + 1]]
     with pytest.raises(ValueError, match="Tensor"):
-        parity_model.generate_ids([contexts[0].unsqueeze(0).repeat(2, 1, 1)], max_new_tokens=2)
+        generate_ids(parity_model, [contexts[0].unsqueeze(0).repeat(2, 1, 1)], max_new_tokens=2)

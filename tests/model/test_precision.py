@@ -9,6 +9,7 @@ import torch
 
 from model import PrecisionError, load_minigpt4
 from model.demo_weights import write_demo_weights
+from model.generate import generate_ids
 from model.loader import resolve_precision
 
 CUDA = torch.cuda.is_available()
@@ -30,7 +31,7 @@ def test_bfloat16_on_cpu_runs_and_stays_close_to_float32(demo):
     assert b.dtype == torch.bfloat16
     torch.testing.assert_close(b.float(), a, atol=0.1, rtol=0.1)
     prompt = half.build_prompt([{"role": "user", "text": "What is this?", "image": True}])
-    ids = half.generate_ids([half.context_embeddings(prompt, [b[0]])], max_new_tokens=4, do_sample=False)
+    ids = generate_ids(half, [half.context_embeddings(prompt, [b[0]])], max_new_tokens=4, do_sample=False)
     assert len(ids[0]) == 4
 
 
@@ -82,4 +83,4 @@ def test_quantized_llm_generates_on_cuda(demo, quantization):
     m = load_minigpt4(**demo.loader_kwargs(), device="cuda", quantization=quantization)
     prompt = m.build_prompt([{"role": "user", "text": "What is this?", "image": True}])
     tokens = m.encode_images(torch.zeros(1, 3, 224, 224))[0]
-    assert len(m.generate_ids([m.context_embeddings(prompt, [tokens])], max_new_tokens=4, do_sample=False)[0]) == 4
+    assert len(generate_ids(m, [m.context_embeddings(prompt, [tokens])], max_new_tokens=4, do_sample=False)[0]) == 4

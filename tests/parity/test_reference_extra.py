@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from model import load_minigpt4
+from model.generate import generate_ids
 
 FIX = Path(__file__).resolve().parents[1] / "fixtures"
 PARITY = FIX / "parity"
@@ -42,7 +43,7 @@ def _vision(**overrides: int) -> dict:
 
 
 def _greedy(m, ctx: torch.Tensor, n: int, rp: float) -> list[int]:
-    return m.generate_ids([ctx], max_new_tokens=n, do_sample=False, repetition_penalty=rp)[0]
+    return generate_ids(m, [ctx], max_new_tokens=n, do_sample=False, repetition_penalty=rp)[0]
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +142,7 @@ def test_batched_equals_reference_batched_and_unbatched(vicuna0):
     images = vicuna0.encode_pil([_image(name) for name in case["images"]])
     contexts = [vicuna0.context_embeddings(text, [img]) for text, img in zip(case["texts"], images, strict=True)]
     assert [c.shape[0] for c in contexts] == case["context_lens"]
-    batched = vicuna0.generate_ids(contexts, max_new_tokens=8, do_sample=False, repetition_penalty=1.0)
+    batched = generate_ids(vicuna0, contexts, max_new_tokens=8, do_sample=False, repetition_penalty=1.0)
     assert batched == case["batched_greedy_ids"] == case["unbatched_greedy_ids"]
     assert [_greedy(vicuna0, c, 8, 1.0) for c in contexts] == case["unbatched_greedy_ids"]
 

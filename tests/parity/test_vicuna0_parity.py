@@ -13,6 +13,7 @@ from torch import nn
 from transformers import RepetitionPenaltyLogitsProcessor
 
 import model
+from model.generate import decode_answer, generate_ids
 
 ATOL = 1e-4
 QUESTION = "What can I cook with this?"
@@ -45,7 +46,7 @@ def single_ctx(parity_model: model.MiniGPT4, vision_out: model.VisionOutputs, si
 @pytest.fixture(scope="module")
 def greedy32(parity_model: model.MiniGPT4, single_ctx: torch.Tensor) -> dict[float, list[int]]:
     return {
-        rp: parity_model.generate_ids([single_ctx], max_new_tokens=32, do_sample=False, repetition_penalty=rp)[0]
+        rp: generate_ids(parity_model, [single_ctx], max_new_tokens=32, do_sample=False, repetition_penalty=rp)[0]
         for rp in (1.0, 1.05)
     }
 
@@ -113,14 +114,14 @@ def test_last_logits_match_reference(parity_model, single_ctx, parity_dir, parit
 
 def test_greedy_ids_exact(parity_model, single_ctx, parity_expected):
     case = parity_expected["vicuna0_single"]
-    ids = parity_model.generate_ids([single_ctx], max_new_tokens=8, do_sample=False, repetition_penalty=1.0)
+    ids = generate_ids(parity_model, [single_ctx], max_new_tokens=8, do_sample=False, repetition_penalty=1.0)
     assert ids == [case["greedy_ids"]]
     # transformers 4.30 prefixes a BOS placeholder that is never fed to the model
     assert case["raw_generate_output_transformers_4_30"] == [1, *ids[0]]
 
 
 def test_greedy_ids_with_repetition_penalty_exact(parity_model, single_ctx, parity_expected):
-    ids = parity_model.generate_ids([single_ctx], max_new_tokens=8, do_sample=False, repetition_penalty=1.05)
+    ids = generate_ids(parity_model, [single_ctx], max_new_tokens=8, do_sample=False, repetition_penalty=1.05)
     assert ids == [parity_expected["vicuna0_single"]["greedy_ids_repetition_penalty_1.05"]]
 
 
@@ -160,7 +161,7 @@ def test_decoded_answer_matches_reference_text(parity_model, parity_expected):
     ``ByteFallback`` decoder turns every byte of an invalid byte-token run into U+FFFD
     (``<0x65><0xA9>`` → ``��`` instead of ``e�``), which also stalled streaming."""
     case = parity_expected["vicuna0_single"]
-    assert parity_model.decode_answer(case["greedy_ids"]) == case["decoded_text_chat_answer"]
+    assert decode_answer(parity_model, case["greedy_ids"]) == case["decoded_text_chat_answer"]
 
 
 # ----------------------------------------------------------------------------- config values the numbers cannot catch
@@ -233,7 +234,7 @@ def test_cuda_float32_matches_reference(parity_dir, parity_vision, parity_qforme
         torch.testing.assert_close(tokens[0].float().cpu(), expected, atol=ATOL, rtol=0)
         prompt = m.build_prompt([{"role": "user", "text": QUESTION, "image": True}])
         ctx = m.context_embeddings(prompt, [tokens[0]])
-        ids = m.generate_ids([ctx], max_new_tokens=8, do_sample=False, repetition_penalty=1.0)
+        ids = generate_ids(m, [ctx], max_new_tokens=8, do_sample=False, repetition_penalty=1.0)
         assert ids == [parity_expected["vicuna0_single"]["greedy_ids"]]
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old_conv, old_matmul

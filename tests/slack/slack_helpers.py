@@ -1,8 +1,10 @@
 """Shared pieces of the Slack tests (imported as ``slack_helpers``: pytest puts this folder on sys.path).
 
-``slack_env`` wires a fresh SQLite database, a real :class:`BotService` (on the shared demo-weights
-engine or a scripted backend), the fake Slack and a started :class:`SlackAdapter` whose every Web API
-call goes to the fake through ``[slack] api_url``.
+``slack_env`` wires a fresh SQLite database, a real :class:`BotService` as the core (on the shared
+demo-weights engine or a scripted backend), the fake Slack and a started Slack front end — built through
+its entry-point plugin, ``adapters.slack.FRONT_END`` — whose every Web API call goes to the fake through
+``[slack] api_url``.  ``Env.restart`` replaces the front end and the core (same database, same fake
+Slack), as a restarted bot process would.
 """
 
 from __future__ import annotations
@@ -13,19 +15,24 @@ import io
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from fake_slack import FakeSlack
 from PIL import Image
 
-from adapters.slack import EVENTS_PATH, SlackAdapter, SlackTokens
-from adapters.slack_format import escape_mrkdwn
+from adapters.slack import FRONT_END, SlackSettings
+from adapters.slack.app import EVENTS_PATH, SlackFrontEnd
+from adapters.slack.render import escape_mrkdwn
+from bot.core.api import Core, FrontEnd, FrontEndContext, ThreadTurn
 from bot.core.config import Settings
+from bot.core.requests import ThreadRef
 from bot.core.service import BotService
-from storage import ConversationKey, Database, sqlite_url
+from storage import Database, sqlite_url
+from tests.scripted_backend import ScriptedBackend
+
+__all__ = ["CHANNEL", "Env", "ScriptedBackend", "make_settings", "png_bytes", "slack_env"]
 
 CHANNEL = "C0GENERAL"
 BASE: dict[str, Any] = {
@@ -47,64 +54,41 @@ def png_bytes(color: tuple[int, int, int] = (200, 60, 20), size: tuple[int, int]
     return buffer.getvalue()
 
 
-@dataclass
-class _Token:
-    text: str
+def slack_settings(fake: FakeSlack, mode: str, **values: Any) -> SlackSettings:
+    """``[slack]`` pointing at the fake; edits unthrottled unless a test sets its own budget."""
+    defaults = {"api_url": fake.api_url, "mode": mode, "http_port": 0, "update_interval_s": 0.0,
+                "updates_per_minute": 600}  # fmt: skip
+    return SlackSettings.model_validate(defaults | values)
 
 
-@dataclass
-class _Done:
-    text: str
-    finish_reason: str = "eos"
-    prompt_tokens: int = 10
-    completion_tokens: int = 0
-    ttft_s: float = 0.01
-
-
-class ScriptedBackend:
-    """A ``bot.core.backend.GenerationBackend`` that streams a fixed text in pieces (``delay`` seconds apart)."""
-
-    def __init__(self, text: str, piece: int = 7, delay: float = 0.0) -> None:
-        self.text, self.piece, self.delay = text, piece, delay
-
-    async def stream(self, *, turns: Sequence[dict], images: Sequence[bytes], conversation_id: str, user: str,
-                     options: dict[str, Any]) -> AsyncIterator[Any]:  # fmt: skip
-        for i in range(0, len(self.text), self.piece):
-            if self.delay:
-                await asyncio.sleep(self.delay)
-            yield _Token(self.text[i : i + self.piece])
-        yield _Done(self.text, completion_tokens=len(self.text) // 4)
-
-    def describe(self) -> dict[str, Any]:
-        return {"variant": "scripted", "device": "cpu", "dtype": "float32"}
-
-    def stats(self) -> dict[str, Any]:
-        return {}
-
-
-@dataclass
 class Env:
-    fake: FakeSlack
-    adapter: SlackAdapter
-    service: BotService
-    db: Database
+    """The fake Slack, the database file, and the running core (``service``) and front end (``adapter``)."""
+
+    def __init__(self, fake: FakeSlack, url: str, settings: Settings, slack: SlackSettings, backend: Any,
+                 clock: Callable[[], float], sleep: Callable[[float], Any]) -> None:  # fmt: skip
+        self.fake, self.url, self.settings, self.slack, self.backend = fake, url, settings, slack, backend
+        self.clock, self.sleep = clock, sleep
+        self.db: Database | None = None
+        self.service: BotService | None = None
+        self.adapter: SlackFrontEnd | None = None
 
     @property
     def events_url(self) -> str:
         return f"http://127.0.0.1:{self.adapter.http_port}{EVENTS_PATH}"
 
     def outcomes(self) -> dict[str, float]:
-        """``minigpt4_requests_total{platform="slack"}`` by outcome, from the service's /metrics text."""
+        """``minigpt4_requests_total{platform="slack"}`` by outcome, from the core's /metrics text."""
         found: dict[str, float] = {}
-        for line in self.service.metrics.render().decode().splitlines():
+        for line in self.service.metrics_text().decode().splitlines():
             if line.startswith("minigpt4_requests_total{") and 'platform="slack"' in line:
                 outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
                 found[outcome] = float(line.rsplit(" ", 1)[1])
         return found
 
-    async def turns(self, thread: str, channel: str = CHANNEL) -> list[Any]:
-        conversation = await self.db.live_conversation(ConversationKey("slack", self.fake.team, channel, thread))
-        return [] if conversation is None else await self.db.turns(conversation.id)
+    async def turns(self, thread: str, channel: str = CHANNEL) -> list[ThreadTurn]:
+        """The turns of the thread's live conversation, as the core shows them."""
+        view = await self.service.thread(ThreadRef("slack", self.fake.team, channel, thread), turns=True)
+        return list(view.turns)
 
     async def answered(self, thread: str, answers: int = 1, channel: str = CHANNEL, timeout: float = 30.0) -> list:
         """Wait until ``answers`` answers are stored as done and the thread's last bot message shows the last one."""
@@ -120,6 +104,33 @@ class Env:
                 raise AssertionError(f"no answer in {thread}: turns={[(t.role, t.status) for t in turns]} {shown}")
             await asyncio.sleep(0.05)
 
+    async def start(self) -> None:
+        """A core on the database file and a Slack front end built by the entry-point plugin, started."""
+        self.db = Database(self.url)
+        self.service = BotService(self.settings, self.db, self.backend)
+        assert isinstance(self.service, Core)
+        adapter = FRONT_END.create(self.service, self.slack, FrontEndContext())
+        assert isinstance(adapter, SlackFrontEnd) and isinstance(adapter, FrontEnd) and adapter.name == "slack"
+        adapter.environ = {"SLACK_BOT_TOKEN": self.fake.bot_token, "SLACK_APP_TOKEN": self.fake.app_token,
+                           "SLACK_SIGNING_SECRET": self.fake.signing_secret}  # fmt: skip
+        adapter.clock, adapter.sleep = self.clock, self.sleep
+        self.adapter, socket = adapter, self.fake._ws
+        await adapter.start()
+        if self.slack.mode == "socket":  # wait for this front end's own websocket
+            await self.fake.wait_for(lambda: self.fake._ws is not None and self.fake._ws is not socket)
+
+    async def stop(self) -> None:
+        if self.adapter is not None:
+            await self.adapter.stop()
+        if self.db is not None:
+            await self.db.dispose()
+        self.adapter = self.service = self.db = None
+
+    async def restart(self) -> None:
+        """Stop the front end and the core, then start new ones on the same database (a restarted bot)."""
+        await self.stop()
+        await self.start()
+
 
 @contextlib.asynccontextmanager
 async def slack_env(
@@ -133,28 +144,14 @@ async def slack_env(
     **sections: dict[str, Any],
 ) -> AsyncIterator[Env]:
     fake = await FakeSlack(clock=clock).start()
-    settings = make_settings(
-        slack={
-            "api_url": fake.api_url,
-            "mode": mode,
-            "http_port": 0,
-            "update_interval_s": 0.0,
-            "updates_per_minute": 600,  # the budget test sets its own
-            **(slack or {}),
-        },
-        **sections,
-    )
-    db = Database(sqlite_url(folder / f"slack-{uuid.uuid4().hex[:8]}.db"))
-    await db.create_all()
-    service = BotService(settings, db, backend)
-    tokens = SlackTokens(fake.bot_token, fake.app_token, fake.signing_secret)
-    adapter = SlackAdapter(service, tokens, settings.slack, clock=clock, sleep=sleep)
+    url = sqlite_url(folder / f"slack-{uuid.uuid4().hex[:8]}.db")
+    schema = Database(url)
+    await schema.create_all()
+    await schema.dispose()
+    env = Env(fake, url, make_settings(**sections), slack_settings(fake, mode, **(slack or {})), backend, clock, sleep)
     try:
-        await adapter.start()
-        if mode == "socket":
-            await fake.wait_connected()
-        yield Env(fake, adapter, service, db)
+        await env.start()
+        yield env
     finally:
-        await adapter.cleanup()
+        await env.stop()
         await fake.close()
-        await db.dispose()

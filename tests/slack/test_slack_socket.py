@@ -6,9 +6,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from slack_helpers import CHANNEL, png_bytes, slack_env
+from slack_helpers import CHANNEL, ScriptedBackend, png_bytes, slack_env
 
-from adapters.slack_format import PLACEHOLDER, escape_mrkdwn
+from adapters.slack.render import PLACEHOLDER, escape_mrkdwn
 
 
 def test_mention_answers_in_thread_and_follow_ups_need_no_mention(demo_backend: Any, tmp_path: Path) -> None:
@@ -21,7 +21,7 @@ def test_mention_answers_in_thread_and_follow_ups_need_no_mention(demo_backend: 
             root = mention["ts"]
             turns = await env.answered(root)
             assert [(t.role, t.status) for t in turns] == [("user", "done"), ("assistant", "done")]
-            assert turns[0].text == "What is in this picture?" and turns[0].image_id is not None
+            assert turns[0].text == "What is in this picture?" and turns[0].has_image
             assert fake.downloads and all(d["authorized"] for d in fake.downloads)
 
             (reply,) = fake.bot_replies(CHANNEL, root)
@@ -37,7 +37,7 @@ def test_mention_answers_in_thread_and_follow_ups_need_no_mention(demo_backend: 
             await fake.wait_ack(await fake.send_event(follow))
             turns = await env.answered(root, answers=2)
             assert [t.role for t in turns] == ["user", "assistant", "user", "assistant"]
-            assert turns[2].text == "And what colour is it?" and turns[2].image_id is None
+            assert turns[2].text == "And what colour is it?" and not turns[2].has_image
             replies = fake.bot_replies(CHANNEL, root)
             assert len(replies) == 2 and all(m.thread_ts == root for m in replies)
 
@@ -88,7 +88,7 @@ def test_slash_command_acks_at_once_then_answers_with_help_and_presets(demo_back
                 replies[text] = fake.responses[-1]
             assert all(r["response_type"] == "ephemeral" for r in replies.values())
             help_text = replies[""]["text"]
-            for name in env.service.presets.names:
+            for name in [p.name for p in env.service.presets()]:
                 assert f"`{name}`" in help_text
             assert "<@UBOT>" in help_text and "thread" in help_text
             assert "```" not in help_text  # the website preset's fence is defused, not opened
@@ -96,7 +96,7 @@ def test_slash_command_acks_at_once_then_answers_with_help_and_presets(demo_back
             assert "<@UBOT> recipe" in replies["recipe"]["text"]
             assert "Write a poem" in replies["Poem"]["text"]
             assert replies["teleport"]["text"].startswith("I don't know `teleport`")
-            assert "*Model*" in replies["settings"]["text"] and "*Your limits*" in replies["settings"]["text"]
+            assert "Model:" in replies["settings"]["text"] and "Your limits:" in replies["settings"]["text"]
             assert not fake.calls_of("chat.postMessage")
 
     asyncio.run(main())
@@ -239,7 +239,7 @@ def test_a_picture_after_the_mention_or_after_reset_needs_no_second_mention(demo
             picture = fake.user_message(CHANNEL, "here it is", thread_ts=root, files=[fake.add_file(png_bytes())])
             await fake.send_event(picture)
             turns = await env.answered(root)
-            assert turns[0].text == "here it is" and turns[0].image_id is not None
+            assert turns[0].text == "here it is" and turns[0].has_image
             assert len(fake.ephemerals) == 1  # Bob's chatter got nothing
 
             await fake.send_event(fake.mention(CHANNEL, "reset", thread_ts=root))
@@ -251,5 +251,78 @@ def test_a_picture_after_the_mention_or_after_reset_needs_no_second_mention(demo
             await fake.send_event(fresh)
             turns = await env.answered(root)
             assert [t.text for t in turns if t.role == "user"] == ["now this one"]
+
+    asyncio.run(main())
+
+
+def test_a_picture_in_a_mentioned_thread_starts_the_conversation_after_a_restart(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with slack_env(tmp_path, backend=ScriptedBackend("A red square.")) as env:
+            fake = env.fake
+            mention = fake.mention(CHANNEL, "what can I cook?")  # forgot the picture
+            root = mention["ts"]
+            await fake.send_event(mention)
+            await fake.wait_for(lambda: fake.ephemerals)
+            assert "I need a picture" in fake.ephemerals[0]["text"]
+
+            await env.restart()  # a new core and front end on the same database: nothing kept in memory
+            calls = len(fake.calls)
+            chatter = fake.user_message(CHANNEL, "haha", user="UBOB", thread_ts=root)  # text only: not for the bot
+            await fake.wait_ack(await fake.send_event(chatter))
+            await fake.settle()
+            assert [c.method for c in fake.calls[calls:] if c.method != "auth.test"] == []  # bolt's own check aside
+            picture = fake.user_message(CHANNEL, "here it is", thread_ts=root, files=[fake.add_file(png_bytes())])
+            await fake.send_event(picture)
+            turns = await env.answered(root)
+            assert turns[0].text == "here it is" and turns[0].has_image
+            assert len(fake.ephemerals) == 1 and env.outcomes() == {"answered": 1.0}
+
+    asyncio.run(main())
+
+
+def test_a_reset_thread_continues_on_a_picture_after_a_restart(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with slack_env(tmp_path, backend=ScriptedBackend("A red square.")) as env:
+            fake = env.fake
+            mention = fake.mention(CHANNEL, "What is this?", files=[fake.add_file(png_bytes())])
+            root = mention["ts"]
+            await fake.send_event(mention)
+            await env.answered(root)
+            await fake.send_event(fake.mention(CHANNEL, "reset", thread_ts=root))
+            await fake.wait_for(lambda: any("Starting over" in m.text for m in fake.bot_replies(CHANNEL, root)))
+            assert await env.turns(root) == []
+
+            await env.restart()
+            files = [fake.add_file(png_bytes((9, 9, 9)))]
+            fresh = fake.user_message(CHANNEL, "now this one", thread_ts=root, files=files)
+            await fake.send_event(fresh)
+            turns = await env.answered(root)
+            assert [t.text for t in turns if t.role == "user"] == ["now this one"] and turns[0].has_image
+
+    asyncio.run(main())
+
+
+def test_a_download_failure_of_a_redelivered_event_is_answered_once(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with slack_env(tmp_path, backend=ScriptedBackend("A red square.")) as env:
+            fake = env.fake
+            mention = fake.mention(CHANNEL, "What is this?", files=[fake.add_file(png_bytes(), login_page=True)])
+            first = await fake.send_event(mention, event_id="EvNOFILE")
+            again = await fake.send_event(mention, event_id="EvNOFILE", retry_attempt=1, retry_reason="timeout")
+            await fake.wait_ack(first)
+            await fake.wait_ack(again)
+            await fake.wait_for(lambda: fake.ephemerals)
+            await fake.settle()
+            assert len(fake.downloads) == 2  # each delivery tried the download; the core answered one of them
+            (note,) = fake.ephemerals
+            assert "files:read" in note["text"] and note["user"] == "UALICE"
+            assert env.outcomes() == {"ImageError": 1.0, "duplicate": 1.0}
+
+            await env.restart()  # a late redelivery after a restart: still answered once
+            late = await fake.send_event(mention, event_id="EvNOFILE", retry_attempt=2, retry_reason="timeout")
+            await fake.wait_ack(late)
+            await fake.settle()
+            assert len(fake.ephemerals) == 1 and env.outcomes() == {"duplicate": 1.0}
+            assert not fake.calls_of("chat.postMessage")
 
     asyncio.run(main())

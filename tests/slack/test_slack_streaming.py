@@ -1,5 +1,5 @@
 """Streaming into Slack: long answers split into several messages, the per-workspace chat.update budget,
-and the reply renderer's edge cases (slow redelivery, interruption, errors, vanished placeholder)."""
+and the streamed reply's edge cases on Slack (slow redelivery, interruption, errors, vanished placeholder)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from typing import Any
 from fake_slack import FakeSlack
 from slack_helpers import CHANNEL, ScriptedBackend, png_bytes, slack_env
 
-from adapters.slack import make_client
-from adapters.slack_format import INTERRUPTED, PLACEHOLDER, ThreadReply, TokenBucket, unescape_mrkdwn
+from adapters.slack.app import make_client
+from adapters.slack.render import INTERRUPTED, PLACEHOLDER, SlackThread, slack_format, unescape_mrkdwn
+from adapters.streaming import StreamedReply, TokenBucket
 from bot.core.requests import Delta, Final
 
 CODE = "\n".join(f"print('línea {i}: 漢字 👩‍💻 e\u0301 <b>&amp;</b>')" for i in range(30))
@@ -95,10 +96,11 @@ def test_update_budget_is_shared_by_concurrent_streams(tmp_path: Path) -> None:
     asyncio.run(main())
 
 
-async def _reply(fake: FakeSlack, **kwargs: Any) -> ThreadReply:
+async def _reply(fake: FakeSlack) -> tuple[StreamedReply, str]:
     client = make_client(fake.bot_token, fake.api_url)
     thread = fake.user_message(CHANNEL, "question")["ts"]
-    return ThreadReply(client, TokenBucket(600), CHANNEL, thread, "UALICE", False, limit=300, interval_s=0, **kwargs)
+    messages = SlackThread(client, CHANNEL, thread, "UALICE", False)
+    return StreamedReply(messages, TokenBucket(600), slack_format(300), interval_s=0), thread
 
 
 def test_thread_reply_edge_cases() -> None:
@@ -111,10 +113,10 @@ def test_thread_reply_edge_cases() -> None:
                 return
                 yield
 
-            reply = await _reply(fake)
+            reply, thread = await _reply(fake)
             await reply.run(slow_nothing())
             assert [c.method for c in fake.calls] == ["chat.postMessage", "chat.delete"]
-            assert not fake.bot_replies(CHANNEL, reply.thread)
+            assert not fake.bot_replies(CHANNEL, thread)
 
             # An error after some text: the warning replaces the partial answer.
             async def failing() -> AsyncIterator[Any]:
@@ -122,9 +124,9 @@ def test_thread_reply_edge_cases() -> None:
                 await asyncio.sleep(0.4)
                 yield Final("Sorry, something went wrong.", kind="error")
 
-            reply = await _reply(fake)
+            reply, thread = await _reply(fake)
             await reply.run(failing())
-            (message,) = fake.bot_replies(CHANNEL, reply.thread)
+            (message,) = fake.bot_replies(CHANNEL, thread)
             assert [v for _, v in message.edits] == [
                 PLACEHOLDER,
                 "partial answ …",
@@ -141,24 +143,25 @@ def test_thread_reply_edge_cases() -> None:
                 finally:
                     closed.set()
 
-            reply = await _reply(fake)
+            reply, thread = await _reply(fake)
             task = asyncio.create_task(reply.run(endless()))
-            await fake.wait_for(lambda: reply.ts and fake.find(CHANNEL, reply.ts[0]).text == "so far …")
+            ids = reply.message_ids
+            await fake.wait_for(lambda: ids and fake.find(CHANNEL, ids[0]).text == "so far …")
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            assert closed.is_set() and fake.find(CHANNEL, reply.ts[0]).text == INTERRUPTED
+            assert closed.is_set() and fake.find(CHANNEL, reply.message_ids[0]).text == INTERRUPTED
 
             # Someone deleted the placeholder: the answer arrives in a new message.
             async def answer_after_delete() -> AsyncIterator[Any]:
                 yield Delta("Hello")
                 await fake.wait_for(lambda: len(fake.calls_of("chat.update")) > calls)
-                fake.find(CHANNEL, reply.ts[0]).deleted = True
+                fake.find(CHANNEL, reply.message_ids[0]).deleted = True
                 yield Final("Hello there.")
 
             calls = len(fake.calls_of("chat.update"))
-            reply = await _reply(fake)
+            reply, thread = await _reply(fake)
             await reply.run(answer_after_delete())
-            assert [m.text for m in fake.bot_replies(CHANNEL, reply.thread)] == ["Hello there."]
+            assert [m.text for m in fake.bot_replies(CHANNEL, thread)] == ["Hello there."]
         finally:
             await fake.close()
 

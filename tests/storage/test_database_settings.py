@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bot.core.config import ConfigError, Settings, load_settings, normalize_database_url
+from bot.core.config import ConfigError, Settings, load_settings
+from storage.url import DatabaseURLError, normalize_database_url
 
 
 @pytest.fixture(autouse=True)
@@ -44,7 +45,7 @@ def test_urls_are_rewritten_for_the_async_drivers(given, expected):
 
 @pytest.mark.parametrize("bad", ["mysql://u@h/d", "postgresql+psycopg2://u@h/d", "bot.db", "sqlite://", ""])
 def test_other_urls_are_refused(bad):
-    with pytest.raises(ConfigError, match="database URL"):
+    with pytest.raises(DatabaseURLError, match="database URL"):
         normalize_database_url(bad)
 
 

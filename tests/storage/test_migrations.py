@@ -19,6 +19,7 @@ from tests import pg
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLES = {t.name for t in Base.metadata.sorted_tables}
+HEAD = "0002"
 
 
 async def _inspect(url: str) -> dict[str, Any]:
@@ -65,7 +66,7 @@ def inspect_schema(url: str) -> dict[str, Any]:
 
 def test_upgrade_creates_exactly_the_models_schema(empty_db_url):
     assert migrate.current(empty_db_url) is None
-    assert migrate.upgrade(empty_db_url) == migrate.head() == "0001"
+    assert migrate.upgrade(empty_db_url) == migrate.head() == "0002"
     schema = inspect_schema(empty_db_url)
     assert schema["diff"] == []
     assert schema["tables"] == TABLES | {"alembic_version"}
@@ -86,7 +87,7 @@ def test_upgrade_downgrade_upgrade_round_trip(empty_db_url):
     after_down = inspect_schema(empty_db_url)
     assert after_down["tables"] == {"alembic_version"}  # everything the revision made is gone
     assert after_down["live_index"] is None
-    assert migrate.upgrade(empty_db_url) == "0001"
+    assert migrate.upgrade(empty_db_url) == HEAD
     assert inspect_schema(empty_db_url)["diff"] == []
 
 
@@ -128,8 +129,40 @@ def test_data_survives_a_no_op_re_upgrade(empty_db_url):
             await db.dispose()
 
     conv_id = asyncio.run(write())
-    assert migrate.upgrade(empty_db_url) == "0001"
+    assert migrate.upgrade(empty_db_url) == HEAD
     assert asyncio.run(read(conv_id)) == (["still here"], 5)
+
+
+def test_followed_threads_arrive_in_0002_without_touching_existing_data(empty_db_url):
+    """A database made at 0001 (the first release) upgrades in place; a downgrade to 0001 removes only 0002."""
+    assert migrate.upgrade(empty_db_url, "0001") == "0001"
+    assert "followed_threads" not in inspect_schema(empty_db_url)["tables"]
+
+    async def write() -> int:
+        db = Database(empty_db_url)
+        try:
+            conv = await db.get_or_create_conversation(ConversationKey("slack", "T", "C", "t"))
+            await db.add_turns(conv.id, [{"role": "user", "text": "from 0001"}])
+            return conv.id
+        finally:
+            await db.dispose()
+
+    async def follow_and_read(conv_id: int) -> tuple[bool, list[str]]:
+        db = Database(empty_db_url)
+        try:
+            key = ConversationKey("slack", "T", "C", "t")
+            await db.follow_thread(key)
+            return await db.is_followed(key), [t.text for t in await db.turns(conv_id)]
+        finally:
+            await db.dispose()
+
+    conv_id = asyncio.run(write())
+    assert migrate.upgrade(empty_db_url) == HEAD
+    assert inspect_schema(empty_db_url)["diff"] == []
+    assert asyncio.run(follow_and_read(conv_id)) == (True, ["from 0001"])
+    assert migrate.downgrade(empty_db_url, "0001") == "0001"
+    tables = inspect_schema(empty_db_url)["tables"]
+    assert "followed_threads" not in tables and "conversations" in tables
 
 
 def test_async_variants_run_inside_an_event_loop(empty_db_url):
@@ -140,7 +173,7 @@ def test_async_variants_run_inside_an_event_loop(empty_db_url):
         assert before is None
         return up, down, await migrate.upgrade_async(empty_db_url)
 
-    assert asyncio.run(main()) == ("0001", None, "0001")
+    assert asyncio.run(main()) == (HEAD, None, HEAD)
     assert inspect_schema(empty_db_url)["diff"] == []
 
 
@@ -160,13 +193,13 @@ def test_stamp_records_a_revision_without_running_it(empty_db_url):
     _create_all(empty_db_url)
     assert migrate.current(empty_db_url) is None
     migrate.stamp(empty_db_url)
-    assert migrate.current(empty_db_url) == "0001"
-    assert migrate.upgrade(empty_db_url) == "0001"  # nothing left to run, nothing fails
+    assert migrate.current(empty_db_url) == HEAD
+    assert migrate.upgrade(empty_db_url) == HEAD  # nothing left to run, nothing fails
 
 
 def test_upgrade_adopts_tables_made_by_create_all(empty_db_url):
     _create_all(empty_db_url)
-    assert migrate.upgrade(empty_db_url) == "0001"
+    assert migrate.upgrade(empty_db_url) == HEAD
     assert inspect_schema(empty_db_url)["diff"] == []
 
 
@@ -179,8 +212,8 @@ def test_upgrade_refuses_unversioned_tables_that_differ(empty_db_url):
 
 def test_plain_urls_are_accepted(tmp_path):
     url = f"sqlite:///{tmp_path / 'plain.db'}"
-    assert migrate.upgrade(url) == "0001"
-    assert migrate.current(f"sqlite+aiosqlite:///{tmp_path / 'plain.db'}") == "0001"
+    assert migrate.upgrade(url) == HEAD
+    assert migrate.current(f"sqlite+aiosqlite:///{tmp_path / 'plain.db'}") == HEAD
 
 
 def test_migrations_ship_with_the_package():

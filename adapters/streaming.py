@@ -1,38 +1,49 @@
-"""Slack rendering: mrkdwn escaping, splitting long answers, the ``chat.update`` budget, streamed replies.
+"""Streaming an answer into a chat platform that edits messages in place — shared by every such front end.
 
-The first three are pure and unit-tested directly (``tests/slack/test_slack_format.py``);
-:class:`ThreadReply` renders the core's reply events into one thread through an ``AsyncWebClient``.
+Platform-neutral: a front end supplies its message calls (:class:`EditableMessages`: post, update, delete,
+post to the asker alone) and its text rules (:class:`ReplyFormat`: message limit, what a character costs
+once escaped, the escape itself, the placeholder and warning texts).  This module gives it
+
+* :func:`split_message` — long text in chunks of at most ``limit`` rendered characters, cut at paragraph,
+  line, sentence or word boundaries, never inside a character cluster, with code fences closed and
+  reopened at the cuts;
+* :class:`TokenBucket` — an edit budget (Slack's ``chat.update`` per workspace, Discord's per channel);
+* :class:`StreamedReply` — the core's reply events (``Delta`` … ``Final``) → placeholder, throttled edits,
+  the final message(s).
+
+Slack uses it with ``limit=3500`` and ``cost=escaped_len`` (``&``, ``<``, ``>`` become entities); Discord
+with ``limit=2000`` and plain ``len``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import re
 import time
 import unicodedata
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
-
-import aiohttp
-from slack_sdk.errors import SlackApiError, SlackClientError
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 from bot.core.requests import Delta, Final, ReplyEvent
 
 __all__ = [
-    "ThreadReply",
+    "INTERRUPTED",
+    "PLACEHOLDER",
+    "PLACEHOLDER_DELAY_S",
+    "SUFFIX",
+    "EditableMessages",
+    "ReplyFormat",
+    "StreamedReply",
     "TokenBucket",
-    "escape_mrkdwn",
-    "escaped_len",
     "split_message",
-    "strip_mention",
-    "unescape_mrkdwn",
 ]
 
 FENCE = "```"
 CLOSE = "\n```"
+MIN_LIMIT = 64
 _SENTENCE = re.compile(r"[.!?。！？]\s")
 _JOINERS = {"\u200d", "\ufe0e", "\ufe0f"}  # zero-width joiner, variation selectors
 PLACEHOLDER = "_thinking…_"
@@ -41,35 +52,12 @@ SUFFIX = " …"  # after the text while an answer still streams
 PLACEHOLDER_DELAY_S = 0.3  # a redelivery or a quick notice never shows a placeholder
 _END, _TIMEOUT = object(), object()
 
-log = logging.getLogger(__name__)
-
-
-def escape_mrkdwn(text: str) -> str:
-    """Slack's three control characters (``&``, ``<``, ``>``): model text must never become a link or mention."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def unescape_mrkdwn(text: str) -> str:
-    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
-
-
-def escaped_len(text: str) -> int:
-    """Length of ``text`` once escaped — what Slack counts against its message limit."""
-    return len(text) + 4 * text.count("&") + 3 * (text.count("<") + text.count(">"))
-
-
-def strip_mention(text: str, bot_user_id: str | None) -> str:
-    """Drop ``<@BOT>`` / ``<@BOT|name>`` mentions of this bot and Slack's escaping from a user's message."""
-    if bot_user_id:
-        text = re.sub(rf"<@{re.escape(bot_user_id)}(?:\|[^>]*)?>:?", " ", text)
-    return re.sub(r"[ \t]{2,}", " ", unescape_mrkdwn(text)).strip()
-
 
 # ---------------------------------------------------------------------- splitting
 
 
 def _unsafe_cut(text: str, i: int) -> bool:
-    """Cutting before ``text[i]`` would split a character cluster, an escape-free fence or a ZWJ sequence."""
+    """Cutting before ``text[i]`` would split a character cluster, a fence's backticks or a ZWJ sequence."""
     if i <= 0 or i >= len(text):
         return False
     c, prev = text[i], text[i - 1]
@@ -85,12 +73,13 @@ def _unsafe_cut(text: str, i: int) -> bool:
     return c == "`" and prev == "`"
 
 
-def _fit(text: str, start: int, budget: int) -> int:
-    """The largest end such that ``text[start:end]`` escaped is at most ``budget`` characters."""
+def _fit(text: str, start: int, budget: int, cost: Callable[[str], int]) -> int:
+    """The largest end such that ``cost(text[start:end])`` is at most ``budget``."""
+    if cost is len:
+        return min(len(text), start + max(budget, 0))
     used, i = 0, start
     while i < len(text):
-        c = text[i]
-        used += 5 if c == "&" else 4 if c in "<>" else 1
+        used += cost(text[i])
         if used > budget:
             break
         i += 1
@@ -131,25 +120,27 @@ def _fences(body: str, opener: str | None) -> str | None:
     return opener
 
 
-def split_message(text: str, limit: int) -> list[str]:
-    """Split ``text`` into chunks whose *escaped* length is at most ``limit``.
+def split_message(text: str, limit: int, cost: Callable[[str], int] = len) -> list[str]:
+    """Split ``text`` into chunks whose rendered length ``cost(chunk)`` is at most ``limit``.
 
-    Cuts prefer paragraph, line, sentence and word boundaries; never split a character cluster
-    (combining marks, ZWJ emoji, flags); a code fence open at a cut is closed at the end of the
-    chunk and reopened (same info string) at the start of the next, so every chunk renders on
-    its own.  Joining the chunks gives back the text, save for whitespace at the cuts and the
-    added fence lines.
+    ``cost`` is what the platform counts against its limit, and must add up character by character
+    (``cost(a + b) == cost(a) + cost(b)``): plain ``len`` for Discord, Slack's escaped length (``&`` is
+    five characters, ``<`` and ``>`` four).  Cuts prefer paragraph, line, sentence and word boundaries;
+    never split a character cluster (combining marks, ZWJ emoji, flags, skin tones); a code fence open at
+    a cut is closed at the end of the chunk and reopened (same info string) at the start of the next, so
+    every chunk renders on its own.  Joining the chunks gives back the text, save for whitespace at the
+    cuts and the added fence lines.  Empty or blank text gives no chunks.
     """
-    if limit < 64:
-        raise ValueError("limit must be at least 64 characters")
+    if limit < MIN_LIMIT:
+        raise ValueError(f"limit must be at least {MIN_LIMIT} characters")
     text = text.strip()
     chunks: list[str] = []
     opener: str | None = None
     pos = 0
     while pos < len(text):
         head = opener + "\n" if opener else ""
-        budget = limit - escaped_len(head) - len(CLOSE)
-        end = _fit(text, pos, budget)
+        budget = limit - cost(head) - cost(CLOSE)
+        end = _fit(text, pos, budget, cost)
         cut = end if end >= len(text) else _break(text, pos, end)
         body = text[pos:cut]
         opener = _fences(body, opener)
@@ -233,46 +224,95 @@ class TokenBucket:
 # ---------------------------------------------------------------------- streaming replies
 
 
-class ThreadReply:
-    """One answer in one thread: placeholder → throttled ``chat.update``s → the final message(s).
+@runtime_checkable
+class EditableMessages(Protocol):
+    """The messages of one reply on one platform (e.g. in one Slack thread or Discord channel).
 
-    The placeholder waits ``PLACEHOLDER_DELAY_S`` for the core's verdict, so a dropped redelivery or a
-    quick notice shows none.  Interim edits need a free token from the workspace's bucket and
-    ``interval_s`` since this answer's last edit (else the text waits for the next chance); the final
-    text waits for a token.  Ephemeral replies remove the placeholder and go to the user alone.
+    Texts arrive rendered (escaped, at most the format's ``limit``).  A call that fails — the platform
+    refused it, the message is gone, the network failed — is logged by the implementation and reported
+    as ``None`` / ``False``; only cancellation propagates.  Rate limits are waited out inside.
+    """
+
+    async def post(self, text: str) -> str | None:
+        """A new message in the reply's place (thread, channel); its id, or ``None`` when it failed."""
+        ...
+
+    async def update(self, message_id: str, text: str) -> bool:
+        """Replace the text of one of our messages."""
+        ...
+
+    async def delete(self, message_id: str) -> bool: ...
+
+    async def post_ephemeral(self, text: str) -> bool:
+        """A message only the asker sees (quota, access and bad-input notices)."""
+        ...
+
+
+def _same(text: str) -> str:
+    return text
+
+
+@dataclass(frozen=True)
+class ReplyFormat:
+    """A platform's text rules for streamed replies.
+
+    ``limit``: the most rendered characters in one message; ``cost``: rendered length of a text (additive,
+    see :func:`split_message`); ``escape``: plain text → the platform's markup, ``len(escape(t)) ==
+    cost(t)``.  ``placeholder`` and ``interrupted`` (shown when the bot stops mid-answer) are already in
+    the platform's markup; ``warning`` (put before error texts) and ``empty`` (an answer without text) are
+    plain text, escaped with the answer.
+    """
+
+    limit: int = 2000
+    cost: Callable[[str], int] = len
+    escape: Callable[[str], str] = _same
+    placeholder: str = PLACEHOLDER
+    interrupted: str = INTERRUPTED
+    warning: str = "⚠️ "
+    empty: str = "(no answer)"
+    suffix: str = SUFFIX
+
+
+class StreamedReply:
+    """One answer: placeholder → throttled edits → the final message(s), over :class:`EditableMessages`.
+
+    The placeholder waits ``placeholder_delay_s`` for the core's verdict, so a dropped redelivery or a quick
+    notice shows none.  Interim edits need a free token from ``bucket`` (shared by every answer streaming
+    under the same platform budget) and ``interval_s`` since this answer's last edit, else the text waits
+    for the next chance; the final text waits for a token.  A long answer continues in further messages
+    (split like :func:`split_message`, so a prefix's cuts are the whole text's and messages are only
+    added).  Ephemeral replies remove the placeholder and go to the asker alone.  Cancelled mid-answer
+    (shutdown), the first message shows ``fmt.interrupted`` and the core's iterator is closed.
     """
 
     def __init__(
         self,
-        client: Any,
+        messages: EditableMessages,
         bucket: TokenBucket,
-        channel: str,
-        thread: str,
-        user: str,
-        in_thread: bool,
+        fmt: ReplyFormat,
         *,
-        limit: int = 3500,
         interval_s: float = 1.0,
+        placeholder_delay_s: float = PLACEHOLDER_DELAY_S,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        self.client, self.bucket, self.limit, self.interval_s = client, bucket, limit, interval_s
-        self.clock, self.sleep = clock, sleep
-        self.channel, self.thread, self.user, self.in_thread = channel, thread, user, in_thread
-        self.ts: list[str] = []  # our messages, in order
+        self.messages, self.bucket, self.fmt, self.interval_s = messages, bucket, fmt, interval_s
+        self.placeholder_delay_s, self.clock, self.sleep = placeholder_delay_s, clock, sleep
+        self.message_ids: list[str] = []  # our messages, in order
         self.shown: list[str] = []  # what each of them shows
         self.last_edit = float("-inf")
         self._get: asyncio.Future[Any] | None = None
 
     async def run(self, events: AsyncIterator[ReplyEvent]) -> None:
+        """Render ``events`` until the core's iterator ends."""
         queue: asyncio.Queue[Any] = asyncio.Queue()
         pump = asyncio.ensure_future(self._pump(events, queue))
         text, dirty, finished = "", False, False
         retry_s = 60.0 / self.bucket.per_minute
         try:
-            item = await self._next(queue, PLACEHOLDER_DELAY_S)
+            item = await self._next(queue, self.placeholder_delay_s)
             if item is _TIMEOUT or isinstance(item, Delta):
-                await self._post(PLACEHOLDER)
+                await self._post(self.fmt.placeholder)
             while item is not _END:
                 if isinstance(item, Delta):
                     text, dirty = text + item.text, True
@@ -289,9 +329,9 @@ class ThreadReply:
             if not finished:  # a redelivery: the core answered nothing
                 await self._delete(0)
         except asyncio.CancelledError:
-            if self.ts and not finished:
+            if self.message_ids and not finished:
                 with contextlib.suppress(Exception):
-                    update = self.client.chat_update(channel=self.channel, ts=self.ts[0], text=INTERRUPTED)
+                    update = self.messages.update(self.message_ids[0], self.fmt.interrupted)
                     await asyncio.wait_for(update, 5)
             raise
         finally:
@@ -324,27 +364,28 @@ class ThreadReply:
         item, self._get = self._get.result(), None
         return item
 
+    def _chunks(self, text: str) -> list[str]:
+        return [self.fmt.escape(c) for c in split_message(text, self.fmt.limit, self.fmt.cost)]
+
     async def _interim(self, text: str) -> bool:
-        # Split like the final text will be (a prefix's cuts are the whole text's), so messages are only added.
-        chunks = [escape_mrkdwn(c) for c in split_message(text, self.limit)] or [""]
-        tail = "\n…" if chunks[-1].endswith(FENCE) else SUFFIX
-        if len(chunks[-1]) + len(tail) <= self.limit:
+        chunks = self._chunks(text) or [""]
+        tail = "\n…" if chunks[-1].endswith(FENCE) else self.fmt.suffix
+        if len(chunks[-1]) + len(tail) <= self.fmt.limit:
             chunks[-1] += tail
         return await self._show(chunks, final=False)
 
     async def _finish(self, final: Final) -> None:
         if final.ephemeral:
             await self._delete(0)
-            await self._ephemeral(escape_mrkdwn(final.text))
+            await self.messages.post_ephemeral(self.fmt.escape(final.text))
             return
-        text = final.text if final.kind != "error" else f":warning: {final.text}"
-        chunks = [escape_mrkdwn(c) for c in split_message(text, self.limit)] or ["(no answer)"]
-        await self._show(chunks, final=True)
+        text = final.text if final.kind != "error" else self.fmt.warning + final.text
+        await self._show(self._chunks(text) or [self.fmt.escape(self.fmt.empty)], final=True)
 
     async def _show(self, chunks: list[str], final: bool) -> bool:
         """Make our messages show ``chunks``: edit what changed, post what is new, delete what is left over."""
         for i, chunk in enumerate(chunks):
-            if i >= len(self.ts):
+            if i >= len(self.message_ids):
                 if not await self._post(chunk):
                     return False
             elif self.shown[i] != chunk and not await self._update(i, chunk, final):
@@ -358,7 +399,7 @@ class ThreadReply:
             await self.bucket.acquire()
         elif not self.bucket.try_acquire():
             return False
-        if await self._call("chat_update", channel=self.channel, ts=self.ts[i], text=text) is None:
+        if not await self.messages.update(self.message_ids[i], text):
             if not final:
                 return False
             await self._delete(i)  # the message is gone or frozen: continue in a new one
@@ -367,31 +408,14 @@ class ThreadReply:
         return True
 
     async def _post(self, text: str) -> bool:
-        response = await self._call(
-            "chat_postMessage", channel=self.channel, thread_ts=self.thread, text=text, unfurl_links=False,
-            unfurl_media=False,
-        )  # fmt: skip
-        if response is None:
+        message_id = await self.messages.post(text)
+        if message_id is None:
             return False
-        self.ts.append(response["ts"])
+        self.message_ids.append(message_id)
         self.shown.append(text)
         return True
 
-    async def _ephemeral(self, text: str) -> None:
-        thread = {"thread_ts": self.thread} if self.in_thread else {}
-        await self._call("chat_postEphemeral", channel=self.channel, user=self.user, text=text, **thread)
-
     async def _delete(self, start: int) -> None:
-        for ts in self.ts[start:]:
-            await self._call("chat_delete", channel=self.channel, ts=ts)
-        del self.ts[start:], self.shown[start:]
-
-    async def _call(self, method: str, **kwargs: Any) -> Any:
-        """One Web API call (429s already retried by the client); ``None`` when it failed, logged."""
-        try:
-            return await getattr(self.client, method)(**kwargs)
-        except SlackApiError as exc:
-            log.warning("%s failed in %s: %s", method, self.channel, exc.response.get("error"))
-        except (SlackClientError, aiohttp.ClientError, TimeoutError) as exc:
-            log.warning("%s failed in %s: %s", method, self.channel, type(exc).__name__)
-        return None
+        for message_id in self.message_ids[start:]:
+            await self.messages.delete(message_id)
+        del self.message_ids[start:], self.shown[start:]

@@ -1,7 +1,9 @@
-"""Token generation with the reference's options, per-row stops, streaming and batching.
+"""Engine primitives: generation options, per-row sampling and streaming detokenization.
 
 Reference: ``Chat.answer_prepare`` / ``Chat.model_generate`` (transformers 4.30
-``generate(inputs_embeds=…)``) and ``MiniGPTBase.generate`` (left padding + mask).
+``generate(inputs_embeds=…)``).  These are the pieces every generation loop shares — the
+static-batch oracle and beam search in :mod:`model.generate` and the continuous-batching
+engine in :mod:`model.engine` — so one sampler decides every token, whichever loop runs it.
 
 What is reproduced exactly, and why it needs care:
 
@@ -16,16 +18,12 @@ What is reproduced exactly, and why it needs care:
   ``len(context) + max_new_tokens > max_length`` (``answer_prepare``).
 * Unlike the reference, whose stop check needs *every* row to end with a stop sequence,
   each row here stops on its own EOS / stop ids / stop strings / token budget.
-
-Batched rows are left-padded with zero embeddings and masked, with position ids counted
-from each row's first real token, so a row's greedy ids equal its unbatched ids.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
 import torch
@@ -35,23 +33,27 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from transformers.cache_utils import DynamicCache
+
+from model.engine.api import RequestRejected
 
 __all__ = [
     "GenerationOptions",
-    "GenerationResult",
     "IncrementalDetokenizer",
     "InvalidGenerationOptions",
     "RowSampler",
-    "TokenStep",
-    "beam_search",
-    "decode_batch",
     "truncate_left",
 ]
 
 
-class InvalidGenerationOptions(ValueError):
-    """A generation option is out of range; the message names the option and the range."""
+class InvalidGenerationOptions(RequestRejected, ValueError):
+    """A generation option is unknown or out of range; ``detail`` names the option and the range.
+
+    A :class:`~model.engine.api.RequestRejected` with reason ``"invalid"``, so a backend may let it
+    through as it is (and a ``ValueError`` for plain callers).
+    """
+
+    def __init__(self, detail: str) -> None:
+        super().__init__("invalid", detail)
 
 
 @dataclass(frozen=True)
@@ -125,25 +127,6 @@ class GenerationOptions:
             raise InvalidGenerationOptions("stop sequences must not be empty")
 
 
-@dataclass(frozen=True)
-class TokenStep:
-    """One generated token of one row; ``finish_reason`` is set on the row's last token."""
-
-    row: int
-    token_id: int
-    finish_reason: str | None = None  # "eos" | "stop" | "length"
-
-
-@dataclass
-class GenerationResult:
-    """The generated ids of one row (stop ids and EOS included, as transformers returns them)."""
-
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: str = "length"
-    prompt_tokens: int = 0
-    truncated_tokens: int = 0
-
-
 def truncate_left(context: torch.Tensor, max_new_tokens: int, max_length: int) -> tuple[torch.Tensor, int]:
     """Cut ``Tensor[L, H]`` from the left so that ``L + max_new_tokens <= max_length`` (reference rule)."""
     begin = max(0, context.shape[0] + max_new_tokens - max_length)
@@ -209,108 +192,6 @@ class RowSampler:
         if len(generated) >= self.options.max_new_tokens:
             return "length"
         return None
-
-
-@torch.inference_mode()
-def decode_batch(
-    llm: Any,
-    contexts: Sequence[torch.Tensor],
-    samplers: Sequence[RowSampler],
-    *,
-    decode_tail: Callable[[list[int]], str] | None = None,
-) -> Iterator[list[TokenStep]]:
-    """Prefill the left-padded batch of ``Tensor[L_i, H]`` contexts, then decode step by step.
-
-    Yields, after every decode step, the tokens of the rows still running.  Finished rows
-    stay in the KV batch (fed their last token) but produce nothing more; the loop ends
-    when every row has finished.
-    """
-    embed = llm.get_input_embeddings()
-    batch = len(contexts)
-    hidden = contexts[0].shape[-1]
-    longest = max(c.shape[0] for c in contexts)
-    device, dtype = contexts[0].device, contexts[0].dtype
-    embeds = torch.zeros(batch, longest, hidden, dtype=dtype, device=device)
-    mask = torch.zeros(batch, longest, dtype=torch.long, device=device)
-    for i, ctx in enumerate(contexts):
-        embeds[i, longest - ctx.shape[0] :] = ctx
-        mask[i, longest - ctx.shape[0] :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, L]
-    cache = DynamicCache()
-    out = llm(
-        inputs_embeds=embeds,
-        attention_mask=mask,
-        position_ids=positions,
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    next_pos = positions[:, -1:] + 1  # [B, 1]
-    running = [True] * batch
-    last = [0] * batch
-    while True:
-        logits = out.logits[:, -1, :]  # [B, V]
-        steps: list[TokenStep] = []
-        for row in range(batch):
-            if not running[row]:
-                continue
-            token = samplers[row].next_token(logits[row])
-            last[row] = token
-            reason = samplers[row].finish_reason(decode_tail)
-            if reason is not None:
-                running[row] = False
-            steps.append(TokenStep(row, token, reason))
-        yield steps
-        if not any(running):
-            return
-        tokens = torch.tensor(last, device=device).unsqueeze(1)  # [B, 1]
-        mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
-        out = llm(
-            inputs_embeds=embed(tokens).to(dtype),
-            attention_mask=mask,
-            position_ids=next_pos,
-            cache=cache,
-            use_cache=True,
-        )
-        next_pos = next_pos + 1
-
-
-@torch.inference_mode()
-def beam_search(
-    llm: Any, context: torch.Tensor, options: GenerationOptions, bos_id: int, eos_ids: Sequence[int]
-) -> GenerationResult:
-    """``num_beams > 1``: one request at a time through transformers' ``generate`` (slower, no streaming)."""
-    generator_kwargs: dict[str, Any] = dict(
-        inputs_embeds=context.unsqueeze(0),
-        attention_mask=torch.ones(1, context.shape[0], dtype=torch.long, device=context.device),
-        max_new_tokens=options.max_new_tokens,
-        min_new_tokens=max(0, options.min_length - 1),
-        num_beams=options.num_beams,
-        do_sample=options.do_sample,
-        repetition_penalty=options.repetition_penalty,
-        length_penalty=options.length_penalty,
-        eos_token_id=list(eos_ids),
-        pad_token_id=eos_ids[0],
-        bos_token_id=bos_id,
-    )
-    if options.do_sample:
-        generator_kwargs.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
-        if options.seed is not None:
-            torch.manual_seed(options.seed)
-    with warnings.catch_warnings():
-        # Penalising generated tokens only is exactly the reference's behaviour with inputs_embeds.
-        warnings.filterwarnings("ignore", message="Passing `repetition_penalty` with `inputs_embeds`")
-        ids = llm.generate(**generator_kwargs)[0].tolist()
-    result = GenerationResult(prompt_tokens=context.shape[0])
-    for i, token in enumerate(ids):
-        result.token_ids.append(token)
-        if token in eos_ids:
-            result.finish_reason = "eos"
-            break
-        if any(tuple(ids[: i + 1][-len(seq) :]) == seq for seq in options.stop_token_ids):
-            result.finish_reason = "stop"
-            break
-    return result
 
 
 class IncrementalDetokenizer:

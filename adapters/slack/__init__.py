@@ -1,0 +1,25 @@
+"""The Slack front end, registered as ``slack`` in the ``minigpt4_bot.frontends`` entry-point group.
+
+Modules by job, bolt-style: :mod:`~adapters.slack.app` (the bolt app, listeners and lifecycle),
+:mod:`~adapters.slack.files` (picture downloads and the Slack host allow-list),
+:mod:`~adapters.slack.render` (mrkdwn, mentions, Slack's editable messages) and
+:mod:`~adapters.slack.settings` (``[slack]`` in ``bot.toml``).  Importing this package loads only the
+settings: slack_bolt and slack_sdk are imported when the front end is created.  Set-up: ``docs/slack.md``.
+"""
+
+from __future__ import annotations
+
+from adapters.slack.settings import SlackSettings
+from bot.core.api import Core, FrontEnd, FrontEndContext, FrontEndPlugin
+
+__all__ = ["FRONT_END", "SlackSettings", "create"]
+
+
+def create(core: Core, settings: SlackSettings, context: FrontEndContext) -> FrontEnd:
+    """The Slack front end on ``core`` (not started: ``start`` reads the tokens and connects)."""
+    from adapters.slack.app import SlackFrontEnd
+
+    return SlackFrontEnd(core, settings)
+
+
+FRONT_END = FrontEndPlugin(name="slack", settings=SlackSettings, create=create, docs="docs/slack.md")

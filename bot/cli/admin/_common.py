@@ -1,0 +1,133 @@
+"""What every admin command shares: opening the configured database, failing cleanly, printing literally.
+
+Database problems (bad URL, server down, schema missing) print one clear line on stderr and exit
+with status 1; a bad URL in the configuration exits with status 2.  Nothing printed here is parsed
+as rich markup: ids, notes and message text are shown exactly as stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
+
+import typer
+from rich.console import RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from bot.cli.common import err, out, setup
+from bot.core.config import ConfigError, Settings
+
+if TYPE_CHECKING:
+    from storage import Database
+
+T = TypeVar("T")
+
+NO_SCHEMA_HINT = "the database has no tables yet: run `minigpt4-bot admin db upgrade`"
+
+PlatformOption = Annotated[str, typer.Option("--platform", "-p", help="slack | discord | web | terminal …")]
+WorkspaceOption = Annotated[str, typer.Option("--workspace", "-w", help="Slack team / Discord guild id")]
+UserOption = Annotated[str | None, typer.Option("--user", "-u", help="user id (omit for the workspace limits)")]
+
+
+def settings_for(config: Path | None) -> Settings:
+    """bot.toml, loaded as every command does, with Alembic's step-by-step INFO logging quietened."""
+    settings = setup(config)
+    # Alembic logs every plugin and step at INFO; the commands print their own one-line summary.
+    logging.getLogger("alembic").setLevel(logging.DEBUG if settings.log_level == "DEBUG" else logging.WARNING)
+    return settings
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    """One red line on stderr, printed literally, then exit with ``code``."""
+    err.print(Text(message, style="red"), highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def safe_url(url: str) -> str:
+    """The URL with its password hidden (a URL too broken to parse shows only its scheme)."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return url.partition("://")[0] + "://…"
+
+
+def database_url(settings: Settings) -> str:
+    """The configured database URL (exit 2 when it is bad); an SQLite file's folder is created."""
+    try:
+        url = settings.database_url()
+    except ConfigError as exc:
+        fail(f"Bad database URL: {exc}", code=2)
+    if url.startswith("sqlite") and ":memory:" not in url:
+        Path(url.partition(":///")[2]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    return url
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a database error, with a hint where there is an obvious fix."""
+    original = getattr(exc, "orig", None) or exc
+    text = str(original).strip().splitlines()[0] if str(original).strip() else type(original).__name__
+    lowered = str(exc).lower()
+    if "no such table" in lowered or ("relation" in lowered and "does not exist" in lowered):
+        return f"{NO_SCHEMA_HINT} ({text})"
+    if isinstance(original, OSError | TimeoutError) or "connect" in lowered:
+        return f"cannot connect: {text}"
+    return text
+
+
+def run(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
+    """Open the configured database, run ``work(db)``, close it; database errors end the command cleanly."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from storage import Database
+
+    url = database_url(settings)
+
+    async def main() -> T:
+        db = Database(url)
+        try:
+            return await work(db)
+        finally:
+            await db.dispose()
+
+    try:
+        return asyncio.run(main())
+    except (SQLAlchemyError, OSError, TimeoutError, ValueError) as exc:
+        fail(f"Database error ({safe_url(url)}): {describe(exc)}")
+
+
+def say(message: RenderableType) -> None:
+    """A table, or a line of plain text (never parsed as markup, never hard-wrapped) on stdout."""
+    if isinstance(message, str):
+        out.print(message, markup=False, highlight=False, soft_wrap=True)
+    else:
+        out.print(message)
+
+
+def table(title: str | None, columns: Iterable[str], *, right: Iterable[str] = (), fold: bool = False) -> Table:
+    """A table with a plain-text title; the ``right`` columns are right-aligned, ``fold`` wraps long cells."""
+    made = Table(title=Text(title) if title is not None else None)
+    right = set(right)
+    for column in columns:
+        made.add_column(column, justify="right" if column in right else "left", overflow="fold" if fold else "ellipsis")
+    return made
+
+
+def add_row(table: Table, *cells: object) -> None:
+    """A table row of plain text: stored values (notes, message text) are never parsed as markup."""
+    table.add_row(*(Text(str(cell)) for cell in cells))
+
+
+def when(value: datetime | None) -> str:
+    """A stored time as ``YYYY-MM-DD HH:MM`` UTC (``-`` when unset)."""
+    if value is None:
+        return "-"
+    from storage import as_utc
+
+    return as_utc(value).strftime("%Y-%m-%d %H:%M")

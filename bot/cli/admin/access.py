@@ -1,0 +1,70 @@
+"""``minigpt4-bot admin allow|deny|list``: the access rules (allow and deny lists).
+
+``allow`` and ``deny`` are one command, :func:`rule_command`, made once per action.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Annotated
+
+import typer
+
+from bot.cli.admin._common import PlatformOption, add_row, run, say, settings_for, table, when
+from bot.cli.common import ConfigOption
+
+__all__ = ["ACTIONS", "list_rules", "rule_command"]
+
+ACTIONS = {
+    "allow": "Allow-list a user, channel or workspace. Once one allow rule exists for a kind, only listed ones pass.",
+    "deny": "Block a user, channel or workspace (a deny rule always wins over allow rules).",
+}
+
+
+class Target(StrEnum):
+    user = "user"
+    channel = "channel"
+    workspace = "workspace"
+
+
+def rule_command(action: str) -> Callable[..., None]:
+    """The ``allow`` or ``deny`` command: add a rule, or remove it with ``--remove``."""
+
+    def command(
+        target: Annotated[Target, typer.Argument(help="user | channel | workspace")],
+        value: Annotated[str, typer.Argument(help="the id")],
+        platform: PlatformOption,
+        note: Annotated[str | None, typer.Option("--note", help="why (shown by `admin list`)")] = None,
+        remove: Annotated[bool, typer.Option("--remove", help="delete this rule instead")] = False,
+        config: ConfigOption = None,
+    ) -> None:
+        settings = settings_for(config)
+        rule = f"{action} {target.value} {value} on {platform}"
+        if remove:
+            removed = run(settings, lambda db: db.remove_rule(action, target.value, platform, value))
+            outcome = "Removed" if removed else "There was no"
+            say(f"{outcome} {action} rule for {target.value} {value} on {platform}.")
+            return
+        added = run(settings, lambda db: db.add_rule(action, target.value, platform, value, note))
+        say(f"Added: {rule}." if added else f"Already there: {rule}.")
+
+    command.__name__ = action
+    command.__doc__ = ACTIONS[action]
+    return command
+
+
+def list_rules(
+    platform: Annotated[str | None, typer.Option("--platform", "-p")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """The access rules (allow/deny lists)."""
+    settings = settings_for(config)
+    rules = run(settings, lambda db: db.rules(platform))
+    if not rules:
+        say("No access rules: everyone may use the bot.")
+        return
+    shown = table("access rules", ("action", "target", "platform", "value", "note", "added"), fold=True)
+    for r in rules:
+        add_row(shown, r.action, r.target, r.platform, r.value, r.note or "", when(r.created_at))
+    say(shown)
