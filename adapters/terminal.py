@@ -167,6 +167,9 @@ class TerminalFrontEnd:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
+    def problem(self) -> str | None:
+        return None  # a local prompt: nothing to lose a connection to
+
 
 def _enabled(settings: TerminalSettings, context: FrontEndContext) -> bool:
     return context.interactive if settings.enabled == "auto" else bool(settings.enabled)

@@ -319,6 +319,9 @@ class WebFrontEnd:
             await self._runner.cleanup()
             self._runner = None
 
+    def problem(self) -> str | None:
+        return None if self._runner is not None else "not listening"
+
 
 def _create(core: Core, settings: WebSettings, _context: FrontEndContext) -> WebFrontEnd:
     return WebFrontEnd(core, settings)

@@ -82,6 +82,9 @@ class Probe:
     async def stop(self) -> None:
         self.stopped = True
 
+    def problem(self) -> str | None:
+        return None
+
 
 @pytest.fixture
 def probes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:

@@ -167,6 +167,10 @@ class FrontEnd(Protocol):
 
     async def stop(self) -> None: ...
 
+    def problem(self) -> str | None:
+        """``None`` while serving normally, else one line for readiness checks (e.g. "gateway disconnected")."""
+        ...
+
 
 class FrontEndSettings(BaseModel):
     """Base of a front end's ``bot.toml`` table: every front end has ``enabled``; unknown keys are errors."""
