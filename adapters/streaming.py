@@ -23,11 +23,11 @@ import re
 import time
 import unicodedata
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from bot.core.requests import Delta, Final, ReplyEvent
+from bot.core.requests import Delta, Final, ReplyEvent, ReplyFile
 
 __all__ = [
     "INTERRUPTED",
@@ -247,6 +247,11 @@ class EditableMessages(Protocol):
         """A message only the asker sees (quota, access and bad-input notices)."""
         ...
 
+    async def upload(self, files: Sequence[ReplyFile]) -> str | None:
+        """Post the reply's files in its place; ``None`` when done, else a one-line plain note for the asker
+        (e.g. "this app lacks the files:write permission"), which is posted instead."""
+        ...
+
 
 def _same(text: str) -> str:
     return text
@@ -380,7 +385,11 @@ class StreamedReply:
             await self.messages.post_ephemeral(self.fmt.escape(final.text))
             return
         text = final.text if final.kind != "error" else self.fmt.warning + final.text
-        await self._show(self._chunks(text) or [self.fmt.escape(self.fmt.empty)], final=True)
+        shown = await self._show(self._chunks(text) or [self.fmt.escape(self.fmt.empty)], final=True)
+        if shown and final.files:
+            note = await self.messages.upload(final.files)
+            if note:
+                await self._post(self.fmt.escape(note)[: self.fmt.limit])
 
     async def _show(self, chunks: list[str], final: bool) -> bool:
         """Make our messages show ``chunks``: edit what changed, post what is new, delete what is left over."""

@@ -21,7 +21,7 @@ from typing import Any, Literal
 from rich.console import Console
 
 from bot.core.api import Core, FrontEndContext, FrontEndPlugin, FrontEndSettings
-from bot.core.requests import Delta, Final, ImageAttachment, ReplyEvent, Request
+from bot.core.requests import Delta, Final, ImageAttachment, ReplyEvent, ReplyFile, Request
 
 __all__ = ["FRONT_END", "TerminalChat", "TerminalFrontEnd", "TerminalSettings"]
 
@@ -47,8 +47,10 @@ class TerminalChat:
         console: Console | None = None,
         read_line: Callable[[str], str] = input,
         user: str | None = None,
+        files_dir: Path | None = None,
     ) -> None:
         self.handle = handle
+        self.files_dir = files_dir or Path("data") / "files"
         self.console = console or Console()
         self.read_line = read_line
         self.user = user or _user()
@@ -129,6 +131,21 @@ class TerminalChat:
                 else:
                     style = "red" if event.kind == "error" else "yellow"
                     self.console.print(event.text, style=style, markup=False, highlight=False)
+                if event.files:
+                    self._save(event.files, event.meta.get("turn_id"))
+
+    def _save(self, files: tuple[ReplyFile, ...], turn_id: object) -> None:
+        """Files that come with an answer (a website preview and its page) are saved; their paths printed."""
+        folder = self.files_dir / self.thread
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            for file in files:
+                path = folder / f"{turn_id or uuid.uuid4().hex[:8]}-{Path(file.filename).name}"
+                path.write_bytes(file.data)
+                self.console.print(f"saved {file.title or file.filename}: {path}", markup=False, highlight=False)
+        except OSError as exc:
+            log.warning("saving reply files under %s failed: %s", folder, exc)
+            self.console.print(f"Could not save the files under {folder}: {exc.strerror}", style="red", markup=False)
 
 
 def _user() -> str:
@@ -150,7 +167,7 @@ class TerminalFrontEnd:
     name = "terminal"
 
     def __init__(self, core: Core, context: FrontEndContext, chat: TerminalChat | None = None) -> None:
-        self.chat = chat or TerminalChat(core.handle)
+        self.chat = chat or TerminalChat(core.handle, files_dir=context.data_dir / "files")
         self.context = context
         self._task: asyncio.Task[None] | None = None
 
@@ -167,7 +184,7 @@ class TerminalFrontEnd:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def problem(self) -> str | None:
+    async def problem(self) -> str | None:
         return None  # a local prompt: nothing to lose a connection to
 
 

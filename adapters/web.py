@@ -5,11 +5,15 @@ Routes
     ``POST /api/messages``        multipart form → Server-Sent Events (``delta`` … ``final``, or ``duplicate``)
     ``GET /api/threads/{thread}`` the thread's live conversation, for reloading the page
     ``GET /api/presets``          preset names and prompts
-    ``GET /healthz``              ``{"status": "ok", "model": …, "engine": {queue_depth, batch_size}}``
-    ``GET /metrics``              Prometheus text format
+    ``GET /healthz``              liveness, cheap (no database): ``{"status": "ok", "model": …, "engine": …}``
+    ``GET /readyz``               readiness: 200 ``{"status": "ready", "checks": …}`` or 503 naming each failing check
+    ``GET /metrics``              Prometheus text format (readiness gauges refreshed first)
 
 The adapter is thin: it parses the form, enforces an overall upload limit, hands one
 ``Request`` to :meth:`Core.handle <bot.core.api.Core.handle>` and writes each reply event as it arrives.
+A malformed body (bad framing, boundary or part headers, an unknown charset …) gets a 400 with a one-line
+JSON ``{"error": …}`` and one INFO log line; form text is UTF-8 (or the part's declared charset), and bytes
+that do not decode become U+FFFD rather than an error.
 It uses nothing of the core but the :class:`~bot.core.api.Core` protocol, and is registered as the
 ``web`` front end (:data:`FRONT_END`, ``[web]`` in bot.toml) — the worked example in docs/adapters.md.  When the
 browser goes away mid-answer, :func:`run_web`'s server cancels the handler (with a server that
@@ -20,19 +24,25 @@ Content-Security-Policy forbids anything else).
 
 from __future__ import annotations
 
+import base64
+import codecs
 import contextlib
 import json
 import logging
 import re
+import warnings
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.multipart import BadContentDispositionHeader, BadContentDispositionParam
 from pydantic import Field
 
 from bot.core.api import Core, FrontEndContext, FrontEndPlugin, FrontEndSettings
 from bot.core.images import format_size
-from bot.core.requests import Final, ImageAttachment, Request, ThreadRef
+from bot.core.requests import Final, ImageAttachment, ReplyFile, Request, ThreadRef
 
 __all__ = ["FRONT_END", "STATIC_DIR", "WebFrontEnd", "WebSettings", "create_app", "run_web", "upload_limit"]
 
@@ -44,6 +54,36 @@ FIELD_LIMIT = 32 * 1024  # one text field (question, ids, name)
 MAX_PARTS = 64
 THREAD_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 EVENT_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
+SURROGATES_RE = re.compile("[\ud800-\udfff]")
+PLAIN_TRANSFER = {"", "binary", "7bit", "8bit"}  # Content-Transfer-Encoding values that leave the bytes as they are
+
+# What aiohttp's form and multipart readers raise on a malformed body: ValueError (bad framing or
+# boundary, a bad part Content-Length, a non-ASCII ``_charset_``; also this module's BadForm),
+# RuntimeError (an over-long ``_charset_`` field) and HttpProcessingError (bad part headers: no colon,
+# a line over 8 KiB, too many; broken chunked framing).  Each is the client's mistake: a 400, never a 500.
+MALFORMED_BODY: tuple[type[Exception], ...] = (ValueError, RuntimeError, HttpProcessingError)
+
+# aiohttp warns (on stderr, through ``warnings``) about a malformed Content-Disposition and then reads the
+# part as unnamed; ``_read_form`` refuses unnamed parts with a 400 and one log line, so the warning is noise.
+warnings.filterwarnings("ignore", category=BadContentDispositionHeader)
+warnings.filterwarnings("ignore", category=BadContentDispositionParam)
+
+
+class _QuietBadRequests(logging.Filter):
+    """aiohttp answers a request it cannot parse (request line, headers, chunked framing) with a 400 of its
+    own but logs it at ERROR with a traceback: a client's mistake gets one INFO line here instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError) and 400 <= exc.code < 500:
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            log.info("bad HTTP request from %s (%s): %s", remote, type(exc).__name__, _one_line(exc))
+            return False
+        return True
+
+
+if not any(isinstance(f, _QuietBadRequests) for f in logging.getLogger("aiohttp.server").filters):
+    logging.getLogger("aiohttp.server").addFilter(_QuietBadRequests())
 
 SERVICE_KEY = web.AppKey("core", Core)
 CONFIG_KEY = web.AppKey("web_config", dict)
@@ -70,6 +110,12 @@ def upload_limit(core: Core) -> int:
     """The most bytes one message may upload: every picture at its size limit, plus slack for the fields."""
     images = core.image_limits
     return images.max_bytes * images.max_per_message + UPLOAD_SLACK
+
+
+def _file_json(file: ReplyFile) -> dict[str, Any]:
+    """A reply file for the page: base64 bytes it turns into a blob: URL (shown inline or downloaded)."""
+    data = base64.b64encode(file.data).decode("ascii")
+    return {"filename": file.filename, "mime": file.mime, "title": file.title, "data": data}
 
 
 def _json_error(status: int, message: str, **extra: Any) -> web.Response:
@@ -102,6 +148,7 @@ def create_app(
     app.router.add_get("/api/threads/{thread}", _thread_history)
     app.router.add_get("/api/presets", _presets)
     app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     return app
 
@@ -139,8 +186,40 @@ async def _index(_request: web.Request) -> web.StreamResponse:
 # ---------------------------------------------------------------------- messages
 
 
+class BadForm(ValueError):
+    """The form is well framed but not what the page sends (no name, too many parts, an encoded part …)."""
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    """The exception's message on one line, cut to ``limit`` characters (it may quote the client's bytes)."""
+    if isinstance(exc, UnicodeDecodeError):
+        return f"the text is not valid {exc.encoding} (at byte {exc.start})"
+    message = exc.message if isinstance(exc, HttpProcessingError) and exc.message else str(exc)
+    text = " ".join(str(message).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _decode_text(data: bytes, charset: str) -> str:
+    """Form text as ``str``: in the part's declared charset (default UTF-8), undecodable bytes as U+FFFD.
+
+    An unknown charset, or a codec that is not a text encoding (``base64`` …), is :class:`BadForm` (a 400).
+    Lone surrogates (which some codecs produce) are replaced too, so a field is always valid Unicode that
+    encodes to UTF-8.
+    """
+    try:
+        codecs.lookup(charset)
+        text = data.decode(charset, errors="replace")
+    except LookupError:
+        raise BadForm(f"unknown charset {charset[:40]!r}") from None
+    return SURROGATES_RE.sub("\ufffd", text)
+
+
 async def _read_form(request: web.Request, limit: int) -> tuple[dict[str, str], list[ImageAttachment]]:
-    """Parse the multipart form, counting every byte against ``limit`` (raises :class:`UploadTooLarge`)."""
+    """Parse the multipart form, counting every byte against ``limit`` (raises :class:`UploadTooLarge`).
+
+    A malformed body raises one of :data:`MALFORMED_BODY`.  Text fields are decoded as described in
+    :func:`_decode_text`; unknown field names are ignored; every part must have a name (RFC 7578).
+    """
     fields: dict[str, str] = {}
     images: list[ImageAttachment] = []
     total = 0
@@ -151,11 +230,17 @@ async def _read_form(request: web.Request, limit: int) -> tuple[dict[str, str], 
         if part is None:
             break
         if not isinstance(part, BodyPartReader):  # nested multipart: not something the page sends
-            raise ValueError("nested multipart bodies are not supported")
+            raise BadForm("nested multipart bodies are not supported")
         parts += 1
         if parts > MAX_PARTS:
-            raise ValueError("too many form parts")
-        name = part.name or ""
+            raise BadForm("too many form parts")
+        name = part.name
+        if not name:  # no Content-Disposition, or one aiohttp could not read
+            raise BadForm("a form part has no name (Content-Disposition: form-data; name=...)")
+        transfer = part.headers.get("Content-Transfer-Encoding", "").strip().lower()
+        encoding = part.headers.get("Content-Encoding", "identity").strip().lower()
+        if transfer not in PLAIN_TRANSFER or encoding not in ("", "identity"):
+            raise BadForm(f"the field {name[:40]!r} is encoded ({transfer or encoding}); send it as plain bytes")
         cap = limit if name == "image" else FIELD_LIMIT
         chunks: list[bytes] = []
         size = 0
@@ -165,16 +250,29 @@ async def _read_form(request: web.Request, limit: int) -> tuple[dict[str, str], 
             if total > limit:
                 raise UploadTooLarge()
             if size > cap:
-                raise ValueError(f"the field {name!r} is too long")
+                raise BadForm(f"the field {name[:40]!r} is too long")
             chunks.append(chunk)
         data = b"".join(chunks)
         if name == "image":
             if data or part.filename:  # an empty file input still sends an empty part
                 mime = part.headers.get("Content-Type", "")
                 images.append(ImageAttachment(data=data, filename=part.filename or "", mime=mime))
-        elif name:
-            fields[name] = data.decode("utf-8", errors="replace")
+        else:
+            fields[name] = _decode_text(data, part.get_charset(default="utf-8"))
     return fields, images
+
+
+async def _read_urlencoded(request: web.Request) -> dict[str, str]:
+    """A text-only ``application/x-www-form-urlencoded`` form, decoded like :func:`_read_form`'s text fields."""
+    charset = request.charset or "utf-8"
+    body = _decode_text(await request.read(), charset)  # read() enforces client_max_size (413)
+    pairs = parse_qsl(body, keep_blank_values=True, encoding=charset, errors="replace", max_num_fields=MAX_PARTS)
+    fields = {}
+    for name, value in pairs:
+        if len(value) > FIELD_LIMIT:
+            raise BadForm(f"the field {name[:40]!r} is too long")
+        fields[name] = SURROGATES_RE.sub("\ufffd", value)
+    return fields
 
 
 async def _post_message(request: web.Request) -> web.StreamResponse:
@@ -186,15 +284,17 @@ async def _post_message(request: web.Request) -> web.StreamResponse:
         return _json_error(413, too_large, limit_bytes=limit)
     try:
         if request.content_type == "application/x-www-form-urlencoded":  # text only (no pictures)
-            fields, images = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}, []
+            fields, images = await _read_urlencoded(request), []
         elif request.content_type.startswith("multipart/"):
             fields, images = await _read_form(request, limit)
         else:
             return _json_error(400, "Send the message as multipart/form-data.")
     except (UploadTooLarge, web.HTTPRequestEntityTooLarge):
         return _json_error(413, too_large, limit_bytes=limit)
-    except ValueError as exc:
-        return _json_error(400, f"Bad form: {exc}.")
+    except MALFORMED_BODY as exc:  # the client's mistake: one log line, no traceback, a 400
+        reason = _one_line(exc)
+        log.info("web: bad form from %s (%s): %s", request.remote, type(exc).__name__, reason)
+        return _json_error(400, f"Bad form: {reason.rstrip('.')}.")
 
     thread = fields.get("thread", "").strip()
     if not THREAD_RE.match(thread):
@@ -224,13 +324,16 @@ async def _post_message(request: web.Request) -> web.StreamResponse:
             "X-Accel-Buffering": "no",
         },
     )
-    await response.prepare(request)
     replies = service.handle(bot_request)
     sent_any = False
     try:
+        # Inside the try: a request whose body was broken after the form (chunked framing) closes the
+        # connection, so even the headers may not go out.
+        await response.prepare(request)
         async for event in replies:
             if isinstance(event, Final):
-                payload = {"text": event.text, "kind": event.kind, "ephemeral": event.ephemeral, "meta": event.meta}
+                payload = {"text": event.text, "kind": event.kind, "ephemeral": event.ephemeral, "meta": event.meta,
+                           "files": [_file_json(f) for f in event.files]}  # fmt: skip
                 await response.write(_sse("final", payload))
             else:
                 await response.write(_sse("delta", {"text": event.text}))
@@ -285,6 +388,7 @@ async def _presets(request: web.Request) -> web.Response:
 
 
 async def _healthz(request: web.Request) -> web.Response:
+    """Liveness: the process and its event loop answer (the database is not asked: see /readyz)."""
     health = await request.app[SERVICE_KEY].health()
     if not health.ok:
         problems = "; ".join(f"{name}: {state}" for name, state in health.checks.items() if state != "ok")
@@ -293,8 +397,19 @@ async def _healthz(request: web.Request) -> web.Response:
     return web.json_response(body, dumps=lambda obj: json.dumps(obj, default=str))
 
 
+async def _readyz(request: web.Request) -> web.Response:
+    """Readiness: the database answers, the engine runs, every front end is connected — else 503."""
+    ready = await request.app[SERVICE_KEY].readiness()
+    if not ready.ok:
+        problems = "; ".join(f"{name}: {state}" for name, state in ready.checks.items() if state != "ok")
+        return web.json_response({"status": "unavailable", "error": problems, "checks": ready.checks}, status=503)
+    return web.json_response({"status": "ready", "checks": ready.checks})
+
+
 async def _metrics(request: web.Request) -> web.Response:
-    body = request.app[SERVICE_KEY].metrics_text()
+    core = request.app[SERVICE_KEY]
+    await core.readiness()  # minigpt4_ready / minigpt4_check_ok as of this scrape
+    body = core.metrics_text()
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
 
@@ -319,8 +434,8 @@ class WebFrontEnd:
             await self._runner.cleanup()
             self._runner = None
 
-    def problem(self) -> str | None:
-        return None if self._runner is not None else "not listening"
+    async def problem(self) -> str | None:
+        return None if self._runner is not None and self._runner.sites else "not listening"
 
 
 def _create(core: Core, settings: WebSettings, _context: FrontEndContext) -> WebFrontEnd:

@@ -4,6 +4,10 @@ Run through :mod:`storage.migrate` (``minigpt4-bot admin db upgrade``), which pa
 open connection — in ``config.attributes``.  ``alembic -c alembic.ini …`` from the repository root
 works too (for writing new revisions with ``--autogenerate``); the URL then comes from bot.toml /
 ``$MINIGPT4_BOT_DATABASE_URL``.
+
+Logging is left to the application: no ``fileConfig`` here and no logging sections in ``alembic.ini``,
+so alembic's INFO lines ("Context impl …", "Running upgrade …") show only at ``log_level = "DEBUG"``
+(bot/cli/common.py).
 """
 
 from __future__ import annotations

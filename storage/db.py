@@ -7,14 +7,16 @@ at the next start (:meth:`Database.mark_interrupted`), never deleted.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Integer, delete, event, func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Integer, delete, event, func, select, text, update
+from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from storage.tables import (
@@ -31,7 +33,7 @@ from storage.tables import (
 )
 from storage.url import sqlite_url
 
-__all__ = ["Clock", "ConversationKey", "Database", "UsageTotals", "as_utc", "sqlite_url"]
+__all__ = ["Clock", "ConversationKey", "Database", "UsageTotals", "as_utc", "is_unavailable", "sqlite_url"]
 
 Clock = Callable[[], datetime]
 """Returns the current time (aware; converted to UTC).  Production: wall-clock UTC; tests move it."""
@@ -40,6 +42,40 @@ QUOTA_LIMITS: tuple[str, ...] = tuple(
     column.name for column in QuotaSetting.__table__.columns if column.nullable and isinstance(column.type, Integer)
 )
 """The limits a quota override stores: :class:`QuotaSetting`'s nullable integer columns (``None`` = the default)."""
+
+
+# SQLSTATEs that mean "not now" rather than "wrong": class 08 (connection exception), the server shutting
+# down or starting up (57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now), too many
+# connections (53300).
+_UNAVAILABLE_STATES = ("57P01", "57P02", "57P03", "53300")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database cannot be reached right now (down, restarting, the connection
+    dropped, a lock timeout) — worth retrying later — rather than that the statement itself is wrong.
+
+    Looks through the chain SQLAlchemy wraps driver errors in (``orig``, ``__cause__``): a server that is
+    still starting up reaches us as a plain ``DBAPIError`` around asyncpg's ``CannotConnectNowError``.
+    """
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        error = stack.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, DBAPIError) and (
+            error.connection_invalidated or isinstance(error, OperationalError | InterfaceError)
+        ):
+            return True
+        if isinstance(error, OSError | TimeoutError):  # connection refused / reset, a connect timeout
+            return True
+        state = getattr(error, "sqlstate", None) or getattr(error, "pgcode", None)
+        if isinstance(state, str) and (state.startswith("08") or state in _UNAVAILABLE_STATES):
+            return True
+        orig = getattr(error, "orig", None)
+        stack += [orig if isinstance(orig, BaseException) else None, error.__cause__]
+    return False
 
 
 def as_utc(value: datetime) -> datetime:
@@ -84,6 +120,7 @@ class Database:
         if url.startswith("sqlite"):
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._ping: asyncio.Task[None] | None = None
 
     def now(self) -> datetime:
         """The current time from this database's clock, in UTC."""
@@ -99,7 +136,30 @@ class Database:
             await conn.run_sync(Base.metadata.create_all)
 
     async def dispose(self) -> None:
+        ping, self._ping = self._ping, None
+        if ping is not None and not ping.done() and ping.get_loop() is asyncio.get_running_loop():
+            ping.cancel()
+            with contextlib.suppress(BaseException):
+                await ping
         await self.engine.dispose()
+
+    async def ping(self, timeout: float = 1.0) -> None:
+        """``SELECT 1`` on a pooled connection; raises if the database does not answer within ``timeout`` s
+        (``TimeoutError``) or cannot be reached (the driver's error).  For readiness checks.
+
+        The query runs in its own task, which a timeout does not cancel (cancelling a connection attempt
+        half-way can leave the pool in a bad state); a probe that finds one still running waits for that
+        one, so a hanging server never piles up more than one ping.
+        """
+        task = self._ping
+        if task is None or task.done() or task.get_loop() is not asyncio.get_running_loop():
+            task = self._ping = asyncio.ensure_future(self._select_one())
+            task.add_done_callback(_consume)
+        await asyncio.wait_for(asyncio.shield(task), timeout)
+
+    async def _select_one(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
 
     # ------------------------------------------------------------------ events
 
@@ -442,6 +502,12 @@ def _live(key: ConversationKey) -> Any:
         Conversation.thread == key.thread,
         Conversation.archived_at.is_(None),
     )
+
+
+def _consume(task: asyncio.Task[Any]) -> None:
+    """Retrieve a finished ping's error, so a ping nobody waited for logs no "never retrieved" warning."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

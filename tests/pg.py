@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import asyncpg
@@ -110,22 +111,44 @@ class PostgresCluster:
         last: Exception | None = None
         for _ in range(5):  # another process may grab the free port between bind and start
             self.port = _free_port()
-            options = (
-                f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sockets} -c fsync=off "
-                f"-c synchronous_commit=off -c full_page_writes=off -c max_connections=200 "
-                f"-c TimeZone={SERVER_TIMEZONE}"
-            )
             try:
-                self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", options, "start")
+                self.start_server()
                 return self
             except PostgresUnavailable as exc:
                 last = exc
         raise PostgresUnavailable(f"PostgreSQL did not start: {last}")
 
+    # Fault injection (tests/fault): stop and start the server process, keeping the data and the port.
+
+    def start_server(self) -> None:
+        """Start the (stopped) server on :attr:`port` and wait until it accepts connections."""
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sockets} -c fsync=off "
+            f"-c synchronous_commit=off -c full_page_writes=off -c max_connections=200 "
+            f"-c TimeZone={SERVER_TIMEZONE}"
+        )
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", options, "start")
+
+    def stop_server(self, mode: str = "fast") -> None:
+        """Stop the server, keeping its data: ``fast`` ends every session (an orderly outage),
+        ``immediate`` kills the processes (a crash; recovery replays the WAL on the next start)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop", timeout=60)
+
+    def restart_server(self, down_s: float = 0.0, mode: str = "fast") -> None:
+        """Stop the server, stay down ``down_s`` seconds, start it again (same port, same data)."""
+        self.stop_server(mode)
+        if down_s:
+            time.sleep(down_s)
+        self.start_server()
+
+    @property
+    def running(self) -> bool:
+        return (self.data / "postmaster.pid").exists()
+
     def stop(self) -> None:
         try:
-            if (self.data / "postmaster.pid").exists():
-                self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", timeout=60)
+            if self.running:
+                self.stop_server("immediate")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
 

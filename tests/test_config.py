@@ -107,4 +107,6 @@ def test_loader_kwargs_cast_size_tables():
     assert kwargs["vision"] == {"img_size": 56, "layer_norm_eps": 1e-6}
     assert isinstance(kwargs["vision"]["img_size"], int)
     assert kwargs["qformer_dims"] == {"hidden": 32}
+    ratio = Settings.model_validate({"model": {"vision": {"mlp_ratio": 4.3637, "depth": 2.0}}}).model.loader_kwargs()
+    assert ratio["vision"] == {"mlp_ratio": 4.3637, "depth": 2}  # ViT-g's ratio is not rounded to 4
     assert kwargs["qformer"] is None

@@ -82,7 +82,7 @@ class Probe:
     async def stop(self) -> None:
         self.stopped = True
 
-    def problem(self) -> str | None:
+    async def problem(self) -> str | None:
         return None
 
 
@@ -164,3 +164,19 @@ def test_nothing_enabled_is_an_error(probes, caplog) -> None:
     settings = _settings(probes, alpha={"enabled": False}, beta={"enabled": False})
     assert asyncio.run(serve.run_bot(settings, terminal=False)) == 1
     assert "no front end enabled" in caplog.text and "[alpha], [beta]" in caplog.text
+
+
+def test_serve_watches_each_started_front_end_for_readiness(probes, caplog) -> None:
+    caplog.set_level(logging.INFO)
+
+    async def main() -> Any:
+        task = asyncio.create_task(serve.run_bot(_settings(probes), terminal=False))
+        while "alpha ended" not in caplog.text:
+            await asyncio.sleep(0.01)
+        ready = await probes["made"]["beta"].core.readiness()  # the real core, on the real database
+        probes["made"]["beta"].context.request_stop("beta")
+        await asyncio.wait_for(task, 10)
+        return ready
+
+    ready = asyncio.run(main())
+    assert ready.ok and ready.checks == {"database": "ok", "engine": "ok", "beta": "ok", "alpha": "ok"}

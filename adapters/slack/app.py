@@ -193,6 +193,19 @@ class SlackFrontEnd:
         if http is not None:
             await http.close()
 
+    async def problem(self) -> str | None:
+        """Readiness: the Socket Mode websocket is up (slack_sdk reconnects a lost one by itself; until it
+        has, this says so), or the Events API endpoint listens.  Calls no Slack API."""
+        if self.settings.mode == "socket":
+            socket = self._socket
+            if socket is None:
+                return "Socket Mode not connected"
+            if not await socket.client.is_connected():
+                return "Socket Mode connection lost (reconnecting)"
+            return None
+        runner = self._runner
+        return None if runner is not None and runner.sites else f"Events API not listening on {EVENTS_PATH}"
+
     def bucket(self, team: str) -> TokenBucket:
         """The workspace's ``chat.update`` budget, shared by every answer streaming there."""
         if team not in self._buckets:

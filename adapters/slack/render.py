@@ -1,23 +1,27 @@
 """Slack's text and message rules: mrkdwn escaping, mention stripping, and the messages of one thread.
 
 :class:`SlackThread` is Slack's :class:`~adapters.streaming.EditableMessages` (``chat.postMessage`` /
-``chat.update`` / ``chat.delete`` / ``chat.postEphemeral`` through an ``AsyncWebClient`` that already waits
-out 429s); :func:`slack_format` gives :class:`~adapters.streaming.StreamedReply` Slack's escape cost.
+``chat.update`` / ``chat.delete`` / ``chat.postEphemeral``, files with ``files_upload_v2``, through an
+``AsyncWebClient`` that already waits out 429s); :func:`slack_format` gives
+:class:`~adapters.streaming.StreamedReply` Slack's escape cost.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
 from slack_sdk.errors import SlackApiError, SlackClientError
 
 from adapters.streaming import INTERRUPTED, PLACEHOLDER, SUFFIX, ReplyFormat
+from bot.core.requests import ReplyFile
 
 __all__ = [
     "INTERRUPTED",
+    "MISSING_FILES_WRITE",
     "PLACEHOLDER",
     "SUFFIX",
     "SlackThread",
@@ -91,6 +95,22 @@ class SlackThread:
         response = await self._call("chat_postEphemeral", channel=self.channel, user=self.user, text=text, **thread)
         return response is not None
 
+    async def upload(self, files: Sequence[ReplyFile]) -> str | None:
+        """Upload into the thread with ``files_upload_v2`` (needs ``files:write``)."""
+        uploads = [{"content": f.data, "filename": f.filename, "title": f.title or f.filename} for f in files]
+        try:
+            await self.client.files_upload_v2(file_uploads=uploads, channel=self.channel, thread_ts=self.thread)
+        except SlackApiError as exc:
+            error = exc.response.get("error")
+            log.warning("files_upload_v2 failed in %s: %s", self.channel, error)
+            if error == "missing_scope":
+                return MISSING_FILES_WRITE
+            return f"I couldn't attach {_names(files)} here (Slack said: {error})."
+        except (SlackClientError, aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("files_upload_v2 failed in %s: %s", self.channel, type(exc).__name__)
+            return f"I couldn't attach {_names(files)} here: the upload to Slack failed."
+        return None
+
     async def _call(self, method: str, **kwargs: Any) -> Any:
         """One Web API call (429s already retried by the client); ``None`` when it failed, logged."""
         try:
@@ -100,3 +120,13 @@ class SlackThread:
         except (SlackClientError, aiohttp.ClientError, TimeoutError) as exc:
             log.warning("%s failed in %s: %s", method, self.channel, type(exc).__name__)
         return None
+
+
+MISSING_FILES_WRITE = (
+    "I couldn't attach the preview and the page file: this Slack app lacks the files:write scope. "
+    "Ask a workspace admin to add it (OAuth & Permissions → Bot Token Scopes) and reinstall the app."
+)
+
+
+def _names(files: Sequence[ReplyFile]) -> str:
+    return ", ".join(f.filename for f in files)

@@ -150,6 +150,40 @@
     scrollDown();
   }
 
+  // Files that come with an answer (a website preview and its page): pictures inline, the rest to download.
+  // They arrive base64-encoded in the final event and become blob: URLs (the CSP allows nothing else).
+  function showFiles(bubble, files) {
+    if (!files.length) return;
+    const box = document.createElement("div");
+    box.className = "files";
+    for (const file of files) {
+      const bytes = Uint8Array.from(atob(file.data), (c) => c.charCodeAt(0));
+      const url = URL.createObjectURL(new Blob([bytes], { type: file.mime }));
+      if (file.mime.startsWith("image/")) {
+        const figure = document.createElement("figure");
+        const img = document.createElement("img");
+        img.className = "preview";
+        img.src = url;
+        img.alt = file.title || file.filename;
+        figure.appendChild(img);
+        if (file.title) {
+          const caption = document.createElement("figcaption");
+          caption.textContent = file.title;
+          figure.appendChild(caption);
+        }
+        box.appendChild(figure);
+      }
+      const link = document.createElement("a");
+      link.className = "download";
+      link.href = url;
+      link.download = file.filename;
+      link.textContent = `Download ${file.filename}`;
+      box.appendChild(link);
+    }
+    bubble.appendChild(box);
+    scrollDown();
+  }
+
   function showNotice(text, kind) {
     finishBubble(addBotBubble(), text, kind || "notice");
   }
@@ -299,6 +333,7 @@
         } else if (name === "final") {
           finished = true;
           finishBubble(bubble, data.text, data.kind || "answer");
+          showFiles(bubble, data.files || []);
         } else if (name === "duplicate") {
           finished = true;
           finishBubble(bubble, "This message was already received.", "duplicate");

@@ -19,22 +19,59 @@ if TYPE_CHECKING:
     from model import MiniGPT4
     from model.engine import EngineConfig
 
-__all__ = ["LOCAL", "engine_config", "load_model"]
+__all__ = ["LOCAL", "engine_config", "load_model", "model_summary"]
 
 log = logging.getLogger(__name__)
 
 
 def load_model(settings: Settings, progress: Callable[[str, int], None] | None = None) -> MiniGPT4:
-    """Load the configured weights, writing tiny demo weights first when none are configured."""
+    """Load the configured weights, writing tiny demo weights first when none are configured.
+
+    Logs the demo-weights warning (the one place it is logged, so once per start) and one summary line
+    of what was loaded.  transformers' own progress bars are off unless ``log_level = "DEBUG"``: the
+    command line shows one progress bar of its own.
+    """
     from model import load_minigpt4
 
+    if settings.log_level != "DEBUG":
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     kwargs: dict[str, Any] = settings.model.loader_kwargs()
     if settings.model.uses_demo_weights:
         from model.demo_weights import DEMO_NOTICE, write_demo_weights
 
-        log.warning("No weights configured — %s.", DEMO_NOTICE)
+        log.warning("No weights configured — running on %s.", DEMO_NOTICE)
         kwargs |= write_demo_weights(settings.demo_weights_dir, settings.model.variant).loader_kwargs()
-    return load_minigpt4(**kwargs, progress=progress)
+    model = load_minigpt4(**kwargs, progress=progress)
+    log.info("%s", model_summary(model, settings))
+    return model
+
+
+def model_summary(model: MiniGPT4, settings: Settings) -> str:
+    """One line: variant, device, dtype (and quantization), parameters, weights and KV-cache memory."""
+    from model.report import describe_weights
+
+    report = model.load_report
+    weights = describe_weights(model, context_tokens=settings.generation.max_length)
+    parameters = sum(part.parameters for part in weights.parts)
+    where = f"{report.device}, {report.dtype}" if report else "?"
+    if report and report.quantization != "none":
+        where += f", {report.quantization}"
+    demo = " (demo weights)" if settings.model.uses_demo_weights else ""
+    return (
+        f"model {report.variant if report else settings.model.variant}{demo} on {where}: "
+        f"{_count(parameters)} parameters, {_size(weights.weights_bytes)} of weights, "
+        f"{_size(weights.kv_bytes_per_thread)} KV cache per {weights.context_tokens}-token thread"
+    )
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M" if n >= 1e6 else f"{n:,}"
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
 def _shared_fields(settings: EngineSettings, config_type: type) -> dict[str, Any]:

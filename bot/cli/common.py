@@ -3,11 +3,18 @@
 Text that comes from outside the program (configuration errors, paths, exception messages, user
 input) is never printed as rich markup: rich would read ``[model]`` as a style and drop it, and
 ``[/INST]`` would raise.  Print it as ``rich.text.Text``, with ``markup=False``, or escaped.
+
+Logging: at ``log_level = "INFO"`` (the default) a start shows a handful of lines — the model, the
+database, each front end and where it listens, and warnings that need action.  This project's loggers
+(and those of installed front-end and backend plugins) show the configured level; every other library
+(alembic, aiohttp, asyncio, httpx, slack_bolt …) only WARNING and above, unless ``log_level = "DEBUG"``,
+which shows everything.
 """
 
 from __future__ import annotations
 
 import logging
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Annotated
 
@@ -17,12 +24,18 @@ from rich.logging import RichHandler
 from rich.text import Text
 
 from bot.core.config import ConfigError, Settings, load_settings
+from bot.core.plugins import BACKENDS, FRONTENDS
 
-__all__ = ["ConfigOption", "err", "log", "out", "setup"]
+__all__ = [
+    "FIRST_PARTY_LOGGERS", "ConfigOption", "ThirdPartyFilter", "configure_logging", "err", "log", "out", "own_loggers",
+    "setup",
+]  # fmt: skip
 
 out = Console()
 err = Console(stderr=True)
 log = logging.getLogger("minigpt4_bot")
+
+FIRST_PARTY_LOGGERS = ("minigpt4_bot", "bot", "adapters", "storage", "model")
 
 ConfigOption = Annotated[
     Path | None, typer.Option("--config", "-c", help="bot.toml to use (default: $MINIGPT4_BOT_CONFIG or ./bot.toml)")
@@ -36,10 +49,35 @@ def setup(config: Path | None) -> Settings:
     except ConfigError as exc:
         err.print(Text(str(exc), style="red"))  # literally: messages quote tables such as [model]
         raise typer.Exit(2) from None
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(message)s",
-        handlers=[RichHandler(console=err, show_path=False)],
-        force=True,
-    )
+    configure_logging(settings.log_level)
     return settings
+
+
+def own_loggers() -> set[str]:
+    """Top-level logger names that log at the configured level: this project's and its plugins' packages."""
+    names = set(FIRST_PARTY_LOGGERS)
+    for group in (FRONTENDS, BACKENDS):
+        names |= {ep.module.partition(".")[0] for ep in entry_points(group=group)}  # metadata only, no import
+    return names
+
+
+class ThirdPartyFilter(logging.Filter):
+    """Passes this project's records at any level and other libraries' at WARNING and above."""
+
+    def __init__(self, own: set[str]) -> None:
+        super().__init__()
+        self.own = frozenset(own)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or record.name.partition(".")[0] in self.own
+
+
+def configure_logging(level: str) -> None:
+    """One handler on stderr at ``level``; other libraries' records only from WARNING up, unless ``level`` is DEBUG.
+
+    The filter sits on the handler, so no logger's own level changes (tests that capture logs see everything).
+    """
+    handler = RichHandler(console=err, show_path=False)
+    if logging.getLevelName(level) > logging.DEBUG:
+        handler.addFilter(ThirdPartyFilter(own_loggers()))
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)

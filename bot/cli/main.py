@@ -21,6 +21,7 @@ from rich.text import Text
 
 from bot.cli.admin import admin_app
 from bot.cli.common import ConfigOption, err, out, setup
+from bot.cli.train import train_command
 from bot.core.config import Settings
 
 if TYPE_CHECKING:
@@ -143,6 +144,9 @@ def serve(
     settings = setup(config)
     model = _load_model(settings) if settings.engine.backend == "local" else None
     raise typer.Exit(asyncio.run(run_bot(settings, terminal=terminal, model=model)))
+
+
+app.command("train")(train_command)  # bot/cli/train.py: MiniGPT-4's two training stages (model.training)
 
 
 @weights_app.command("demo")

@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 from collections.abc import Collection
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bot.cli.backends import engine_config, load_model
@@ -34,14 +35,18 @@ PRUNE_EVERY_S = 24 * 3600
 
 
 async def open_database(settings: Settings) -> Database:
-    """Open the configured database and bring its schema up to date (Alembic)."""
+    """Open the configured database and bring its schema up to date (Alembic); logs one line about it."""
     from pathlib import Path
 
-    from storage.migrate import upgrade_async
+    from storage.migrate import current_async, upgrade_async
+    from storage.url import hide_password
 
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
     url = settings.database_url()
-    await upgrade_async(url)
+    before = await current_async(url)
+    after = await upgrade_async(url)
+    change = "" if before == after else f", upgraded from {before}" if before else ", created"
+    log.info("database %s (schema %s%s)", hide_password(url), after, change)
     return Database(url)
 
 
@@ -105,7 +110,7 @@ async def run_bot(
             stop.set()
 
     interactive = sys.stdin.isatty() if terminal is None else terminal
-    context = FrontEndContext(interactive=interactive, request_stop=request_stop)
+    context = FrontEndContext(interactive=interactive, request_stop=request_stop, data_dir=Path(settings.data_dir))
     status = 0
     try:
         for plugin, table in _enabled_front_ends(settings, context, only):
@@ -119,6 +124,9 @@ async def run_bot(
                 status = 1
                 return status
             running.append(front_end)
+            problem = getattr(front_end, "problem", None)
+            if callable(problem):  # readiness (/readyz) includes each front end it started, by name
+                service.watch_front_end(front_end.name, problem)
         if not running:
             log.error("no front end enabled: set enabled = true in one of [%s], or run in a terminal",
                       "], [".join(plugin_names(FRONTENDS)))  # fmt: skip
@@ -132,6 +140,7 @@ async def run_bot(
                 log.exception("stopping %s failed", front_end.name)
         housekeeping.cancel()
         await asyncio.gather(housekeeping, return_exceptions=True)
+        await service.close()
         await backend.close()
         await db.dispose()
         log.info("stopped")

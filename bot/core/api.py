@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
@@ -93,7 +94,8 @@ class ImageLimits:
 
 @dataclass(frozen=True)
 class Health:
-    """Liveness and readiness facts for ``/healthz``-style endpoints (``ok`` = every check passed)."""
+    """Liveness (:meth:`Core.health`) or readiness (:meth:`Core.readiness`) facts for ``/healthz`` and
+    ``/readyz``-style endpoints: ``ok`` = every check passed; ``checks`` names each one."""
 
     ok: bool
     model: dict[str, Any] = field(default_factory=dict)
@@ -138,7 +140,12 @@ class Core(Protocol):
     def image_limits(self) -> ImageLimits: ...
 
     async def health(self) -> Health:
-        """The model backend's facts and each check's state."""
+        """Liveness, cheap: the process answers and the model backend describes itself (no database)."""
+        ...
+
+    async def readiness(self) -> Health:
+        """Readiness, checked now: ``database`` (``SELECT 1`` with a short timeout), ``engine`` and each
+        running front end's :meth:`FrontEnd.problem` under its name.  Not ready = send no traffic here."""
         ...
 
     def metrics_text(self) -> bytes:
@@ -167,8 +174,12 @@ class FrontEnd(Protocol):
 
     async def stop(self) -> None: ...
 
-    def problem(self) -> str | None:
-        """``None`` while serving normally, else one line for readiness checks (e.g. "gateway disconnected")."""
+    async def problem(self) -> str | None:
+        """``None`` while serving normally, else one line for readiness checks (e.g. "gateway disconnected").
+
+        Cheap and quick (it runs on every readiness probe): report the state the front end already
+        tracks — a listening server, a connected gateway — rather than calling the platform.
+        """
         ...
 
 
@@ -186,10 +197,12 @@ class FrontEndContext:
 
     ``interactive``: the process runs in a terminal.  ``request_stop``: the front end's user asked to
     end the bot (e.g. quitting the terminal chat); ``serve`` stops when no other front end is running.
+    ``data_dir``: where a front end may keep files (saved attachments, a command-sync hash).
     """
 
     interactive: bool = False
     request_stop: Callable[[str], None] = lambda _name: None
+    data_dir: Path = Path("data")  # the bot's data folder ([data_dir]): files a front end keeps go below it
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ __all__ = [
     "EngineSettings",
     "GenerationSettings",
     "ModelSettings",
+    "RenderSettings",
     "Settings",
     "find_config",
     "load_settings",
@@ -77,8 +78,8 @@ class ModelSettings(_Strict):
 
     def loader_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``model.load_minigpt4`` (paths as given, already resolved)."""
-        ints = {k: (v if "eps" in k else int(v)) for k, v in (self.vision or {}).items()}
-        qints = {k: (v if "eps" in k else int(v)) for k, v in (self.qformer_dims or {}).items()}
+        ints = {k: _size(k, v) for k, v in (self.vision or {}).items()}
+        qints = {k: _size(k, v) for k, v in (self.qformer_dims or {}).items()}
         return dict(
             variant=self.variant,
             llm=self.llm,
@@ -91,6 +92,13 @@ class ModelSettings(_Strict):
             vision=ints or None,
             qformer_dims=qints or None,
         )
+
+
+def _size(key: str, value: float) -> int | float:
+    """TOML numbers of a size table: counts as ``int``; epsilons and ratios (``mlp_ratio = 4.3637``) stay floats."""
+    if "eps" in key or not float(value).is_integer():
+        return value
+    return int(value)
 
 
 class GenerationSettings(_Strict):
@@ -195,6 +203,17 @@ class ImageSettings(_Strict):
     max_per_message: int = Field(4, ge=1)
 
 
+class RenderSettings(_Strict):
+    """``[render]``: previews of ``website`` answers, rendered in a sandboxed headless Chromium."""
+
+    enabled: bool = True
+    chromium_path: str = Field("", description="empty = chromium / chromium-browser / google-chrome on PATH")
+    timeout_s: float = Field(15.0, gt=0, le=300)
+    max_concurrent: int = Field(2, ge=1, le=32)
+    max_html_bytes: int = Field(512 * 1024, ge=1024)
+    max_height_px: int = Field(4000, ge=800, le=32000)
+
+
 class DatabaseSettings(_Strict):
     """``[database]``: where conversations, usage and quotas live."""
 
@@ -233,6 +252,7 @@ class Settings(_Strict):
     presets: PresetSettings = Field(default_factory=PresetSettings)
     quotas: QuotaSettings = Field(default_factory=QuotaSettings)
     images: ImageSettings = Field(default_factory=ImageSettings)
+    render: RenderSettings = Field(default_factory=RenderSettings)
 
     def frontend(self, name: str) -> FrontEndSettings:
         """The validated ``[name]`` table of an installed front end (its defaults when absent)."""

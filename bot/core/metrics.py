@@ -1,13 +1,16 @@
-"""Prometheus metrics of the bot (requests, latency, tokens, quota rejections) and the engine gauges."""
+"""Prometheus metrics of the bot (requests, latency, tokens, quota rejections, readiness) and the engine gauges."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["BotMetrics"]
+
+log = logging.getLogger(__name__)
 
 
 class BotMetrics:
@@ -37,15 +40,41 @@ class BotMetrics:
         self.cache_hit = Gauge(
             "minigpt4_engine_cache_hit_rate", "Reuse cache hit rates", ["cache"], registry=self.registry
         )
+        self.ready = Gauge(
+            "minigpt4_ready", "1 when every readiness check passed (as /readyz answers), else 0", registry=self.registry
+        )
+        self.check_ok = Gauge(
+            "minigpt4_check_ok", "1 when this readiness check passed: database, engine or a front end's name",
+            ["check"], registry=self.registry,
+        )  # fmt: skip
+        self.answer_store_retries = Counter(
+            "minigpt4_answer_store_retries", "Retries of an answer's final write after a database error",
+            registry=self.registry,
+        )  # fmt: skip
+        self.answers_unsaved = Counter(
+            "minigpt4_answers_unsaved", "Answers shown to the user whose final write failed for good",
+            registry=self.registry,
+        )  # fmt: skip
         self._stats: Callable[[], dict[str, Any]] | None = None
 
     def watch_engine(self, stats: Callable[[], dict[str, Any]]) -> None:
         self._stats = stats
 
+    def set_readiness(self, checks: dict[str, str]) -> None:
+        """Record a readiness result: each check's state ("ok" or a problem) as ``minigpt4_check_ok``."""
+        for name, state in checks.items():
+            self.check_ok.labels(name).set(1 if state == "ok" else 0)
+        self.ready.set(1 if all(state == "ok" for state in checks.values()) else 0)
+
     def render(self) -> bytes:
-        """The text exposition format, with engine gauges refreshed."""
-        if self._stats is not None:
-            snap = self._stats()
+        """The text exposition format, with engine gauges refreshed (kept as they were if the engine does not
+        answer: the metrics, ``minigpt4_check_ok{check="engine"}`` among them, must still be served)."""
+        try:
+            snap = self._stats() if self._stats is not None else None
+        except Exception as exc:
+            log.debug("metrics: the engine's stats failed: %r", exc)  # readiness logs the change once
+            snap = None
+        if snap is not None:
             self.queue_depth.set(snap.get("queue_depth", 0))
             self.batch_size.set(snap.get("batch_size", 0))
             self.tokens_per_s.set(snap.get("tokens_per_s", 0.0))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["Delta", "Final", "FinalKind", "ImageAttachment", "ReplyEvent", "Request", "ThreadRef"]
+__all__ = ["Delta", "Final", "FinalKind", "ImageAttachment", "ReplyEvent", "ReplyFile", "Request", "ThreadRef"]
 
 FinalKind = Literal["answer", "help", "notice", "error"]
 
@@ -67,16 +67,36 @@ class Delta:
 
 
 @dataclass(frozen=True)
+class ReplyFile:
+    """A file that goes with a reply: a picture to show inline (``image/…``) or a document to download.
+
+    Each front end shows it its own way (an upload into the thread, an attachment, an inline picture, a
+    saved file); ``title`` is a short plain-text caption.
+    """
+
+    filename: str
+    mime: str
+    data: bytes = field(repr=False)
+    title: str = ""
+
+    @property
+    def is_image(self) -> bool:
+        return self.mime.startswith("image/")
+
+
+@dataclass(frozen=True)
 class Final:
     """A complete message: the full answer (replaces the streamed text) or a notice/help/error text.
 
     ``meta`` of an answer: ``tokens`` (completion tokens) and ``turn_id`` (the stored answer).
+    ``files``: what goes with it (e.g. the rendered preview and the page of a ``website`` answer).
     """
 
     text: str
     kind: FinalKind = "answer"
     ephemeral: bool = False
     meta: dict[str, Any] = field(default_factory=dict)
+    files: tuple[ReplyFile, ...] = ()
 
 
 ReplyEvent = Delta | Final

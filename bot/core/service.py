@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -34,15 +35,21 @@ from bot.core.errors import (
 from bot.core.images import check_image
 from bot.core.metrics import BotMetrics
 from bot.core.presets import Command, PresetBook, parse_message
+from bot.core.previews import WebsitePreviews
 from bot.core.quotas import QuotaPolicy
+from bot.core.render import PageRenderer
 from bot.core.requests import Delta, Final, ReplyEvent, Request, ThreadRef
-from bot.core.sanitize import clean_text, sanitize_output
+from bot.core.sanitize import StreamSanitizer, clean_text, sanitize_output
 from model.engine.api import Busy, FinalEvent, RequestFailed, RequestRejected, TokenEvent
 from storage import ConversationKey, Database
+from storage.db import is_unavailable
 
 __all__ = ["BotService", "help_text"]
 
 log = logging.getLogger(__name__)
+
+ProblemCheck = Callable[[], "str | Awaitable[str | None] | None"]
+"""A running front end's readiness check (``FrontEnd.problem``): ``None`` when fine, else one line."""
 
 
 def help_text(presets: list[str]) -> str:
@@ -78,8 +85,25 @@ def _clean_request(request: Request) -> Request:
 
 
 def _clean_reply(event: ReplyEvent) -> ReplyEvent:
-    cleaned = clean_text(event.text)
-    return event if cleaned == event.text else dataclasses.replace(event, text=cleaned)
+    """The reply with its text (and the names and captions of any files with it) cleaned."""
+    changes: dict[str, Any] = {}
+    if (text := clean_text(event.text)) != event.text:
+        changes["text"] = text
+    files = getattr(event, "files", ())
+    cleaned = tuple(_clean_file(f) for f in files)
+    if any(a is not b for a, b in zip(cleaned, files, strict=True)):
+        changes["files"] = cleaned
+    return dataclasses.replace(event, **changes) if changes else event
+
+
+def _clean_file(file: Any) -> Any:
+    names = {k: clean_text(v) for k in ("filename", "mime", "title") if isinstance(v := getattr(file, k, None), str)}
+    return dataclasses.replace(file, **names) if any(getattr(file, k) != v for k, v in names.items()) else file
+
+
+def _stored_error(exc: BaseException) -> str:
+    """What the ``error`` column keeps of an exception: one cleaned, bounded text (details are in the log)."""
+    return clean_text(repr(exc))[:2000]
 
 
 def _key(ref: ThreadRef) -> ConversationKey:
@@ -90,12 +114,20 @@ class BotService:
     """Ties config, storage, quotas, presets and the model backend together; implements
     :class:`bot.core.api.Core`, the only surface front ends use (the database and the backend stay private)."""
 
+    READY_DB_TIMEOUT_S = 1.0
+    """How long the readiness check waits for ``SELECT 1``."""
+    READY_CHECK_TIMEOUT_S = 1.0
+    """How long it waits for one front end's ``problem()``."""
+    STORE_RETRY_DELAYS_S: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+    """Waits between the tries of an answer's final write (6 tries over ~8 s): the user has seen the answer."""
+
     def __init__(
         self,
         settings: Settings,
         db: Database,
         backend: GenerationBackend,
         metrics: BotMetrics | None = None,
+        renderer: PageRenderer | None = None,
     ) -> None:
         self.settings = settings
         self._db = db
@@ -105,6 +137,10 @@ class BotService:
         self._quotas = QuotaPolicy(settings.quotas, db)
         self._access = AccessControl(db)
         self.metrics.watch_engine(backend.stats)
+        self._front_ends: dict[str, ProblemCheck] = {}
+        self._checks: dict[str, str] = {}  # the last readiness result, to log only the changes
+        self._writes: set[asyncio.Task[bool]] = set()  # final writes that outlive a cancelled request
+        self._previews = WebsitePreviews(settings.render, self.metrics, renderer)
 
     # ------------------------------------------------------------------ the Core API (bot.core.api)
 
@@ -131,9 +167,12 @@ class BotService:
             log.info("%s for %s/%s: %s", outcome, request.platform, request.user, exc)
             kind = "error" if not isinstance(exc, UserInputError) else "notice"
             yield Final(clean_text(exc.user_message), kind=kind, ephemeral=exc.ephemeral)
-        except Exception:
+        except Exception as exc:
             outcome = "error"
-            log.exception("unexpected error handling a %s message", request.platform)
+            if is_unavailable(exc):  # an outage: one line, not a traceback per message
+                log.error("database unavailable handling a %s message: %r", request.platform, exc)
+            else:
+                log.exception("unexpected error handling a %s message", request.platform)
             yield Final(ModelUnavailable("unexpected").user_message, kind="error")
         finally:
             self.metrics.requests.labels(request.platform, outcome).inc()
@@ -145,7 +184,7 @@ class BotService:
         conversation = await self._db.live_conversation(key)
         stored = await self._db.turns(conversation.id) if conversation is not None else []
         shown = tuple(
-            ThreadTurn(t.id, t.role, t.text or "", t.status, t.image_id is not None, t.created_at)  # type: ignore[arg-type]
+            ThreadTurn(t.id, t.role, clean_text(t.text or ""), t.status, t.image_id is not None, t.created_at)  # type: ignore[arg-type]
             for t in stored
         )
         return ThreadView(
@@ -157,14 +196,17 @@ class BotService:
         )
 
     def presets(self, workspace: str = "", channel: str = "") -> list[PresetInfo]:
-        return [PresetInfo(n, self._presets.prompt(n, workspace, channel)) for n in self._presets.names]
+        return [
+            PresetInfo(clean_text(n), clean_text(self._presets.prompt(n, workspace, channel)))
+            for n in self._presets.names
+        ]
 
     @property
     def default_preset(self) -> str:
-        return self.settings.presets.default
+        return clean_text(self.settings.presets.default)
 
     def help_text(self) -> str:
-        return help_text(self._presets.names)
+        return clean_text(help_text(self._presets.names))
 
     @property
     def image_limits(self) -> ImageLimits:
@@ -172,6 +214,7 @@ class BotService:
         return ImageLimits(max_bytes=i.max_bytes, max_pixels=i.max_pixels, max_per_message=i.max_per_message)
 
     async def health(self) -> Health:
+        """Liveness: the process answers and the model backend describes itself.  No database, no network."""
         try:
             model, stats = self._backend.describe(), self._backend.stats()
         except Exception as exc:
@@ -180,8 +223,72 @@ class BotService:
         engine = {k: stats.get(k) for k in ("queue_depth", "batch_size")}
         return Health(ok=True, model=model, engine=engine, checks={"engine": "ok"})
 
+    async def readiness(self) -> Health:
+        """Readiness: ``database`` (``SELECT 1`` within :attr:`READY_DB_TIMEOUT_S`), ``engine`` and every
+        watched front end (:meth:`watch_front_end`), checked now.  Sets the ``minigpt4_ready`` and
+        ``minigpt4_check_ok`` gauges; a check that changes state is logged once."""
+        database, front_ends = await asyncio.gather(
+            self._check_database(),
+            asyncio.gather(*(self._check_front_end(check) for check in self._front_ends.values())),
+        )
+        model, engine, engine_state = await self._check_engine()
+        checks = {"database": database, "engine": engine_state, **dict(zip(self._front_ends, front_ends, strict=True))}
+        for name, state in checks.items():
+            if state != self._checks.get(name, "ok"):
+                if state == "ok":
+                    log.info("readiness: %s is ok again", name)
+                else:
+                    log.warning("readiness: %s: %s", name, state)
+        self._checks = checks
+        self.metrics.set_readiness(checks)
+        return Health(ok=all(v == "ok" for v in checks.values()), model=model, engine=engine, checks=checks)
+
+    def watch_front_end(self, name: str, problem: ProblemCheck) -> None:
+        """Make a running front end's ``problem()`` (sync or async) the readiness check ``name``.
+
+        ``serve`` registers every front end it started; the core knows them only by these names.
+        """
+        self._front_ends[clean_text(name)] = problem
+
     def metrics_text(self) -> bytes:
         return self.metrics.render()
+
+    # ------------------------------------------------------------------ readiness checks
+
+    async def _check_database(self) -> str:
+        try:
+            await self._db.ping(timeout=self.READY_DB_TIMEOUT_S)
+        except TimeoutError:
+            return f"no answer within {self.READY_DB_TIMEOUT_S:g} s"
+        except Exception as exc:
+            if self._checks.get("database", "ok") == "ok":
+                log.warning("readiness: the database ping failed: %r", exc)
+            return f"unreachable ({type(exc).__name__})"
+        return "ok"
+
+    async def _check_engine(self) -> tuple[dict[str, Any], dict[str, Any], str]:
+        """The model facts, the engine gauges, and the state: the backend answers (and its own optional
+        ``problem()`` — e.g. a remote backend's connection — says nothing is wrong)."""
+        try:
+            model, stats = self._backend.describe(), self._backend.stats()
+            check = getattr(self._backend, "problem", None)
+            problem = await self._check_front_end(check) if callable(check) else "ok"
+        except Exception as exc:
+            log.debug("readiness: the model backend did not answer: %r", exc)
+            return {}, {}, "the model backend did not answer"
+        return model, {k: stats.get(k) for k in ("queue_depth", "batch_size")}, problem
+
+    async def _check_front_end(self, problem: ProblemCheck) -> str:
+        try:
+            result = problem()
+            if inspect.isawaitable(result):
+                result = await asyncio.wait_for(result, self.READY_CHECK_TIMEOUT_S)
+        except TimeoutError:
+            return f"no answer within {self.READY_CHECK_TIMEOUT_S:g} s"
+        except Exception as exc:
+            log.debug("readiness check failed", exc_info=exc)
+            return f"the check failed ({type(exc).__name__})"
+        return "ok" if result is None else clean_text(str(result)).strip() or "not ready"
 
     # ------------------------------------------------------------------ answering
 
@@ -228,7 +335,8 @@ class BotService:
         if conversation is None:
             conversation = await self._db.get_or_create_conversation(key)
             history = await self._db.turns(conversation.id)
-        question = self._presets.question(command, bool(checked), request.workspace, request.channel)
+        # Preset prompts come from bot.toml, where "\u0000" is valid TOML: clean what is stored and sent.
+        question = clean_text(self._presets.question(command, bool(checked), request.workspace, request.channel))
         if not question and not checked:
             raise UserInputError("What would you like to know about the picture?")
         await self._quotas.check(request.platform, request.workspace, request.user, len(checked), self._db.now())
@@ -244,7 +352,7 @@ class BotService:
         answer_turn = stored[-1]
         turns, images = await self._model_input(history + stored[:-1])
         async for event in self._stream(request, conversation.id, answer_turn.id, turns, images, len(checked)):
-            yield event
+            yield await self._previews.attach(event) if isinstance(event, Final) else event
 
     async def _model_input(self, history: Sequence[Any]) -> tuple[list[ChatTurn], list[bytes]]:
         """The thread as model turns: finished answers only (failed/interrupted ones are left out)."""
@@ -282,7 +390,7 @@ class BotService:
                 user=request.user,
                 options=self.settings.generation.model_dump(),
             )
-            first = True
+            first, shown = True, StreamSanitizer()  # a mention or CRLF split over tokens is never let out
             async for event in stream:
                 if isinstance(event, FinalEvent):
                     final = event
@@ -291,40 +399,93 @@ class BotService:
                     raise TypeError(f"the backend streamed a {type(event).__name__}, not a token or final event")
                 if first:
                     first = False
-                    await self._db.finish_turn(turn_id, status="streaming")
+                    await self._mark_streaming(turn_id)
                 if event.text:
                     parts.append(event.text)
-                    yield Delta(sanitize_output(event.text))
+                    if safe := shown.feed(event.text):
+                        yield Delta(safe)
+            if rest := shown.flush():
+                yield Delta(rest)
             status = "done"
         except (asyncio.CancelledError, GeneratorExit):
             status, error = "interrupted", "cancelled"
             raise
         except Exception as exc:
-            error = repr(exc)
+            error = _stored_error(exc)
             raise self._engine_error(exc, conversation_id) from exc
         finally:
             if status != "done":
-                await asyncio.shield(self._db.finish_turn(turn_id, status=status, error=error, finish_reason=status))
-        text = sanitize_output((final.text if final is not None else "".join(parts)).strip())
+                try:
+                    await asyncio.shield(
+                        self._db.finish_turn(turn_id, status=status, error=error, finish_reason=status)
+                    )
+                except Exception as exc:  # the database is down too: recover() marks it interrupted at the next start
+                    log.error("turn %s: could not mark the answer %s: %r", turn_id, status, exc)
+        text = sanitize_output(final.text if final is not None else "".join(parts)).strip()
         completion = final.completion_tokens if final is not None else 0
         ttft = final.ttft_s if final is not None else None
         usage = dict(platform=request.platform, workspace=request.workspace, user_id=request.user,
                      requests=1, tokens=completion, images=new_images)  # fmt: skip
-        await self._db.finish_turn(
-            turn_id,
+        values = dict(
             usage=usage,
             text=text,
             status="done",
-            finish_reason=final.finish_reason if final is not None else "eos",
+            finish_reason=clean_text(final.finish_reason or "eos")[:16] if final is not None else "eos",
             prompt_tokens=final.prompt_tokens if final is not None else 0,
             completion_tokens=completion,
             ttft_ms=round(ttft * 1000) if ttft is not None else None,
             duration_ms=round((time.monotonic() - started) * 1000),
         )
+        # The user has seen this answer stream: its final write outlives a database blip (bounded retries)
+        # and a request cancelled meanwhile (a task of its own), and the answer is shown even if it fails.
+        write = asyncio.ensure_future(self._store_answer(conversation_id, turn_id, values))
+        self._writes.add(write)
+        write.add_done_callback(self._writes.discard)
+        await asyncio.shield(write)
         self.metrics.tokens.labels(request.platform).inc(completion)
         if ttft is not None:
             self.metrics.ttft.labels(request.platform).observe(ttft)
         yield Final(text or "(no answer)", kind="answer", meta={"tokens": completion, "turn_id": turn_id})
+
+    async def _mark_streaming(self, turn_id: int) -> None:
+        """Best effort: a blip here must not end an answer that the final write may still store."""
+        try:
+            await self._db.finish_turn(turn_id, status="streaming")
+        except Exception as exc:
+            if not is_unavailable(exc):
+                raise
+            log.warning("turn %s: could not mark the answer streaming: %r", turn_id, exc)
+
+    async def _store_answer(self, conversation_id: int, turn_id: int, values: dict[str, Any]) -> bool:
+        """Write the finished answer, retrying while the database is unavailable
+        (:attr:`STORE_RETRY_DELAYS_S`); ``False`` (and an error naming the turn) when it gives up."""
+        delays = self.STORE_RETRY_DELAYS_S
+        for attempt in range(len(delays) + 1):
+            try:
+                # A try whose commit went through but whose reply was lost must not write the usage twice.
+                if attempt and await self._answer_stored(conversation_id, turn_id):
+                    return True
+                await self._db.finish_turn(turn_id, **values)
+            except Exception as exc:
+                transient = is_unavailable(exc)
+                if not transient or attempt == len(delays):
+                    self.metrics.answers_unsaved.inc()
+                    log.error(
+                        "turn %s: giving up storing the answer after %d tr%s (the user was shown it): %r",
+                        turn_id, attempt + 1, "y" if attempt == 0 else "ies", exc, exc_info=not transient,
+                    )  # fmt: skip
+                    return False
+                self.metrics.answer_store_retries.inc()
+                log.warning("turn %s: storing the answer failed (%r); retrying in %g s", turn_id, exc, delays[attempt])
+                await asyncio.sleep(delays[attempt])
+            else:
+                if attempt:
+                    log.info("turn %s: answer stored on try %d", turn_id, attempt + 1)
+                return True
+        return False  # pragma: no cover - the loop returns
+
+    async def _answer_stored(self, conversation_id: int, turn_id: int) -> bool:
+        return any(t.id == turn_id and t.status == "done" for t in await self._db.turns(conversation_id))
 
     @staticmethod
     def _engine_error(exc: Exception, conversation_id: int) -> BotError:
@@ -368,6 +529,10 @@ class BotService:
         if count:
             log.info("pruned %d processed event id(s) older than %s", count, keep)
         return count
+
+    async def close(self) -> None:
+        """Release what the core holds besides the database and the backend (the preview browser)."""
+        await self._previews.close()
 
     async def recover(self) -> int:
         """At start-up: mark answers left streaming by a crash as interrupted."""

@@ -24,7 +24,7 @@ from adapters.streaming import (
     TokenBucket,
     split_message,
 )
-from bot.core.requests import Delta, Final
+from bot.core.requests import Delta, Final, ReplyFile
 
 # ---------------------------------------------------------------------- split_message
 
@@ -189,6 +189,8 @@ class MemoryMessages:
         self.ephemerals: list[str] = []
         self.calls: list[str] = []
         self.refuse: set[str] = set()
+        self.uploaded: list[Any] = []
+        self.upload_note: str | None = None  # what upload() answers: None = done, else a note for the asker
         self._ids = itertools.count(1)
 
     async def post(self, text: str) -> str | None:
@@ -215,6 +217,11 @@ class MemoryMessages:
         self.calls.append("post_ephemeral")
         self.ephemerals.append(text)
         return True
+
+    async def upload(self, files: Any) -> str | None:
+        self.calls.append("upload")
+        self.uploaded.extend(files)
+        return self.upload_note
 
     def shown(self) -> list[str]:
         return list(self.texts.values())
@@ -247,6 +254,26 @@ def test_a_streamed_answer_grows_in_place_and_long_ones_continue_in_new_messages
         first = messages.versions["m1"]
         assert first[0] == PLACEHOLDER and any(v.endswith(SUFFIX) for v in first[1:-1])
         assert "delete" not in messages.calls  # messages were only added
+
+    asyncio.run(main())
+
+
+def test_files_follow_the_final_text_and_a_refusal_is_said_in_place():
+    async def main() -> None:
+        files = (ReplyFile("website.png", "image/png", b"png"), ReplyFile("website.html", "text/html", b"<html>"))
+        messages = MemoryMessages()
+        await _reply(messages).run(_events(Delta("Here "), Final("Here it is.", files=files), pause=0.01))
+        assert messages.uploaded == list(files) and messages.calls[-1] == "upload"
+        assert messages.shown() == ["Here it is."]
+
+        refused = MemoryMessages()
+        refused.upload_note = "I lack the permission to attach files."
+        await _reply(refused, escape=str.upper).run(_events(Final("Here it is.", files=files)))
+        assert refused.shown() == ["HERE IT IS.", "I LACK THE PERMISSION TO ATTACH FILES."]  # escaped, after the text
+
+        plain = MemoryMessages()
+        await _reply(plain).run(_events(Final("No page here.")))
+        assert "upload" not in plain.calls
 
     asyncio.run(main())
 

@@ -43,6 +43,8 @@ BOT_METHODS = {
     "chat.postEphemeral",
     "chat.delete",
     "conversations.replies",
+    "files.getUploadURLExternal",
+    "files.completeUploadExternal",
 }
 
 
@@ -89,6 +91,8 @@ class FakeSlack:
         self.acks: dict[str, tuple[float, Any]] = {}  # envelope_id -> (time, payload)
         self.sent: dict[str, float] = {}  # envelope_id -> time sent
         self.files: dict[str, dict[str, Any]] = {}
+        self.scopes: set[str] = {"files:write"}  # granted bot scopes the fake checks (files:write for uploads)
+        self.uploads: dict[str, dict[str, Any]] = {}  # file_id -> filename, length, data, shared (channel, thread)
         self.failures: dict[str, list[int]] = {}  # method -> Retry-After of each upcoming 429
         self.connections = 0
         self._ts = itertools.count(1)
@@ -106,6 +110,7 @@ class FakeSlack:
         app.router.add_get("/link", self._link)
         app.router.add_get("/files/{id}/{name}", self._file)
         app.router.add_post("/respond/{id}", self._respond)
+        app.router.add_post("/upload/{id}", self._upload)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -208,6 +213,21 @@ class FakeSlack:
         if method == "apps.connections.open":
             self.connections += 1
             return {"ok": True, "url": f"ws://127.0.0.1:{self.port}/link"}
+        if method == "files.getUploadURLExternal":
+            if "files:write" not in self.scopes:
+                return {"ok": False, "error": "missing_scope", "needed": "files:write", "provided": "chat:write"}
+            file_id = "F" + uuid.uuid4().hex[:10].upper()
+            self.uploads[file_id] = {"filename": args.get("filename"), "length": int(args.get("length", 0))}
+            return {"ok": True, "upload_url": f"{self.base}/upload/{file_id}", "file_id": file_id}
+        if method == "files.completeUploadExternal":
+            shared = []
+            for item in json.loads(args.get("files", "[]")):
+                upload = self.uploads.get(item.get("id", ""))
+                if upload is None or "data" not in upload:
+                    return {"ok": False, "error": "file_not_found"}
+                upload.update(title=item.get("title"), channel=args.get("channel_id"), thread_ts=args.get("thread_ts"))
+                shared.append({"id": item["id"], "name": upload["filename"], "title": item.get("title")})
+            return {"ok": True, "files": shared}
         if method == "conversations.replies":
             thread = self.thread(args["channel"], args["ts"], deleted=False)
             return {"ok": True, "messages": [self._json(m) for m in thread]}
@@ -320,6 +340,22 @@ class FakeSlack:
             "url_private": url,
             "url_private_download": url + "?dl=1",
         }
+
+    async def _upload(self, request: web.Request) -> web.Response:
+        """Step 2 of files_upload_v2: the bytes, POSTed to the URL step 1 handed out."""
+        upload = self.uploads.get(request.match_info["id"])
+        if upload is None:
+            return web.Response(status=404)
+        data = await request.read()
+        if len(data) != upload["length"]:
+            return web.Response(status=400, text=f"expected {upload['length']} bytes, got {len(data)}")
+        upload["data"] = data
+        self._notify()
+        return web.Response(text="OK - " + str(len(data)))
+
+    def shared_files(self, channel: str, thread_ts: str) -> list[dict[str, Any]]:
+        """Files completed into a thread, in upload order."""
+        return [u for u in self.uploads.values() if u.get("channel") == channel and u.get("thread_ts") == thread_ts]
 
     async def _file(self, request: web.Request) -> web.StreamResponse:
         stored = self.files.get(request.match_info["id"])

@@ -145,7 +145,7 @@ def test_the_manifest_matches_what_the_adapter_needs():
 
     manifest = yaml.safe_load((ROOT / "adapters" / "slack_manifest.yaml").read_text(encoding="utf-8"))
     scopes = set(manifest["oauth_config"]["scopes"]["bot"])
-    assert scopes == {"app_mentions:read", "chat:write", "files:read", "im:history", "channels:history",
+    assert scopes == {"app_mentions:read", "chat:write", "files:read", "files:write", "im:history", "channels:history",
                       "groups:history", "commands"}  # fmt: skip
     events = set(manifest["settings"]["event_subscriptions"]["bot_events"])
     assert events == {"app_mention", "message.im", "message.channels", "message.groups"}

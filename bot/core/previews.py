@@ -1,0 +1,86 @@
+"""Website previews: an answer that holds a web page comes back with a screenshot of it and the ``.html`` file.
+
+MiniGPT-4's sketch-to-website demo answers with HTML; nobody can look at that in a chat message.  For
+every answer that contains an HTML document (:func:`~bot.core.website.extract_html`), the core adds
+two :class:`~bot.core.requests.ReplyFile` values to the final reply — ``website.png`` (rendered in the
+sandbox of :mod:`bot.core.render`) and ``website.html`` — and each front end shows them its own way.
+A page cut off at the token limit is completed and the reply says so.  Without Chromium the reply
+carries the file alone and the log says once how to turn previews on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+from prometheus_client import Counter, Histogram
+
+from bot.core.config import RenderSettings
+from bot.core.metrics import BotMetrics
+from bot.core.render import ENABLE_HINT, ChromiumRenderer, PageRenderer, RenderError
+from bot.core.requests import Final, ReplyFile
+from bot.core.website import extract_html
+
+__all__ = ["REPAIRED_NOTE", "WebsitePreviews"]
+
+log = logging.getLogger(__name__)
+
+REPAIRED_NOTE = "(The page was cut off at the answer length limit; the preview and the file close its open tags.)"
+
+
+class WebsitePreviews:
+    """Adds the preview and the page file to a final answer that contains an HTML document."""
+
+    def __init__(self, settings: RenderSettings, metrics: BotMetrics, renderer: PageRenderer | None = None) -> None:
+        self.settings = settings
+        self.renderer = renderer if renderer is not None else (ChromiumRenderer(settings) if settings.enabled else None)
+        self._warned = False
+        self.renders = Counter(
+            "minigpt4_renders", "Website previews, by outcome (ok | failed | unavailable)", ["outcome"],
+            registry=metrics.registry,
+        )  # fmt: skip
+        self.render_seconds = Histogram(
+            "minigpt4_render_seconds", "Time to render one website preview", registry=metrics.registry,
+            buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30),
+        )  # fmt: skip
+
+    async def attach(self, final: Final) -> Final:
+        """``final`` with ``website.png`` (when rendering works) and ``website.html`` added, if it holds a page."""
+        if final.kind != "answer":
+            return final
+        page = extract_html(final.text)
+        if page is None:
+            return final
+        files = [ReplyFile("website.html", "text/html", page.html.encode("utf-8"), title="The page as an HTML file")]
+        preview = await self._render(page.html)
+        if preview is not None:
+            title = "Preview (rendered without scripts or network access)"
+            files.insert(0, ReplyFile("website.png", "image/png", preview, title=title))
+        text = f"{final.text}\n\n{REPAIRED_NOTE}" if page.repaired else final.text
+        return dataclasses.replace(final, text=text, files=(*final.files, *files))
+
+    async def _render(self, html: str) -> bytes | None:
+        if self.renderer is None:
+            return None
+        started = time.monotonic()
+        try:
+            png = await self.renderer.render(html)
+        except RenderError as exc:
+            if exc.unavailable:
+                self.renders.labels("unavailable").inc()
+                if not self._warned:
+                    self._warned = True
+                    log.warning("website previews are off (%s); answers carry the .html file only. To enable "
+                                "them: %s", exc, ENABLE_HINT)  # fmt: skip
+            else:
+                self.renders.labels("failed").inc()
+                log.warning("website preview failed: %s", exc)
+            return None
+        self.renders.labels("ok").inc()
+        self.render_seconds.observe(time.monotonic() - started)
+        return png
+
+    async def close(self) -> None:
+        if self.renderer is not None:
+            await self.renderer.close()

@@ -1,0 +1,306 @@
+"""``train.toml``: the ``[model]`` table of ``bot.toml`` plus a ``[train]`` table named after the reference yaml.
+
+The ``[train]`` names follow the ``run:`` section of the reference's ``train_configs/*.yaml``
+(``init_lr``, ``min_lr``, ``warmup_lr``, ``warmup_steps``, ``max_epoch``, ``iters_per_epoch``,
+``weight_decay``, ``accum_grad_iters``, ``amp``, ``seed``, ``output_dir``, ``num_workers``) and of its
+model section (``max_txt_len``, ``end_sym``, ``prompt_template``).  Settings left out take the
+reference's value for the chosen stage (:data:`STAGE_RECIPES`) and variant (:data:`VARIANT_TEXT`).
+
+``model/`` must not import ``bot/``, so :class:`TrainModelSettings` mirrors ``bot.core.config.ModelSettings``
+key for key (a test keeps the two in step).  Relative paths are resolved against the file's folder.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+__all__ = [
+    "ALIGNMENT_PROMPTS",
+    "STAGE_RECIPES",
+    "VARIANT_TEXT",
+    "TrainConfig",
+    "TrainConfigError",
+    "TrainModelSettings",
+    "TrainSettings",
+    "load_train_config",
+]
+
+
+class TrainConfigError(ValueError):
+    """``train.toml`` is missing, malformed or names something that does not exist; the text names the file."""
+
+
+# The reference's prompts/alignment.txt (stage 2), used when [train].prompts is empty.
+ALIGNMENT_PROMPTS = (
+    "<Img><ImageHere></Img> Describe this image in detail.",
+    "<Img><ImageHere></Img> Take a look at this image and describe what you notice.",
+    "<Img><ImageHere></Img> Please provide a detailed description of the picture.",
+    "<Img><ImageHere></Img> Could you describe the contents of this image for me?",
+)
+
+# train_configs/minigpt4_stage1_pretrain.yaml and minigpt4_stage2_finetune.yaml (+ the model's from_config defaults).
+STAGE_RECIPES: dict[int, dict[str, Any]] = {
+    1: dict(
+        batch_size=64,
+        max_epoch=4,
+        iters_per_epoch=5000,
+        init_lr=1e-4,
+        min_lr=8e-5,
+        warmup_lr=1e-6,
+        warmup_steps=5000,
+        max_txt_len=32,
+    ),
+    2: dict(
+        batch_size=12,
+        max_epoch=5,
+        iters_per_epoch=200,
+        init_lr=3e-5,
+        min_lr=1e-5,
+        warmup_lr=1e-6,
+        warmup_steps=200,
+        max_txt_len=160,
+    ),
+}
+
+# (stage-2 prompt_template, stage-2 end_sym) per variant; stage 1 has no prompt and end_sym "\n".
+VARIANT_TEXT: dict[str, tuple[str, str]] = {
+    "vicuna0": ("###Human: {} ###Assistant: ", "###"),  # minigpt4_stage2_finetune.yaml
+    "llama2": ("[INST] {} [/INST] ", "</s>"),  # minigpt4_llama2_stage2_finetune.yaml
+    "minigptv2": ("[INST] {} [/INST]", "</s>"),  # minigpt_v2.py default template, minigptv2_finetune.yaml
+}
+
+_MODEL_PATH_KEYS = ("llm", "vit", "qformer", "projection")
+_TRAIN_PATH_KEYS = ("data", "prompts", "eval_data", "output_dir")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TrainModelSettings(_Strict):
+    """``[model]``: the same keys, types and defaults as ``bot.toml``; ``projection`` is the starting checkpoint."""
+
+    variant: Literal["vicuna0", "llama2", "minigptv2"] = "vicuna0"
+    llm: str = Field("", description="HF LLaMA/Vicuna directory")
+    vit: str = Field("", description="LAVIS eva_vit_g.pth")
+    qformer: str = Field("", description="BLIP-2 blip2_pretrained_flant5xxl.pth (vicuna0 only)")
+    projection: str = Field("", description="starting checkpoint (stage-1 output or pretrained_minigpt4*.pth)")
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    quantization: Literal["none", "int8", "nf4"] = "none"
+    vision: dict[str, float] | None = None
+    qformer_dims: dict[str, float] | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("use auto, cpu, cuda or cuda:N")
+
+    @field_validator("quantization")
+    @classmethod
+    def _no_quantized_training(cls, value: str) -> str:
+        if value != "none":
+            raise ValueError('training needs quantization = "none" (the reference trains on fp16 weights)')
+        return value
+
+    def loader_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`model.loader.load_minigpt4`."""
+        ints = {k: _number(k, v) for k, v in (self.vision or {}).items()}
+        qints = {k: _number(k, v) for k, v in (self.qformer_dims or {}).items()}
+        return dict(
+            variant=self.variant,
+            llm=self.llm,
+            vit=self.vit,
+            qformer=self.qformer or None,
+            projection=self.projection,
+            device=self.device,
+            dtype=self.dtype,
+            quantization=self.quantization,
+            vision=ints or None,
+            qformer_dims=qints or None,
+        )
+
+
+def _number(key: str, value: float) -> float | int:
+    """Sizes as ints; epsilons and ratios (``mlp_ratio = 4.3637``) stay floats."""
+    return value if "eps" in key or not float(value).is_integer() else int(value)
+
+
+class TrainSettings(_Strict):
+    """``[train]``: the reference's ``run:`` settings; ``None`` = the reference's value for the stage / variant."""
+
+    stage: Literal[1, 2] = 2
+    data: str = Field("", description="JSONL file, cc_sbu_align folder, or WebDataset shards (*.tar, folder, glob)")
+    prompts: str = Field("", description="stage 2: prompt file, one prompt with <ImageHere> a line; empty = built in")
+    eval_data: str = ""
+    eval_every: int = Field(0, ge=0)
+    batch_size: int | None = Field(None, ge=1)
+    shuffle: bool = True
+    num_workers: int = Field(4, ge=0)
+    max_steps: int = Field(0, ge=0)
+    max_epoch: int | None = Field(None, ge=1)
+    iters_per_epoch: int | None = Field(None, ge=1)
+    init_lr: float | None = Field(None, ge=0)
+    min_lr: float | None = Field(None, ge=0)
+    warmup_lr: float | None = Field(None, ge=0)
+    warmup_steps: int | None = Field(None, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    beta2: float = Field(0.999, gt=0, lt=1)
+    accum_grad_iters: int = Field(1, ge=1)
+    amp: bool = True
+    seed: int = 42
+    output_dir: str = ""
+    save_every: int = Field(0, ge=0)
+    max_txt_len: int | None = Field(None, ge=1)
+    end_sym: str | None = None
+    prompt_template: str | None = None
+
+    def resolved(self, variant: str) -> TrainSettings:
+        """A copy with every ``None`` replaced by the reference's value for this stage and variant."""
+        values = self.model_dump()
+        for key, value in STAGE_RECIPES[self.stage].items():
+            if values.get(key) is None:
+                values[key] = value
+        template, end_sym = VARIANT_TEXT[variant]
+        if values["end_sym"] is None:
+            values["end_sym"] = "\n" if self.stage == 1 else end_sym
+        if values["prompt_template"] is None:
+            values["prompt_template"] = "" if self.stage == 1 else template
+        if not values["output_dir"]:
+            values["output_dir"] = (
+                "output/minigpt4_stage1_pretrain" if self.stage == 1 else "output/minigpt4_stage2_finetune"
+            )
+        return TrainSettings.model_validate(values)
+
+    @property
+    def total_steps(self) -> int:
+        """``max_steps``, or ``max_epoch × iters_per_epoch`` when it is 0 (call on a resolved copy)."""
+        assert self.max_epoch is not None and self.iters_per_epoch is not None
+        return self.max_steps or self.max_epoch * self.iters_per_epoch
+
+    @property
+    def checkpoint_every(self) -> int:
+        """``save_every``, or once per ``iters_per_epoch`` steps (the reference saves each epoch) when it is 0."""
+        assert self.iters_per_epoch is not None
+        return self.save_every or self.iters_per_epoch
+
+
+class TrainConfig(_Strict):
+    """The whole ``train.toml``; :func:`load_train_config` returns it resolved (paths absolute, no ``None``)."""
+
+    model: TrainModelSettings = Field(default_factory=TrainModelSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    source: str = Field("", exclude=True, description="the file it was read from (for messages)")
+
+    @model_validator(mode="after")
+    def _stage_text(self) -> TrainConfig:
+        if self.train.stage == 2 and self.train.prompt_template is not None and "{}" not in self.train.prompt_template:
+            raise ValueError("train.prompt_template must contain {} (where the prompt line goes)")
+        return self
+
+    def resolved(self) -> TrainConfig:
+        return TrainConfig(model=self.model, train=self.train.resolved(self.model.variant), source=self.source)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for checkpoints (``"config"``) and ``output_dir/config.json``, reference-style sections."""
+        run = self.train.model_dump()
+        return {
+            "model": self.model.model_dump(),
+            "run": run,
+            "datasets": {"train": run["data"], "eval": run["eval_data"]},
+        }
+
+
+def _error_lines(exc: ValidationError) -> list[str]:
+    lines = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown setting"
+        lines.append(f"  {where}: {message}")
+    return lines
+
+
+def load_train_config(path: str | os.PathLike[str], *, check_paths: bool = True) -> TrainConfig:
+    """Read, validate and resolve ``train.toml``; every problem is reported at once, naming the file.
+
+    With ``check_paths`` the weight files, the data and the prompt file must exist (nothing is read yet).
+    """
+    config_path = Path(path).expanduser()
+    if not config_path.is_file():
+        raise TrainConfigError(f"training config not found: {config_path}")
+    try:
+        data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise TrainConfigError(f"{config_path}: not valid TOML: {exc}") from exc
+    return config_from_dict(data, config_path.parent, str(config_path), check_paths=check_paths)
+
+
+def config_from_dict(data: dict[str, Any], base: Path, source: str, *, check_paths: bool = True) -> TrainConfig:
+    """Validate a parsed ``train.toml`` (``base`` = folder for relative paths, ``source`` = name for messages)."""
+    try:
+        config = TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = _error_lines(exc)
+        raise TrainConfigError(f"{source}: {len(lines)} invalid setting(s):\n" + "\n".join(lines)) from None
+    config.source = source
+    for key in _MODEL_PATH_KEYS:
+        value = getattr(config.model, key)
+        if value and not Path(value).expanduser().is_absolute():
+            setattr(config.model, key, str(base / value))
+    for key in _TRAIN_PATH_KEYS:
+        value = getattr(config.train, key)
+        if value and not Path(value).expanduser().is_absolute():
+            setattr(config.train, key, str(base / value))
+    config = config.resolved()
+    if not config.train.output_dir or not Path(config.train.output_dir).is_absolute():
+        config.train.output_dir = str(base / config.train.output_dir)
+    if check_paths:
+        _check_paths(config)
+    return config
+
+
+def _check_paths(config: TrainConfig) -> None:
+    problems: list[str] = []
+    model, train = config.model, config.train
+    from_scratch = train.stage == 1 and model.variant != "minigptv2"  # an empty projection: a random llama_proj
+    for key in ("llm", "vit", "projection") + (("qformer",) if model.variant == "vicuna0" else ()):
+        value = getattr(model, key)
+        if not value and key == "projection" and from_scratch:
+            continue
+        if not value:
+            problems.append(f"  model.{key}: not set (training needs the original weight files)")
+        elif not Path(value).expanduser().exists():
+            problems.append(f"  model.{key}: {value} does not exist")
+    if not train.data:
+        problems.append("  train.data: not set (a JSONL file, a cc_sbu_align folder or WebDataset *.tar shards)")
+    elif not data_exists(train.data):
+        problems.append(f"  train.data: {train.data} does not exist")
+    if train.eval_data and not data_exists(train.eval_data):
+        problems.append(f"  train.eval_data: {train.eval_data} does not exist")
+    if train.stage == 2 and train.prompts and not Path(train.prompts).expanduser().is_file():
+        problems.append(f"  train.prompts: {train.prompts} is not a file")
+    if train.stage == 1 and train.prompts:
+        problems.append("  train.prompts: stage 1 trains without a prompt (the reference's stage-1 recipe); remove it")
+    if problems:
+        raise TrainConfigError(f"{config.source}: {len(problems)} invalid setting(s):\n" + "\n".join(problems))
+
+
+def data_exists(spec: str) -> bool:
+    """A file, a folder, or a shard pattern (glob or ``{000..009}`` brace range) that matches something."""
+    if Path(spec).expanduser().exists():
+        return True
+    if any(ch in spec for ch in "*?[{"):
+        from model.training.data import expand_shards
+
+        return bool(expand_shards(spec))
+    return bool(glob.glob(spec))

@@ -1,0 +1,49 @@
+"""Website previews in Slack: the screenshot and the page go into the answer's thread with files_upload_v2."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from slack_helpers import CHANNEL, png_bytes, slack_env
+
+from adapters.slack.render import MISSING_FILES_WRITE, escape_mrkdwn
+from tests.scripted_backend import ScriptedBackend
+
+PAGE = "<!doctype html><html><body><div style='width:90px;height:60px;background:#0a0'></div></body></html>"
+ANSWER = "Here is your page:\n```html\n" + PAGE + "\n```"
+
+
+def test_render_slack_uploads_preview_and_page_into_the_thread(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with slack_env(tmp_path, backend=ScriptedBackend(ANSWER, piece=40)) as env:
+            fake = env.fake
+            mention = fake.mention(CHANNEL, "website", files=[fake.add_file(png_bytes())])
+            await fake.wait_ack(await fake.send_event(mention))
+            root = mention["ts"]
+            shared = await fake.wait_for(lambda: len(fake.shared_files(CHANNEL, root)) == 2 and fake.shared_files(
+                CHANNEL, root))  # fmt: skip
+            assert [u["filename"] for u in shared] == ["website.png", "website.html"]
+            assert shared[0]["data"].startswith(b"\x89PNG") and shared[1]["data"].decode() == PAGE
+            assert all(u["thread_ts"] == root for u in shared)  # in the answer's thread, not the channel
+            (answer,) = fake.bot_replies(CHANNEL, root)
+            assert answer.text == escape_mrkdwn(ANSWER)  # the text answer stays as it was streamed
+
+    asyncio.run(main())
+
+
+def test_render_slack_without_files_write_says_so_in_the_thread(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with slack_env(tmp_path, backend=ScriptedBackend(ANSWER, piece=40)) as env:
+            fake = env.fake
+            fake.scopes.discard("files:write")
+            mention = fake.mention(CHANNEL, "website", files=[fake.add_file(png_bytes())])
+            await fake.wait_ack(await fake.send_event(mention))
+            root = mention["ts"]
+            note = escape_mrkdwn(MISSING_FILES_WRITE)
+            replies = await fake.wait_for(lambda: [m for m in fake.bot_replies(CHANNEL, root) if m.text == note])
+            assert len(replies) == 1 and fake.shared_files(CHANNEL, root) == []
+            texts = [m.text for m in fake.bot_replies(CHANNEL, root)]
+            assert texts == [escape_mrkdwn(ANSWER), note]  # the answer, then the note; nothing lost
+
+    asyncio.run(main())
