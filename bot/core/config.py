@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bot.core.api import FrontEndSettings
 from bot.core.plugins import BACKENDS, FRONTENDS, load_plugin, plugin_names
@@ -33,6 +33,7 @@ __all__ = [
     "EngineSettings",
     "GenerationSettings",
     "ModelSettings",
+    "RaySettings",
     "RenderSettings",
     "Settings",
     "find_config",
@@ -143,6 +144,33 @@ class EngineSettings(_Strict):
         return value
 
 
+class RaySettings(_Strict):
+    """``[ray]``: the engine as Ray Serve replicas, used when ``[engine] backend = "ray"`` (the ``ray`` extra).
+
+    Each replica runs one engine with the ``[engine]`` limits; ``max_ongoing_requests`` is the replica's
+    slot count (0 = ``[engine] max_batch``).  ``max_replicas`` > 0 turns on Ray Serve autoscaling between
+    ``min_replicas`` and ``max_replicas`` (``replicas`` is then the initial count).
+    """
+
+    address: str = Field("", description='"" = start a local Ray; "auto", "HOST:6379" or "ray://HOST:10001"')
+    app_name: str = Field("minigpt4", min_length=1)
+    replicas: int = Field(1, ge=1)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(0, ge=0)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    num_gpus: float = Field(1.0, ge=0)
+    num_cpus: float = Field(1.0, ge=0)
+    max_ongoing_requests: int = Field(0, ge=0)
+    max_queued_requests: int = Field(64, ge=-1)
+    affinity: bool = True
+
+    @model_validator(mode="after")
+    def _autoscaling_range(self) -> RaySettings:
+        if self.max_replicas and self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
+
 DEFAULT_PRESETS: dict[str, str] = {
     "describe": "Describe this image in detail.",
     "story": "Write a short story inspired by this image.",
@@ -248,6 +276,7 @@ class Settings(_Strict):
     model: ModelSettings = Field(default_factory=ModelSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     presets: PresetSettings = Field(default_factory=PresetSettings)
     quotas: QuotaSettings = Field(default_factory=QuotaSettings)

@@ -41,7 +41,7 @@ from bot.core.render import PageRenderer
 from bot.core.requests import Delta, Final, ReplyEvent, Request, ThreadRef
 from bot.core.sanitize import StreamSanitizer, clean_text, sanitize_output
 from model.engine.api import Busy, FinalEvent, RequestFailed, RequestRejected, TokenEvent
-from storage import ConversationKey, Database
+from storage import ConversationKey, Database, as_utc
 from storage.db import is_unavailable
 
 __all__ = ["BotService", "help_text"]
@@ -184,7 +184,14 @@ class BotService:
         conversation = await self._db.live_conversation(key)
         stored = await self._db.turns(conversation.id) if conversation is not None else []
         shown = tuple(
-            ThreadTurn(t.id, t.role, clean_text(t.text or ""), t.status, t.image_id is not None, t.created_at)  # type: ignore[arg-type]
+            ThreadTurn(
+                t.id,
+                t.role,
+                clean_text(t.text or ""),
+                t.status,
+                t.image_id is not None,  # type: ignore[arg-type]
+                as_utc(t.created_at) if t.created_at else None,
+            )  # SQLite returns naive UTC times
             for t in stored
         )
         return ThreadView(

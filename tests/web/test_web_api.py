@@ -117,6 +117,7 @@ def test_answer_streams_follow_up_duplicate_and_history(engine: Engine, tmp_path
             ]  # fmt: skip
             assert all(t["status"] == "done" and t["created_at"] for t in history)
             stamps = [t["created_at"] for t in history]
+            assert all(s.endswith("+00:00") for s in stamps)  # aware UTC on SQLite too
             assert stamps == sorted(stamps)
 
             empty = await client.get("/api/threads/never-used")

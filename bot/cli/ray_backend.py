@@ -1,0 +1,169 @@
+"""The Ray Serve generation backend (entry point ``ray``): ``[engine] backend = "ray"`` plus ``[ray]``.
+
+It builds the engine's Ray Serve application (:mod:`model.engine.ray_serve`) from the settings, deploys
+it — or attaches to the one another bot process already deployed with the same settings — and returns
+a :class:`~model.engine.ray_serve.RayServeBackend` over its ``DeploymentHandle``.  Ray is imported only
+here, when this backend is chosen: the ``local`` backend needs no Ray installed (``pip install
+"minigpt4-bot[ray]"`` adds it).  Operator guidance: docs/scaling.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+from bot.cli.backends import engine_config
+from bot.core.backend import BackendPlugin, GenerationBackend
+from bot.core.config import Settings
+
+if TYPE_CHECKING:
+    from model.engine.ray_serve import ReplicaSpec, ServeOptions
+
+__all__ = ["INSTALL_HINT", "RAY", "RaySetupError", "replica_spec", "serve_options"]
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = 'pip install "minigpt4-bot[ray]"'
+NAMESPACE = "minigpt4-bot"
+
+
+class RaySetupError(RuntimeError):
+    """The Ray backend cannot start; the message says what to change, in one line."""
+
+
+def replica_spec(settings: Settings) -> ReplicaSpec:
+    """What every replica builds: the ``[model]`` weights (or demo weights), the ``[engine]`` limits."""
+    from model.engine.ray_serve import ReplicaSpec
+
+    demo = settings.model.variant if settings.model.uses_demo_weights else None
+    return ReplicaSpec(
+        loader_kwargs=settings.model.loader_kwargs(),
+        engine=engine_config(settings),
+        demo=demo,
+        timeout_s=settings.engine.request_timeout_s,
+        info={"demo": settings.model.uses_demo_weights},
+    )
+
+
+def serve_options(settings: Settings) -> ServeOptions:
+    """The ``[ray]`` table as deployment options (``max_ongoing_requests = 0`` → ``[engine] max_batch``)."""
+    from model.engine.ray_serve import ServeOptions
+
+    ray = settings.ray
+    return ServeOptions(
+        app_name=ray.app_name,
+        replicas=ray.replicas,
+        min_replicas=ray.min_replicas,
+        max_replicas=ray.max_replicas,
+        target_ongoing_requests=ray.target_ongoing_requests,
+        num_gpus=ray.num_gpus,
+        num_cpus=ray.num_cpus,
+        max_ongoing_requests=ray.max_ongoing_requests or settings.engine.max_batch,
+        max_queued_requests=ray.max_queued_requests,
+        affinity=ray.affinity,
+    )
+
+
+def _connect(settings: Settings) -> bool:
+    """Join (or start) Ray and start Serve without its HTTP proxy; True when this process started Ray."""
+    import ray
+    from ray import serve
+
+    started = False
+    if not ray.is_initialized():
+        address = settings.ray.address or None
+        kwargs: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": settings.log_level == "DEBUG"}
+        if address is None:
+            kwargs["include_dashboard"] = False
+        try:
+            ray.init(address=address, **kwargs)
+        except (ConnectionError, RuntimeError) as exc:
+            raise RaySetupError(f"cannot reach the Ray cluster at [ray] address = {address!r}: {exc}") from exc
+        started = address is None
+    serve.start(proxy_location="Disabled")  # the bot talks to replicas through handles only
+    return started
+
+
+def _check_resources(options: ServeOptions) -> None:
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if options.num_gpus > 0 and gpus == 0 and options.max_replicas == 0:
+        raise RaySetupError(
+            f"[ray] num_gpus = {options.num_gpus:g} but the Ray cluster has no GPU: "
+            "set [ray] num_gpus = 0 to run the replicas on CPU, or add GPU nodes"
+        )
+
+
+def _deploy(spec: ReplicaSpec, options: ServeOptions) -> tuple[Any, dict[str, Any]]:
+    """A handle to the application and one replica's ``describe()``: the running application when it was
+    deployed with the same settings (another bot process), else a fresh deployment."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    from model.engine.ray_serve import build_app
+
+    fingerprint = spec.fingerprint(options)
+    app = serve.status().applications.get(options.app_name)
+    if app is not None and str(getattr(app.status, "value", app.status)) == "RUNNING":
+        try:
+            handle = serve.get_app_handle(options.app_name)
+            info = handle.describe.remote().result(timeout_s=60)
+            if info.get("fingerprint") == fingerprint:
+                log.info("ray: using the running Serve application %r (same settings)", options.app_name)
+                return handle, info
+            log.warning("ray: the running Serve application %r has other settings: redeploying it", options.app_name)
+        except (RayServeException, TimeoutError, AttributeError) as exc:
+            log.warning("ray: the running Serve application %r did not answer (%r): redeploying it",
+                        options.app_name, exc)  # fmt: skip
+    handle = serve.run(build_app(spec, options), name=options.app_name, route_prefix=None)
+    return handle, handle.describe.remote().result(timeout_s=60)
+
+
+async def _create_ray(settings: Settings, **_ignored: Any) -> GenerationBackend:
+    try:
+        import ray  # noqa: F401 - only to fail early, with the fix
+        from ray import serve  # noqa: F401
+    except ImportError as exc:
+        raise RaySetupError(f'[engine] backend = "ray" needs Ray Serve: {INSTALL_HINT}') from exc
+    from model.engine.ray_serve import RayServeBackend
+
+    spec, options = replica_spec(settings), serve_options(settings)
+    started = await asyncio.to_thread(_connect, settings)
+    try:
+        await asyncio.to_thread(_check_resources, options)
+        handle, info = await asyncio.to_thread(_deploy, spec, options)
+    except BaseException:
+        if started:
+            await asyncio.to_thread(_shutdown)
+        raise
+    scaling = (
+        f"{options.min_replicas}-{options.max_replicas} replicas (autoscaling)"
+        if options.max_replicas
+        else f"{options.replicas} replica{'s' if options.replicas != 1 else ''}"
+    )
+    log.info(
+        "ray: %s of %r, %g GPU + %g CPU each, %d answers at once per replica, affinity %s",
+        scaling, options.app_name, options.num_gpus, options.num_cpus, options.max_ongoing_requests,
+        "on" if options.affinity else "off",
+    )  # fmt: skip
+
+    async def close() -> None:
+        if started:  # a Ray this process started ends with it; a shared cluster keeps serving the others
+            await asyncio.to_thread(_shutdown)
+
+    return RayServeBackend(handle, info=info, app_name=options.app_name, on_close=close)
+
+
+def _shutdown() -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+RAY = BackendPlugin(name="ray", create=_create_ray)
