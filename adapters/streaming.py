@@ -23,7 +23,7 @@ import re
 import time
 import unicodedata
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -35,6 +35,7 @@ __all__ = [
     "PLACEHOLDER_DELAY_S",
     "SUFFIX",
     "EditableMessages",
+    "InFlight",
     "ReplyFormat",
     "StreamedReply",
     "TokenBucket",
@@ -428,3 +429,34 @@ class StreamedReply:
         for message_id in self.message_ids[start:]:
             await self.messages.delete(message_id)
         del self.message_ids[start:], self.shown[start:]
+
+
+class InFlight:
+    """The answers a front end is working on, so that ``stop()`` interrupts every one of them.
+
+    Each handler runs ``with in_flight.track():``; :meth:`cancel_all` cancels the tracked tasks and waits
+    for them (their replies say the answer was interrupted; the core marks it so).
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[None]:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+        try:
+            yield
+        finally:
+            if task is not None:
+                self._tasks.discard(task)
+
+    async def cancel_all(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def __len__(self) -> int:
+        return len(self._tasks)

@@ -28,7 +28,7 @@ import contextlib
 import datetime
 import logging
 import os
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +48,7 @@ from adapters.discord.render import (
     thread_name,
 )
 from adapters.discord.settings import MESSAGE_LIMIT, DiscordSettings
-from adapters.streaming import StreamedReply, TokenBucket, split_message
+from adapters.streaming import InFlight, StreamedReply, TokenBucket, split_message
 from bot.core.api import Core, FrontEndSetupError
 from bot.core.requests import Delta, Final, ReplyEvent, Request, ThreadRef
 
@@ -176,7 +176,7 @@ class DiscordFrontEnd:
         self.files = DiscordFiles(lambda: self.core.image_limits, settings.max_image_bytes)
         self.fmt = discord_format(min(settings.max_message_chars, MESSAGE_LIMIT))
         self._buckets: dict[str, TokenBucket] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._in_flight = InFlight()
         self._gateway: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._stopped = False
@@ -271,9 +271,7 @@ class DiscordFrontEnd:
     async def stop(self) -> None:
         """Interrupt answers in flight (their messages say so), then close the gateway and the HTTP session."""
         self._stopped = True
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._in_flight.cancel_all()
         client, self.client = self.client, None
         if client is not None:
             with contextlib.suppress(Exception):
@@ -308,16 +306,6 @@ class DiscordFrontEnd:
 
     def _stream(self, messages: Any, channel: str) -> StreamedReply:
         return StreamedReply(messages, self.bucket(channel), self.fmt, interval_s=self.settings.update_interval_s)
-
-    @contextlib.contextmanager
-    def _tracked(self) -> Iterator[None]:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
-            yield
-        finally:
-            self._tasks.discard(task)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ messages
 
@@ -384,7 +372,7 @@ class DiscordFrontEnd:
             await self._answer(message, where, addressed=True)
 
     async def _answer(self, message: discord.Message, where: _Where, *, addressed: bool) -> None:
-        with self._tracked():
+        with self._in_flight.track():
             thread = where.thread or str(message.id)  # a thread started on the message will have its id
             log.info("discord message %s in %s/%s thread %s", message.id, where.workspace, where.channel, thread)
             me = self.client.user if self.client is not None else None
@@ -445,7 +433,7 @@ class DiscordFrontEnd:
         self, interaction: discord.Interaction, image: discord.Attachment, question: str, preset: str | None
     ) -> None:
         """``/ask``: defer, download, answer in the response, thread on the response for follow-ups."""
-        with self._tracked():
+        with self._in_flight.track():
             received = discord.utils.utcnow()
             original = await self._defer(interaction)
             if original is None:
@@ -472,7 +460,7 @@ class DiscordFrontEnd:
 
     async def on_reset(self, interaction: discord.Interaction) -> None:
         """``/reset``: the conversation of this thread (or DM) starts over."""
-        with self._tracked():
+        with self._in_flight.track():
             received = discord.utils.utcnow()
             where = self._where(interaction)
             if where.thread is None:
@@ -501,7 +489,7 @@ class DiscordFrontEnd:
 
     async def on_help(self, interaction: discord.Interaction) -> None:
         """``/help``: the core's help and what only Discord adds, to the asker alone."""
-        with self._tracked():
+        with self._in_flight.track():
             chunks = split_message(self.help_text(), MESSAGE_LIMIT)
             try:
                 await interaction.response.send_message(chunks[0], ephemeral=True, allowed_mentions=NO_MENTIONS)
@@ -512,7 +500,7 @@ class DiscordFrontEnd:
 
     async def on_settings(self, interaction: discord.Interaction) -> None:
         """``/settings``: the model, the presets and the asker's limits, to the asker alone."""
-        with self._tracked():
+        with self._in_flight.track():
             if await self._defer(interaction, ephemeral=True) is None:
                 return
             where = self._where(interaction)

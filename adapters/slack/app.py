@@ -28,7 +28,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +45,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from adapters.slack.files import SlackFiles
 from adapters.slack.render import SlackThread, escape_mrkdwn, no_fence, slack_format, strip_mention
 from adapters.slack.settings import SlackSettings
-from adapters.streaming import StreamedReply, TokenBucket
+from adapters.streaming import InFlight, StreamedReply, TokenBucket
 from bot.core.api import Core, FrontEndSetupError
 from bot.core.requests import Final, Request, ThreadRef
 
@@ -117,7 +117,7 @@ class SlackFrontEnd:
         self.files: SlackFiles | None = None
         self.http_port: int | None = None
         self._buckets: dict[str, TokenBucket] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._in_flight = InFlight()
         self._socket: Any = None
         self._runner: web.AppRunner | None = None
 
@@ -186,9 +186,7 @@ class SlackFrontEnd:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._in_flight.cancel_all()
         http, self.http = self.http, None
         if http is not None:
             await http.close()
@@ -219,16 +217,6 @@ class SlackFrontEnd:
             slack_format(s.max_message_chars), interval_s=s.update_interval_s, clock=self.clock, sleep=self.sleep,
         )  # fmt: skip
 
-    @contextlib.contextmanager
-    def _tracked(self) -> Iterator[None]:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
-        try:
-            yield
-        finally:
-            self._tasks.discard(task)  # type: ignore[arg-type]
-
     # ------------------------------------------------------------------ listeners
 
     async def _on_mention(self, body: dict, event: dict, context: Any) -> None:
@@ -251,7 +239,7 @@ class SlackFrontEnd:
 
     async def _on_command(self, ack: Any, command: dict, respond: Any, context: Any) -> None:
         await ack()  # within Slack's 3 s, before any work
-        with self._tracked():
+        with self._in_flight.track():
             try:
                 text = await self._command_reply(command, context)
                 await respond(text=text, response_type="ephemeral")
@@ -265,7 +253,7 @@ class SlackFrontEnd:
 
     async def _handle(self, body: dict, event: dict, context: Any, thread: str, *, addressed: bool) -> None:
         assert self.files is not None
-        with self._tracked():
+        with self._in_flight.track():
             team, channel, user = self._team(body, context), event["channel"], event["user"]
             event_id = body.get("event_id")
             log.info("slack %s %s in %s/%s thread %s", event.get("type"), event_id, team, channel, thread)
