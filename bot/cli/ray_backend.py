@@ -117,8 +117,24 @@ def _deploy(spec: ReplicaSpec, options: ServeOptions) -> tuple[Any, dict[str, An
         except (RayServeException, TimeoutError, AttributeError) as exc:
             log.warning("ray: the running Serve application %r did not answer (%r): redeploying it",
                         options.app_name, exc)  # fmt: skip
-    handle = serve.run(build_app(spec, options), name=options.app_name, route_prefix=None)
+    try:
+        handle = serve.run(build_app(spec, options), name=options.app_name, route_prefix=None)
+    except RuntimeError as exc:  # Serve gave up (weights that do not load …): say why, in the replica's words
+        raise RaySetupError(f"the engine replicas did not start: {_replica_error(options) or exc}") from exc
     return handle, handle.describe.remote().result(timeout_s=60)
+
+
+def _replica_error(options: ServeOptions) -> str:
+    """The last line of the deployment's status message: the exception a replica's constructor raised."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications[options.app_name]
+        message = app.deployments[options.deployment_name].message
+    except Exception:  # the status itself is unavailable: the caller reports Serve's own error
+        return ""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
 
 
 async def _create_ray(settings: Settings, **_ignored: Any) -> GenerationBackend:
@@ -157,13 +173,11 @@ async def _create_ray(settings: Settings, **_ignored: Any) -> GenerationBackend:
 
 
 def _shutdown() -> None:
+    """End the Ray this process started: its replicas go with it (``serve.shutdown()`` first would wait up to
+    30 s for Serve's controller, past a container's usual grace period)."""
     import ray
-    from ray import serve
 
-    try:
-        serve.shutdown()
-    finally:
-        ray.shutdown()
+    ray.shutdown()
 
 
 RAY = BackendPlugin(name="ray", create=_create_ray)

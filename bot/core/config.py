@@ -152,7 +152,9 @@ class RaySettings(_Strict):
     ``min_replicas`` and ``max_replicas`` (``replicas`` is then the initial count).
     """
 
-    address: str = Field("", description='"" = start a local Ray; "auto", "HOST:6379" or "ray://HOST:10001"')
+    address: str = Field(
+        "", description='"" = start a local Ray; "auto" or "HOST:6379" = a cluster this machine is a node of'
+    )
     app_name: str = Field("minigpt4", min_length=1)
     replicas: int = Field(1, ge=1)
     min_replicas: int = Field(1, ge=0)
@@ -163,6 +165,16 @@ class RaySettings(_Strict):
     max_ongoing_requests: int = Field(0, ge=0)
     max_queued_requests: int = Field(64, ge=-1)
     affinity: bool = True
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if value.strip().startswith("ray://"):
+            raise ValueError(
+                "Ray Client (ray://) cannot stream from Ray Serve: make this machine a node of the cluster "
+                '(ray start --address=HEAD:6379 --num-cpus=0 --num-gpus=0) and set address = "auto"'
+            )
+        return value.strip()
 
     @model_validator(mode="after")
     def _autoscaling_range(self) -> RaySettings:

@@ -1,20 +1,22 @@
 """Thread affinity for the Ray Serve backend: a request router keyed by conversation id.
 
 A conversation goes to the replica that served it last — the one holding its image tokens and KV
-prefix — while that replica has room (fewer than ``max_ongoing_requests`` ongoing); otherwise to the
-least loaded other replica, which then becomes its home.  A conversation this caller has not routed
+prefix — while that replica has room: fewer than ``max_ongoing_requests`` ongoing, and not more than
+``max_imbalance`` requests above the least loaded replica (a thread's prefix is worth a few queued
+requests, not a replica idling while another one queues).  Otherwise it goes to the least loaded other
+replica, which then becomes its home.  A conversation this caller has not routed
 yet starts on its consistent-hash home (a ring of virtual nodes over the replica ids), so several bot
 processes sharing one cluster put a thread on the same replica without talking to each other.  With
-``affinity=False`` it is Ray's default policy, power of two choices.
+``affinity=False`` it is power of two choices, the policy of Ray's default router.
 
-The key is ``handle.options(session_id=<conversation id>)`` (``RequestMetadata.session_id``, Ray
-≥ 2.55).  The API is Ray Serve's ``RequestRouter`` (``ray.serve.request_router``, alpha): Serve calls
-:meth:`choose_replicas` for ranked tiers of candidates, picks the least loaded replica with room in the
-first tier that has one (probing queue lengths), backs off and asks again when none has room, and calls
-:meth:`on_request_routed` with the replica that accepted the request.  Ray 2.60 also ships
-``ray.serve.experimental.consistent_hash_router.ConsistentHashRouter`` on the same key; it walks the
-ring on overflow instead of taking the least loaded replica, and it does not remember where an
-overflowed thread went — this router does both.
+The key is ``handle.options(session_id=<conversation id>)`` (``RequestMetadata.session_id``, present in
+the pinned Ray 2.60).  The API is Ray Serve's ``RequestRouter`` (``ray.serve.request_router``, alpha):
+Serve calls :meth:`choose_replicas` for ranked tiers of candidates, picks the least loaded replica with
+room in the first tier that has one (probing queue lengths), backs off and asks again when none has room,
+and calls :meth:`on_request_routed` with the replica that accepted the request.  Ray 2.60 also ships
+``ray.serve.experimental.consistent_hash_router.ConsistentHashRouter`` on the same key; it walks the ring
+on overflow instead of taking the least loaded replica, and it does not remember where an overflowed
+thread went — this router does both.
 
 Ray pickles this module **by value** into every caller (``RequestRouterConfig`` registers it with
 cloudpickle), so it imports only the standard library and Ray at module level.
@@ -42,17 +44,21 @@ class ConversationAffinityRouter(RequestRouter):
     """Routes a conversation's requests to the replica holding its KV prefix while it has room.
 
     Keyword arguments (``RequestRouterConfig.request_router_kwargs``): ``affinity`` (default true;
-    false = power of two choices), ``virtual_nodes`` per replica on the hash ring (64), and
-    ``max_conversations`` remembered (100,000; the least recently routed is forgotten first).
+    false = power of two choices), ``max_imbalance`` (ongoing requests the home may have above the least
+    loaded replica and still be chosen; default none = only a full home is skipped), ``virtual_nodes``
+    per replica on the hash ring (64), and ``max_conversations`` remembered (100,000; the least recently
+    routed is forgotten first).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.affinity, self.virtual_nodes, self.max_conversations = True, 64, 100_000
+        self.max_imbalance: int | None = None
         self.placements: OrderedDict[str, ReplicaID] = OrderedDict()
         # Where routed requests went: the conversation's remembered replica ("home"), a first request
-        # ("new"), another replica because home had no room ("moved"), or no conversation id ("unkeyed").
-        self.routed = {"home": 0, "new": 0, "moved": 0, "unkeyed": 0}
+        # ("new"), another replica because home had no room ("moved"), or no conversation id ("unkeyed");
+        # "balanced": how often the home was passed over for being too far above the least loaded replica.
+        self.routed = {"home": 0, "new": 0, "moved": 0, "unkeyed": 0, "balanced": 0}
         self._ring: list[tuple[int, ReplicaID]] = []
         self._ring_ids: frozenset[ReplicaID] = frozenset()
         try:  # the caller's registry (model.engine.ray_serve), for the backend's stats(); imported at run time
@@ -63,9 +69,15 @@ class ConversationAffinityRouter(RequestRouter):
             pass
 
     def initialize_state(
-        self, affinity: bool = True, virtual_nodes: int = 64, max_conversations: int = 100_000, **_: Any
+        self,
+        affinity: bool = True,
+        max_imbalance: int | None = None,
+        virtual_nodes: int = 64,
+        max_conversations: int = 100_000,
+        **_: Any,
     ) -> None:
         self.affinity = bool(affinity)
+        self.max_imbalance = None if max_imbalance is None else int(max_imbalance)
         self.virtual_nodes = int(virtual_nodes)
         self.max_conversations = int(max_conversations)
 
@@ -112,7 +124,22 @@ class ConversationAffinityRouter(RequestRouter):
         home = self._replicas.get(home_id) if home_id is not None else None
         others = [r for r in candidate_replicas if r.replica_id != home_id]
         random.shuffle(others)  # equal queue lengths: spread the overflow, not always onto the first
-        return [[home], others] if home is not None else [others]
+        if home is None:
+            return [others]
+        if others and self._too_busy(home, others):
+            self.routed["balanced"] += 1
+            return [others, [home]]
+        return [[home], others]
+
+    def _too_busy(self, home: RunningReplica, others: list[RunningReplica]) -> bool:
+        """Whether the home has more than ``max_imbalance`` ongoing requests above the least loaded other
+        replica, by Serve's queue-length cache (what it last heard; unknown counts as not too busy)."""
+        if self.max_imbalance is None or not self._use_replica_queue_len_cache:
+            return False
+        cache = self._replica_queue_len_cache
+        mine = cache.get(home.replica_id)
+        theirs = [n for n in (cache.get(r.replica_id) for r in others) if n is not None]
+        return mine is not None and bool(theirs) and mine - min(theirs) > self.max_imbalance
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         """Remember where the conversation went: its next request finds its KV prefix there."""

@@ -137,6 +137,9 @@ class ReplicaSpec:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+_END = object()
+
+
 class EngineReplica:
     """One Ray Serve replica: the model, one engine, and an ``EngineBackend`` over it."""
 
@@ -171,15 +174,37 @@ class EngineReplica:
         conversation_id: str,
         user: str,
         options: Mapping[str, Any],
-    ) -> AsyncIterator[TokenEvent | FinalEvent | RemoteError]:
-        """The engine's events for one request; a contract error is yielded as a :class:`RemoteError` (last)."""
+    ) -> AsyncIterator[tuple[TokenEvent | FinalEvent | RemoteError, ...]]:
+        """The engine's events for one request, in chunks: every event ready when Ray takes the next item
+        (one token while the stream keeps up, several when sending is the bottleneck — each Ray item costs
+        a serialization and a message).  A contract error comes as a :class:`RemoteError`, last."""
+        ready: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for event in self.backend.stream(
+                    turns=turns, images=images, conversation_id=conversation_id, user=user, options=options
+                ):
+                    ready.put_nowait(event)
+            except EngineError as exc:
+                ready.put_nowait(RemoteError.of(exc))
+            finally:
+                ready.put_nowait(_END)
+
+        task = asyncio.create_task(pump())
         try:
-            async for event in self.backend.stream(
-                turns=turns, images=images, conversation_id=conversation_id, user=user, options=options
-            ):
-                yield event
-        except EngineError as exc:
-            yield RemoteError.of(exc)
+            while True:
+                items = [await ready.get()]
+                while not ready.empty():
+                    items.append(ready.get_nowait())
+                chunk = tuple(item for item in items if item is not _END)
+                if chunk:
+                    yield chunk
+                if items[-1] is _END:
+                    return
+        finally:  # the caller cancelled (or the generator was closed): the engine request is aborted
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     def describe(self) -> dict[str, Any]:
         return {**self.backend.describe(), "replica": self.replica, "fingerprint": self.fingerprint}
@@ -192,6 +217,12 @@ class EngineReplica:
 
         gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU", [])
         return {**self.backend.stats(), "replica": self.replica, "pid": os.getpid(), "gpu_ids": list(gpus)}
+
+    def check_health(self) -> None:
+        """Ray Serve's periodic health check: a replica whose engine worker is gone is replaced."""
+        worker = self.backend.engine._thread
+        if worker is None or not worker.is_alive():
+            raise RuntimeError("the engine's worker thread is not running")
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Called by Ray Serve every ``request_routing_stats_period_s``; reaches every caller's router."""
@@ -261,7 +292,15 @@ class ServeOptions:
     max_ongoing_requests: int = 16
     max_queued_requests: int = -1
     affinity: bool = True
+    max_imbalance: int | None = -1  # -1: a quarter of max_ongoing_requests (at least 2); None: only a full home
     routing_stats_period_s: float = 2.0
+
+    @property
+    def imbalance(self) -> int | None:
+        """Ongoing requests a conversation's home may have above the least loaded replica and still be chosen."""
+        if self.max_imbalance is None or self.max_imbalance >= 0:
+            return self.max_imbalance
+        return max(2, self.max_ongoing_requests // 4)
 
     def deployment_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(
@@ -271,14 +310,14 @@ class ServeOptions:
             max_queued_requests=self.max_queued_requests,
             request_router_config=RequestRouterConfig(
                 request_router_class=ConversationAffinityRouter,
-                request_router_kwargs={"affinity": self.affinity},
+                request_router_kwargs={"affinity": self.affinity, "max_imbalance": self.imbalance},
                 request_routing_stats_period_s=self.routing_stats_period_s,
                 request_routing_stats_timeout_s=max(self.routing_stats_period_s, 5.0),
             ),
-            # a replica loads a 7B model: give it time before the first health check fails it
-            health_check_period_s=10.0,
-            health_check_timeout_s=60.0,
-            graceful_shutdown_timeout_s=30.0,
+            health_check_period_s=10.0,  # check_health: is the engine's worker thread alive
+            health_check_timeout_s=30.0,  # lenient: a replica in a big batch may answer late
+            graceful_shutdown_timeout_s=30.0,  # answers in flight get this long when a replica is replaced
+            max_constructor_retry_count=2,  # weights that do not load fail the deployment soon, not after 20 tries
         )
         if self.max_replicas > 0:
             kwargs["autoscaling_config"] = {
@@ -299,6 +338,16 @@ def build_app(spec: ReplicaSpec, options: ServeOptions) -> Any:
 
 
 # ----------------------------------------------------------------------------- the caller's side
+
+
+def _cancel(response: Any) -> None:
+    """Cancel a Ray Serve request: before it reached a replica, its routing; after, the replica's generator
+    (a ``CancelledError`` there closes the engine stream, which aborts the engine request).  Ray re-raises
+    the request's own failure here (a ``BackPressureError``…): that was reported already."""
+    try:
+        response.cancel()
+    except (Exception, asyncio.CancelledError) as exc:  # cancelled before it reached a replica
+        log.debug("ray backend: cancelling a request that had ended: %r", exc)
 
 
 class RayServeBackend:
@@ -344,13 +393,14 @@ class RayServeBackend:
             raise self._error(exc, conversation_id) from exc
         finished = False
         try:
-            async for item in response:
-                if isinstance(item, RemoteError):
-                    finished = True
-                    raise item.error()
-                yield item
-                if isinstance(item, FinalEvent):
-                    finished = True
+            async for chunk in response:
+                for item in chunk:
+                    if isinstance(item, RemoteError):
+                        finished = True
+                        raise item.error()
+                    yield item
+                    if isinstance(item, FinalEvent):
+                        finished = True
             if not finished:
                 raise RequestFailed("the replica's stream ended without a final event")
             finished = True
@@ -360,10 +410,11 @@ class RayServeBackend:
             raise self._error(exc, conversation_id) from exc
         finally:
             if not finished:  # the user left, a timeout, an error: stop the replica's work too
-                response.cancel()
+                _cancel(response)
 
     @staticmethod
     def _error(exc: BaseException, conversation_id: str) -> EngineError:
+        """The contract error for what Ray raised (logged here; the core only sees the type)."""
         if isinstance(exc, BackPressureError):
             return Busy("ray serve queue is full", BUSY_RETRY_AFTER_S)
         if isinstance(exc, RayActorError):

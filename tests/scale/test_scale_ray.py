@@ -95,6 +95,12 @@ async def _drain(backend: GenerationBackend, conversation: str, turns: list[dict
     return [event async for event in stream]
 
 
+def _reported(backend: RayServeBackend) -> dict[str, dict[str, Any]]:
+    """Both replicas' engine stats, once Ray Serve has collected them from each (empty until then)."""
+    stats = backend.replica_stats()
+    return stats if len(stats) == 2 and all(s.get("replica") for s in stats.values()) else {}
+
+
 async def _wait_for(predicate: Callable[[], Any], timeout: float = 20.0) -> Any:
     deadline = time.monotonic() + timeout
     while not (value := predicate()):
@@ -111,12 +117,25 @@ def test_scale_the_plugin_deploys_one_replica_per_gpu(cluster: dict[str, Any]) -
 
     async def main() -> dict[str, Any]:
         await _drain(backend, "scale-warm")  # the handle's router exists once a request went through it
-        return await _wait_for(lambda: len(backend.replica_stats()) == 2 and backend.replica_stats())
+        return await _wait_for(lambda: _reported(backend))
 
     stats = _run(main)
     assert sorted(tuple(s["gpu_ids"]) for s in stats.values()) == [("0",), ("1",)]  # Ray's placement
     assert len({s["pid"] for s in stats.values()}) == 2
     assert _run(backend.problem) is None
+
+
+def test_scale_a_second_bot_process_attaches_to_the_running_application(cluster: dict[str, Any], caplog) -> None:
+    """Ray Serve restarts every replica on each ``serve.run``; a bot starting with the same settings attaches."""
+    caplog.set_level("INFO", logger="bot.cli.ray_backend")
+    before = _run(lambda: _wait_for(lambda: _reported(cluster["backend"])))
+    second = asyncio.run(load_plugin(BACKENDS, "ray").start(cluster["settings"]))
+    assert "using the running Serve application 'scale-test' (same settings)" in caplog.text
+    assert _run(lambda: _drain(second, "scale-second"))[-1].completion_tokens == 8
+    asyncio.run(second.close())  # it did not start Ray: closing leaves the application to the others
+    after = _run(lambda: _wait_for(lambda: _reported(cluster["backend"])))
+    assert {s["pid"] for s in after.values()} == {s["pid"] for s in before.values()}  # no replica restarted
+    assert _run(cluster["backend"].problem) is None
 
 
 def test_scale_streaming_through_the_handle_gives_the_local_engine_s_greedy_ids(
@@ -145,7 +164,7 @@ def test_scale_a_follow_up_hits_the_replica_holding_its_prefix(cluster: dict[str
     async def main() -> tuple[dict[str, FinalEvent], dict[str, FinalEvent]]:
         first = {c: (await _drain(backend, c))[-1] for c in conversations}
         follow = {}
-        for batch in (conversations[:4], conversations[4:8], conversations[8:]):  # 4 at once: the 4 slots
+        for batch in zip(conversations[::2], conversations[1::2], strict=True):  # two at a time (the caller queue)
             finals = await asyncio.gather(*(_drain(backend, c, _follow_up(first[c].text)) for c in batch))
             follow |= {c: events[-1] for c, events in zip(batch, finals, strict=True)}
         return first, follow
@@ -160,17 +179,22 @@ def test_scale_a_follow_up_hits_the_replica_holding_its_prefix(cluster: dict[str
     assert len(placed) == 2  # the threads are spread over both replicas, each follow-up went home
     assert router.routed["home"] >= len(conversations)
 
-    async def hits() -> Any:  # the replicas' own counters, as Ray Serve's routing stats bring them
-        def each_replica_reused() -> bool:
-            stats = backend.replica_stats()
-            return len(stats) == 2 and all(s["reused_prefix_tokens"] > 0 for s in stats.values())
+    reused = sum(f.reused_prefix_tokens for f in follow.values())
 
-        await _wait_for(each_replica_reused)
+    async def hits() -> Any:  # the replicas' own counters, as Ray Serve's routing stats bring them (every 2 s)
+        def all_reported() -> bool:
+            stats = _reported(backend)
+            return (
+                bool(stats)
+                and all(s["reused_prefix_tokens"] > 0 for s in stats.values())
+                and (sum(s["reused_prefix_tokens"] for s in stats.values()) >= reused)
+            )
+
+        await _wait_for(all_reported)
         return backend.stats()
 
     total = _run(hits)
-    assert total["replicas"] == 2 and total["prefix_cache_hit_rate"] > 0
-    assert total["reused_prefix_tokens"] >= sum(f.reused_prefix_tokens for f in follow.values())
+    assert total["replicas"] == 2 and total["prefix_cache_hit_rate"] > 0 and total["reused_prefix_tokens"] >= reused
 
 
 def test_scale_rejections_raised_in_a_replica_arrive_as_such(cluster: dict[str, Any]) -> None:
@@ -195,7 +219,7 @@ def test_scale_closing_the_stream_cancels_the_replica_s_request(cluster: dict[st
         return backend.stats()["finish_reasons"].get("aborted", 0)
 
     async def main() -> tuple[int, dict[str, Any]]:
-        await _wait_for(lambda: len(backend.replica_stats()) == 2)
+        await _wait_for(lambda: _reported(backend))
         before = aborted()
         streams = [backend.stream(turns=FIRST, images=[PICTURE], conversation_id=f"scale-leave-{i}", user="u1",
                                   options=LONG) for i in range(2)]  # fmt: skip
@@ -213,25 +237,58 @@ def test_scale_closing_the_stream_cancels_the_replica_s_request(cluster: dict[st
 
 
 def test_scale_overload_gives_busy(cluster: dict[str, Any]) -> None:
-    """2 replicas x 2 slots + a caller queue of 2: of 10 long answers at once, the overflow is Busy at once."""
+    """2 replicas x 2 slots, all answering, + a caller queue of 2: what comes on top is Busy at once, what
+    was queued is answered once a slot frees up."""
     backend = cluster["backend"]
 
-    async def one(i: int) -> str:
+    async def queued_or_busy(i: int) -> str:
         try:
-            events = await _drain(backend, f"scale-busy-{i}", options={**LONG, "max_new_tokens": 60, "min_length": 61})
+            events = await _drain(backend, f"scale-busy-{i}")
         except Busy as exc:
             assert exc.retry_after_s > 0
             return "busy"
-        assert isinstance(events[-1], FinalEvent)
+        assert isinstance(events[-1], FinalEvent) and events[-1].completion_tokens == 8
         return "answered"
 
     async def main() -> list[str]:
-        return list(await asyncio.gather(*(one(i) for i in range(10))))
+        running = []
+        for i in range(4):  # fill every slot with a long answer
+            stream = backend.stream(turns=FIRST, images=[PICTURE], conversation_id=f"scale-long-{i}", user="u1",
+                                    options=LONG)  # fmt: skip
+            assert isinstance(await anext(stream), TokenEvent)
+            running.append(stream)
+        late = [asyncio.create_task(queued_or_busy(i)) for i in range(5)]
+        done, queued = await asyncio.wait(late, timeout=1.0)  # the overflow is answered Busy right away
+        busy = [t.result() for t in done]
+        leaving = queued.pop()  # a user gives up while waiting for a replica: the routing is cancelled
+        leaving.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        for stream in running:  # the long answers end (their users leave): the queued ones get slots
+            await stream.aclose()
+        return [*busy, "left", *[await t for t in queued]]
 
     outcomes = _run(main, timeout=120)
-    assert outcomes.count("busy") >= 2 and outcomes.count("answered") >= 4, outcomes
-    assert outcomes.count("busy") + outcomes.count("answered") == 10
+    assert sorted(outcomes) == ["answered", "busy", "busy", "busy", "left"]  # 2 queued (1 left, 1 served), 3 Busy
     assert _run(lambda: _drain(backend, "scale-after-busy"))[-1].completion_tokens == 8  # and then it serves again
+
+
+def test_scale_weights_that_do_not_load_fail_the_start_in_one_line(cluster: dict[str, Any], tmp_path: Path) -> None:
+    from bot.cli.ray_backend import RaySetupError
+
+    settings = cluster["settings"].model_copy(
+        update={
+            "model": cluster["settings"].model.model_copy(update={"llm": str(tmp_path / "nowhere"), "vit": "x.pth"}),
+            "ray": cluster["settings"].ray.model_copy(update={"app_name": "scale-broken", "replicas": 1,
+                                                              "num_gpus": 0, "num_cpus": 0.5}),
+        }
+    )  # fmt: skip
+    with pytest.raises(RaySetupError, match=r"the engine replicas did not start: .*CheckpointError: .*\(\[model\]"):
+        asyncio.run(load_plugin(BACKENDS, "ray").start(settings))
+    from ray import serve
+
+    serve.delete("scale-broken")
+    assert _run(lambda: _drain(cluster["backend"], "scale-still-fine"))[-1].completion_tokens == 8
 
 
 def test_scale_a_replica_killed_mid_answer_fails_the_turn_and_the_next_request_succeeds(
@@ -258,7 +315,7 @@ def test_scale_a_replica_killed_mid_answer_fails_the_turn_and_the_next_request_s
                     view = await service.thread(ThreadRef("web", "W", "C", "t-kill"))
                     assert view.live
                     (placed,) = [r for c, r in conversation.placements.items() if not c.startswith("scale-")]
-                    pid = backend.replica_stats()[placed.unique_id]["pid"]
+                    pid = (await _wait_for(lambda: _reported(backend)))[placed.unique_id]["pid"]
                     os.kill(pid, signal.SIGKILL)  # the replica's process dies mid-answer
                     killed = True
             again = [e async for e in service.handle(Request("web", "W", "C", "t-kill", "alice", "Try again?",

@@ -16,10 +16,10 @@ import pytest
 
 pytest.importorskip("ray.serve", reason='Ray Serve is not installed: pip install "minigpt4-bot[ray]" (.ci/run does)')
 
-from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata  # noqa: E402
-from ray.serve.request_router import PendingRequest, ReplicaID  # noqa: E402
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+from ray.serve.request_router import PendingRequest, ReplicaID
 
-from model.engine.ray_router import ConversationAffinityRouter  # noqa: E402
+from model.engine.ray_router import ConversationAffinityRouter
 
 DEPLOYMENT = DeploymentID(name="MiniGPT4Engine", app_name="scale-test")
 
@@ -41,11 +41,11 @@ class FakeReplica:
         return self.ongoing
 
 
-def _router(replicas: list[FakeReplica], **kwargs: Any) -> ConversationAffinityRouter:
+def _router(replicas: list[FakeReplica], cache: bool = False, **kwargs: Any) -> ConversationAffinityRouter:
     router = ConversationAffinityRouter(
         deployment_id=DEPLOYMENT,
         handle_source=DeploymentHandleSource.UNKNOWN,
-        use_replica_queue_len_cache=False,  # probe every time: the fake queue lengths are the truth
+        use_replica_queue_len_cache=cache,  # off: probe every time, the fake queue lengths are the truth
     )
     router.initialize_state(**kwargs)
     router.update_replicas(replicas)  # type: ignore[arg-type]
@@ -79,7 +79,7 @@ def test_scale_router_keeps_a_conversation_on_its_replica_while_it_has_room() ->
         for conversation, replica in first.items():  # follow-ups: same replica, every time
             assert await _route(router, conversation) is replica
             replica.ongoing = 0
-        assert router.routed == {"home": 30, "new": 30, "moved": 0, "unkeyed": 0}
+        assert router.routed == {"home": 30, "new": 30, "moved": 0, "unkeyed": 0, "balanced": 0}
 
     asyncio.run(main())
 
@@ -98,6 +98,28 @@ def test_scale_router_overflows_to_the_least_loaded_replica_and_remembers_it() -
         r2.ongoing = 2  # full again: it moves, and the move is counted
         assert await _route(router, conversation) in (r0, r1)
         assert router.routed["moved"] == 1
+
+    asyncio.run(main())
+
+
+def test_scale_router_leaves_a_home_far_busier_than_the_least_loaded_replica() -> None:
+    """With ``max_imbalance``, a home that still has room but is far busier than another replica (by Serve's
+    queue-length cache, as the real router keeps it) is passed over: a re-prefill beats a long queue."""
+
+    async def main() -> None:
+        r0, r1 = FakeReplica("r0", 64), FakeReplica("r1", 64)
+        router = _router([r0, r1], cache=True, max_imbalance=8)
+        conversation = next(f"c{i}" for i in range(100) if router.ring_home(f"c{i}") == r0.replica_id)
+        r0.ongoing, r1.ongoing = 12, 2
+        router.on_new_queue_len_info(r0.replica_id, 12)
+        router.on_new_queue_len_info(r1.replica_id, 2)
+        assert await _route(router, conversation) is r1 and router.routed["balanced"] == 1
+        r1.ongoing = 9  # 12 vs 9: within the allowance, so the thread stays where its prefix now is (r1)
+        router.on_new_queue_len_info(r1.replica_id, 9)
+        assert await _route(router, conversation) is r1 and router.routed["home"] == 1
+
+        relaxed = _router([r0, r1], cache=True, max_imbalance=None)  # default: only a full home is left
+        assert await _route(relaxed, conversation) is r0
 
     asyncio.run(main())
 
