@@ -165,13 +165,10 @@ def test_fault_error_texts_and_configured_texts_are_clean(run, caplog) -> None:
 
 def test_fault_files_with_replies_have_clean_names() -> None:
     """Whatever a reply carries to a platform besides its text — file names and captions — is cleaned too."""
-    from bot.core import requests
+    from bot.core.requests import ReplyFile
     from bot.core.service import _clean_reply
 
-    reply_file = getattr(requests, "ReplyFile", None)
-    if reply_file is None:
-        pytest.skip("replies carry no files in this tree")
-    final = Final("ok\x00", files=(reply_file("page\x00.html", "text/html", b"<p>", title="Page\x07 \ud800"),))
+    final = Final("ok\x00", files=(ReplyFile("page\x00.html", "text/html", b"<p>", title="Page\x07 \ud800"),))
     cleaned = _clean_reply(final)
     assert cleaned.text == "ok"
     assert cleaned.files[0].filename == "page.html" and cleaned.files[0].title == "Page \ufffd"
