@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import os
 import statistics
 import sys
@@ -32,33 +31,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-TURNS = ("Describe this picture in detail.", "What could I cook with these things?", "Write a short poem about it.")
-
-
-def _image(i: int) -> bytes:
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (320, 240), (20 * (i % 12), 100, 255 - 10 * (i % 20)))
-    ImageDraw.Draw(img).ellipse([40 + i % 50, 40, 200, 200], fill=(200, 30 + i % 200, 40))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] if ordered else float("nan")
-
-
-def _turns(done: list[str], upto: int) -> list[dict[str, Any]]:
-    turns: list[dict[str, Any]] = []
-    for k in range(upto + 1):
-        turns.append({"role": "user", "text": TURNS[k], "image": k == 0})
-        if k < upto:
-            turns.append({"role": "assistant", "text": done[k]})
-    return turns
+from _workload import TURNS  # noqa: E402
+from _workload import image as _image  # noqa: E402
+from _workload import pct as _pct  # noqa: E402
+from _workload import turns as _turns  # noqa: E402
 
 
 def _small_weights(folder: Path) -> dict[str, Any]:
