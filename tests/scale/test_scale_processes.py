@@ -18,7 +18,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import asyncpg
 from PIL import Image
 
 from storage.migrate import upgrade
+from tests.http_helpers import multipart
 from tests.pg import create_database
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,21 +39,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _multipart(fields: dict[str, str], image: bytes | None) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    out = io.BytesIO()
-    for name, value in fields.items():
-        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
-    if image is not None:
-        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="p.png"\r\n'.encode())
-        out.write(b"Content-Type: image/png\r\n\r\n" + image + b"\r\n")
-    out.write(f"--{boundary}--\r\n".encode())
-    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
-
-
 def _post(url: str, fields: dict[str, str], image: bytes | None = None) -> tuple[str, dict[str, Any]]:
     """The last server-sent event of one message: ``("final", {...})`` or ``("duplicate", {...})``."""
-    body, ctype = _multipart(fields, image)
+    body, ctype = multipart(fields, image)
     request = urllib.request.Request(url + "/api/messages", data=body, headers={"Content-Type": ctype})
     last: tuple[str, dict[str, Any]] = ("", {})
     name = ""

@@ -14,10 +14,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 from PIL import Image
+
+from tests.http_helpers import multipart
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -49,20 +50,8 @@ def _wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 
     raise AssertionError(f"server did not become healthy:\n{log.read_text()[-3000:]}")
 
 
-def _multipart(fields: dict[str, str], image: bytes | None) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    out = io.BytesIO()
-    for name, value in fields.items():
-        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
-    if image is not None:
-        out.write(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="p.png"\r\n'.encode())
-        out.write(b"Content-Type: image/png\r\n\r\n" + image + b"\r\n")
-    out.write(f"--{boundary}--\r\n".encode())
-    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
-
-
 def _post(url: str, fields: dict[str, str], image: bytes | None = None, stop_after_deltas: int | None = None):
-    body, ctype = _multipart(fields, image)
+    body, ctype = multipart(fields, image)
     req = urllib.request.Request(url + "/api/messages", data=body, headers={"Content-Type": ctype})
     events, deltas = [], 0
     with urllib.request.urlopen(req, timeout=120) as response:
