@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -33,7 +33,7 @@ from storage.tables import (
 )
 from storage.url import sqlite_url
 
-__all__ = ["Clock", "ConversationKey", "Database", "UsageTotals", "as_utc", "is_unavailable", "sqlite_url"]
+__all__ = ["Admission", "Clock", "ConversationKey", "Database", "UsageTotals", "as_utc", "is_unavailable", "sqlite_url"]
 
 Clock = Callable[[], datetime]
 """Returns the current time (aware; converted to UTC).  Production: wall-clock UTC; tests move it."""
@@ -355,13 +355,22 @@ class Database:
                     await session.rollback()
         raise RuntimeError("could not append turns")
 
-    async def finish_turn(self, turn_id: int, usage: dict[str, Any] | None = None, **values: Any) -> None:
-        """Update an assistant turn (text, status, counts) and write its usage entry in the same transaction."""
+    async def finish_turn(
+        self, turn_id: int, *, usage_id: int | None = None, tokens: int = 0, release: bool = False, **values: Any
+    ) -> None:
+        """Update an assistant turn (text, status, counts) and, in the same transaction, settle the usage
+        reservation its request was admitted with (:meth:`admission`): ``tokens`` and the turn are written to
+        ledger row ``usage_id``, or the row is deleted with ``release=True`` (the bot failed to answer, so the
+        request is not charged).  Idempotent: a retried write sets the same values again."""
         now = self.now()
         async with self.sessions.begin() as session:
             await session.execute(update(Turn).where(Turn.id == turn_id).values(updated_at=now, **values))
-            if usage:
-                session.add(UsageEntry(turn_id=turn_id, at=now, **usage))
+            if usage_id is not None:
+                row = UsageEntry.id == usage_id
+                if release:
+                    await session.execute(delete(UsageEntry).where(row))
+                else:
+                    await session.execute(update(UsageEntry).where(row).values(turn_id=turn_id, tokens=tokens))
 
     async def mark_interrupted(self) -> int:
         """After a restart: answers left ``pending``/``streaming`` become ``interrupted`` (kept, not deleted)."""
@@ -375,6 +384,32 @@ class Database:
 
     # ------------------------------------------------------------------ usage and quotas
 
+    @contextlib.asynccontextmanager
+    async def admission(
+        self, platform: str, workspace: str, user_id: str, *, images: int = 0
+    ) -> AsyncIterator[Admission]:
+        """Admit one request: write its usage reservation and let the caller check quotas in one transaction.
+
+        The reservation (a ledger row: one request, ``images`` pictures, no tokens yet) is inserted first;
+        the body then reads limits and usage through the yielded :class:`Admission` and raises to refuse,
+        which rolls the reservation back.  Reads of usage are serialized per workspace — a transaction-scoped
+        advisory lock on PostgreSQL, the database write lock (taken by the insert) on SQLite — so two
+        simultaneous requests, in one process or in several, can never both see the usage from before the
+        other's reservation: what one admits, the next one counts.  The final write completes the row
+        (:meth:`finish_turn`).
+        """
+        async with self.sessions.begin() as session:
+            entry = UsageEntry(at=self.now(), platform=platform, workspace=workspace, user_id=user_id,
+                               requests=1, tokens=0, images=images)  # fmt: skip
+            session.add(entry)
+            await session.flush()  # SQLite: this INSERT takes the write lock before anything is read
+            yield Admission(session, self.dialect, entry.id, platform, workspace)
+
+    async def release_usage(self, usage_id: int) -> None:
+        """Delete a reservation whose request never reached the model (storing its turns failed)."""
+        async with self.sessions.begin() as session:
+            await session.execute(delete(UsageEntry).where(UsageEntry.id == usage_id))
+
     async def record_usage(self, **values: Any) -> None:
         """Add a ledger row; ``at`` defaults to :meth:`now` (imports and tests may back-date it)."""
         values.setdefault("at", self.now())
@@ -382,16 +417,9 @@ class Database:
             session.add(UsageEntry(**values))
 
     async def usage_since(self, platform: str, workspace: str, user_id: str | None, since: datetime) -> UsageTotals:
+        """Ledger sums since ``since`` for a user (``user_id=None``: the whole workspace)."""
         async with self.sessions() as session:
-            query = select(
-                func.coalesce(func.sum(UsageEntry.requests), 0),
-                func.coalesce(func.sum(UsageEntry.tokens), 0),
-                func.coalesce(func.sum(UsageEntry.images), 0),
-            ).where(UsageEntry.platform == platform, UsageEntry.workspace == workspace, UsageEntry.at >= since)
-            if user_id is not None:
-                query = query.where(UsageEntry.user_id == user_id)
-            requests, tokens, images = (await session.execute(query)).one()
-            return UsageTotals(int(requests), int(tokens), int(images))
+            return await _usage_since(session, platform, workspace, user_id, since)
 
     async def usage_report(
         self, since: datetime, platform: str | None = None, workspace: str | None = None, by_day: bool = False
@@ -423,7 +451,7 @@ class Database:
 
     async def quota_setting(self, scope: str, platform: str, workspace: str, user_id: str = "") -> QuotaSetting | None:
         async with self.sessions() as session:
-            return await session.scalar(select(QuotaSetting).where(*_quota_key(scope, platform, workspace, user_id)))
+            return await _quota_setting(session, scope, platform, workspace, user_id)
 
     async def set_quota(self, scope: str, platform: str, workspace: str, user_id: str = "", **limits: Any) -> None:
         """Set some limits (``None`` = back to the default) for a user or a workspace."""
@@ -482,6 +510,58 @@ class Database:
             if platform:
                 query = query.where(AccessRule.platform == platform)
             return list(await session.scalars(query))
+
+
+class Admission:
+    """The reads a quota check makes inside :meth:`Database.admission`'s transaction.
+
+    Same signatures as :class:`Database`'s ``quota_setting`` and ``usage_since``, so a policy reads either.
+    Usage sums leave out this request's own reservation: they are what was used before it.
+    """
+
+    def __init__(self, session: Any, dialect: str, usage_id: int, platform: str, workspace: str) -> None:
+        self._session, self._dialect = session, dialect
+        self.usage_id = usage_id
+        """The reservation's ledger row, for :meth:`Database.finish_turn`."""
+        self._lock_key = _advisory_key("quota", platform, workspace)
+        self._locked = dialect != "postgresql"  # SQLite: the reservation's insert holds the write lock
+
+    async def quota_setting(self, scope: str, platform: str, workspace: str, user_id: str = "") -> QuotaSetting | None:
+        return await _quota_setting(self._session, scope, platform, workspace, user_id)
+
+    async def usage_since(self, platform: str, workspace: str, user_id: str | None, since: datetime) -> UsageTotals:
+        if not self._locked:
+            # Held until commit/rollback.  Taken before the first usage read (READ COMMITTED: each statement
+            # sees what was committed when it starts), so it sees every admission that committed before it.
+            await self._session.execute(select(func.pg_advisory_xact_lock(self._lock_key)))
+            self._locked = True
+        return await _usage_since(self._session, platform, workspace, user_id, since, not_id=self.usage_id)
+
+
+def _advisory_key(*parts: str) -> int:
+    """A stable signed 64-bit key for ``pg_advisory_xact_lock`` (the same in every process)."""
+    digest = hashlib.sha256("\x00".join(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+async def _quota_setting(session: Any, scope: str, platform: str, workspace: str, user_id: str) -> QuotaSetting | None:
+    return await session.scalar(select(QuotaSetting).where(*_quota_key(scope, platform, workspace, user_id)))
+
+
+async def _usage_since(
+    session: Any, platform: str, workspace: str, user_id: str | None, since: datetime, not_id: int | None = None
+) -> UsageTotals:
+    query = select(
+        func.coalesce(func.sum(UsageEntry.requests), 0),
+        func.coalesce(func.sum(UsageEntry.tokens), 0),
+        func.coalesce(func.sum(UsageEntry.images), 0),
+    ).where(UsageEntry.platform == platform, UsageEntry.workspace == workspace, UsageEntry.at >= since)
+    if user_id is not None:
+        query = query.where(UsageEntry.user_id == user_id)
+    if not_id is not None:
+        query = query.where(UsageEntry.id != not_id)
+    requests, tokens, images = (await session.execute(query)).one()
+    return UsageTotals(int(requests), int(tokens), int(images))
 
 
 def _quota_key(scope: str, platform: str, workspace: str, user_id: str) -> tuple[Any, ...]:

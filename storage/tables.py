@@ -136,7 +136,12 @@ class Turn(Base):
 
 
 class UsageEntry(Base):
-    """The usage ledger: one row per finished (or failed) answer, summed for quotas and reports."""
+    """The usage ledger, summed for quotas and reports: one row per admitted request.
+
+    Written when the request is admitted (its reservation: one request, its new pictures), so a quota
+    check counts requests still being answered; the final write adds the answer's tokens and turn, or
+    deletes the row when the bot failed to answer (see :meth:`storage.Database.admission`).
+    """
 
     __tablename__ = "usage_ledger"
 

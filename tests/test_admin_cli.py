@@ -422,9 +422,12 @@ def _seed_conversations(env: Env) -> tuple[int, int]:
                 {"role": "assistant", "status": "streaming"},
             ],
         )
+        async with db.admission("slack", "T1", "U1", images=1) as admission:
+            pass  # the request's usage, reserved when it was admitted; the final write adds its tokens
         await db.finish_turn(
             answer.id,
-            usage={"platform": "slack", "workspace": "T1", "user_id": "U1", "tokens": 60},
+            usage_id=admission.usage_id,
+            tokens=60,
             text=LONG,
             status="done",
             finish_reason="stop",

@@ -37,7 +37,8 @@ class GenerationBackend(Protocol):
     ) -> AsyncIterator[TokenEvent | FinalEvent]:
         """Token events, then one final event.  ``conversation_id`` keys cached image tokens and KV
         prefixes (and replica affinity); ``user`` is the fairness key; ``options`` the ``[generation]``
-        settings.  Raises ``model.engine.api.EngineError`` subclasses only."""
+        settings.  Raises ``model.engine.api.EngineError`` subclasses only.  The core closes the iterator
+        (``aclose``, where it has one) when the reply ends early: that must cancel the request."""
         ...
 
     def describe(self) -> dict[str, Any]:

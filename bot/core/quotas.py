@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
 
 from bot.core.config import QuotaLimits, QuotaSettings
 from bot.core.errors import QuotaExceeded
 from storage import Database, UsageTotals
 
-__all__ = ["WINDOWS", "QuotaPolicy", "day_start", "limit_parts", "month_start", "window_starts"]
+__all__ = ["WINDOWS", "QuotaPolicy", "UsageReader", "day_start", "limit_parts", "month_start", "window_starts"]
 
 WINDOWS = ("day", "month")
 
@@ -44,6 +45,14 @@ def limit_parts(name: str) -> tuple[str, str]:
     return counter, window
 
 
+class UsageReader(Protocol):
+    """Where limits and usage are read from: the :class:`~storage.Database`, or an admission transaction."""
+
+    async def quota_setting(self, scope: str, platform: str, workspace: str, user_id: str = "") -> Any: ...
+
+    async def usage_since(self, platform: str, workspace: str, user_id: str | None, since: datetime) -> UsageTotals: ...
+
+
 @dataclass
 class QuotaPolicy:
     """Checks a request against the effective limits (admin overrides, else configured defaults)."""
@@ -55,30 +64,47 @@ class QuotaPolicy:
         """The configured limits for a scope (``user`` or ``workspace``)."""
         return self.settings.user if scope == "user" else self.settings.workspace
 
-    async def effective(self, scope: str, platform: str, workspace: str, user: str = "") -> QuotaLimits:
+    async def effective(
+        self, scope: str, platform: str, workspace: str, user: str = "", *, reader: UsageReader | None = None
+    ) -> QuotaLimits:
         base = self.defaults(scope)
-        row = await self.db.quota_setting(scope, platform, workspace, user)
+        row = await (reader or self.db).quota_setting(scope, platform, workspace, user)
         if row is None:
             return base
         values = {name: getattr(row, name) for name in QuotaLimits.model_fields if getattr(row, name) is not None}
         return base.model_copy(update=values)
 
-    async def usage(self, platform: str, workspace: str, user_id: str | None, now: datetime) -> dict[str, UsageTotals]:
+    async def usage(
+        self, platform: str, workspace: str, user_id: str | None, now: datetime, *, reader: UsageReader | None = None
+    ) -> dict[str, UsageTotals]:
         """Usage in the current day and month (``user_id=None``: the whole workspace)."""
         return {
-            window: await self.db.usage_since(platform, workspace, user_id, start)
+            window: await (reader or self.db).usage_since(platform, workspace, user_id, start)
             for window, start in window_starts(now).items()
         }
 
-    async def check(self, platform: str, workspace: str, user: str, new_images: int, now: datetime) -> None:
-        """Raise :class:`QuotaExceeded` naming the first limit this request would cross."""
+    async def admit(self, platform: str, workspace: str, user: str, new_images: int) -> int:
+        """Admit a request or raise :class:`QuotaExceeded` naming the first limit it would cross.
+
+        The check and the request's usage reservation are one transaction, serialized per workspace
+        (:meth:`storage.Database.admission`), so simultaneous requests — from one process or several — are
+        counted exactly: with a limit of 3, three of six requests sent at once get through.  Returns the
+        reservation, which the answer's final write completes with its tokens (or releases on failure).
+        """
+        async with self.db.admission(platform, workspace, user, images=new_images) as admission:
+            await self._check(admission, platform, workspace, user, new_images, self.db.now())
+        return admission.usage_id
+
+    async def _check(
+        self, reader: UsageReader, platform: str, workspace: str, user: str, new_images: int, now: datetime
+    ) -> None:
         starts = window_starts(now)
         resets = {"day": starts["day"] + timedelta(days=1), "month": _next_month(starts["month"])}
         for scope, who in (("user", user), ("workspace", "")):
-            limits = await self.effective(scope, platform, workspace, who)
+            limits = await self.effective(scope, platform, workspace, who, reader=reader)
             if not any(getattr(limits, name) for name in QuotaLimits.model_fields):
                 continue
-            usage = await self.usage(platform, workspace, user if scope == "user" else None, now)
+            usage = await self.usage(platform, workspace, user if scope == "user" else None, now, reader=reader)
             for name in QuotaLimits.model_fields:
                 limit = getattr(limits, name)
                 counter, window = limit_parts(name)
@@ -91,7 +117,8 @@ def _crosses(counter: str, used: int, limit: int, new_images: int) -> bool:
     """Whether this request would go over ``limit``.
 
     A request counts one, pictures count as they arrive; an answer's tokens are not known in advance,
-    so a token limit stops requests once it has been reached.
+    so a token limit stops requests once it has been reached (answers already running finish, so a token
+    limit can be passed by what those answers write).
     """
     if counter == "tokens":
         return used >= limit

@@ -2,10 +2,11 @@
 
 For each message: drop redeliveries (a unique event id in SQL) → access rules → commands
 (``help``, ``reset``, ``settings``) → the thread's conversation → check and store new pictures
-→ preset → quota → store the user turn and a pending answer → stream the answer from the
-backend → store it with its token counts and a usage-ledger entry.  Errors become
-:class:`~bot.core.requests.Final` replies with user-facing text; details go to the log.  A failed or
-interrupted answer is marked as such; nothing already stored is deleted.
+→ preset → quota (checked and the request's usage reserved in one transaction) → store the user
+turn and a pending answer → stream the answer from the backend → store it with its token counts,
+completing the usage reservation.  Errors become :class:`~bot.core.requests.Final` replies with
+user-facing text; details go to the log.  A failed or interrupted answer is marked as such; no stored
+history is deleted (a failed answer only gives its usage reservation back).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from datetime import timedelta
 from typing import Any
 
@@ -158,8 +160,11 @@ class BotService:
                 log.info("ignoring redelivered event %s/%s", request.platform, request.event_id)
                 outcome = "duplicate"
                 return
-            async for event in self._handle(request):
-                yield _clean_reply(event)
+            # aclosing at every level: a reply closed early (the user left) closes the whole chain now,
+            # down to the backend's request, and marks the answer interrupted before aclose() returns.
+            async with aclosing(self._handle(request)) as events:
+                async for event in events:
+                    yield _clean_reply(event)
         except BotError as exc:
             outcome = type(exc).__name__
             if isinstance(exc, QuotaExceeded):
@@ -324,8 +329,9 @@ class BotService:
         if command.command == "settings":
             yield Final(await self._settings_text(request), kind="notice", ephemeral=True)
             return
-        async for event in self._answer(request, key, command):
-            yield event
+        async with aclosing(self._answer(request, key, command)) as events:
+            async for event in events:
+                yield event
 
     async def _answer(self, request: Request, key: ConversationKey, command: Command) -> AsyncIterator[ReplyEvent]:
         limits = self.settings.images
@@ -346,20 +352,30 @@ class BotService:
         question = clean_text(self._presets.question(command, bool(checked), request.workspace, request.channel))
         if not question and not checked:
             raise UserInputError("What would you like to know about the picture?")
-        await self._quotas.check(request.platform, request.workspace, request.user, len(checked), self._db.now())
-
-        image_ids = [await self._db.add_image(c.data, c.mime, c.width, c.height) for c in checked]
-        new_turns: list[dict[str, Any]] = [
-            {"role": "user", "text": "", "image_id": i, "user_id": request.user} for i in image_ids[:-1]
-        ]
-        new_turns.append({"role": "user", "text": question, "image_id": image_ids[-1] if image_ids else None,
-                          "user_id": request.user})  # fmt: skip
-        new_turns.append({"role": "assistant", "status": "pending"})
-        stored = await self._db.add_turns(conversation.id, new_turns)
+        usage_id = await self._quotas.admit(request.platform, request.workspace, request.user, len(checked))
+        try:
+            image_ids = [await self._db.add_image(c.data, c.mime, c.width, c.height) for c in checked]
+            new_turns: list[dict[str, Any]] = [
+                {"role": "user", "text": "", "image_id": i, "user_id": request.user} for i in image_ids[:-1]
+            ]
+            new_turns.append({"role": "user", "text": question, "image_id": image_ids[-1] if image_ids else None,
+                              "user_id": request.user})  # fmt: skip
+            new_turns.append({"role": "assistant", "status": "pending"})
+            stored = await self._db.add_turns(conversation.id, new_turns)
+        except BaseException:
+            await self._release(usage_id)  # nothing was stored or sent: the request is not charged
+            raise
         answer_turn = stored[-1]
         turns, images = await self._model_input(history + stored[:-1])
-        async for event in self._stream(request, conversation.id, answer_turn.id, turns, images, len(checked)):
-            yield await self._previews.attach(event) if isinstance(event, Final) else event
+        async with aclosing(self._stream(request, conversation.id, answer_turn.id, usage_id, turns, images)) as events:
+            async for event in events:
+                yield await self._previews.attach(event) if isinstance(event, Final) else event
+
+    async def _release(self, usage_id: int) -> None:
+        try:
+            await asyncio.shield(self._db.release_usage(usage_id))
+        except Exception as exc:
+            log.error("usage entry %s: could not release the reservation of an unstored request: %r", usage_id, exc)
 
     async def _model_input(self, history: Sequence[Any]) -> tuple[list[ChatTurn], list[bytes]]:
         """The thread as model turns: finished answers only (failed/interrupted ones are left out)."""
@@ -381,14 +397,18 @@ class BotService:
         request: Request,
         conversation_id: int,
         turn_id: int,
+        usage_id: int,
         turns: list[ChatTurn],
         images: list[bytes],
-        new_images: int,
     ) -> AsyncIterator[ReplyEvent]:
+        """Stream the answer and store it; the request's usage reservation is settled in the same write:
+        completed with the tokens, kept for an interrupted answer (the work was done), released for a failed
+        one (the bot could not answer, so the user is not charged)."""
         started = time.monotonic()
         parts: list[str] = []
         final: FinalEvent | None = None
         status, error = "failed", None
+        stream: AsyncIterator[TokenEvent | FinalEvent] | None = None
         try:
             stream = self._backend.stream(
                 turns=turns,
@@ -421,20 +441,25 @@ class BotService:
             error = _stored_error(exc)
             raise self._engine_error(exc, conversation_id) from exc
         finally:
+            if status != "done" and (close := getattr(stream, "aclose", None)) is not None:
+                try:  # now, not when the garbage collector finds it: this cancels the backend's request
+                    await asyncio.shield(close())
+                except Exception as exc:
+                    log.warning("turn %s: closing the backend stream failed: %r", turn_id, exc)
             if status != "done":
                 try:
                     await asyncio.shield(
-                        self._db.finish_turn(turn_id, status=status, error=error, finish_reason=status)
-                    )
+                        self._db.finish_turn(turn_id, status=status, error=error, finish_reason=status,
+                                             usage_id=usage_id, release=status == "failed")
+                    )  # fmt: skip
                 except Exception as exc:  # the database is down too: recover() marks it interrupted at the next start
                     log.error("turn %s: could not mark the answer %s: %r", turn_id, status, exc)
         text = sanitize_output(final.text if final is not None else "".join(parts)).strip()
         completion = final.completion_tokens if final is not None else 0
         ttft = final.ttft_s if final is not None else None
-        usage = dict(platform=request.platform, workspace=request.workspace, user_id=request.user,
-                     requests=1, tokens=completion, images=new_images)  # fmt: skip
         values = dict(
-            usage=usage,
+            usage_id=usage_id,
+            tokens=completion,
             text=text,
             status="done",
             finish_reason=clean_text(final.finish_reason or "eos")[:16] if final is not None else "eos",
@@ -469,7 +494,7 @@ class BotService:
         delays = self.STORE_RETRY_DELAYS_S
         for attempt in range(len(delays) + 1):
             try:
-                # A try whose commit went through but whose reply was lost must not write the usage twice.
+                # A try whose commit went through but whose reply was lost is done (the write is idempotent).
                 if attempt and await self._answer_stored(conversation_id, turn_id):
                     return True
                 await self._db.finish_turn(turn_id, **values)

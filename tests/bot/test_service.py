@@ -19,7 +19,7 @@ from bot.core.config import Settings
 from bot.core.requests import Delta, Final, ImageAttachment, Request
 from bot.core.service import BotService
 from model.engine.api import Busy, RequestFailed, RequestRejected
-from storage import Database
+from storage import Database, UsageTotals
 from tests.scripted_backend import ScriptedBackend
 
 
@@ -204,6 +204,69 @@ def test_workspace_token_and_image_quotas(run):
         await h.ask(req("more", user="bob"))  # 3 + 3 = 6 tokens used this month
         (refused,) = await h.ask(req("again", png(), user="carol", thread="t9"))
         assert "This workspace has reached the limit of 5 tokens per month" in refused.text
+
+    run(fn, settings)
+
+
+def test_simultaneous_requests_are_counted_exactly(run):
+    """A limit holds for requests sent at once (several threads, one user), not only for requests in turn."""
+    settings = {"quotas": {"user": {"requests_per_day": 3, "images_per_day": 0},
+                           "workspace": {"requests_per_day": 5}}}  # fmt: skip
+
+    async def fn(h: Harness):
+        h.backend.delay = 0.01  # answers overlap: none is stored before the others are admitted
+
+        async def burst(user: str, n: int) -> list[Any]:
+            replies = await asyncio.gather(
+                *(h.ask(req("What?", png(), thread=f"{user}{i}", user=user)) for i in range(n))
+            )
+            return [events[-1] for events in replies]
+
+        alice = await burst("alice", 6)
+        assert sorted(e.kind for e in alice) == ["answer"] * 3 + ["error"] * 3
+        assert all("limit of 3 requests per day" in e.text for e in alice if e.kind == "error")
+        bob = await burst("bob", 4)  # the workspace has 2 of its 5 left
+        assert sorted(e.kind for e in bob) == ["answer"] * 2 + ["error"] * 2
+        assert all("This workspace has reached the limit of 5" in e.text for e in bob if e.kind == "error")
+        since = h.now.replace(hour=0)
+        assert (await h.db.usage_since("slack", "T1", "alice", since)).requests == 3
+        assert (await h.db.usage_since("slack", "T1", None, since)) == UsageTotals(5, 5 * 3, 5)
+        assert len(h.backend.calls) == 5
+
+    run(fn, settings)
+
+
+def test_simultaneous_pictures_are_counted_exactly(run):
+    settings = {"quotas": {"user": {"requests_per_day": 0, "images_per_day": 3}}}
+
+    async def fn(h: Harness):
+        two = png((1, 1, 1)), png((2, 2, 2))
+        replies = await asyncio.gather(*(h.ask(req("What?", *two, thread=f"t{i}")) for i in range(4)))
+        assert sorted(events[-1].kind for events in replies) == ["answer", "error", "error", "error"]
+        assert (await h.db.usage_since("slack", "T1", "alice", h.now.replace(hour=0))).images == 2
+
+    run(fn, settings)
+
+
+def test_a_failed_answer_is_not_charged_and_an_interrupted_one_is(run):
+    """The request is reserved when admitted; the bot's own failure gives it back, a user leaving does not."""
+    settings = {"quotas": {"user": {"requests_per_day": 2, "images_per_day": 0}}}
+
+    async def fn(h: Harness):
+        since = h.now.replace(hour=0)
+        h.backend.fail = RequestFailed("engine step failed")
+        (failed,) = await h.ask(req("What?", png()))
+        assert failed.kind == "error"
+        assert await h.db.usage_since("slack", "T1", "alice", since) == UsageTotals()
+        h.backend.fail, h.backend.delay = None, 0.05
+        stream = h.service.handle(req("And now?"))
+        assert isinstance(await anext(stream), Delta)
+        await stream.aclose()  # the user went away mid-answer: the work was done
+        assert (await h.turns())[-1].status == "interrupted"
+        assert (await h.db.usage_since("slack", "T1", "alice", since)).requests == 1
+        assert (await h.ask(req("Once more?")))[-1].kind == "answer"
+        (refused,) = await h.ask(req("And again?"))
+        assert "limit of 2 requests per day" in refused.text
 
     run(fn, settings)
 

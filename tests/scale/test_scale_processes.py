@@ -4,7 +4,8 @@ as a platform that retries a delivery on another connection would send them.
 
 What must hold with no in-process state: each event is answered by exactly one process (the other sees a
 redelivery: the ``processed_events`` primary key), and the usage ledger — what quotas count — has exactly
-one row per answer, so a quota of N answers N requests of a user however the events are spread.
+one row per admitted request, reserved in the same transaction as the quota check, so a quota of N answers
+N requests of a user however the events are spread, and however many arrive at the same moment.
 """
 
 from __future__ import annotations
@@ -159,14 +160,26 @@ def test_scale_two_serve_processes_on_one_postgresql_answer_each_event_once_and_
                 outcomes.append(next(data for name, data in replies if name == "final"))
         assert [o["kind"] for o in outcomes] == ["answer"] * QUOTA + ["error"] * (6 - QUOTA), outcomes
         assert all(f"limit of {QUOTA} requests per day" in o["text"] for o in outcomes[QUOTA:])
+
+        # Another user, six threads, all at once, each event to both processes (twelve deliveries in flight):
+        # the quota is checked and reserved in one transaction per request, so exactly QUOTA get through.
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            fields = [{"thread": f"bob-{i}", "text": "What is this?", "event_id": f"bob-{i}", "user": "bob"}
+                      for i in range(6)]  # fmt: skip
+            at_once = [f.result() for f in [pool.submit(_to_both, bots, f, image) for f in fields]]
+        for replies in at_once:
+            assert sorted(name for name, _ in replies) == ["duplicate", "final"], replies
+        finals = [data for replies in at_once for name, data in replies if name == "final"]
+        assert sorted(f["kind"] for f in finals) == ["answer"] * QUOTA + ["error"] * (6 - QUOTA), finals
+        assert all(f"limit of {QUOTA} requests per day" in f["text"] for f in finals if f["kind"] == "error")
     finally:
         codes = [bot.stop() for bot in bots]
     assert codes == [0, 0], [bot.log.read_text()[-2000:] for bot in bots]
 
     ledger = {r["user_id"]: r["requests"] for r in _query(url, "SELECT user_id, sum(requests) AS requests "
                                                                "FROM usage_ledger GROUP BY user_id")}  # fmt: skip
-    assert ledger == {"alice": QUOTA, **{f"user{i}": 1 for i in range(8)}}
+    assert ledger == {"alice": QUOTA, "bob": QUOTA, **{f"user{i}": 1 for i in range(8)}}
     events = _query(url, "SELECT count(*) AS n FROM processed_events")[0]["n"]
-    assert events == 8 + 6
+    assert events == 8 + 6 + 6
     turns = _query(url, "SELECT status, count(*) AS n FROM turns WHERE role = 'assistant' GROUP BY status")
-    assert {r["status"]: r["n"] for r in turns} == {"done": 8 + QUOTA}  # no answer stored twice, none left over
+    assert {r["status"]: r["n"] for r in turns} == {"done": 8 + 2 * QUOTA}  # no answer stored twice, none left over

@@ -21,6 +21,13 @@ def usage(user: str = "U1", workspace: str = "T1", platform: str = "slack", **va
     return {"platform": platform, "workspace": workspace, "user_id": user, **values}
 
 
+async def reserve(db: Database, user: str = "U1", workspace: str = "T1", images: int = 0) -> int:
+    """A request's usage reservation, admitted with no quota check."""
+    async with db.admission("slack", workspace, user, images=images) as admission:
+        pass
+    return admission.usage_id
+
+
 async def _age_conversation(db: Database, conversation_id: int, when: datetime) -> None:
     async with db.sessions.begin() as session:
         await session.execute(update(Conversation).where(Conversation.id == conversation_id).values(updated_at=when))
@@ -220,15 +227,17 @@ def test_concurrent_appends_get_distinct_consecutive_seqs(run_db):
     assert [t.seq for t in other_turns] == [1, 2, 3, 4, 5]
 
 
-def test_finish_turn_writes_its_usage_entry_in_the_same_transaction(run_db):
+def test_finish_turn_settles_its_usage_reservation_in_the_same_transaction(run_db):
     async def body(db: Database):
         conv = await db.get_or_create_conversation(KEY)
         _user, answer = await db.add_turns(
             conv.id, [{"role": "user", "text": "q", "user_id": "U1"}, {"role": "assistant", "status": "streaming"}]
         )
+        kept = await reserve(db, images=1)
         await db.finish_turn(
             answer.id,
-            usage=usage(tokens=42, images=1),
+            usage_id=kept,
+            tokens=42,
             text="the answer",
             status="done",
             finish_reason="stop",
@@ -237,27 +246,46 @@ def test_finish_turn_writes_its_usage_entry_in_the_same_transaction(run_db):
             ttft_ms=50,
             duration_ms=900,
         )
-        # a usage entry that cannot be written (user_id missing) must roll the turn update back too
+        await db.finish_turn(answer.id, usage_id=kept, tokens=42, status="done")  # a retried write: the same row
+        # a ledger update that cannot be written (tokens NOT NULL) must roll the turn update back too
         _u2, failing = await db.add_turns(conv.id, [{"role": "user"}, {"role": "assistant", "status": "streaming"}])
+        released = await reserve(db, user="U2")
         with pytest.raises(IntegrityError):
-            await db.finish_turn(
-                failing.id, usage={"platform": "slack", "workspace": "T1", "tokens": 5}, text="lost", status="done"
-            )
-        # without usage (e.g. an admin correction) only the turn changes
-        await db.finish_turn(failing.id, status="failed", error="boom")
+            await db.finish_turn(failing.id, usage_id=released, tokens=None, text="lost", status="done")
+        reserved = await db.usage_since("slack", "T1", "U2", NOW - timedelta(hours=1))
+        await db.finish_turn(failing.id, status="failed", error="boom", usage_id=released, release=True)
         async with db.sessions() as session:
             ledger = list(await session.scalars(select(UsageEntry)))
-        return await db.turns(conv.id), ledger
+        return await db.turns(conv.id), ledger, reserved
 
-    turns, ledger = run_db(body)
+    turns, ledger, reserved = run_db(body)
     done, failed = turns[1], turns[3]
     assert (done.text, done.status, done.finish_reason) == ("the answer", "done", "stop")
     assert (done.prompt_tokens, done.completion_tokens, done.ttft_ms, done.duration_ms) == (30, 12, 50, 900)
     assert as_utc(done.updated_at) >= as_utc(done.created_at)
     assert (failed.text, failed.status, failed.error) == ("", "failed", "boom")
+    assert reserved == UsageTotals(requests=1, tokens=0, images=0)  # counted from admission until released
     assert len(ledger) == 1
     entry = ledger[0]
     assert (entry.turn_id, entry.user_id, entry.requests, entry.tokens, entry.images) == (done.id, "U1", 1, 42, 1)
+
+
+def test_an_admission_that_raises_leaves_no_reservation_and_reads_exclude_its_own(run_db):
+    async def body(db: Database):
+        await reserve(db)
+        since = NOW - timedelta(hours=1)
+        with pytest.raises(LookupError):
+            async with db.admission("slack", "T1", "U1", images=2) as admission:
+                before = await admission.usage_since("slack", "T1", "U1", since)
+                inside = await db.quota_setting("user", "slack", "T1", "U1")
+                raise LookupError("refused")
+        after = await db.usage_since("slack", "T1", "U1", since)
+        await db.release_usage(await reserve(db))
+        return before, inside, after, await db.usage_since("slack", "T1", None, since)
+
+    before, inside, after, released = run_db(body)
+    assert before == after == released == UsageTotals(requests=1)  # its own row is not "used before it"
+    assert inside is None
 
 
 def test_mark_interrupted_keeps_unfinished_answers(run_db):
@@ -450,11 +478,11 @@ def test_purge_removes_old_conversations_turns_and_orphan_images_but_keeps_usage
             old.id, [{"role": "user", "image_id": only_old}, {"role": "assistant", "status": "streaming"}]
         )
         await db.add_turns(old.id, [{"role": "user", "image_id": shared}])
-        await db.finish_turn(old_answer.id, usage=usage(tokens=77), text="a", status="done")
+        await db.finish_turn(old_answer.id, usage_id=await reserve(db), tokens=77, text="a", status="done")
         _q2, new_answer = await db.add_turns(
             kept.id, [{"role": "user", "image_id": shared}, {"role": "assistant", "status": "streaming"}]
         )
-        await db.finish_turn(new_answer.id, usage=usage(tokens=5), text="b", status="done")
+        await db.finish_turn(new_answer.id, usage_id=await reserve(db), tokens=5, text="b", status="done")
         await _age_conversation(db, old.id, NOW - timedelta(days=100))
 
         cutoff = NOW - timedelta(days=30)
