@@ -236,6 +236,37 @@ def test_scale_closing_the_stream_cancels_the_replica_s_request(cluster: dict[st
     assert count == 2 and idle["generated_tokens"] < idle["finished"] * 400  # stopped long before 400 tokens
 
 
+def test_scale_a_user_leaving_the_core_s_reply_cancels_the_replica_s_request(
+    cluster: dict[str, Any], tmp_path: Path
+) -> None:
+    """What a front end does when its user goes: close ``handle()``'s iterator.  Before ``aclose()`` returns
+    the answer is marked interrupted, and the replica stops generating (an ``aborted`` finish)."""
+    backend: RayServeBackend = cluster["backend"]
+    settings = cluster["settings"].model_copy(update={"generation": cluster["settings"].generation.model_copy(
+        update={"max_new_tokens": 400, "min_length": 401, "max_length": 1000})})  # fmt: skip
+
+    async def main() -> tuple[list[str], int]:
+        db = Database(sqlite_url(tmp_path / "bot.db"))
+        await db.create_all()
+        service = BotService(settings, db, backend)
+        try:
+            await _wait_for(lambda: _reported(backend))
+            before = backend.stats()["finish_reasons"].get("aborted", 0)
+            ask = Request("web", "W", "C", "t-leave", "alice", "What is this?", images=(ImageAttachment(OTHER),))
+            reply = service.handle(ask)
+            for _ in range(3):
+                assert isinstance(await anext(reply), Delta)
+            await reply.aclose()
+            view = await service.thread(ThreadRef("web", "W", "C", "t-leave"), turns=True)
+            await _wait_for(lambda: backend.stats()["finish_reasons"].get("aborted", 0) > before)
+            return [t.status for t in view.turns], backend.stats()["finish_reasons"]["aborted"] - before
+        finally:
+            await db.dispose()
+
+    statuses, aborted = _run(main)
+    assert statuses == ["done", "interrupted"] and aborted == 1
+
+
 def test_scale_overload_gives_busy(cluster: dict[str, Any]) -> None:
     """2 replicas x 2 slots, all answering, + a caller queue of 2: what comes on top is Busy at once, what
     was queued is answered once a slot frees up."""
