@@ -28,6 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 __all__ = [
+    "ID_LENGTHS",
     "AccessRule",
     "Base",
     "Conversation",
@@ -222,3 +223,15 @@ class FollowedThread(Base):
     addressed_at: Mapped[datetime] = mapped_column()
 
     __table_args__ = (Index("ix_followed_threads_addressed_at", "addressed_at"),)
+
+
+ID_LENGTHS: dict[str, int] = {
+    "platform": Conversation.__table__.c.platform.type.length,
+    "workspace": Conversation.__table__.c.workspace.type.length,
+    "channel": Conversation.__table__.c.channel.type.length,
+    "thread": Conversation.__table__.c.thread.type.length,
+    "user": Turn.__table__.c.user_id.type.length,
+    "event_id": ProcessedEvent.__table__.c.event_id.type.length,
+}
+"""The longest platform ids the tables store, per request field (PostgreSQL enforces them; SQLite does not,
+so the core checks them for both: a front end sending longer ids gets the same clear refusal everywhere)."""

@@ -15,6 +15,7 @@ __all__ = [
     "ModelUnavailable",
     "NoImageError",
     "QuotaExceeded",
+    "UnsupportedRequest",
     "UserInputError",
 ]
 
@@ -52,6 +53,18 @@ class AccessDenied(BotError):
 
     def __init__(self, detail: str) -> None:
         super().__init__("Sorry, I'm not enabled for you here. Ask your workspace admin if you need access.", detail)
+
+
+class UnsupportedRequest(BotError):
+    """The front end sent something the core cannot store (an id longer than its column): a bug or a limit
+    of that integration, not of the user's message — which the text says, so nobody retries in vain."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            "Sorry, I can't handle messages from this place: the chat integration sent an identifier I can't "
+            "store. This is not about your message; the bot's operator can find the details in its log.",
+            detail,
+        )
 
 
 class QuotaExceeded(BotError):

@@ -32,6 +32,7 @@ from bot.core.errors import (
     ModelUnavailable,
     NoImageError,
     QuotaExceeded,
+    UnsupportedRequest,
     UserInputError,
 )
 from bot.core.images import check_image
@@ -43,7 +44,7 @@ from bot.core.render import PageRenderer
 from bot.core.requests import Delta, Final, ReplyEvent, Request, ThreadRef
 from bot.core.sanitize import StreamSanitizer, clean_text, sanitize_output
 from model.engine.api import Busy, FinalEvent, RequestFailed, RequestRejected, TokenEvent
-from storage import ConversationKey, Database, as_utc
+from storage import ID_LENGTHS, ConversationKey, Database, as_utc
 from storage.db import is_unavailable
 
 __all__ = ["BotService", "help_text"]
@@ -84,6 +85,16 @@ def _clean_request(request: Request) -> Request:
         event_id=clean_text(request.event_id) if request.event_id else request.event_id,
         preset=clean_text(request.preset) if request.preset else request.preset,
     )
+
+
+def _check_ids(request: Request) -> None:
+    """Refuse ids longer than the tables keep (PostgreSQL would fail the first insert, SQLite would keep them:
+    the same refusal on both, before anything is stored)."""
+    for name, limit in ID_LENGTHS.items():
+        if len(value := getattr(request, name) or "") > limit:
+            raise UnsupportedRequest(
+                f"the front end sent a {name} of {len(value)} characters; at most {limit} are stored"
+            )
 
 
 def _clean_reply(event: ReplyEvent) -> ReplyEvent:
@@ -156,6 +167,7 @@ class BotService:
         outcome = "answered"
         request = _clean_request(request)
         try:
+            _check_ids(request)
             if request.event_id and not await self._db.mark_event(request.platform, request.event_id):
                 log.info("ignoring redelivered event %s/%s", request.platform, request.event_id)
                 outcome = "duplicate"
@@ -169,7 +181,8 @@ class BotService:
             outcome = type(exc).__name__
             if isinstance(exc, QuotaExceeded):
                 self.metrics.quota_rejections.labels(exc.scope, exc.limit_name).inc()
-            log.info("%s for %s/%s: %s", outcome, request.platform, request.user, exc)
+            level = logging.WARNING if isinstance(exc, UnsupportedRequest) else logging.INFO  # a front end's fault
+            log.log(level, "%s for %s/%s: %s", outcome, request.platform[:32], request.user[:128], exc)
             kind = "error" if not isinstance(exc, UserInputError) else "notice"
             yield Final(clean_text(exc.user_message), kind=kind, ephemeral=exc.ephemeral)
         except Exception as exc:
@@ -305,7 +318,9 @@ class BotService:
     # ------------------------------------------------------------------ answering
 
     async def _handle(self, request: Request) -> AsyncIterator[ReplyEvent]:
-        await self._access.check(request.platform, request.workspace, request.channel, request.user)
+        await self._access.check(
+            request.platform, request.workspace, request.channel, request.user, roles=request.roles
+        )
         key = _key(request.ref)
         if request.addressed:
             await self._db.follow_thread(key)

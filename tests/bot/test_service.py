@@ -7,6 +7,7 @@ backpressure, sanitising and metrics; the real engine is exercised in tests/web,
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -269,6 +270,30 @@ def test_a_failed_answer_is_not_charged_and_an_interrupted_one_is(run):
         assert "limit of 2 requests per day" in refused.text
 
     run(fn, settings)
+
+
+def test_ids_longer_than_storage_keeps_get_the_same_clear_refusal_on_both_databases(run, caplog):
+    """PostgreSQL enforces the id columns' lengths and SQLite does not: the core checks them for both."""
+
+    async def fn(h: Harness):
+        cases = {
+            "thread": req("What?", png(), thread="t" * 129),
+            "user": req("What?", png(), user="u" * 129),
+            "platform": dataclasses.replace(req("What?", png()), platform="p" * 33),
+            "event_id": req("What?", png(), event_id="e" * 256),
+        }
+        for name, request in cases.items():
+            (refused,) = await h.ask(request)
+            assert refused.kind == "error" and "identifier I can't store" in refused.text, name
+            assert f"sent a {name} of" in caplog.text
+        assert await h.turns() == [] and h.backend.calls == []  # nothing stored, nothing sent
+        (fine,) = [
+            e for e in await h.ask(req("What?", png(), thread="t" * 128, user="u" * 128)) if isinstance(e, Final)
+        ]
+        assert fine.kind == "answer"  # the longest ids stored are fine on both
+
+    with caplog.at_level("WARNING", logger="bot.core.service"):
+        run(fn)
 
 
 def test_access_rules(run):
