@@ -479,8 +479,8 @@ class Database:
     # ------------------------------------------------------------------ access rules
 
     async def add_rule(self, action: str, target: str, platform: str, value: str, note: str | None = None) -> bool:
-        if action not in ("allow", "deny") or target not in ("user", "channel", "workspace"):
-            raise ValueError("action must be allow|deny and target user|channel|workspace")
+        if action not in ("allow", "deny") or target not in ("user", "channel", "workspace", "role"):
+            raise ValueError("action must be allow|deny and target user|channel|workspace|role")
         try:
             async with self.sessions.begin() as session:
                 session.add(

@@ -189,7 +189,7 @@ class AccessRule(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     action: Mapped[str] = mapped_column(String(8))  # allow | deny
-    target: Mapped[str] = mapped_column(String(16))  # user | channel | workspace
+    target: Mapped[str] = mapped_column(String(16))  # user | channel | workspace | role
     platform: Mapped[str] = mapped_column(String(32))
     value: Mapped[str] = mapped_column(String(128))
     note: Mapped[str | None] = mapped_column(Text)

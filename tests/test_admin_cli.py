@@ -403,6 +403,34 @@ def test_allow_deny_list_and_remove(env: Env):
     assert "No access rules" in env.run("list").output
 
 
+def test_role_rules_add_list_and_remove(env: Env):
+    added = env.run("allow", "role", "1122334455", "--platform", "discord", "--note", "ML team")
+    assert added.exit_code == 0 and "Added: allow role 1122334455 on discord" in added.output
+    assert "Already there" in env.run("allow", "role", "1122334455", "-p", "discord").output
+    assert env.run("deny", "role", "9988776655", "-p", "discord", "--note", "Muted").exit_code == 0
+    listing = env.run("list", "--platform", "discord")
+    assert listing.exit_code == 0
+    for text in ("role", "1122334455", "ML team", "9988776655", "Muted"):
+        assert text in listing.output
+    rules = env.db(lambda db: db.rules("discord"))
+    assert sorted((r.action, r.target, r.value, r.note) for r in rules) == [
+        ("allow", "role", "1122334455", "ML team"),
+        ("deny", "role", "9988776655", "Muted"),
+    ]
+
+    removed = env.run("deny", "role", "9988776655", "-p", "discord", "--remove")
+    assert removed.exit_code == 0 and "Removed deny rule for role 9988776655 on discord" in removed.output
+    assert [(r.action, r.value) for r in env.db(lambda db: db.rules())] == [("allow", "1122334455")]
+
+    help_text = " ".join(env.run("allow", "--help").output.replace("│", " ").split())  # unwrapped
+    assert "workspace|role" in help_text and "Copy Role ID" in help_text and "DMs have no roles" in help_text
+
+    wrong = env.run("deny", "group", "42", "-p", "discord")
+    assert wrong.exit_code == 2
+    assert "'group' is not one of" in wrong.output and "'role'" in wrong.output
+    assert len(env.db(lambda db: db.rules())) == 1
+
+
 # ---------------------------------------------------------------------------- conversations
 
 

@@ -12,7 +12,8 @@
   channel id, thread = the thread id — which is the id of the message the thread was started from, so an
   answer is keyed by its thread before the thread exists.  A DM is one conversation (thread = the DM
   channel id; ``reset`` starts it over).  The event id is the message or interaction id: the core drops a
-  gateway replay.
+  gateway replay.  ``roles`` are the author's server role ids (without ``@everyone``; none in a DM), for the
+  core's ``role`` access rules.
 * Answers stream through :class:`~adapters.streaming.StreamedReply`: edits at most once per
   ``update_interval_s`` per message and within a per-channel edit budget; discord.py waits out 429s.
 * The token comes from ``DISCORD_BOT_TOKEN`` only.  A missing or rejected token, or the Message Content
@@ -105,6 +106,16 @@ class _Where:
     thread: str | None
     messageable: Any
     can_thread: bool = False
+
+
+def _roles(author: discord.User | discord.Member) -> tuple[str, ...]:
+    """The ids of the author's server roles, leaving out ``@everyone`` (every member has it); none in a DM.
+
+    ``Member.roles`` holds the roles the cached server knows (the ``guilds`` intent keeps them current).
+    """
+    if not isinstance(author, discord.Member):
+        return ()
+    return tuple(str(role.id) for role in author.roles if not role.is_default())
 
 
 class _Progress:
@@ -386,7 +397,7 @@ class DiscordFrontEnd:
             images = await self.files.download(message.attachments)
             request = Request(
                 PLATFORM, where.workspace, where.channel, thread, str(message.author.id), text, images,
-                event_id=str(message.id), addressed=addressed,
+                event_id=str(message.id), addressed=addressed, roles=_roles(message.author),
             )  # fmt: skip
             await self._stream(reply, where.channel).run(progress.watch(self.core.handle(request)))
 
@@ -451,7 +462,7 @@ class DiscordFrontEnd:
             images = await self.files.download([image])
             request = Request(
                 PLATFORM, where.workspace, where.channel, thread, str(interaction.user.id), question, images,
-                event_id=str(interaction.id), preset=preset or None, addressed=True,
+                event_id=str(interaction.id), preset=preset or None, addressed=True, roles=_roles(interaction.user),
             )  # fmt: skip
             try:
                 await self._stream(reply, where.channel).run(progress.watch(self.core.handle(request)))
@@ -480,7 +491,7 @@ class DiscordFrontEnd:
             )  # fmt: skip
             request = Request(
                 PLATFORM, where.workspace, where.channel, where.thread, str(interaction.user.id), "reset",
-                event_id=str(interaction.id), addressed=True,
+                event_id=str(interaction.id), addressed=True, roles=_roles(interaction.user),
             )  # fmt: skip
             try:
                 await self._stream(reply, where.channel).run(self.core.handle(request))
@@ -506,7 +517,7 @@ class DiscordFrontEnd:
             where = self._where(interaction)
             request = Request(
                 PLATFORM, where.workspace, where.channel, where.thread or SLASH_THREAD, str(interaction.user.id),
-                "settings",
+                "settings", roles=_roles(interaction.user),
             )  # fmt: skip
             texts = [e.text async for e in self.core.handle(request) if isinstance(e, Final)]
             chunks = split_message(discord.utils.escape_markdown("\n".join(texts)), MESSAGE_LIMIT) or ["(nothing)"]

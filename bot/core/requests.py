@@ -41,6 +41,10 @@ class Request:
 
     ``addressed``: the user spoke to the bot directly (a mention, a slash command, a DM); the core
     then follows the thread, so later pictures there need no second mention (kept in SQL).
+
+    ``roles``: the ids of the roles or groups the author has on the platform, where the platform has such
+    a thing (Discord: the member's server role ids, without ``@everyone``); empty elsewhere (Slack, the web
+    chat, the terminal) and in DMs.  Access rules with the ``role`` target match them.
     """
 
     platform: str
@@ -53,6 +57,7 @@ class Request:
     event_id: str | None = None
     preset: str | None = None  # picked in a UI or slash command; the text may also name one
     addressed: bool = False
+    roles: tuple[str, ...] = ()
 
     @property
     def ref(self) -> ThreadRef:

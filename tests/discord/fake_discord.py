@@ -23,7 +23,9 @@ One aiohttp server on ``127.0.0.1:<free port>`` serves:
                    refused unless the application has it: close 4014) → READY + GUILD_CREATE; heartbeats ACKed;
                    zlib-stream transport compression when the client asks for it.  ``dispatch`` sends
                    MESSAGE_CREATE, INTERACTION_CREATE …; the bot's own messages come back as MESSAGE_CREATE and
-                   new threads as THREAD_CREATE, as on Discord.
+                   new threads as THREAD_CREATE, as on Discord.  Server roles: ``add_role`` (in GUILD_CREATE's
+                   ``roles``, or a GUILD_ROLE_CREATE once connected), ``member_roles`` (user id → role ids) —
+                   a user's roles travel as ``member.roles`` in MESSAGE_CREATE and INTERACTION_CREATE.
 ``/cdn/...``       attachment bytes on signed, expiring URLs (``ex`` = expiry); expired → 404.
 
 Every REST call is recorded in ``calls`` (method, route, JSON body, time, status).
@@ -184,6 +186,8 @@ class FakeDiscord:
         self.bot_user = self._user(self.app_id, "minigpt4", bot=True)
         self.guild_id = self.ids.new()
         self.bot_role = self.ids.new()
+        self.roles: dict[int, str] = {}  # the server's own roles (id -> name), besides @everyone and the bot's
+        self.member_roles: dict[str, list[str]] = {}  # user id -> the ids of the roles that member has
         self.channels: dict[int, Channel] = {}
         self.general = self._channel(0, "general").id
         self.voice = self._channel(2, "voice-chat").id  # messages there, but no threads
@@ -255,19 +259,35 @@ class FakeDiscord:
         return data
 
     def _member(self, user: dict[str, Any], roles: list[str] | None = None) -> dict[str, Any]:
-        return {"user": user, "roles": roles or [], "joined_at": _iso(), "deaf": False, "mute": False, "flags": 0,
+        """A guild member object; ``roles`` (role id strings, never @everyone) default to ``member_roles``."""
+        roles = list(self.member_roles.get(user["id"], []) if roles is None else roles)
+        return {"user": user, "roles": roles, "joined_at": _iso(), "deaf": False, "mute": False, "flags": 0,
                 "nick": None, "avatar": None, "pending": False, "premium_since": None}  # fmt: skip
 
+    def _role_json(self, role_id: int, name: str, position: int, **extra: Any) -> dict[str, Any]:
+        return {"id": str(role_id), "name": name, "permissions": "1071698660929", "position": position, "color": 0,
+                "hoist": False, "managed": False, "mentionable": False, "flags": 0} | extra  # fmt: skip
+
+    async def add_role(self, name: str, *, members: tuple[dict[str, Any], ...] = ()) -> int:
+        """A new server role given to ``members``; announced with GUILD_ROLE_CREATE when the bot is connected."""
+        role_id = self.ids.new()
+        self.roles[role_id] = name
+        for user in members:
+            self.member_roles.setdefault(user["id"], []).append(str(role_id))
+        if self.connected:
+            role = self._role_json(role_id, name, len(self.roles) + 1)  # above the bot's role, as in guild_json
+            await self.dispatch("GUILD_ROLE_CREATE", {"guild_id": str(self.guild_id), "role": role})
+        return role_id
+
     def guild_json(self) -> dict[str, Any]:
-        everyone = {"id": str(self.guild_id), "name": "@everyone", "permissions": "1071698660929", "position": 0,
-                    "color": 0, "hoist": False, "managed": False, "mentionable": False, "flags": 0}  # fmt: skip
-        bot_role = everyone | {"id": str(self.bot_role), "name": "minigpt4", "position": 1, "managed": True,
-                               "tags": {"bot_id": str(self.app_id)}}  # fmt: skip
+        everyone = self._role_json(self.guild_id, "@everyone", 0)
+        bot_role = self._role_json(self.bot_role, "minigpt4", 1, managed=True, tags={"bot_id": str(self.app_id)})
+        own = [self._role_json(role_id, name, i + 2) for i, (role_id, name) in enumerate(self.roles.items())]
         channels = [self.channel_json(c) for c in self.channels.values() if c.guild_id and c.type != 11]
         threads = [self.channel_json(c) for c in self.channels.values() if c.type == 11 and self.list_threads]
         return {
             "id": str(self.guild_id), "name": "Fake Server", "icon": None, "owner_id": self.alice["id"],
-            "roles": [everyone, bot_role], "channels": channels, "threads": threads,
+            "roles": [everyone, bot_role, *own], "channels": channels, "threads": threads,
             "members": [self._member(self.bot_user, [str(self.bot_role)])], "member_count": 4, "emojis": [],
             "stickers": [], "features": [], "joined_at": _iso(), "large": False, "unavailable": False,
             "voice_states": [], "presences": [], "stage_instances": [], "guild_scheduled_events": [],

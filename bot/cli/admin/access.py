@@ -1,6 +1,7 @@
 """``minigpt4-bot admin allow|deny|list``: the access rules (allow and deny lists).
 
-``allow`` and ``deny`` are one command, :func:`rule_command`, made once per action.
+``allow`` and ``deny`` are one command, :func:`rule_command`, made once per action; the targets are
+:class:`Target` (how the kinds combine: :mod:`bot.core.access`).
 """
 
 from __future__ import annotations
@@ -17,22 +18,35 @@ from bot.cli.common import ConfigOption
 __all__ = ["ACTIONS", "list_rules", "rule_command"]
 
 ACTIONS = {
-    "allow": "Allow-list a user, channel or workspace. Once one allow rule exists for a kind, only listed ones pass.",
-    "deny": "Block a user, channel or workspace (a deny rule always wins over allow rules).",
+    "allow": (
+        "Allow-list a user, channel, workspace or role. Once one allow rule exists for a kind, only listed ones "
+        "pass (for roles: members with at least one listed role); every kind with allow rules must be satisfied."
+    ),
+    "deny": (
+        "Block a user, channel, workspace or role (a deny rule always wins over allow rules; a member with any "
+        "denied role is blocked)."
+    ),
 }
+TARGET_HELP = (
+    "what the id names. role: a server role on platforms that have them (Discord: Developer Mode → right-click "
+    "the role → Copy Role ID); Slack has none. DMs have no roles: a role allow-list refuses them."
+)
 
 
 class Target(StrEnum):
+    """What a rule matches: the request's user, channel or workspace id, or one of the author's role ids."""
+
     user = "user"
     channel = "channel"
     workspace = "workspace"
+    role = "role"
 
 
 def rule_command(action: str) -> Callable[..., None]:
     """The ``allow`` or ``deny`` command: add a rule, or remove it with ``--remove``."""
 
     def command(
-        target: Annotated[Target, typer.Argument(help="user | channel | workspace")],
+        target: Annotated[Target, typer.Argument(help=TARGET_HELP)],
         value: Annotated[str, typer.Argument(help="the id")],
         platform: PlatformOption,
         note: Annotated[str | None, typer.Option("--note", help="why (shown by `admin list`)")] = None,
