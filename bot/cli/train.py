@@ -81,5 +81,11 @@ def train_command(
     loss = f", last loss {result.last_loss:.4f}" if result.last_loss is not None else ""
     out.print(Text(f"Trained {result.step} steps{loss}. Checkpoint: {last}"), soft_wrap=True)
     out.print(Text(f'Serve it: set projection = "{last}" in the [model] table of bot.toml.'), soft_wrap=True)
+    if result.drawn:
+        drawn = ", ".join(f"{name} {count}" for name, count in result.drawn.items())
+        out.print(Text(f"Batches drawn per dataset (all processes): {drawn}"), soft_wrap=True)
     if result.skipped:
         out.print(Text(f"Skipped bad records: {result.skipped}", style="yellow"), soft_wrap=True)
+    if result.skipped_by_dataset:
+        by_dataset = ", ".join(f"{name} {count}" for name, count in result.skipped_by_dataset.items())
+        out.print(Text(f"Skipped per dataset: {by_dataset}", style="yellow"), soft_wrap=True)

@@ -6,6 +6,10 @@ The ``[train]`` names follow the ``run:`` section of the reference's ``train_con
 model section (``max_txt_len``, ``end_sym``, ``prompt_template``).  Settings left out take the
 reference's value for the chosen stage (:data:`STAGE_RECIPES`) and variant (:data:`VARIANT_TEXT`).
 
+Training data is one source (``data = "…"``) or several mixed by ratio, the yaml's ``datasets:`` section
+(``laion: {sample_ratio: 115}``, ``cc_sbu: {sample_ratio: 14}``) as ``[[train.datasets]]`` tables with
+``name``, ``data``, ``sample_ratio`` and an optional ``batch_size`` (:class:`DatasetSettings`).
+
 ``model/`` must not import ``bot/``, so :class:`TrainModelSettings` mirrors ``bot.core.config.ModelSettings``
 key for key (a test keeps the two in step).  Relative paths are resolved against the file's folder.
 """
@@ -24,6 +28,7 @@ __all__ = [
     "ALIGNMENT_PROMPTS",
     "STAGE_RECIPES",
     "VARIANT_TEXT",
+    "DatasetSettings",
     "TrainConfig",
     "TrainConfigError",
     "TrainModelSettings",
@@ -134,11 +139,39 @@ def _number(key: str, value: float) -> float | int:
     return value if "eps" in key or not float(value).is_integer() else int(value)
 
 
+_PATTERN_CHARS = "*?[{:"
+
+
+def default_dataset_name(spec: str) -> str:
+    """``/data/laion/{00000..10488}.tar`` → ``laion``; ``pairs.jsonl`` → ``pairs``; ``data/cc_sbu_align`` → itself."""
+    for part in reversed(Path(spec).parts):
+        if part in ("", "/", ".", "..") or any(ch in part for ch in _PATTERN_CHARS):
+            continue
+        return Path(part).stem if part.endswith((".jsonl", ".json", ".tar")) else part
+    return ""
+
+
+class DatasetSettings(_Strict):
+    """One ``[[train.datasets]]`` table: a source of the stage-1 mix (the reference yaml's ``datasets: <name>:``).
+
+    Each training step takes one batch from one dataset, chosen at random with probability
+    ``sample_ratio / sum(sample_ratio)`` (the reference's ``MultiIterLoader``).
+    """
+
+    name: str = Field("", description="shown in the log; empty = from the path (laion/{0..9}.tar → laion)")
+    data: str = Field(..., min_length=1, description="JSONL file, cc_sbu_align folder or WebDataset shards")
+    sample_ratio: float = Field(1.0, gt=0, allow_inf_nan=False, description="relative draw weight (ref. 115 / 14)")
+    batch_size: int | None = Field(None, ge=1, description="per process; empty = [train].batch_size")
+
+
 class TrainSettings(_Strict):
     """``[train]``: the reference's ``run:`` settings; ``None`` = the reference's value for the stage / variant."""
 
     stage: Literal[1, 2] = 2
     data: str = Field("", description="JSONL file, cc_sbu_align folder, or WebDataset shards (*.tar, folder, glob)")
+    datasets: list[DatasetSettings] = Field(
+        default_factory=list, description="instead of data: several sources drawn by sample_ratio (stage-1 mix)"
+    )
     prompts: str = Field("", description="stage 2: prompt file, one prompt with <ImageHere> a line; empty = built in")
     eval_data: str = ""
     eval_every: int = Field(0, ge=0)
@@ -163,6 +196,30 @@ class TrainSettings(_Strict):
     end_sym: str | None = None
     prompt_template: str | None = None
 
+    @model_validator(mode="after")
+    def _one_kind_of_data(self) -> TrainSettings:
+        if self.data and self.datasets:
+            raise ValueError(
+                "set either data (one source) or [[train.datasets]] tables (several, mixed by sample_ratio), not both"
+            )
+        names: dict[str, int] = {}
+        for index, dataset in enumerate(self.datasets):
+            name = dataset.name or default_dataset_name(dataset.data) or f"dataset{index + 1}"
+            if name in names:
+                raise ValueError(
+                    f"datasets[{names[name]}] and datasets[{index}] are both named {name!r}: "
+                    "give each [[train.datasets]] table its own name"
+                )
+            names[name] = index
+            if not dataset.name:
+                dataset.name = name
+        return self
+
+    @property
+    def mixed(self) -> bool:
+        """Several sources (``[[train.datasets]]``) rather than one ``data``."""
+        return bool(self.datasets)
+
     def resolved(self, variant: str) -> TrainSettings:
         """A copy with every ``None`` replaced by the reference's value for this stage and variant."""
         values = self.model_dump()
@@ -178,6 +235,9 @@ class TrainSettings(_Strict):
             values["output_dir"] = (
                 "output/minigpt4_stage1_pretrain" if self.stage == 1 else "output/minigpt4_stage2_finetune"
             )
+        for dataset in values["datasets"]:
+            if dataset["batch_size"] is None:
+                dataset["batch_size"] = values["batch_size"]
         return TrainSettings.model_validate(values)
 
     @property
@@ -212,20 +272,24 @@ class TrainConfig(_Strict):
     def to_dict(self) -> dict[str, Any]:
         """Plain data for checkpoints (``"config"``) and ``output_dir/config.json``, reference-style sections."""
         run = self.train.model_dump()
+        mix = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in run["datasets"]}
         return {
             "model": self.model.model_dump(),
             "run": run,
-            "datasets": {"train": run["data"], "eval": run["eval_data"]},
+            "datasets": {"train": mix or run["data"], "eval": run["eval_data"]},
         }
 
 
 def _error_lines(exc: ValidationError) -> list[str]:
     lines = []
     for error in exc.errors():
-        where = ".".join(str(p) for p in error["loc"]) or "(top level)"
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"]).lstrip(".")
+        where = where or "(top level)"
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = "unknown setting"
+        elif error["type"] == "value_error":
+            message = message.removeprefix("Value error, ")
         lines.append(f"  {where}: {message}")
     return lines
 
@@ -261,6 +325,9 @@ def config_from_dict(data: dict[str, Any], base: Path, source: str, *, check_pat
         value = getattr(config.train, key)
         if value and not Path(value).expanduser().is_absolute():
             setattr(config.train, key, str(base / value))
+    for dataset in config.train.datasets:
+        if not Path(dataset.data).expanduser().is_absolute():
+            dataset.data = str(base / dataset.data)
     config = config.resolved()
     if not config.train.output_dir or not Path(config.train.output_dir).is_absolute():
         config.train.output_dir = str(base / config.train.output_dir)
@@ -281,10 +348,16 @@ def _check_paths(config: TrainConfig) -> None:
             problems.append(f"  model.{key}: not set (training needs the original weight files)")
         elif not Path(value).expanduser().exists():
             problems.append(f"  model.{key}: {value} does not exist")
-    if not train.data:
-        problems.append("  train.data: not set (a JSONL file, a cc_sbu_align folder or WebDataset *.tar shards)")
-    elif not data_exists(train.data):
+    if not train.data and not train.datasets:
+        problems.append(
+            "  train.data: not set (a JSONL file, a cc_sbu_align folder or WebDataset *.tar shards; "
+            "or several as [[train.datasets]] tables with data and sample_ratio)"
+        )
+    elif train.data and not data_exists(train.data):
         problems.append(f"  train.data: {train.data} does not exist")
+    for index, dataset in enumerate(train.datasets):
+        if not data_exists(dataset.data):
+            problems.append(f"  train.datasets[{index}].data ({dataset.name}): {dataset.data} does not exist")
     if train.eval_data and not data_exists(train.eval_data):
         problems.append(f"  train.eval_data: {train.eval_data} does not exist")
     if train.stage == 2 and train.prompts and not Path(train.prompts).expanduser().is_file():

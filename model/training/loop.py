@@ -14,6 +14,12 @@ and ``zero_grad``.  Under ``torchrun`` the frozen modules sit outside DDP's book
 parameters and buffers): only the trained tensors are broadcast at start and all-reduced (averaged) after
 each backward, so the update is that of the mean of the ranks' per-rank mean losses — what the reference's
 DDP computes.
+
+Each iteration first draws the data source, then the prompt, both from the one generator seeded
+``seed + rank`` — the reference's ``MultiIterLoader`` and ``preparing_embedding`` both draw from the global
+``random`` that ``setup_seeds`` seeded, in that order.  The reference wraps a single dataset in a
+``MultiIterLoader`` too, so with one ``data`` source the draw (one ``random()``) is made all the same: the
+prompts of a run are the reference's for the same seed.
 """
 
 from __future__ import annotations
@@ -43,7 +49,17 @@ from model.training.checkpoint import (
     trainable_state,
 )
 from model.training.config import ALIGNMENT_PROMPTS, TrainConfig
-from model.training.data import BadRecords, Batch, BatchStream, ListSource, blip_caption, open_source
+from model.training.data import (
+    BadRecords,
+    Batch,
+    BatchStream,
+    ListSource,
+    MixedBadRecords,
+    MixedPosition,
+    MixedStream,
+    blip_caption,
+    open_source,
+)
 from model.training.optim import LinearWarmupCosineLR, build_optimizer
 
 __all__ = ["TrainError", "TrainResult", "Trainer", "load_prompts", "run_training"]
@@ -66,6 +82,8 @@ class TrainResult:
     interrupted: bool = False
     skipped: dict[str, int] = field(default_factory=dict)
     checkpoints: list[Path] = field(default_factory=list)
+    drawn: dict[str, int] = field(default_factory=dict)  # several datasets: batches drawn from each (all processes)
+    skipped_by_dataset: dict[str, int] = field(default_factory=dict)
 
 
 def load_prompts(config: TrainConfig) -> list[str]:
@@ -189,7 +207,9 @@ class Trainer:
         self.output_dir = Path(self.train.output_dir)
         self.stop = _StopFlag()
         self.step = 0
-        self.position: tuple[int, int] = (0, 0)
+        self.position: tuple[int, int] | MixedPosition = (
+            MixedPosition.start(len(self.train.datasets)) if self.train.mixed else (0, 0)
+        )
         self._eval_named = False
 
     # ------------------------------------------------------------------ setup
@@ -342,29 +362,37 @@ class Trainer:
                 module,
                 device_ids=[self.dist.local_rank] if self.use_cuda else None,
             )
-        self.bad = BadRecords(strict=self.strict, emit=self.dist.is_main)
-        self.stream = self._open_stream(train.data, shuffle=train.shuffle, bad=self.bad)
+        self.bad: BadRecords | MixedBadRecords
+        self.stream: BatchStream | MixedStream
+        if train.mixed:
+            self.stream, self.bad = self._open_mix()
+        else:
+            self.bad = BadRecords(strict=self.strict, emit=self.dist.is_main)
+            self.stream = self._open_stream(train.data, shuffle=train.shuffle, bad=self.bad)
         if self.dist.is_main:
             (self.output_dir / CONFIG_FILE).write_text(
                 json.dumps({"model": self.config.model.model_dump(), "train": self.config.train.model_dump()}, indent=2)
                 + "\n"
             )
 
-    def _open_stream(self, spec: str, *, shuffle: bool, bad: BadRecords, training: bool = True) -> BatchStream:
+    def _open_stream(
+        self, spec: str, *, shuffle: bool, bad: BadRecords, training: bool = True, batch_size: int | None = None
+    ) -> BatchStream:
         train = self.train
-        assert train.batch_size is not None
+        batch_size = batch_size or train.batch_size
+        assert batch_size is not None
         source = open_source(spec, bad)  # DataError names the file (and the line, with --strict)
-        if training and isinstance(source, ListSource) and len(source) < train.batch_size * self.dist.world:
+        if training and isinstance(source, ListSource) and len(source) < batch_size * self.dist.world:
             raise TrainError(
                 f"{spec}: {len(source)} usable record(s), fewer than batch_size × processes = "
-                f"{train.batch_size} × {self.dist.world}"
+                f"{batch_size} × {self.dist.world}"
             )
         return BatchStream(
             source,
             self.model.image_processor,
             blip_caption if train.stage == 1 else (lambda text: text),
             bad,
-            batch_size=train.batch_size,
+            batch_size=batch_size,
             rank=self.dist.rank,
             world=self.dist.world,
             shuffle=shuffle,
@@ -372,12 +400,33 @@ class Trainer:
             num_workers=train.num_workers,
         )
 
+    def _open_mix(self) -> tuple[MixedStream, MixedBadRecords]:
+        """``[[train.datasets]]``: one stream (and bad-record counter) per source, drawn by ``sample_ratio``."""
+        datasets = self.train.datasets
+        parts = {d.name: BadRecords(strict=self.strict, emit=self.dist.is_main) for d in datasets}
+        streams = [
+            self._open_stream(d.data, shuffle=self.train.shuffle, bad=parts[d.name], batch_size=d.batch_size)
+            for d in datasets
+        ]
+        # the source draws share the prompt generator: the reference draws both from the global `random`
+        mix = MixedStream(streams, [d.sample_ratio for d in datasets], [d.name for d in datasets], self.prompt_rng)
+        self.info(
+            "%d datasets, one batch per step from one of them (probability sample_ratio / %g): %s",
+            len(datasets), sum(d.sample_ratio for d in datasets),
+            "; ".join(
+                f"{d.name} (sample_ratio {d.sample_ratio:g} = {w:.1%}, batch {d.batch_size}, {d.data})"
+                for d, w in zip(datasets, mix.weights, strict=True)
+            ),
+        )  # fmt: skip
+        return mix, MixedBadRecords(parts)
+
     # ------------------------------------------------------------------ resume state
 
     def _rank_state(self) -> dict[str, Any]:
         version, internal, gauss = self.prompt_rng.getstate()
+        position = self.position
         state: dict[str, Any] = {
-            "position": list(self.position),
+            "position": position.to_state() if isinstance(position, MixedPosition) else list(position),
             "torch_rng": torch.get_rng_state(),
             "prompt_rng": [version, list(internal), gauss],
         }
@@ -396,13 +445,32 @@ class Trainer:
         ranks = checkpoint.get("resume", {}).get("ranks") or []
         if len(ranks) > self.dist.rank:
             state = ranks[self.dist.rank]
-            self.position = (int(state["position"][0]), int(state["position"][1]))
+            self.position = self._saved_position(state["position"])
             torch.set_rng_state(state["torch_rng"])
             if self.use_cuda and state.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state(state["cuda_rng"], self.device)
             version, internal, gauss = state["prompt_rng"]
             self.prompt_rng.setstate((version, tuple(internal), gauss))
         self.info("resuming at step %d from %s", self.step, Path(self.resume_dir or ".") / LAST)
+
+    def _saved_position(self, saved: Any) -> tuple[int, int] | MixedPosition:
+        """The checkpoint's data position, checked against the configured data (one source, or N mixed)."""
+        where = Path(self.resume_dir or ".") / LAST
+        if isinstance(saved, dict):
+            position = MixedPosition.from_state(saved)
+            if len(position.positions) != len(self.train.datasets):
+                configured = f"{len(self.train.datasets)} [[train.datasets]]" if self.train.mixed else "one data source"
+                raise TrainError(
+                    f"{where} was written by a run mixing {len(position.positions)} datasets but {configured} "
+                    "is configured now; resume with the same data"
+                )
+            return position
+        if self.train.mixed:
+            raise TrainError(
+                f"{where} was written by a run on one data source but {len(self.train.datasets)} "
+                "[[train.datasets]] are configured now; resume with the same data"
+            )
+        return (int(saved[0]), int(saved[1]))
 
     def _payload(self, ranks: list[dict[str, Any]]) -> dict[str, Any]:
         assert self.train.iters_per_epoch is not None
@@ -511,21 +579,28 @@ class Trainer:
             train.stage, total, train.iters_per_epoch, train.batch_size, self.dist.world, accum,
             train.init_lr, train.min_lr, train.warmup_lr, train.warmup_steps,
         )  # fmt: skip
+        mix = self.stream if isinstance(self.stream, MixedStream) else None
+        names = mix.names if mix is not None else []
         bar = None
         if self.progress and self.dist.is_main:
             from tqdm import tqdm
 
             bar = tqdm(total=total, initial=self.step, desc=f"stage {train.stage}", unit="step", dynamic_ncols=True)
-        batches: Iterator[Batch] = self.stream.batches(self.position)
+        batches: Iterator[Batch] = self.stream.batches(self.position)  # type: ignore[arg-type]
         group_losses: list[torch.Tensor] = []
         snapshot = self._rank_state()
         last_saved = self.step
         samples_per_step = train.batch_size * self.dist.world
+        if mix is not None:  # the expected batch size of the mix
+            sizes = [d.batch_size or train.batch_size for d in train.datasets]
+            samples_per_step = sum(w * b for w, b in zip(mix.weights, sizes, strict=True)) * self.dist.world
         started = time.perf_counter()
         done_since = 0
         try:
             while self.step < total:
-                batch = next(batches)
+                batch = next(batches)  # a mix draws its source here, from prompt_rng
+                if mix is None:  # the reference wraps even one loader in MultiIterLoader: one random() a step
+                    self.prompt_rng.random()
                 cur_step = self.step % train.iters_per_epoch
                 lr = self.scheduler.step(self.optimizer, self.step)
                 prompt = self.prompt_rng.choice(self.prompts) if self.prompts else None
@@ -546,13 +621,25 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 local = float(torch.stack(group_losses).float().mean())
                 group_losses = []
-                step_loss, skipped = dist_utils.all_reduce_sum(self.dist, [local / self.dist.world, self.bad.total])
+                values = [local / self.dist.world, self.bad.total]
+                if mix is not None:
+                    assert isinstance(batch.position, MixedPosition) and isinstance(self.bad, MixedBadRecords)
+                    values += [*batch.position.counts, *self.bad.by_source().values()]
+                step_loss, skipped, *per_source = dist_utils.all_reduce_sum(self.dist, values)
                 result.last_loss = step_loss
                 self.position = batch.position
                 snapshot = self._rank_state()
                 record: dict[str, Any] = {"step": self.step, "loss": step_loss, "lr": lr}
                 if skipped:
                     record["skipped"] = int(skipped)  # all processes together
+                if mix is not None:  # batches drawn from each dataset so far, all processes together
+                    result.drawn = {n: int(c) for n, c in zip(names, per_source[: len(names)], strict=True)}
+                    result.skipped_by_dataset = {
+                        n: int(c) for n, c in zip(names, per_source[len(names) :], strict=True) if c
+                    }
+                    record["drawn"] = result.drawn
+                    if result.skipped_by_dataset:
+                        record["skipped_by_dataset"] = result.skipped_by_dataset
                 self._log(record)
                 if bar is not None:
                     elapsed = max(time.perf_counter() - started, 1e-9)
@@ -587,6 +674,10 @@ class Trainer:
         result.skipped = dict(self.bad.counts)
         if self.bad.total:
             self.info("skipped %d bad record(s): %s", self.bad.total, result.skipped)
+            if isinstance(self.bad, MixedBadRecords):
+                self.info("bad records by dataset (this process): %s", self.bad.by_source())
+        if result.drawn:
+            self.info("batches drawn by dataset (all processes): %s", result.drawn)
         return result
 
 

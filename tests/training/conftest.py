@@ -32,7 +32,7 @@ def make_config(tmp_path: Path, parity_model_table: dict[str, Any]):
     def make(folder: Path | None = None, model: dict[str, Any] | None = None, **train: Any) -> Path:
         folder = folder or tmp_path
         folder.mkdir(parents=True, exist_ok=True)
-        if "data" not in train:
+        if "data" not in train and "datasets" not in train:
             train["data"] = str(
                 write_pairs(folder, [("shapes_64x64.png", ANSWERS[0]), ("stripes_80x48.png", ANSWERS[1])])
             )

@@ -26,9 +26,25 @@ def test_train_documented_train_toml_equals_code_defaults():
             assert getattr(documented.train, name) == getattr(default, name), name
     assert documented.train.output_dir == str(ROOT / default.output_dir)
     raw = tomllib.loads((ROOT / "train.toml").read_text())
-    assert set(raw["train"]) == set(TrainSettings.model_fields), "every [train] setting is documented"
+    # `datasets` replaces `data` (both together are an error): it is documented as a commented example
+    assert set(raw["train"]) | {"datasets"} == set(TrainSettings.model_fields), "every [train] setting is documented"
     for name in ("variant", "device", "dtype", "quantization", "vision", "qformer_dims"):
         assert getattr(documented.model, name) == getattr(TrainModelSettings(), name), name
+
+
+def test_train_documented_dataset_mix_is_the_reference_stage1_recipe(tmp_path):
+    """Uncommenting train.toml's `datasets = [...]` example in place of `data` gives LAION 115 : CC/SBU 14."""
+    lines = (ROOT / "train.toml").read_text().splitlines()
+    start = lines.index("# datasets = [")
+    end = lines.index("# ]", start)
+    example = [line.removeprefix("# ") for line in lines[start : end + 1]]
+    edited = [line for line in lines[:start] if not line.startswith("data = ")] + example + lines[end + 1 :]
+    (tmp_path / "train.toml").write_text("\n".join(edited) + "\n")
+    config = load_train_config(tmp_path / "train.toml", check_paths=False)
+    assert not config.train.data
+    assert [(d.name, d.sample_ratio) for d in config.train.datasets] == [("laion", 115), ("cc_sbu", 14)]
+    assert config.train.datasets[0].data == str(tmp_path / "laion/{00000..10488}.tar")
+    assert all(d.batch_size == config.train.batch_size for d in config.train.datasets)
 
 
 def test_train_model_table_mirrors_bot_toml():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import signal
 from pathlib import Path
 
@@ -79,6 +80,34 @@ def parity_model_kwargs(model) -> dict:
         vision={k: v for k, v in vars(model.spec.vision).items()},
         qformer_dims={k: v for k, v in vars(model.spec.qformer).items()},
     )
+
+
+def test_train_prompts_are_drawn_as_the_reference_draws_them(make_config, train_run, tmp_path, monkeypatch):
+    """Seeded ``seed + rank``: the "Prompt Example" at start, then per step ``MultiIterLoader``'s draw (one loader:
+    still one ``random()``) and ``random.choice(prompt_list)`` — the reference's global ``random``, in that order."""
+    from model.training import loop
+    from model.training.config import load_train_config
+
+    lines = [f"<Img><ImageHere></Img> {q}" for q in ("Describe this image.", "What is here?", "Tell me more.")]
+    (tmp_path / "three.txt").write_text("\n".join(lines) + "\n")
+    config_path = make_config(prompts="three.txt", max_steps=12, seed=7)
+    used: list[str | None] = []
+    forward = loop.Trainer._forward
+
+    def spy(self, batch, prompt):
+        used.append(prompt)
+        return forward(self, batch, prompt)
+
+    monkeypatch.setattr(loop.Trainer, "_forward", spy)
+    train_run(config_path)
+    prompts = loop.load_prompts(load_train_config(config_path))
+    reference = random.Random(7 + 0)
+    reference.choice(prompts)  # from_config's "Prompt Example"
+    expected = []
+    for _ in range(12):
+        reference.choices(range(1), [1.0], k=1)  # MultiIterLoader.__next__
+        expected.append(reference.choice(prompts))  # preparing_embedding
+    assert used == expected and len(set(used)) > 1
 
 
 def test_train_loss_decreases_and_eval_lines(make_config, train_run, tmp_path):
