@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Integer, delete, event, func, select, text, update
+from sqlalchemy import Integer, case, delete, event, func, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
@@ -121,6 +121,7 @@ class Database:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         self._ping: asyncio.Task[None] | None = None
+        self._gate: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
 
     def now(self) -> datetime:
         """The current time from this database's clock, in UTC."""
@@ -397,13 +398,26 @@ class Database:
         simultaneous requests, in one process or in several, can never both see the usage from before the
         other's reservation: what one admits, the next one counts.  The final write completes the row
         (:meth:`finish_turn`).
+
+        On SQLite this process's admissions also queue on an in-process lock first: the database lock is
+        the real guard, but waiters on it poll with sleeps (the busy timeout), so letting one admission at a
+        time ask for it keeps them from stepping on each other.
         """
-        async with self.sessions.begin() as session:
+        async with self._sqlite_gate(), self.sessions.begin() as session:
             entry = UsageEntry(at=self.now(), platform=platform, workspace=workspace, user_id=user_id,
                                requests=1, tokens=0, images=images)  # fmt: skip
             session.add(entry)
             await session.flush()  # SQLite: this INSERT takes the write lock before anything is read
             yield Admission(session, self.dialect, entry.id, platform, workspace)
+
+    def _sqlite_gate(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """An asyncio lock per event loop on SQLite (see :meth:`admission`); nothing on PostgreSQL."""
+        if self.dialect != "sqlite":
+            return contextlib.nullcontext()
+        loop = asyncio.get_running_loop()
+        if self._gate is None or self._gate[0] is not loop:
+            self._gate = (loop, asyncio.Lock())
+        return self._gate[1]
 
     async def release_usage(self, usage_id: int) -> None:
         """Delete a reservation whose request never reached the model (storing its turns failed)."""
@@ -418,8 +432,14 @@ class Database:
 
     async def usage_since(self, platform: str, workspace: str, user_id: str | None, since: datetime) -> UsageTotals:
         """Ledger sums since ``since`` for a user (``user_id=None``: the whole workspace)."""
+        return (await self.usage_windows(platform, workspace, user_id, {"since": since}))["since"]
+
+    async def usage_windows(
+        self, platform: str, workspace: str, user_id: str | None, starts: Mapping[str, datetime]
+    ) -> dict[str, UsageTotals]:
+        """Ledger sums since each of ``starts`` (e.g. the day's and the month's start), in one query."""
         async with self.sessions() as session:
-            return await _usage_since(session, platform, workspace, user_id, since)
+            return await _usage_windows(session, platform, workspace, user_id, starts)
 
     async def usage_report(
         self, since: datetime, platform: str | None = None, workspace: str | None = None, by_day: bool = False
@@ -515,7 +535,7 @@ class Database:
 class Admission:
     """The reads a quota check makes inside :meth:`Database.admission`'s transaction.
 
-    Same signatures as :class:`Database`'s ``quota_setting`` and ``usage_since``, so a policy reads either.
+    Same signatures as :class:`Database`'s ``quota_setting`` and ``usage_windows``, so a policy reads either.
     Usage sums leave out this request's own reservation: they are what was used before it.
     """
 
@@ -529,13 +549,15 @@ class Admission:
     async def quota_setting(self, scope: str, platform: str, workspace: str, user_id: str = "") -> QuotaSetting | None:
         return await _quota_setting(self._session, scope, platform, workspace, user_id)
 
-    async def usage_since(self, platform: str, workspace: str, user_id: str | None, since: datetime) -> UsageTotals:
+    async def usage_windows(
+        self, platform: str, workspace: str, user_id: str | None, starts: Mapping[str, datetime]
+    ) -> dict[str, UsageTotals]:
         if not self._locked:
             # Held until commit/rollback.  Taken before the first usage read (READ COMMITTED: each statement
             # sees what was committed when it starts), so it sees every admission that committed before it.
             await self._session.execute(select(func.pg_advisory_xact_lock(self._lock_key)))
             self._locked = True
-        return await _usage_since(self._session, platform, workspace, user_id, since, not_id=self.usage_id)
+        return await _usage_windows(self._session, platform, workspace, user_id, starts, not_id=self.usage_id)
 
 
 def _advisory_key(*parts: str) -> int:
@@ -548,20 +570,29 @@ async def _quota_setting(session: Any, scope: str, platform: str, workspace: str
     return await session.scalar(select(QuotaSetting).where(*_quota_key(scope, platform, workspace, user_id)))
 
 
-async def _usage_since(
-    session: Any, platform: str, workspace: str, user_id: str | None, since: datetime, not_id: int | None = None
-) -> UsageTotals:
-    query = select(
-        func.coalesce(func.sum(UsageEntry.requests), 0),
-        func.coalesce(func.sum(UsageEntry.tokens), 0),
-        func.coalesce(func.sum(UsageEntry.images), 0),
-    ).where(UsageEntry.platform == platform, UsageEntry.workspace == workspace, UsageEntry.at >= since)
+async def _usage_windows(
+    session: Any,
+    platform: str,
+    workspace: str,
+    user_id: str | None,
+    starts: Mapping[str, datetime],
+    not_id: int | None = None,
+) -> dict[str, UsageTotals]:
+    """One pass over the ledger rows since the earliest start: conditional sums per window."""
+    columns = []
+    for start in starts.values():
+        recent = UsageEntry.at >= start
+        for counter in (UsageEntry.requests, UsageEntry.tokens, UsageEntry.images):
+            columns.append(func.coalesce(func.sum(case((recent, counter), else_=0)), 0))
+    query = select(*columns).where(
+        UsageEntry.platform == platform, UsageEntry.workspace == workspace, UsageEntry.at >= min(starts.values())
+    )
     if user_id is not None:
         query = query.where(UsageEntry.user_id == user_id)
     if not_id is not None:
         query = query.where(UsageEntry.id != not_id)
-    requests, tokens, images = (await session.execute(query)).one()
-    return UsageTotals(int(requests), int(tokens), int(images))
+    sums = [int(value) for value in (await session.execute(query)).one()]
+    return {name: UsageTotals(*sums[3 * i : 3 * i + 3]) for i, name in enumerate(starts)}
 
 
 def _quota_key(scope: str, platform: str, workspace: str, user_id: str) -> tuple[Any, ...]:

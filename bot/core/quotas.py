@@ -7,6 +7,7 @@ images) and ``window`` a UTC calendar ``day`` or ``month``.  Nothing here lists 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
@@ -50,7 +51,9 @@ class UsageReader(Protocol):
 
     async def quota_setting(self, scope: str, platform: str, workspace: str, user_id: str = "") -> Any: ...
 
-    async def usage_since(self, platform: str, workspace: str, user_id: str | None, since: datetime) -> UsageTotals: ...
+    async def usage_windows(
+        self, platform: str, workspace: str, user_id: str | None, starts: Mapping[str, datetime]
+    ) -> dict[str, UsageTotals]: ...
 
 
 @dataclass
@@ -78,10 +81,7 @@ class QuotaPolicy:
         self, platform: str, workspace: str, user_id: str | None, now: datetime, *, reader: UsageReader | None = None
     ) -> dict[str, UsageTotals]:
         """Usage in the current day and month (``user_id=None``: the whole workspace)."""
-        return {
-            window: await (reader or self.db).usage_since(platform, workspace, user_id, start)
-            for window, start in window_starts(now).items()
-        }
+        return await (reader or self.db).usage_windows(platform, workspace, user_id, window_starts(now))
 
     async def admit(self, platform: str, workspace: str, user: str, new_images: int) -> int:
         """Admit a request or raise :class:`QuotaExceeded` naming the first limit it would cross.

@@ -23,7 +23,9 @@ async def _admit(db: Database, user: str, workspace: str = "T1", *, hold: float 
     """One admission with a request limit per user; ``hold`` widens the window between read and commit."""
     try:
         async with db.admission("slack", workspace, user) as admission:
-            used = await admission.usage_since("slack", workspace, user, db.now() - timedelta(hours=1))
+            used = (await admission.usage_windows("slack", workspace, user, {"hour": db.now() - timedelta(hours=1)}))[
+                "hour"
+            ]
             await asyncio.sleep(hold)  # the other admissions run here: without the lock they read the same sum
             if used.requests + 1 > LIMIT:
                 raise LookupError("over the limit")
@@ -68,7 +70,7 @@ def test_admissions_of_different_workspaces_do_not_wait_for_each_other(pg_url: s
 
         async def slow() -> None:
             async with first.admission("slack", "T1", "alice") as admission:
-                await admission.usage_since("slack", "T1", "alice", first.now() - timedelta(hours=1))
+                await admission.usage_windows("slack", "T1", "alice", {"hour": first.now() - timedelta(hours=1)})
                 await release.wait()
 
         try:

@@ -276,7 +276,7 @@ def test_an_admission_that_raises_leaves_no_reservation_and_reads_exclude_its_ow
         since = NOW - timedelta(hours=1)
         with pytest.raises(LookupError):
             async with db.admission("slack", "T1", "U1", images=2) as admission:
-                before = await admission.usage_since("slack", "T1", "U1", since)
+                before = (await admission.usage_windows("slack", "T1", "U1", {"today": since}))["today"]
                 inside = await db.quota_setting("user", "slack", "T1", "U1")
                 raise LookupError("refused")
         after = await db.usage_since("slack", "T1", "U1", since)
@@ -337,9 +337,11 @@ def test_usage_since_sums_a_window_per_user_and_per_workspace(run_db):
             await db.usage_since("slack", "T1", None, NOW - timedelta(days=365)),
             await db.usage_since("slack", "T9", "U1", month),
             await db.usage_since("slack", "T1", "U1", NOW + timedelta(minutes=1)),
+            await db.usage_windows("slack", "T1", "U1", {"day": day, "month": month, "future": NOW + timedelta(1)}),
         )
 
-    u1_day, u1_month, ws_day, ws_year, nobody, future = run_db(body)
+    u1_day, u1_month, ws_day, ws_year, nobody, future, windows = run_db(body)
+    assert windows == {"day": u1_day, "month": u1_month, "future": UsageTotals()}  # one query, the same sums
     assert u1_day == UsageTotals(requests=1, tokens=20, images=0)
     assert u1_month == UsageTotals(requests=2, tokens=30, images=1)
     assert ws_day == UsageTotals(requests=3, tokens=25, images=0)
