@@ -17,7 +17,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import pool
+from sqlalchemy import func, pool, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
@@ -64,11 +64,11 @@ def upgrade(url: str, revision: str = "head") -> str | None:
     """Run migrations up to ``revision``; returns the database's revision afterwards.
 
     A database whose tables were made by ``Database.create_all`` (no Alembic revision recorded yet)
-    is adopted: stamped at the head when its schema equals the models, refused otherwise.
+    is adopted: stamped at the head when its schema equals the models, refused otherwise.  Processes
+    that upgrade at the same moment (several ``serve`` starting together) go one after the other: see
+    :func:`_upgrade`.
     """
-    asyncio.run(_adopt_unversioned(url))
-    command.upgrade(alembic_config(url), revision)
-    return current(url)
+    return asyncio.run(upgrade_async(url, revision))
 
 
 def downgrade(url: str, revision: str) -> str | None:
@@ -88,8 +88,7 @@ def current(url: str) -> str | None:
 
 
 async def upgrade_async(url: str, revision: str = "head") -> str | None:
-    await _adopt_unversioned(url)
-    await _run(url, lambda conn: command.upgrade(alembic_config(connection=conn), revision))
+    await _run(url, lambda conn: _upgrade(conn, revision))
     return await current_async(url)
 
 
@@ -127,12 +126,27 @@ def _adopt(conn: Connection) -> None:
     context.stamp(ScriptDirectory.from_config(alembic_config()), "heads")
 
 
-async def _adopt_unversioned(url: str) -> None:
-    await _run(url, _adopt)
+MIGRATION_LOCK = 0x6D696E69_67707434  # "minigpt4": the PostgreSQL advisory lock key of schema upgrades
+
+
+def _upgrade(conn: Connection, revision: str) -> None:
+    """Adopt an unversioned schema, then migrate: one transaction that first takes a database-wide lock —
+    ``pg_advisory_xact_lock`` on PostgreSQL (DDL is transactional there), ``BEGIN IMMEDIATE`` on SQLite — so
+    a second process starting at the same moment waits, then finds the schema at its revision and does
+    nothing, instead of creating the same tables again and failing."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK)))
+    elif conn.dialect.name == "sqlite":
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+    _adopt(conn)
+    command.upgrade(alembic_config(connection=conn), revision)
 
 
 async def _run(url: str, fn: Callable[[Connection], Any]) -> Any:
-    engine = create_async_engine(_async_url(url), poolclass=pool.NullPool)
+    target = _async_url(url)
+    # SQLite: wait for another process's migration (the write lock) for up to a minute, not 5 s.
+    kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if target.startswith("sqlite") else {}
+    engine = create_async_engine(target, poolclass=pool.NullPool, **kwargs)
     try:
         async with engine.begin() as conn:
             return await conn.run_sync(fn)

@@ -189,6 +189,18 @@ def _create_all(url: str, drop_column: str | None = None) -> None:
     asyncio.run(create())
 
 
+def test_processes_starting_together_migrate_one_after_the_other(empty_db_url):
+    """Every ``serve`` upgrades at start: several starting at the same moment on a new database must not
+    collide (PostgreSQL: an advisory lock around the one-transaction upgrade; SQLite: one writer anyway)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        revisions = list(pool.map(lambda _: migrate.upgrade(empty_db_url), range(4)))
+    assert revisions == [HEAD] * 4
+    schema = inspect_schema(empty_db_url)
+    assert schema["diff"] == [] and TABLES <= schema["tables"]
+
+
 def test_stamp_records_a_revision_without_running_it(empty_db_url):
     _create_all(empty_db_url)
     assert migrate.current(empty_db_url) is None
