@@ -29,6 +29,7 @@ from storage.tables import (
     QuotaSetting,
     Turn,
     UsageEntry,
+    Worker,
     utcnow,
 )
 from storage.url import sqlite_url
@@ -373,15 +374,55 @@ class Database:
                 else:
                     await session.execute(update(UsageEntry).where(row).values(turn_id=turn_id, tokens=tokens))
 
-    async def mark_interrupted(self) -> int:
-        """After a restart: answers left ``pending``/``streaming`` become ``interrupted`` (kept, not deleted)."""
+    async def mark_interrupted(
+        self, *, live_since: datetime | None = None, dead: Sequence[str] = (), exclude: str | None = None
+    ) -> int:
+        """Answers left ``pending``/``streaming`` by a process that is gone become ``interrupted`` (kept, not
+        deleted).  Without ``live_since``: every unfinished answer (one process, at its start).  With it: only
+        those of processes whose heartbeat is older than ``live_since``, listed in ``dead`` or unknown (no
+        worker recorded, or its row pruned) — never ``exclude``'s (the caller's own) — and the rows of
+        workers not seen since ``live_since`` are pruned."""
+        unfinished = Turn.status.in_(("pending", "streaming"))
         async with self.sessions.begin() as session:
+            if live_since is not None:
+                await session.execute(delete(Worker).where(Worker.seen_at < live_since, Worker.id != exclude))
+                alive = select(Worker.id).where(Worker.id.not_in(list(dead)))
+                gone = Turn.worker.is_(None) | Turn.worker.not_in(alive)
+                if exclude is not None:
+                    gone = gone & ((Turn.worker != exclude) | Turn.worker.is_(None))
+                unfinished = unfinished & gone
             result = await session.execute(
                 update(Turn)
-                .where(Turn.status.in_(("pending", "streaming")))
+                .where(unfinished)
                 .values(status="interrupted", finish_reason="interrupted", updated_at=self.now())
+                .execution_options(synchronize_session=False)
             )
             return result.rowcount or 0
+
+    # ------------------------------------------------------------------ workers
+
+    async def register_worker(self, worker_id: str, host: str, pid: int) -> None:
+        """Record this process as running (or touch its heartbeat)."""
+        now = self.now()
+        async with self.sessions() as session:
+            row = await session.get(Worker, worker_id)
+            if row is None:
+                session.add(Worker(id=worker_id, host=host[:255], pid=pid, started_at=now, seen_at=now))
+            else:
+                row.seen_at = now
+            try:
+                await session.commit()
+            except IntegrityError:  # registered meanwhile by a concurrent heartbeat: that is all we need
+                await session.rollback()
+
+    async def remove_worker(self, worker_id: str) -> None:
+        """A clean shutdown: this process writes nothing more."""
+        async with self.sessions.begin() as session:
+            await session.execute(delete(Worker).where(Worker.id == worker_id))
+
+    async def workers(self) -> list[Worker]:
+        async with self.sessions() as session:
+            return list(await session.scalars(select(Worker).order_by(Worker.started_at)))
 
     # ------------------------------------------------------------------ usage and quotas
 

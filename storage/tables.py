@@ -38,6 +38,7 @@ __all__ = [
     "QuotaSetting",
     "Turn",
     "UsageEntry",
+    "Worker",
     "utcnow",
 ]
 
@@ -130,6 +131,7 @@ class Turn(Base):
     duration_ms: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column()
     updated_at: Mapped[datetime] = mapped_column()
+    worker: Mapped[str | None] = mapped_column(String(64))  # the bot process answering it (:class:`Worker`)
 
     conversation: Mapped[Conversation] = relationship(back_populates="turns", lazy="raise")
 
@@ -206,6 +208,20 @@ class ProcessedEvent(Base):
     platform: Mapped[str] = mapped_column(String(32), primary_key=True)
     event_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     received_at: Mapped[datetime] = mapped_column()
+
+
+class Worker(Base):
+    """A running bot process, with a heartbeat.  With several processes on one database, an unfinished
+    answer is marked interrupted only when the process writing it is gone (no heartbeat), never because
+    another process restarted."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column()
+    seen_at: Mapped[datetime] = mapped_column()
 
 
 class FollowedThread(Base):

@@ -22,6 +22,7 @@ from bot.core.backend import BackendPlugin
 from bot.core.config import Settings
 from bot.core.plugins import BACKENDS, FRONTENDS, load_plugin, plugin_names
 from bot.core.service import BotService
+from bot.core.workers import HEARTBEAT_S
 from storage import Database
 
 if TYPE_CHECKING:
@@ -60,6 +61,16 @@ async def _prune_daily(service: BotService) -> None:
         await asyncio.sleep(PRUNE_EVERY_S)
 
 
+async def _heartbeat(service: BotService) -> None:
+    """This process's heartbeat, and the sweep for answers of processes that stopped (bot.core.workers)."""
+    while True:
+        await asyncio.sleep(HEARTBEAT_S)
+        try:
+            await service.heartbeat()
+        except Exception as exc:  # a database blip: /readyz reports it; the next beat tries again
+            log.warning("heartbeat failed: %r", exc)
+
+
 def _enabled_front_ends(
     settings: Settings, context: FrontEndContext, only: Collection[str] | None
 ) -> list[tuple[FrontEndPlugin, Any]]:
@@ -92,7 +103,7 @@ async def run_bot(
     backend = await backend_plugin.start(settings, model=model)
     service = BotService(settings, db, backend)
     await service.recover()
-    housekeeping = asyncio.create_task(_prune_daily(service))
+    housekeeping = asyncio.gather(_prune_daily(service), _heartbeat(service))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -43,6 +43,7 @@ from bot.core.quotas import QuotaPolicy
 from bot.core.render import PageRenderer
 from bot.core.requests import Delta, Final, ReplyEvent, Request, ThreadRef
 from bot.core.sanitize import StreamSanitizer, clean_text, sanitize_output
+from bot.core.workers import STALE_AFTER_S, WorkerIdentity, is_gone
 from model.engine.api import Busy, FinalEvent, RequestFailed, RequestRejected, TokenEvent
 from storage import ID_LENGTHS, ConversationKey, Database, as_utc
 from storage.db import is_unavailable
@@ -141,8 +142,10 @@ class BotService:
         backend: GenerationBackend,
         metrics: BotMetrics | None = None,
         renderer: PageRenderer | None = None,
+        worker: WorkerIdentity | None = None,
     ) -> None:
         self.settings = settings
+        self.worker = worker or WorkerIdentity.this_process()  # recorded with each answer this process writes
         self._db = db
         self._backend = backend
         self.metrics = metrics or BotMetrics()
@@ -375,7 +378,7 @@ class BotService:
             ]
             new_turns.append({"role": "user", "text": question, "image_id": image_ids[-1] if image_ids else None,
                               "user_id": request.user})  # fmt: skip
-            new_turns.append({"role": "assistant", "status": "pending"})
+            new_turns.append({"role": "assistant", "status": "pending", "worker": self.worker.id})
             stored = await self._db.add_turns(conversation.id, new_turns)
         except BaseException:
             await self._release(usage_id)  # nothing was stored or sent: the request is not charged
@@ -578,12 +581,34 @@ class BotService:
         return count
 
     async def close(self) -> None:
-        """Release what the core holds besides the database and the backend (the preview browser)."""
+        """Release what the core holds besides the database and the backend (the preview browser), and
+        take this process off the worker list (best effort: else its heartbeat simply goes stale)."""
         await self._previews.close()
+        try:
+            await self._db.remove_worker(self.worker.id)
+        except Exception as exc:
+            log.warning("could not remove worker %s: %r", self.worker.id, exc)
 
     async def recover(self) -> int:
-        """At start-up: mark answers left streaming by a crash as interrupted."""
-        count = await self._db.mark_interrupted()
+        """At start-up: register this process, and mark the answers left unfinished by processes that are
+        gone as interrupted — not those another running process is still writing (:mod:`bot.core.workers`)."""
+        me = self.worker
+        await self._db.register_worker(me.id, me.host, me.pid)
+        dead = [row.id for row in await self._db.workers() if is_gone(row, me)]
+        count = await self._sweep(dead)
         if count:
-            log.warning("marked %d unfinished answer(s) from a previous run as interrupted", count)
+            log.warning("marked %d unfinished answer(s) of stopped bot processes as interrupted", count)
         return count
+
+    async def heartbeat(self) -> int:
+        """Every :data:`~bot.core.workers.HEARTBEAT_S`: touch this process's row, and mark the answers of
+        processes whose heartbeat stopped as interrupted (a crash elsewhere, noticed without a restart)."""
+        await self._db.register_worker(self.worker.id, self.worker.host, self.worker.pid)
+        count = await self._sweep(())
+        if count:
+            log.warning("marked %d unfinished answer(s) of bot processes that stopped as interrupted", count)
+        return count
+
+    async def _sweep(self, dead: Sequence[str]) -> int:
+        live_since = self._db.now() - timedelta(seconds=STALE_AFTER_S)
+        return await self._db.mark_interrupted(live_since=live_since, dead=dead, exclude=self.worker.id)

@@ -194,7 +194,8 @@ def test_fault_an_answer_the_database_never_takes_is_shown_and_its_turn_logged(f
             assert events[-1].kind == "answer" and events[-1].text == "A blue dot."  # the user still gets it
             assert "minigpt4_answers_unsaved_total 1.0" in service.metrics_text().decode()
             await faulty_pg.up()
-            assert await service.recover() == 1  # at the next start the unfinished answer is marked, not lost
+            restarted = BotService(SETTINGS, db, backend)  # the next start of this process (same host and pid)
+            assert await restarted.recover() == 1  # the unfinished answer is marked, not lost
             assert [t.status for t in await turns(db)] == ["done", "interrupted"]
         finally:
             await db.dispose()

@@ -11,7 +11,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from storage import ConversationKey, Database, UsageTotals, as_utc
-from storage.tables import Conversation, ImageBlob, Turn, UsageEntry
+from storage.tables import Conversation, ImageBlob, Turn, UsageEntry, Worker
 
 KEY = ConversationKey("slack", "T1", "C1", "1700000000.0001")
 NOW = datetime.now(UTC)  # only ever compared relative to itself
@@ -315,6 +315,32 @@ def test_mark_interrupted_keeps_unfinished_answers(run_db):
         ("failed", "error"),
     ]
     assert turns[1].text == "half an ans"  # kept, not deleted
+
+
+def test_mark_interrupted_spares_the_answers_of_live_workers(run_db):
+    """Several processes on one database: only answers of workers that are gone (stale heartbeat, listed dead,
+    unknown) are marked; the caller's own and live workers' answers keep streaming."""
+
+    async def body(db: Database):
+        now = db.now()
+        await db.register_worker("me", "h", 1)
+        await db.register_worker("live", "h2", 2)
+        await db.register_worker("crashed", "h", 3)
+        await db.register_worker("silent", "h3", 4)
+        async with db.sessions.begin() as session:  # "silent" stopped beating two minutes ago
+            await session.execute(
+                update(Worker).where(Worker.id == "silent").values(seen_at=now - timedelta(minutes=2))
+            )
+        conv = await db.get_or_create_conversation(KEY)
+        owners = ["me", "live", "crashed", "silent", None, "pruned-long-ago"]
+        await db.add_turns(conv.id, [{"role": "assistant", "status": "streaming", "worker": w} for w in owners])
+        changed = await db.mark_interrupted(live_since=now - timedelta(minutes=1), dead=["crashed"], exclude="me")
+        return changed, [t.status for t in await db.turns(conv.id)], [w.id for w in await db.workers()]
+
+    changed, statuses, workers = run_db(body)
+    assert changed == 4
+    assert statuses == ["streaming", "streaming", "interrupted", "interrupted", "interrupted", "interrupted"]
+    assert sorted(workers) == ["crashed", "live", "me"]  # the stale row is pruned; "crashed" is gone at its next sweep
 
 
 # ---------------------------------------------------------------------- usage

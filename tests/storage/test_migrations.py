@@ -19,7 +19,7 @@ from tests import pg
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLES = {t.name for t in Base.metadata.sorted_tables}
-HEAD = "0002"
+HEAD = "0003"
 
 
 async def _inspect(url: str) -> dict[str, Any]:
@@ -64,9 +64,19 @@ def inspect_schema(url: str) -> dict[str, Any]:
     return asyncio.run(_inspect(url))
 
 
+async def _old_turn(db: Database, conversation_id: int, role: str, text_: str, status: str) -> None:
+    """A turn written at an old revision, in plain SQL: the models' Turn has columns those revisions lack."""
+    async with db.engine.begin() as conn:
+        await conn.execute(
+            text("INSERT INTO turns (conversation_id, seq, role, text, status, prompt_tokens, completion_tokens, "
+                 "created_at, updated_at) VALUES (:c, 1, :role, :text, :status, 0, 0, :t, :t)"),
+            {"c": conversation_id, "role": role, "text": text_, "status": status, "t": db.now()},
+        )  # fmt: skip
+
+
 def test_upgrade_creates_exactly_the_models_schema(empty_db_url):
     assert migrate.current(empty_db_url) is None
-    assert migrate.upgrade(empty_db_url) == migrate.head() == "0002"
+    assert migrate.upgrade(empty_db_url) == migrate.head() == HEAD
     schema = inspect_schema(empty_db_url)
     assert schema["diff"] == []
     assert schema["tables"] == TABLES | {"alembic_version"}
@@ -142,7 +152,7 @@ def test_followed_threads_arrive_in_0002_without_touching_existing_data(empty_db
         db = Database(empty_db_url)
         try:
             conv = await db.get_or_create_conversation(ConversationKey("slack", "T", "C", "t"))
-            await db.add_turns(conv.id, [{"role": "user", "text": "from 0001"}])
+            await _old_turn(db, conv.id, "user", "from 0001", "done")
             return conv.id
         finally:
             await db.dispose()
@@ -163,6 +173,38 @@ def test_followed_threads_arrive_in_0002_without_touching_existing_data(empty_db
     assert migrate.downgrade(empty_db_url, "0001") == "0001"
     tables = inspect_schema(empty_db_url)["tables"]
     assert "followed_threads" not in tables and "conversations" in tables
+
+
+def test_workers_arrive_in_0003_and_old_unfinished_answers_have_no_worker(empty_db_url):
+    """A database at 0002 upgrades in place: turns gain a ``worker`` column (NULL for old rows, which a start
+    then marks interrupted as before), and a downgrade to 0002 removes it again with the data kept."""
+    assert migrate.upgrade(empty_db_url, "0002") == "0002"
+
+    async def write() -> int:
+        db = Database(empty_db_url)
+        try:
+            conv = await db.get_or_create_conversation(ConversationKey("slack", "T", "C", "t"))
+            await _old_turn(db, conv.id, "assistant", "half", "streaming")
+            return conv.id
+        finally:
+            await db.dispose()
+
+    async def recover(conv_id: int) -> tuple[int, list[tuple[str, str | None]]]:
+        db = Database(empty_db_url)
+        try:
+            await db.register_worker("w", "h", 1)
+            changed = await db.mark_interrupted(live_since=db.now(), exclude="w")
+            return changed, [(t.status, t.worker) for t in await db.turns(conv_id)]
+        finally:
+            await db.dispose()
+
+    conv_id = asyncio.run(write())
+    assert migrate.upgrade(empty_db_url) == HEAD
+    assert inspect_schema(empty_db_url)["diff"] == []
+    assert asyncio.run(recover(conv_id)) == (1, [("interrupted", None)])
+    assert migrate.downgrade(empty_db_url, "0002") == "0002"
+    tables = inspect_schema(empty_db_url)["tables"]
+    assert "workers" not in tables and "turns" in tables
 
 
 def test_async_variants_run_inside_an_event_loop(empty_db_url):
@@ -198,7 +240,7 @@ def test_processes_starting_together_migrate_one_after_the_other(empty_db_url):
         revisions = list(pool.map(lambda _: migrate.upgrade(empty_db_url), range(4)))
     assert revisions == [HEAD] * 4
     schema = inspect_schema(empty_db_url)
-    assert schema["diff"] == [] and TABLES <= schema["tables"]
+    assert schema["diff"] == [] and schema["tables"] >= TABLES
 
 
 def test_stamp_records_a_revision_without_running_it(empty_db_url):
