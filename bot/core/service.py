@@ -420,12 +420,13 @@ class BotService:
         images: list[bytes],
     ) -> AsyncIterator[ReplyEvent]:
         """Stream the answer and store it; the request's usage reservation is settled in the same write:
-        completed with the tokens, kept for an interrupted answer (the work was done), released for a failed
-        one (the bot could not answer, so the user is not charged)."""
+        completed with the tokens, kept for an interrupted answer with the tokens generated until then (the
+        work was done), released for a failed one (the bot could not answer, so the user is not charged)."""
         started = time.monotonic()
         parts: list[str] = []
         final: FinalEvent | None = None
         status, error = "failed", None
+        generated = 0  # token events seen: what an interrupted answer is charged
         stream: AsyncIterator[TokenEvent | FinalEvent] | None = None
         try:
             stream = self._backend.stream(
@@ -442,6 +443,7 @@ class BotService:
                     continue
                 if not isinstance(event, TokenEvent):
                     raise TypeError(f"the backend streamed a {type(event).__name__}, not a token or final event")
+                generated += 1
                 if first:
                     first = False
                     await self._mark_streaming(turn_id)
@@ -468,7 +470,7 @@ class BotService:
                 try:
                     await asyncio.shield(
                         self._db.finish_turn(turn_id, status=status, error=error, finish_reason=status,
-                                             usage_id=usage_id, release=status == "failed")
+                                             usage_id=usage_id, tokens=generated, release=status == "failed")
                     )  # fmt: skip
                 except Exception as exc:  # the database is down too: recover() marks it interrupted at the next start
                     log.error("turn %s: could not mark the answer %s: %r", turn_id, status, exc)
