@@ -41,6 +41,7 @@ from bot.core.presets import Command, PresetBook, parse_message
 from bot.core.previews import WebsitePreviews
 from bot.core.quotas import QuotaPolicy
 from bot.core.render import PageRenderer
+from bot.core.reports import quota_overview
 from bot.core.requests import Delta, Final, ReplyEvent, Request, ThreadRef
 from bot.core.sanitize import StreamSanitizer, clean_text, sanitize_output
 from bot.core.workers import STALE_AFTER_S, WorkerIdentity, is_gone
@@ -561,7 +562,9 @@ class BotService:
 
     async def _settings_text(self, request: Request) -> str:
         model = self._backend.describe()
-        limits = await self._quotas.effective("user", request.platform, request.workspace, request.user)
+        overview = await quota_overview(
+            self._db, self.settings.quotas, request.platform, request.workspace, request.user
+        )
         g = self.settings.generation
         lines = [
             f"Model: MiniGPT-4 {model.get('variant', '?')} on {model.get('device', '?')} "
@@ -570,8 +573,16 @@ class BotService:
             f"{'sampling' if g.do_sample else 'greedy'}",
             f"Presets: {', '.join(self._presets.names)} (default for a bare picture: {self.settings.presets.default})",
         ]
-        caps = [f"{name.replace('_', ' ')} {value}" for name, value in limits.model_dump().items() if value]
-        lines.append("Your limits: " + (", ".join(caps) if caps else "none"))
+        limited = False
+        for scope in overview.scopes:  # the user's, then the workspace's: each limit with what is used of it
+            caps = [f"{q.name.replace('_', ' ')} {q.effective} ({q.used} used)" for q in scope.lines if q.effective]
+            limited = limited or bool(caps)
+            if scope.scope == "user":
+                lines.append("Your limits: " + (", ".join(caps) if caps else "none"))
+            elif caps:
+                lines.append("This workspace's limits (everyone together): " + ", ".join(caps))
+        if limited:
+            lines.append("Days and months are UTC: daily counts start over at 00:00 UTC.")
         return "\n".join(lines)
 
     async def prune_events(self) -> int:

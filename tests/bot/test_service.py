@@ -145,7 +145,7 @@ def test_commands(run):
         assert helped.kind == "help" and helped.ephemeral and "recipe" in helped.text and "`" not in helped.text
         await h.ask(req("hi", png()))
         (settings,) = await h.ask(req("settings"))
-        assert "vicuna0" in settings.text and "requests per day 200" in settings.text
+        assert "vicuna0" in settings.text and "requests per day 200 (1 used)" in settings.text
         (reset,) = await h.ask(req("reset"))
         assert "Starting over" in reset.text
         assert await h.turns() == []  # the old conversation is archived, not deleted
@@ -183,6 +183,8 @@ def test_quota_names_the_limit_and_reset_time(run):
         (refused,) = await h.ask(req("three"))
         assert refused.kind == "error" and refused.ephemeral
         assert "limit of 2 requests per day" in refused.text and "2026-11-26 00:00 UTC" in refused.text
+        (mine,) = await h.ask(req("settings"))
+        assert "Your limits: requests per day 2 (2 used)" in mine.text and "workspace" not in mine.text
         assert len(await h.turns()) == 4  # the refused question was not stored or sent
         await h.db.set_quota("user", "slack", "T1", "alice", requests_per_day=3)  # admin override
         assert (await h.ask(req("three")))[-1].kind == "answer"
@@ -205,6 +207,9 @@ def test_workspace_token_and_image_quotas(run):
         await h.ask(req("more", user="bob"))  # 3 + 3 = 6 tokens used this month
         (refused,) = await h.ask(req("again", png(), user="carol", thread="t9"))
         assert "This workspace has reached the limit of 5 tokens per month" in refused.text
+        (carol,) = await h.ask(req("settings", user="carol", thread="t9"))
+        assert "Your limits: images per day 2 (0 used)" in carol.text
+        assert "This workspace's limits (everyone together): tokens per month 5 (6 used)" in carol.text
 
     run(fn, settings)
 
