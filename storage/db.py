@@ -374,23 +374,18 @@ class Database:
                 else:
                     await session.execute(update(UsageEntry).where(row).values(turn_id=turn_id, tokens=tokens))
 
-    async def mark_interrupted(
-        self, *, live_since: datetime | None = None, dead: Sequence[str] = (), exclude: str | None = None
-    ) -> int:
+    async def mark_interrupted(self, *, live_since: datetime | None = None, dead: Sequence[str] = ()) -> int:
         """Answers left ``pending``/``streaming`` by a process that is gone become ``interrupted`` (kept, not
         deleted).  Without ``live_since``: every unfinished answer (one process, at its start).  With it: only
         those of processes whose heartbeat is older than ``live_since``, listed in ``dead`` or unknown (no
-        worker recorded, or its row pruned) — never ``exclude``'s (the caller's own) — and the rows of
-        workers not seen since ``live_since`` are pruned."""
+        worker recorded, or its row pruned) — and the rows of workers not seen since ``live_since`` are pruned.
+        A caller that has just touched its own row (:meth:`register_worker`) is alive by that rule."""
         unfinished = Turn.status.in_(("pending", "streaming"))
         async with self.sessions.begin() as session:
             if live_since is not None:
-                await session.execute(delete(Worker).where(Worker.seen_at < live_since, Worker.id != exclude))
+                await session.execute(delete(Worker).where(Worker.seen_at < live_since))
                 alive = select(Worker.id).where(Worker.id.not_in(list(dead)))
-                gone = Turn.worker.is_(None) | Turn.worker.not_in(alive)
-                if exclude is not None:
-                    gone = gone & ((Turn.worker != exclude) | Turn.worker.is_(None))
-                unfinished = unfinished & gone
+                unfinished = unfinished & (Turn.worker.is_(None) | Turn.worker.not_in(alive))
             result = await session.execute(
                 update(Turn)
                 .where(unfinished)

@@ -607,21 +607,19 @@ class BotService:
         gone as interrupted — not those another running process is still writing (:mod:`bot.core.workers`)."""
         me = self.worker
         await self._db.register_worker(me.id, me.host, me.pid)
-        dead = [row.id for row in await self._db.workers() if is_gone(row, me)]
-        count = await self._sweep(dead)
-        if count:
-            log.warning("marked %d unfinished answer(s) of stopped bot processes as interrupted", count)
-        return count
+        return await self._sweep([row.id for row in await self._db.workers() if is_gone(row, me)])
 
     async def heartbeat(self) -> int:
         """Every :data:`~bot.core.workers.HEARTBEAT_S`: touch this process's row, and mark the answers of
         processes whose heartbeat stopped as interrupted (a crash elsewhere, noticed without a restart)."""
         await self._db.register_worker(self.worker.id, self.worker.host, self.worker.pid)
-        count = await self._sweep(())
-        if count:
-            log.warning("marked %d unfinished answer(s) of bot processes that stopped as interrupted", count)
-        return count
+        return await self._sweep(())
 
     async def _sweep(self, dead: Sequence[str]) -> int:
+        """Mark the answers of gone processes (``dead``, or silent for :data:`STALE_AFTER_S`); our own row was
+        just touched, so ours are spared."""
         live_since = self._db.now() - timedelta(seconds=STALE_AFTER_S)
-        return await self._db.mark_interrupted(live_since=live_since, dead=dead, exclude=self.worker.id)
+        count = await self._db.mark_interrupted(live_since=live_since, dead=dead)
+        if count:
+            log.warning("marked %d unfinished answer(s) of stopped bot processes as interrupted", count)
+        return count

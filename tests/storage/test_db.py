@@ -319,7 +319,7 @@ def test_mark_interrupted_keeps_unfinished_answers(run_db):
 
 def test_mark_interrupted_spares_the_answers_of_live_workers(run_db):
     """Several processes on one database: only answers of workers that are gone (stale heartbeat, listed dead,
-    unknown) are marked; the caller's own and live workers' answers keep streaming."""
+    unknown) are marked; the caller's own (just registered) and live workers' answers keep streaming."""
 
     async def body(db: Database):
         now = db.now()
@@ -334,7 +334,7 @@ def test_mark_interrupted_spares_the_answers_of_live_workers(run_db):
         conv = await db.get_or_create_conversation(KEY)
         owners = ["me", "live", "crashed", "silent", None, "pruned-long-ago"]
         await db.add_turns(conv.id, [{"role": "assistant", "status": "streaming", "worker": w} for w in owners])
-        changed = await db.mark_interrupted(live_since=now - timedelta(minutes=1), dead=["crashed"], exclude="me")
+        changed = await db.mark_interrupted(live_since=now - timedelta(minutes=1), dead=["crashed"])
         return changed, [t.status for t in await db.turns(conv.id)], [w.id for w in await db.workers()]
 
     changed, statuses, workers = run_db(body)
