@@ -145,6 +145,13 @@ def pg_schema_url(postgres_url: str) -> str:
     return url
 
 
+@pytest.fixture
+def pg_url(pg_schema_url: str) -> str:
+    """The PostgreSQL database with the models' schema, emptied (ids restart at 1)."""
+    truncate_tables(pg_schema_url, [t.name for t in Base.metadata.sorted_tables])
+    return pg_schema_url
+
+
 @pytest.fixture(params=DB_BACKENDS)
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The URL of a new database with the schema created from the models."""
@@ -152,9 +159,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         url = sqlite_url(tmp_path / "test.db")
         create_schema(url)
         return url
-    url = request.getfixturevalue("pg_schema_url")
-    truncate_tables(url, [t.name for t in Base.metadata.sorted_tables])  # ids restart at 1
-    return url
+    return request.getfixturevalue("pg_url")
 
 
 @pytest.fixture

@@ -366,6 +366,10 @@ class FakeDiscord:
                 await asyncio.wait_for(changed.wait(), min(remaining, 0.2))
         return value
 
+    async def first_thread(self, timeout: float = 20.0) -> int:
+        """The id of the first thread the bot created, once there is one."""
+        return await self.wait_for(lambda: self.threads_created and self.threads_created[0], timeout)
+
     async def settle(self, quiet: float = 0.5) -> None:
         """Wait until no call has arrived for ``quiet`` seconds."""
         while True:

@@ -25,7 +25,7 @@ def test_discord_ask_defers_at_once_streams_and_opens_a_thread_for_follow_ups(tm
             fake = env.fake
             picture = fake.add_attachment(png_bytes())
             interaction = await fake.interact(fake.ask(picture, "What is in this picture?", preset="describe"))
-            thread_id = await fake.wait_for(lambda: fake.threads_created and fake.threads_created[0])
+            thread_id = await fake.first_thread()
             turns = await env.answered(thread_id, shown_in=fake.general)
             assert interaction.callbacks[0][1] == 5 and interaction.callbacks[0][0] < 1.0  # deferred at once
             assert len(interaction.callbacks) == 1
@@ -76,7 +76,7 @@ def test_discord_a_long_answer_continues_in_follow_ups_without_breaking_code_fen
         async with discord_env(tmp_path, backend=ScriptedBackend(answer, piece=400)) as env:
             fake = env.fake
             interaction = await fake.interact(fake.ask(fake.add_attachment(png_bytes()), "Build it"))
-            thread_id = await fake.wait_for(lambda: fake.threads_created and fake.threads_created[0])
+            thread_id = await fake.first_thread()
             await env.answered(thread_id)
             await fake.settle()
             shown = [m for m in fake.bot_messages(fake.general) if m.interaction_id == interaction.id]
@@ -99,7 +99,7 @@ def test_discord_a_429_on_an_edit_is_waited_out_and_the_last_edit_carries_the_fu
             fake = env.fake
             fake.fail_next("PATCH", "original", 2, retry_after=0.6)
             interaction = await fake.interact(fake.ask(fake.add_attachment(png_bytes()), "What is this?"))
-            thread_id = await fake.wait_for(lambda: fake.threads_created and fake.threads_created[0])
+            thread_id = await fake.first_thread()
             await env.answered(thread_id, shown_in=fake.general)
             limited = fake.calls_of("PATCH", "original", status=429)
             assert len(limited) == 2
@@ -125,7 +125,7 @@ def test_discord_an_answer_outliving_the_interaction_token_continues_as_channel_
             # The token has 62.2 s left: 2.2 s before the front end stops using it (its 60 s margin).
             payload = fake.ask(fake.add_attachment(png_bytes()), "What is this?", age_s=15 * 60 - 62.2)
             interaction = await fake.interact(payload)
-            thread_id = await fake.wait_for(lambda: fake.threads_created and fake.threads_created[0])
+            thread_id = await fake.first_thread()
             turns = await env.answered(thread_id, shown_in=thread_id)
             assert interaction.callbacks[0][1] == 5  # deferred in time although the snowflake is old
             original = fake.messages[interaction.original_id]
@@ -156,7 +156,7 @@ def test_discord_an_expired_token_mid_answer_still_ends_with_the_full_text(tmp_p
             env.adapter.token_margin = -env.adapter.token_margin  # trust the token past its end: Discord refuses it
             payload = fake.ask(fake.add_attachment(png_bytes()), "What is this?", age_s=15 * 60 - 1.2)
             interaction = await fake.interact(payload)
-            thread_id = await fake.wait_for(lambda: fake.threads_created and fake.threads_created[0])
+            thread_id = await fake.first_thread()
             turns = await env.answered(thread_id, shown_in=thread_id)
             assert [c for c in fake.calls if c.status == 401]  # the webhook refused the spent token
             assert fake.bot_messages(thread_id)[-1].content == turns[1].text == backend.answer
@@ -186,7 +186,7 @@ def test_discord_help_settings_and_reset(tmp_path: Path) -> None:
             assert "inside a conversation thread" in fake.ephemerals()[2].content
 
             interaction = await fake.interact(fake.ask(fake.add_attachment(png_bytes()), "What is this?"))
-            thread_id = await fake.wait_for(lambda: fake.threads_created and fake.threads_created[0])
+            thread_id = await fake.first_thread()
             await env.answered(thread_id)
             reset = await fake.interact(fake.slash("reset", channel=thread_id))
             await fake.wait_for(
@@ -219,7 +219,7 @@ def test_discord_commands_are_registered_once_and_again_only_when_they_change(tm
 
             # A follow-up after the restart continues from SQL.
             interaction = await fake.interact(fake.ask(fake.add_attachment(png_bytes()), "What is this?"))
-            thread_id = await fake.wait_for(lambda: fake.threads_created and fake.threads_created[0])
+            thread_id = await fake.first_thread()
             await env.answered(thread_id)
             await env.restart()
             await fake.send(fake.user_message(thread_id, "Is it big?"))
@@ -251,7 +251,7 @@ def test_discord_guild_commands_for_development_servers(tmp_path: Path) -> None:
             assert fake.command_writes == [(str(fake.guild_id), ["ask", "reset", "help", "settings"])]
             assert "global" not in fake.commands
             interaction = await fake.interact(fake.ask(fake.add_attachment(png_bytes()), "What is this?"))
-            thread_id = await fake.wait_for(lambda: fake.threads_created and fake.threads_created[0])
+            thread_id = await fake.first_thread()
             await env.answered(thread_id, shown_in=fake.general)
             assert interaction.original_id == thread_id
             await env.restart()
@@ -276,7 +276,7 @@ def test_discord_ask_in_a_dm_and_inside_a_thread(tmp_path: Path) -> None:
             mention = fake.user_message(fake.general, "What is this?", mention=True,
                                         attachments=[fake.add_attachment(png_bytes())])  # fmt: skip
             await fake.send(mention)
-            thread_id = await fake.wait_for(lambda: fake.threads_created and fake.threads_created[0])
+            thread_id = await fake.first_thread()
             await env.answered(thread_id, shown_in=thread_id)
             # /ask inside the thread joins its conversation (no thread in a thread).
             second = await fake.interact(

@@ -19,7 +19,7 @@ def test_discord_mention_with_a_picture_answers_in_a_thread_on_the_message(tmp_p
             mention = fake.user_message(fake.general, "What is in this picture?", mention=True,
                                         attachments=[fake.add_attachment(png_bytes())])  # fmt: skip
             await fake.send(mention)
-            thread_id = await fake.wait_for(lambda: fake.threads_created and fake.threads_created[0])
+            thread_id = await fake.first_thread()
             assert str(thread_id) == mention["id"]  # started on the user's message
             turns = await env.answered(thread_id, shown_in=thread_id)
             assert turns[0].text == "What is in this picture?" and turns[0].has_image  # the mention stripped
@@ -94,7 +94,7 @@ def test_discord_messages_of_bots_webhooks_and_chatter_are_ignored(tmp_path: Pat
             mention = fake.user_message(fake.general, "What is this?", mention=True,
                                         attachments=[fake.add_attachment(png_bytes())])  # fmt: skip
             await fake.send(mention)
-            thread_id = await fake.wait_for(lambda: fake.threads_created and fake.threads_created[0])
+            thread_id = await fake.first_thread()
             await env.answered(thread_id, shown_in=thread_id)
             await fake.settle(0.3)
             calls = len(fake.calls)
@@ -123,7 +123,7 @@ def test_discord_quota_and_busy_replies(tmp_path: Path) -> None:
         async with discord_env(tmp_path, backend=backend, quotas={"user": {"requests_per_day": 1}}) as env:
             fake = env.fake
             await fake.interact(fake.ask(fake.add_attachment(png_bytes()), "What is this?"))
-            thread_id = await fake.wait_for(lambda: fake.threads_created and fake.threads_created[0])
+            thread_id = await fake.first_thread()
             await env.answered(thread_id, shown_in=fake.general)
 
             # Over quota through /ask: only the asker sees why; the "thinking…" response is removed, no thread.
@@ -193,7 +193,7 @@ def test_discord_a_thread_unknown_after_a_restart_is_looked_up(tmp_path: Path) -
             answer = fake.user_message(fake.general, "What is this?", mention=True,
                                        attachments=[fake.add_attachment(png_bytes())])  # fmt: skip
             await fake.send(answer)
-            thread_id = await fake.wait_for(lambda: fake.threads_created and fake.threads_created[0])
+            thread_id = await fake.first_thread()
             await env.answered(thread_id, shown_in=thread_id)
 
             fake.list_threads = False  # after the restart discord.py does not know the thread
@@ -216,7 +216,7 @@ def test_discord_a_redelivered_message_is_answered_once(tmp_path: Path) -> None:
             mention = fake.user_message(fake.general, "What is this?", mention=True,
                                         attachments=[fake.add_attachment(png_bytes())])  # fmt: skip
             await fake.send(mention)
-            thread_id = await fake.wait_for(lambda: fake.threads_created and fake.threads_created[0])
+            thread_id = await fake.first_thread()
             await env.answered(thread_id, shown_in=thread_id)
             await fake.send(mention)  # a gateway replay of the same message
             await fake.settle(0.6)
@@ -283,7 +283,7 @@ def test_discord_a_thread_with_an_id_of_its_own_still_continues_the_conversation
             mention = fake.user_message(fake.general, "What is this?", mention=True,
                                         attachments=[fake.add_attachment(png_bytes())])  # fmt: skip
             await fake.send(mention)
-            thread_id = await fake.wait_for(lambda: fake.threads_created and fake.threads_created[0])
+            thread_id = await fake.first_thread()
             assert str(thread_id) != mention["id"]
             await env.answered(mention["id"], shown_in=thread_id)
             await fake.send(fake.user_message(thread_id, "Is it big?"))

@@ -47,7 +47,7 @@ def test_discord_role_allow_list_through_mentions_and_ask(tmp_path: Path) -> Non
                                         attachments=[fake.add_attachment(png_bytes())])  # fmt: skip
             assert mention["member"]["roles"] == [str(ml_team)]
             await fake.send(mention)
-            thread_id = await fake.wait_for(lambda: fake.threads_created and fake.threads_created[0])
+            thread_id = await fake.first_thread()
             await env.answered(thread_id, shown_in=thread_id)
 
             # Bob has not: a reply saying so, no thread, nothing stored.
@@ -97,7 +97,7 @@ def test_discord_denied_role_wins_and_roles_made_while_running_count(tmp_path: P
             await fake.send(fake.user_message(fake.dm, "What?", attachments=[fake.add_attachment(png_bytes())]))
             await env.answered(fake.dm, channel=fake.dm, workspace="dm", shown_in=fake.dm)
             await fake.interact(fake.ask(fake.add_attachment(png_bytes()), "What is this?"))
-            thread_id = await fake.wait_for(lambda: fake.threads_created and fake.threads_created[0])
+            thread_id = await fake.first_thread()
             await env.answered(thread_id, shown_in=fake.general)
             bobs = await fake.interact(fake.ask(fake.add_attachment(png_bytes()), "Mine?", user=fake.bob))
             (notice,) = await fake.wait_for(lambda: fake.ephemerals())

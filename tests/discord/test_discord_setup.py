@@ -108,7 +108,7 @@ def test_discord_readiness_follows_the_gateway(tmp_path: Path, caplog: pytest.Lo
             mention = fake.user_message(fake.general, "What is this?", mention=True,
                                         attachments=[fake.add_attachment(png_bytes())])  # fmt: skip
             await fake.send(mention)
-            thread_id = await fake.wait_for(lambda: fake.threads_created and fake.threads_created[0])
+            thread_id = await fake.first_thread()
             await env.answered(thread_id, shown_in=thread_id)
             await adapter.stop()
             assert await adapter.problem() == "Discord: stopped"

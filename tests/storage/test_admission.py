@@ -13,8 +13,6 @@ from datetime import timedelta
 import pytest
 
 from storage import Database
-from storage.tables import Base
-from tests.pg import truncate_tables
 
 LIMIT = 3
 
@@ -52,12 +50,6 @@ def test_simultaneous_admissions_count_exactly(db_url: str, processes: int) -> N
     alice, bob, counted, workspace = asyncio.run(main())
     assert alice.count(True) == LIMIT and bob.count(True) == LIMIT
     assert counted == LIMIT and workspace == 2 * LIMIT
-
-
-@pytest.fixture
-def pg_url(pg_schema_url: str) -> str:
-    truncate_tables(pg_schema_url, [t.name for t in Base.metadata.sorted_tables])
-    return pg_schema_url
 
 
 def test_admissions_of_different_workspaces_do_not_wait_for_each_other(pg_url: str) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import tomllib
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,19 @@ def inspect_schema(url: str) -> dict[str, Any]:
     return asyncio.run(_inspect(url))
 
 
+def _on_db(url: str, fn: Callable[[Database], Awaitable[Any]]) -> Any:
+    """``fn(Database(url))`` in a fresh event loop, disposing the engine after."""
+
+    async def main() -> Any:
+        db = Database(url)
+        try:
+            return await fn(db)
+        finally:
+            await db.dispose()
+
+    return asyncio.run(main())
+
+
 async def _old_turn(db: Database, conversation_id: int, role: str, text_: str, status: str) -> None:
     """A turn written at an old revision, in plain SQL: the models' Turn has columns those revisions lack."""
     async with db.engine.begin() as conn:
@@ -120,27 +135,19 @@ def test_the_comparison_would_notice_a_different_schema(empty_db_url):
 def test_data_survives_a_no_op_re_upgrade(empty_db_url):
     migrate.upgrade(empty_db_url)
 
-    async def write() -> int:
-        db = Database(empty_db_url)
-        try:
-            conv = await db.get_or_create_conversation(ConversationKey("slack", "T", "C", "t"))
-            await db.add_turns(conv.id, [{"role": "user", "text": "still here"}])
-            await db.set_quota("user", "slack", "T", "U", tokens_per_day=5)
-            return conv.id
-        finally:
-            await db.dispose()
+    async def write(db: Database) -> int:
+        conv = await db.get_or_create_conversation(ConversationKey("slack", "T", "C", "t"))
+        await db.add_turns(conv.id, [{"role": "user", "text": "still here"}])
+        await db.set_quota("user", "slack", "T", "U", tokens_per_day=5)
+        return conv.id
 
-    async def read(conv_id: int) -> tuple[list[str], int | None]:
-        db = Database(empty_db_url)
-        try:
-            quota = await db.quota_setting("user", "slack", "T", "U")
-            return [t.text for t in await db.turns(conv_id)], quota.tokens_per_day if quota else None
-        finally:
-            await db.dispose()
+    async def read(db: Database) -> tuple[list[str], int | None]:
+        quota = await db.quota_setting("user", "slack", "T", "U")
+        return [t.text for t in await db.turns(conv_id)], quota.tokens_per_day if quota else None
 
-    conv_id = asyncio.run(write())
+    conv_id = _on_db(empty_db_url, write)
     assert migrate.upgrade(empty_db_url) == HEAD
-    assert asyncio.run(read(conv_id)) == (["still here"], 5)
+    assert _on_db(empty_db_url, read) == (["still here"], 5)
 
 
 def test_followed_threads_arrive_in_0002_without_touching_existing_data(empty_db_url):
@@ -148,28 +155,20 @@ def test_followed_threads_arrive_in_0002_without_touching_existing_data(empty_db
     assert migrate.upgrade(empty_db_url, "0001") == "0001"
     assert "followed_threads" not in inspect_schema(empty_db_url)["tables"]
 
-    async def write() -> int:
-        db = Database(empty_db_url)
-        try:
-            conv = await db.get_or_create_conversation(ConversationKey("slack", "T", "C", "t"))
-            await _old_turn(db, conv.id, "user", "from 0001", "done")
-            return conv.id
-        finally:
-            await db.dispose()
+    async def write(db: Database) -> int:
+        conv = await db.get_or_create_conversation(ConversationKey("slack", "T", "C", "t"))
+        await _old_turn(db, conv.id, "user", "from 0001", "done")
+        return conv.id
 
-    async def follow_and_read(conv_id: int) -> tuple[bool, list[str]]:
-        db = Database(empty_db_url)
-        try:
-            key = ConversationKey("slack", "T", "C", "t")
-            await db.follow_thread(key)
-            return await db.is_followed(key), [t.text for t in await db.turns(conv_id)]
-        finally:
-            await db.dispose()
+    async def follow_and_read(db: Database) -> tuple[bool, list[str]]:
+        key = ConversationKey("slack", "T", "C", "t")
+        await db.follow_thread(key)
+        return await db.is_followed(key), [t.text for t in await db.turns(conv_id)]
 
-    conv_id = asyncio.run(write())
+    conv_id = _on_db(empty_db_url, write)
     assert migrate.upgrade(empty_db_url) == HEAD
     assert inspect_schema(empty_db_url)["diff"] == []
-    assert asyncio.run(follow_and_read(conv_id)) == (True, ["from 0001"])
+    assert _on_db(empty_db_url, follow_and_read) == (True, ["from 0001"])
     assert migrate.downgrade(empty_db_url, "0001") == "0001"
     tables = inspect_schema(empty_db_url)["tables"]
     assert "followed_threads" not in tables and "conversations" in tables
@@ -180,28 +179,20 @@ def test_workers_arrive_in_0003_and_old_unfinished_answers_have_no_worker(empty_
     then marks interrupted as before), and a downgrade to 0002 removes it again with the data kept."""
     assert migrate.upgrade(empty_db_url, "0002") == "0002"
 
-    async def write() -> int:
-        db = Database(empty_db_url)
-        try:
-            conv = await db.get_or_create_conversation(ConversationKey("slack", "T", "C", "t"))
-            await _old_turn(db, conv.id, "assistant", "half", "streaming")
-            return conv.id
-        finally:
-            await db.dispose()
+    async def write(db: Database) -> int:
+        conv = await db.get_or_create_conversation(ConversationKey("slack", "T", "C", "t"))
+        await _old_turn(db, conv.id, "assistant", "half", "streaming")
+        return conv.id
 
-    async def recover(conv_id: int) -> tuple[int, list[tuple[str, str | None]]]:
-        db = Database(empty_db_url)
-        try:
-            await db.register_worker("w", "h", 1)
-            changed = await db.mark_interrupted(live_since=db.now(), exclude="w")
-            return changed, [(t.status, t.worker) for t in await db.turns(conv_id)]
-        finally:
-            await db.dispose()
+    async def recover(db: Database) -> tuple[int, list[tuple[str, str | None]]]:
+        await db.register_worker("w", "h", 1)
+        changed = await db.mark_interrupted(live_since=db.now() - timedelta(minutes=1))
+        return changed, [(t.status, t.worker) for t in await db.turns(conv_id)]
 
-    conv_id = asyncio.run(write())
+    conv_id = _on_db(empty_db_url, write)
     assert migrate.upgrade(empty_db_url) == HEAD
     assert inspect_schema(empty_db_url)["diff"] == []
-    assert asyncio.run(recover(conv_id)) == (1, [("interrupted", None)])
+    assert _on_db(empty_db_url, recover) == (1, [("interrupted", None)])
     assert migrate.downgrade(empty_db_url, "0002") == "0002"
     tables = inspect_schema(empty_db_url)["tables"]
     assert "workers" not in tables and "turns" in tables
