@@ -70,8 +70,11 @@ class QuotaPolicy:
     async def effective(
         self, scope: str, platform: str, workspace: str, user: str = "", *, reader: UsageReader | None = None
     ) -> QuotaLimits:
+        return self.limits(scope, await (reader or self.db).quota_setting(scope, platform, workspace, user))
+
+    def limits(self, scope: str, row: Any) -> QuotaLimits:
+        """The defaults of ``scope`` with a stored override ``row`` applied (``None``: no override)."""
         base = self.defaults(scope)
-        row = await (reader or self.db).quota_setting(scope, platform, workspace, user)
         if row is None:
             return base
         values = {name: getattr(row, name) for name in QuotaLimits.model_fields if getattr(row, name) is not None}

@@ -74,7 +74,7 @@ async def quota_overview(
     for scope, who in [*([("user", user)] if user is not None else []), ("workspace", "")]:
         row = await db.quota_setting(scope, platform, workspace, who)
         defaults = policy.defaults(scope)
-        limits = await policy.effective(scope, platform, workspace, who)
+        limits = policy.limits(scope, row)
         usage = await policy.usage(platform, workspace, who if scope == "user" else None, now)
         lines = []
         for name in QuotaLimits.model_fields:
