@@ -576,10 +576,10 @@ class Admission:
     """
 
     def __init__(self, session: Any, dialect: str, usage_id: int, platform: str, workspace: str) -> None:
-        self._session, self._dialect = session, dialect
+        self._session = session
         self.usage_id = usage_id
         """The reservation's ledger row, for :meth:`Database.finish_turn`."""
-        self._lock_key = _advisory_key("quota", platform, workspace)
+        self._lock_key = advisory_key("quota", platform, workspace)
         self._locked = dialect != "postgresql"  # SQLite: the reservation's insert holds the write lock
 
     async def quota_setting(self, scope: str, platform: str, workspace: str, user_id: str = "") -> QuotaSetting | None:
@@ -596,8 +596,9 @@ class Admission:
         return await _usage_windows(self._session, platform, workspace, user_id, starts, not_id=self.usage_id)
 
 
-def _advisory_key(*parts: str) -> int:
-    """A stable signed 64-bit key for ``pg_advisory_xact_lock`` (the same in every process)."""
+def advisory_key(*parts: str) -> int:
+    """A stable signed 64-bit key for PostgreSQL's ``pg_advisory_xact_lock`` (the same in every process):
+    quota admissions per workspace, schema upgrades (:mod:`storage.migrate`)."""
     digest = hashlib.sha256("\x00".join(parts).encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
 

@@ -21,6 +21,8 @@ from sqlalchemy import func, pool, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from storage.db import advisory_key
+
 __all__ = [
     "MIGRATIONS_DIR",
     "SchemaMismatch",
@@ -126,16 +128,13 @@ def _adopt(conn: Connection) -> None:
     context.stamp(ScriptDirectory.from_config(alembic_config()), "heads")
 
 
-MIGRATION_LOCK = 0x6D696E69_67707434  # "minigpt4": the PostgreSQL advisory lock key of schema upgrades
-
-
 def _upgrade(conn: Connection, revision: str) -> None:
     """Adopt an unversioned schema, then migrate: one transaction that first takes a database-wide lock —
     ``pg_advisory_xact_lock`` on PostgreSQL (DDL is transactional there), ``BEGIN IMMEDIATE`` on SQLite — so
     a second process starting at the same moment waits, then finds the schema at its revision and does
     nothing, instead of creating the same tables again and failing."""
     if conn.dialect.name == "postgresql":
-        conn.execute(select(func.pg_advisory_xact_lock(MIGRATION_LOCK)))
+        conn.execute(select(func.pg_advisory_xact_lock(advisory_key("schema upgrade"))))
     elif conn.dialect.name == "sqlite":
         conn.exec_driver_sql("BEGIN IMMEDIATE")
     _adopt(conn)
