@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bot.core.config import ConfigError, Settings, load_settings
-from bot.core.plugins import FRONTENDS, plugin_names
+from bot.core.plugins import BACKENDS, FRONTENDS, load_plugin, plugin_names
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,6 +24,31 @@ def test_documented_bot_toml_equals_code_defaults():
     for name in plugin_names(FRONTENDS):
         assert name in tables, f"[{name}] is not documented in bot.toml"
         assert documented.frontend(name) == default.frontend(name), name
+    # So is every installed backend's table that has settings.
+    for name in plugin_names(BACKENDS):
+        if load_plugin(BACKENDS, name).settings.model_fields:
+            assert name in tables, f"[{name}] is not documented in bot.toml"
+            assert documented.backend(name) == default.backend(name), name
+
+
+def test_backend_tables_are_validated_by_their_backend_with_the_other_errors(tmp_path):
+    """A backend owns its table like a front end: the core has no [ray] of its own, yet a bad [ray] value
+    is reported in the same message as a bad core or front-end value."""
+    assert "ray" not in Settings.model_fields
+    path = tmp_path / "bot.toml"
+    path.write_text('[ray]\nnum_gpus = -1\nbogus = 1\n[web]\nport = 99999\n[model]\ndtype = "float64"\n[rey]\nx = 1\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    message = str(info.value)
+    assert "5 invalid setting(s)" in message
+    for where in ("ray.num_gpus", "ray.bogus", "web.port", "model.dtype", "rey: unknown table"):
+        assert where in message
+    assert "backends installed: local, " in message
+    path.write_text('[engine]\nbackend = "ray"\n[ray]\nreplicas = 3\n')
+    settings = load_settings(path)
+    assert settings.backend().replicas == 3 and settings.backend("ray") is settings.backend()
+    assert load_settings(None).backend("ray").replicas == 1  # defaults when the table is absent
+    assert type(load_settings(None).backend()).model_fields == {}  # local: no table of its own
 
 
 def test_front_end_tables_are_validated_by_their_front_end(tmp_path):

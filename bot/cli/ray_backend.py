@@ -11,21 +11,67 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
+
+from pydantic import Field, field_validator, model_validator
 
 from bot.cli.backends import engine_config
-from bot.core.backend import BackendPlugin, GenerationBackend
+from bot.core.backend import BackendPlugin, BackendSettings, GenerationBackend
 from bot.core.config import Settings
 
 if TYPE_CHECKING:
     from model.engine.ray_serve import ReplicaSpec, ServeOptions
 
-__all__ = ["INSTALL_HINT", "RAY", "RaySetupError", "replica_spec", "serve_options"]
+__all__ = ["INSTALL_HINT", "RAY", "RaySettings", "RaySetupError", "ray_settings", "replica_spec", "serve_options"]
 
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = 'pip install "minigpt4-bot[ray]"'
 NAMESPACE = "minigpt4-bot"
+
+
+class RaySettings(BackendSettings):
+    """``[ray]``: the engine as Ray Serve replicas, used when ``[engine] backend = "ray"`` (the ``ray`` extra).
+
+    Each replica runs one engine with the ``[engine]`` limits; ``max_ongoing_requests`` is the replica's
+    slot count (0 = ``[engine] max_batch``).  ``max_replicas`` > 0 turns on Ray Serve autoscaling between
+    ``min_replicas`` and ``max_replicas`` (``replicas`` is then the initial count).
+    """
+
+    address: str = Field(
+        "", description='"" = start a local Ray; "auto" or "HOST:6379" = a cluster this machine is a node of'
+    )
+    app_name: str = Field("minigpt4", min_length=1)
+    replicas: int = Field(1, ge=1)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(0, ge=0)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    num_gpus: float = Field(1.0, ge=0)
+    num_cpus: float = Field(1.0, ge=0)
+    max_ongoing_requests: int = Field(0, ge=0)
+    max_queued_requests: int = Field(64, ge=-1)
+    affinity: bool = True
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if value.strip().startswith("ray://"):
+            raise ValueError(
+                "Ray Client (ray://) cannot stream from Ray Serve: make this machine a node of the cluster "
+                '(ray start --address=HEAD:6379 --num-cpus=0 --num-gpus=0) and set address = "auto"'
+            )
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _autoscaling_range(self) -> RaySettings:
+        if self.max_replicas and self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
+
+def ray_settings(settings: Settings) -> RaySettings:
+    """The validated ``[ray]`` table (its defaults when absent)."""
+    return cast(RaySettings, settings.backend("ray"))
 
 
 class RaySetupError(RuntimeError):
@@ -50,7 +96,7 @@ def serve_options(settings: Settings) -> ServeOptions:
     """The ``[ray]`` table as deployment options (``max_ongoing_requests = 0`` → ``[engine] max_batch``)."""
     from model.engine.ray_serve import ServeOptions
 
-    ray = settings.ray
+    ray = ray_settings(settings)
     return ServeOptions(
         app_name=ray.app_name,
         replicas=ray.replicas,
@@ -72,7 +118,7 @@ def _connect(settings: Settings) -> bool:
 
     started = False
     if not ray.is_initialized():
-        address = settings.ray.address or None
+        address = ray_settings(settings).address or None
         kwargs: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": settings.log_level == "DEBUG"}
         if address is None:
             kwargs["include_dashboard"] = False
@@ -180,4 +226,4 @@ def _shutdown() -> None:
     ray.shutdown()
 
 
-RAY = BackendPlugin(name="ray", create=_create_ray)
+RAY = BackendPlugin(name="ray", create=_create_ray, settings=RaySettings)

@@ -6,6 +6,12 @@ The core dispatches on those types (:meth:`bot.core.service.BotService._stream`)
 decides what a user is told.  The local engine (``model.engine.backend.EngineBackend``) implements
 this; Ray Serve and vLLM backends plug in the same way, chosen by ``[engine] backend`` through the
 entry-point group ``minigpt4_bot.backends`` (:mod:`bot.core.plugins`).
+
+A backend owns its ``bot.toml`` table the way a front end does: :attr:`BackendPlugin.settings` is a
+pydantic model, the table is named after the plugin (``[ray]``, ``[vllm]``), ``load_settings``
+validates it with every other table (all errors reported together) and
+:meth:`bot.core.config.Settings.backend` returns it.  The core knows no backend's settings: adding a
+backend touches no file of ``bot/core``.
 """
 
 from __future__ import annotations
@@ -14,12 +20,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequenc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from pydantic import BaseModel, ConfigDict
+
 from model.engine.api import ChatTurn, FinalEvent, TokenEvent
 
 if TYPE_CHECKING:
     from bot.core.config import Settings
 
-__all__ = ["BackendPlugin", "ChatTurn", "GenerationBackend"]
+__all__ = ["BackendPlugin", "BackendSettings", "ChatTurn", "GenerationBackend"]
 
 
 @runtime_checkable
@@ -54,16 +62,27 @@ class GenerationBackend(Protocol):
         ...
 
 
+class BackendSettings(BaseModel):
+    """Base of a backend's ``bot.toml`` table (named after the backend); unknown keys are errors.
+
+    A backend without settings of its own (``local`` reads ``[engine]``) keeps this empty model.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
 @dataclass(frozen=True)
 class BackendPlugin:
     """The entry-point object of a backend: ``create(settings, **overrides)`` builds and starts it.
 
     Overrides are keyword arguments the entry layer may pass (the local backend takes an already
-    loaded ``model=``); a backend ignores the ones it does not know.
+    loaded ``model=``); a backend ignores the ones it does not know.  ``settings`` validates the
+    backend's own table (``settings.backend(name)`` returns it).
     """
 
     name: str
     create: Callable[..., Awaitable[GenerationBackend]]
+    settings: type[BackendSettings] = BackendSettings
 
     async def start(self, settings: Settings, **overrides: Any) -> GenerationBackend:
         return await self.create(settings, **overrides)

@@ -12,9 +12,10 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bot.core.api import FrontEndSettings
+from bot.core.backend import BackendSettings
 from bot.core.plugins import BACKENDS, FRONTENDS, load_plugin, plugin_names
 from storage.url import (
     DATABASE_URL_ENV,
@@ -33,7 +34,6 @@ __all__ = [
     "EngineSettings",
     "GenerationSettings",
     "ModelSettings",
-    "RaySettings",
     "RenderSettings",
     "Settings",
     "find_config",
@@ -144,45 +144,6 @@ class EngineSettings(_Strict):
         return value
 
 
-class RaySettings(_Strict):
-    """``[ray]``: the engine as Ray Serve replicas, used when ``[engine] backend = "ray"`` (the ``ray`` extra).
-
-    Each replica runs one engine with the ``[engine]`` limits; ``max_ongoing_requests`` is the replica's
-    slot count (0 = ``[engine] max_batch``).  ``max_replicas`` > 0 turns on Ray Serve autoscaling between
-    ``min_replicas`` and ``max_replicas`` (``replicas`` is then the initial count).
-    """
-
-    address: str = Field(
-        "", description='"" = start a local Ray; "auto" or "HOST:6379" = a cluster this machine is a node of'
-    )
-    app_name: str = Field("minigpt4", min_length=1)
-    replicas: int = Field(1, ge=1)
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(0, ge=0)
-    target_ongoing_requests: float = Field(8.0, gt=0)
-    num_gpus: float = Field(1.0, ge=0)
-    num_cpus: float = Field(1.0, ge=0)
-    max_ongoing_requests: int = Field(0, ge=0)
-    max_queued_requests: int = Field(64, ge=-1)
-    affinity: bool = True
-
-    @field_validator("address")
-    @classmethod
-    def _address(cls, value: str) -> str:
-        if value.strip().startswith("ray://"):
-            raise ValueError(
-                "Ray Client (ray://) cannot stream from Ray Serve: make this machine a node of the cluster "
-                '(ray start --address=HEAD:6379 --num-cpus=0 --num-gpus=0) and set address = "auto"'
-            )
-        return value.strip()
-
-    @model_validator(mode="after")
-    def _autoscaling_range(self) -> RaySettings:
-        if self.max_replicas and self.min_replicas > self.max_replicas:
-            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
-        return self
-
-
 DEFAULT_PRESETS: dict[str, str] = {
     "describe": "Describe this image in detail.",
     "story": "Write a short story inspired by this image.",
@@ -276,9 +237,10 @@ class DatabaseSettings(_Strict):
 class Settings(_Strict):
     """The whole ``bot.toml``.
 
-    Besides the core's tables, each installed front end (``bot.core.plugins``) owns one table named
-    after it (``[web]``, ``[slack]`` …), validated by the front end's own settings model: read it
-    with :meth:`frontend`.  Any other table is an error (reported by :func:`load_settings`).
+    Besides the core's tables, each installed front end and generation backend (``bot.core.plugins``)
+    owns one table named after it (``[web]``, ``[slack]``, ``[ray]`` …), validated by the plugin's own
+    settings model: read it with :meth:`frontend` / :meth:`backend`.  Any other table is an error
+    (reported by :func:`load_settings`).
     """
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
@@ -288,7 +250,6 @@ class Settings(_Strict):
     model: ModelSettings = Field(default_factory=ModelSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
-    ray: RaySettings = Field(default_factory=RaySettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     presets: PresetSettings = Field(default_factory=PresetSettings)
     quotas: QuotaSettings = Field(default_factory=QuotaSettings)
@@ -297,13 +258,20 @@ class Settings(_Strict):
 
     def frontend(self, name: str) -> FrontEndSettings:
         """The validated ``[name]`` table of an installed front end (its defaults when absent)."""
+        return self._plugin_table(FRONTENDS, name)
+
+    def backend(self, name: str | None = None) -> BackendSettings:
+        """The validated table of an installed backend (default: ``[engine] backend``), defaults when absent."""
+        return self._plugin_table(BACKENDS, name or self.engine.backend)
+
+    def _plugin_table(self, group: str, name: str) -> Any:
         extra = self.__pydantic_extra__ if self.__pydantic_extra__ is not None else {}
         value = extra.get(name)
-        if isinstance(value, FrontEndSettings):
+        model = load_plugin(group, name).settings
+        if isinstance(value, model):
             return value
-        plugin = load_plugin(FRONTENDS, name)
         try:
-            validated = plugin.settings.model_validate(value or {})
+            validated = model.model_validate(value or {})
         except ValidationError as exc:
             raise ConfigError(_format_errors(None, exc, prefix=name)) from None
         extra[name] = validated
@@ -351,21 +319,25 @@ def _format_errors(path: Path | None, exc: ValidationError | list[str], prefix: 
 
 
 def _validate(data: dict[str, Any], path: Path | None) -> Settings:
-    """The core's tables and every front end's table, all problems reported together."""
+    """The core's tables and every front end's and backend's table, all problems reported together."""
     lines: list[str] = []
     settings: Settings | None = None
     try:
         settings = Settings.model_validate(data)
     except ValidationError as exc:
         lines += _error_lines(exc)
-    tables: dict[str, FrontEndSettings] = {}
-    installed = plugin_names(FRONTENDS)
-    for name in data.keys() - Settings.model_fields.keys():
-        if name not in installed:
-            lines.append(f"  {name}: unknown table or setting (front ends installed: {', '.join(installed)})")
+    tables: dict[str, BaseModel] = {}
+    frontends, backends = plugin_names(FRONTENDS), plugin_names(BACKENDS)
+    for name in sorted(data.keys() - Settings.model_fields.keys()):
+        group = FRONTENDS if name in frontends else BACKENDS if name in backends else None
+        if group is None:
+            lines.append(
+                f"  {name}: unknown table or setting (front ends installed: {', '.join(frontends)}; "
+                f"backends installed: {', '.join(backends)})"
+            )
             continue
         try:
-            tables[name] = load_plugin(FRONTENDS, name).settings.model_validate(data[name])
+            tables[name] = load_plugin(group, name).settings.model_validate(data[name])
         except ValidationError as exc:
             lines += _error_lines(exc, name)
     if lines or settings is None:

@@ -8,13 +8,17 @@ the bots, passwords from the environment, and embedded configs that load.  The `
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
 import re
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from aiohttp import ClientSession, web
 
 from bot.core.config import load_settings
 from bot.core.plugins import BACKENDS, plugin_names
@@ -112,7 +116,7 @@ def test_scale_compose_runs_the_bot_on_postgresql_with_an_optional_ray_head(
         path.write_text(config["content"])
         configs[name] = load_settings(path)
     assert configs["bot-local"].engine.backend == "local"
-    assert configs["bot-ray"].engine.backend == "ray" and configs["bot-ray"].ray.address == "auto"
+    assert configs["bot-ray"].engine.backend == "ray" and configs["bot-ray"].backend().address == "auto"
     for name in ("bot", "bot-ray"):
         (mounted,) = services[name]["configs"]
         assert mounted["target"] == "/etc/minigpt4-bot/bot.toml"  # where MINIGPT4_BOT_CONFIG points
@@ -158,3 +162,75 @@ def test_scale_the_local_backend_needs_no_ray(tmp_path: Path) -> None:
         "assert 'ray' not in sys.modules, 'ray was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+RAY_PORTS = {6379, 8265, 10001, 52365, 8076, 8077, 8078, 8000, 9000}  # GCS, dashboard, client, agent, internals
+"""Ports Ray listens on by default (``ray start --help``): none of them may leave the compose network."""
+
+
+def _published(service: dict[str, Any]) -> list[int]:
+    """The container ports a service publishes on the host (short ``[IP:]HOST:CONTAINER`` or long syntax)."""
+    ports = []
+    for entry in service.get("ports", []):
+        target = entry.get("target") if isinstance(entry, dict) else str(entry).rsplit(":", 1)[-1].split("/")[0]
+        ports.append(int(target))
+    return ports
+
+
+def test_scale_compose_publishes_only_the_web_chat_and_keeps_ray_s_dashboard_on_loopback(
+    compose: dict[str, Any],
+) -> None:
+    """Ray has no authentication (its Jobs API runs whatever it is sent): issue 26, item 12."""
+    services = compose["services"]
+    published = {name: _published(service) for name, service in services.items() if _published(service)}
+    assert published == {"bot": [8080]}  # the web chat; no Ray port, no PostgreSQL
+    for name, service in services.items():
+        assert service.get("network_mode") != "host", f"{name} would put every port on the host"
+        assert not RAY_PORTS & {int(str(p).split("/")[0]) for p in service.get("expose", [])}, name
+        command = " ".join(map(str, service.get("command", [])))
+        hosts = re.findall(r"--dashboard-host[= ](\S+)", command)
+        assert all(host in ("127.0.0.1", "localhost", "::1") for host in hosts), f"{name}: dashboard on {hosts}"
+        if "ray start" in command.replace('"', "") and "--head" in command:
+            assert hosts or "--include-dashboard=false" in command, f"{name}: say where the dashboard listens"
+
+
+def test_scale_the_dashboard_forwarder_reaches_a_loopback_only_server() -> None:
+    """scripts/ray_dashboard.py, the documented way in: a real HTTP server on loopback stands in for the
+    dashboard, and the bridge runs under this Python instead of ``docker compose exec -T ray-head python``."""
+    spec = importlib.util.spec_from_file_location("ray_dashboard", ROOT / "scripts" / "ray_dashboard.py")
+    forwarder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(forwarder)
+    assert forwarder.bridge_command(forwarder.DEFAULT_EXEC)[:5] == ["docker", "compose", "exec", "-T", "ray-head"]
+
+    async def main() -> None:
+        page = "x" * 300_000  # larger than one pipe buffer, both ways
+        app = web.Application()
+        app.router.add_post("/api/jobs/", _echo)
+        app.router.add_get("/", lambda _: _page(page))
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        dashboard = runner.addresses[0][1]
+        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        command = [sys.executable, "-c", forwarder.BRIDGE.format(port=dashboard)]
+        task = asyncio.create_task(forwarder.serve(0, command, ready))
+        port = await ready
+        try:
+            async with ClientSession() as http:
+                async with http.get(f"http://127.0.0.1:{port}/") as response:
+                    assert response.status == 200 and await response.text() == page
+                async with http.post(f"http://127.0.0.1:{port}/api/jobs/", data=page) as response:
+                    assert await response.text() == str(len(page))
+        finally:
+            task.cancel()
+            await runner.cleanup()
+
+    asyncio.run(main())
+
+
+async def _page(text: str) -> web.Response:
+    return web.Response(text=text)
+
+
+async def _echo(request: web.Request) -> web.Response:
+    return web.Response(text=str(len(await request.read())))

@@ -310,7 +310,7 @@ def test_scale_weights_that_do_not_load_fail_the_start_in_one_line(cluster: dict
     settings = cluster["settings"].model_copy(
         update={
             "model": cluster["settings"].model.model_copy(update={"llm": str(tmp_path / "nowhere"), "vit": "x.pth"}),
-            "ray": cluster["settings"].ray.model_copy(update={"app_name": "scale-broken", "replicas": 1,
+            "ray": cluster["settings"].backend("ray").model_copy(update={"app_name": "scale-broken", "replicas": 1,
                                                               "num_gpus": 0, "num_cpus": 0.5}),
         }
     )  # fmt: skip
