@@ -43,6 +43,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.slack.files import SlackFiles
+from adapters.slack.http import events_app
 from adapters.slack.render import SlackThread, escape_mrkdwn, no_fence, slack_format, strip_mention
 from adapters.slack.settings import SlackSettings
 from adapters.streaming import InFlight, StreamedReply, TokenBucket
@@ -158,7 +159,7 @@ class SlackFrontEnd:
         if s.mode == "socket":
             await self._connect(tokens)
         else:
-            self._runner = web.AppRunner(self.app.web_app(path=EVENTS_PATH), access_log=None)
+            self._runner = web.AppRunner(events_app(self.app, tokens.signing_secret, EVENTS_PATH), access_log=None)
             await self._runner.setup()
             await web.TCPSite(self._runner, s.http_host, s.http_port).start()
             self.http_port = next(a[1] for a in self._runner.addresses if isinstance(a, tuple))

@@ -514,9 +514,11 @@ class FakeSlack:
         content_type: str = "application/json",
         retry_num: int | None = None,
         secret: str | None = None,
+        timestamp: str | None = None,
     ) -> tuple[int, str, float]:
-        """POST a body signed like Slack (``secret`` overrides the real one); returns (status, text, seconds)."""
-        timestamp = str(int(time.time()))
+        """POST a body signed like Slack (``secret``, ``timestamp`` override the real ones); returns (status,
+        text, seconds)."""
+        timestamp = str(int(time.time())) if timestamp is None else timestamp
         signature = SignatureVerifier(secret or self.signing_secret).generate_signature(timestamp=timestamp, body=body)
         headers = {"Content-Type": content_type, "X-Slack-Request-Timestamp": timestamp, "X-Slack-Signature": signature}
         if retry_num is not None:

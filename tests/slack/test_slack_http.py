@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from slack_helpers import CHANNEL, png_bytes, slack_env
+from slack_helpers import CHANNEL, ScriptedBackend, png_bytes, slack_env
 
 
 def test_http_events_are_verified_acked_fast_and_answered_once(demo_backend: Any, tmp_path: Path) -> None:
@@ -52,5 +54,62 @@ def test_http_events_are_verified_acked_fast_and_answered_once(demo_backend: Any
             assert status == 200 and seconds < 3.0
             await fake.wait_for(lambda: fake.responses)
             assert fake.responses[0]["response_type"] == "ephemeral" and "`recipe`" in fake.responses[0]["text"]
+
+    asyncio.run(main())
+
+
+def _records(caplog: Any, level: int) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno >= level]
+
+
+def test_http_a_bad_timestamp_is_401_and_one_warning(tmp_path: Path, caplog: Any) -> None:
+    """``X-Slack-Request-Timestamp: abc`` (or stale, or missing): refused as unauthenticated, one log line."""
+
+    async def main() -> None:
+        async with slack_env(tmp_path, backend=ScriptedBackend("A red square."), mode="http") as env:
+            fake, url = env.fake, env.events_url
+            mention = fake.mention(CHANNEL, "What is this?", files=[fake.add_file(png_bytes())])
+            caplog.clear()
+            status, _, _ = await fake.http_event(url, mention, timestamp="abc")
+            assert status == 401
+            assert not _records(caplog, logging.ERROR)
+            warnings = [r.getMessage() for r in _records(caplog, logging.WARNING)]
+            assert len(warnings) == 1 and "X-Slack-Request-Timestamp" in warnings[0], warnings
+            assert all(r.exc_info is None for r in caplog.records)
+
+            caplog.clear()
+            status, _, _ = await fake.http_event(url, mention, timestamp=str(int(time.time()) - 3600))
+            assert status == 401 and not _records(caplog, logging.ERROR)  # a replayed old request
+            status, _, _ = await fake.http_event(url, mention, timestamp="")
+            assert status == 401 and not _records(caplog, logging.ERROR)
+            await fake.settle(0.3)
+            assert not fake.downloads and not fake.bot_replies(CHANNEL, mention["ts"])
+
+            # The bot is still serving: the same event, signed properly, is answered.
+            assert (await fake.http_event(url, mention))[0] == 200
+            await env.answered(mention["ts"])
+
+    asyncio.run(main())
+
+
+def test_http_a_signed_body_that_is_not_json_is_400(tmp_path: Path, caplog: Any) -> None:
+    async def main() -> None:
+        async with slack_env(tmp_path, backend=ScriptedBackend("A red square."), mode="http") as env:
+            fake, url = env.fake, env.events_url
+            caplog.clear()
+            bodies = ('{"type": "event_callback", "event": ', "{not json", "payload=%7Bnot+json", "[1, 2]")
+            for body in bodies:
+                kind = "application/x-www-form-urlencoded" if body.startswith("payload=") else "application/json"
+                status, _, _ = await fake.http_post(url, body, content_type=kind)
+                assert status == 400, body
+            assert not _records(caplog, logging.ERROR)
+            assert len(_records(caplog, logging.WARNING)) == len(bodies)  # one line each, no traceback
+            assert all(r.exc_info is None for r in caplog.records)
+            # Unsigned garbage is still 401, not 400: nothing is parsed before the signature holds.
+            assert (await fake.http_post(url, "{not json", secret="not-the-secret"))[0] == 401
+
+            mention = fake.mention(CHANNEL, "What is this?", files=[fake.add_file(png_bytes())])
+            assert (await fake.http_event(url, mention))[0] == 200
+            await env.answered(mention["ts"])
 
     asyncio.run(main())
