@@ -5,7 +5,9 @@ every answer that contains an HTML document (:func:`~bot.core.website.extract_ht
 two :class:`~bot.core.requests.ReplyFile` values to the final reply — ``website.png`` (rendered in the
 sandbox of :mod:`bot.core.render`) and ``website.html`` — and each front end shows them its own way.
 A page cut off at the token limit is completed and the reply says so.  Without Chromium the reply
-carries the file alone and the log says once how to turn previews on.
+carries the file alone; the log says so once, when the core is built (at start, not at the first
+``website`` answer), with how to turn previews on — and warns once when Chromium will run without its
+sandbox because the bot runs as root.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import time
 
 from prometheus_client import Counter, Histogram
 
+from bot.core import render
 from bot.core.config import RenderSettings
 from bot.core.metrics import BotMetrics
-from bot.core.render import ENABLE_HINT, ChromiumRenderer, PageRenderer, RenderError
+from bot.core.render import ChromiumRenderer, PageRenderer, RenderError
 from bot.core.requests import Final, ReplyFile
 from bot.core.website import extract_html
 
@@ -35,7 +38,7 @@ class WebsitePreviews:
     def __init__(self, settings: RenderSettings, metrics: BotMetrics, renderer: PageRenderer | None = None) -> None:
         self.settings = settings
         self.renderer = renderer if renderer is not None else (ChromiumRenderer(settings) if settings.enabled else None)
-        self._warned = False
+        self._warned = False  # previews-off said once per process (per core): at start, or at the first failure
         self.renders = Counter(
             "minigpt4_renders", "Website previews, by outcome (ok | failed | unavailable)", ["outcome"],
             registry=metrics.registry,
@@ -44,6 +47,19 @@ class WebsitePreviews:
             "minigpt4_render_seconds", "Time to render one website preview", registry=metrics.registry,
             buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30),
         )  # fmt: skip
+        self._say_at_start()
+
+    def _say_at_start(self) -> None:
+        """What an operator must know before the first ``website`` answer: previews are off (no Chromium),
+        or Chromium will run without its sandbox (root).  Only for the built-in Chromium renderer."""
+        if not isinstance(self.renderer, ChromiumRenderer):
+            return  # previews disabled in bot.toml, or a renderer of the caller's own
+        if render.find_chromium(self.settings.chromium_path) is None:
+            self._warned = True
+            why = render.missing_chromium(self.settings.chromium_path)
+            log.warning(_OFF, why, render.ENABLE_HINT)
+        elif render.runs_as_root():
+            log.warning("website previews: %s", render.NO_SANDBOX_HINT)
 
     async def attach(self, final: Final) -> Final:
         """``final`` with ``website.png`` (when rendering works) and ``website.html`` added, if it holds a page."""
@@ -71,8 +87,7 @@ class WebsitePreviews:
                 self.renders.labels("unavailable").inc()
                 if not self._warned:
                     self._warned = True
-                    log.warning("website previews are off (%s); answers carry the .html file only. To enable "
-                                "them: %s", exc, ENABLE_HINT)  # fmt: skip
+                    log.warning(_OFF, exc, exc.hint)
             else:
                 self.renders.labels("failed").inc()
                 log.warning("website preview failed: %s", exc)
@@ -84,3 +99,6 @@ class WebsitePreviews:
     async def close(self) -> None:
         if self.renderer is not None:
             await self.renderer.close()
+
+
+_OFF = "website previews are off (%s); answers carry the .html file only. To turn them on: %s"

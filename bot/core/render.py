@@ -14,6 +14,8 @@ The page is model output, so it is treated as hostile:
 
 The browser is the system Chromium (``[render] chromium_path``, else found on ``PATH``): browser
 downloads are not part of installing the bot.  Playwright drives it without blocking the event loop.
+Chromium's own process sandbox cannot start as root, so a bot running as root launches it with
+``--no-sandbox`` (:func:`runs_as_root`); :mod:`bot.core.previews` says so once at start.
 """
 
 from __future__ import annotations
@@ -27,21 +29,35 @@ from typing import Any, Protocol, runtime_checkable
 
 from bot.core.config import RenderSettings
 
-__all__ = ["CHROMIUM_NAMES", "ChromiumRenderer", "PageRenderer", "RenderError", "find_chromium"]
+__all__ = [
+    "CHROMIUM_NAMES", "ENABLE_HINT", "NO_SANDBOX_HINT", "ChromiumRenderer", "PageRenderer", "RenderError",
+    "chromium_args", "find_chromium", "missing_chromium", "runs_as_root",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 VIEWPORT = {"width": 1280, "height": 800}
 ENABLE_HINT = "install Chromium (Debian/Ubuntu: apt-get install chromium) or set [render] chromium_path in bot.toml"
+NO_SANDBOX_HINT = (
+    "the bot runs as root, so Chromium renders website previews without its own sandbox (--no-sandbox): "
+    "JavaScript and network stay off, but a flaw in Chromium would run as root. Run the bot as a non-root "
+    "user (the Docker image runs as uid 10001), or set [render] enabled = false"
+)
+LAUNCH_HINT = (
+    "fix the launch error (as a non-root user Chromium's sandbox needs user namespaces, which a container's "
+    "seccomp profile may forbid: docs/scaling.md), or set [render] enabled = false"
+)
 
 
 class RenderError(Exception):
-    """A page could not be rendered; ``str(exc)`` is for logs.  ``unavailable``: no browser at all."""
+    """A page could not be rendered; ``str(exc)`` is for logs.  ``unavailable``: no browser at all, and
+    ``hint`` says how to get one (logged once, apart from the message, so it is never said twice)."""
 
-    def __init__(self, message: str, *, unavailable: bool = False) -> None:
+    def __init__(self, message: str, *, unavailable: bool = False, hint: str = "") -> None:
         super().__init__(message)
         self.unavailable = unavailable
+        self.hint = hint
 
 
 @runtime_checkable
@@ -58,6 +74,23 @@ def find_chromium(configured: str = "") -> str | None:
     if configured:
         return configured if os.path.isfile(configured) and os.access(configured, os.X_OK) else None
     return next((found for name in CHROMIUM_NAMES if (found := shutil.which(name))), None)
+
+
+def missing_chromium(configured: str = "") -> str:
+    """Why :func:`find_chromium` found nothing, for the log (without the hint)."""
+    if configured:
+        return f"[render] chromium_path = {configured!r} is not an executable file"
+    return f"no Chromium on PATH (looked for {', '.join(CHROMIUM_NAMES)})"
+
+
+def runs_as_root() -> bool:
+    """Whether this process is root: Chromium's sandbox then cannot start and is switched off."""
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def chromium_args(as_root: bool) -> list[str]:
+    """Chromium's command-line switches: no GPU, and no sandbox only where it cannot run (root)."""
+    return ["--no-sandbox", "--disable-gpu"] if as_root else ["--disable-gpu"]
 
 
 class ChromiumRenderer:
@@ -113,21 +146,22 @@ class ChromiumRenderer:
                 return self._browser
             executable = find_chromium(self.settings.chromium_path)
             if executable is None:
-                raise RenderError(f"no Chromium found: {ENABLE_HINT}", unavailable=True)
+                raise RenderError(missing_chromium(self.settings.chromium_path), unavailable=True, hint=ENABLE_HINT)
             try:
                 from playwright.async_api import async_playwright
             except ImportError:  # pragma: no cover - playwright is a dependency
-                raise RenderError("the playwright package is not installed", unavailable=True) from None
+                missing = "the playwright package is missing"
+                raise RenderError(missing, unavailable=True, hint="pip install playwright") from None
             if self._playwright is None:
                 self._playwright = await async_playwright().start()
-            # Chromium's own sandbox cannot run as root (containers): JavaScript and network stay off either way.
-            args = ["--no-sandbox"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
+            # Chromium's own sandbox cannot run as root: JavaScript and network stay off either way.
             try:
                 self._browser = await self._playwright.chromium.launch(
-                    executable_path=executable, headless=True, args=[*args, "--disable-gpu"]
+                    executable_path=executable, headless=True, args=chromium_args(runs_as_root())
                 )
             except Exception as exc:
-                raise RenderError(f"cannot start Chromium at {executable}: {exc}", unavailable=True) from exc
+                message = f"cannot start Chromium at {executable}: {type(exc).__name__}: {_first_line(exc)}"
+                raise RenderError(message, unavailable=True, hint=LAUNCH_HINT) from exc
             log.info("website previews: headless Chromium at %s", executable)
             return self._browser
 
@@ -140,6 +174,11 @@ class ChromiumRenderer:
         if playwright is not None:
             with contextlib.suppress(Exception):
                 await playwright.stop()
+
+
+def _first_line(exc: Exception) -> str:
+    """Playwright's launch errors carry the whole browser log: the first line says what failed."""
+    return (str(exc).strip().splitlines() or [""])[0][:300]
 
 
 async def _page_height(page: Any) -> int:

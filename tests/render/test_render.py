@@ -7,9 +7,12 @@ a server on loopback that counts every request it gets, so "no network" is measu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
+import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ from PIL import Image
 
 from bot.core.config import RenderSettings, Settings
 from bot.core.previews import REPAIRED_NOTE
-from bot.core.render import ChromiumRenderer, RenderError, find_chromium
+from bot.core.render import ChromiumRenderer, RenderError, chromium_args, find_chromium
 from bot.core.requests import Final, ImageAttachment, Request
 from bot.core.service import BotService
 from bot.core.website import extract_html
@@ -151,18 +154,28 @@ def test_render_limits_time_size_and_height(chromium: str) -> None:
 # ----------------------------------------------------------------------------- through the core
 
 
-async def _ask(tmp_path: Path, answer: str, caplog: Any = None, **render: Any) -> list[Any]:
+@contextlib.asynccontextmanager
+async def _service(tmp_path: Path, answer: str, **render: Any) -> AsyncIterator[BotService]:
     db = Database(sqlite_url(tmp_path / "render.db"))
     await db.create_all()
     service = BotService(Settings.model_validate({"render": render}), db, ScriptedBackend(answer))
     try:
-        picture = io.BytesIO()
-        Image.new("RGB", (32, 32), (250, 250, 250)).save(picture, format="PNG")
-        request = Request("web", "local", "chat", "t1", "u", "website", (ImageAttachment(picture.getvalue()),))
-        return [e async for e in service.handle(request)]
+        yield service
     finally:
         await service.close()
         await db.dispose()
+
+
+async def _website(service: BotService, thread: str = "t1") -> list[Any]:
+    picture = io.BytesIO()
+    Image.new("RGB", (32, 32), (250, 250, 250)).save(picture, format="PNG")
+    request = Request("web", "local", "chat", thread, "u", "website", (ImageAttachment(picture.getvalue()),))
+    return [e async for e in service.handle(request)]
+
+
+async def _ask(tmp_path: Path, answer: str, **render: Any) -> list[Any]:
+    async with _service(tmp_path, answer, **render) as service:
+        return await _website(service)
 
 
 def test_render_a_website_answer_comes_with_preview_and_file(chromium: str, tmp_path: Path) -> None:
@@ -186,20 +199,45 @@ def test_render_a_truncated_answer_still_gives_a_preview(chromium: str, tmp_path
     assert _png(preview.data).getpixel((200, 150)) == (0, 0, 255)
 
 
-def test_render_without_chromium_gives_the_file_and_says_how(tmp_path: Path, caplog: Any) -> None:
+def _warnings(caplog: Any, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and text in r.getMessage()]
+
+
+def test_render_without_chromium_gives_the_file_and_says_how_once_at_start(tmp_path: Path, caplog: Any) -> None:
+    """Issue 26, item 11: the hint was logged at the first website answer, and said twice in that line."""
     caplog.set_level(logging.WARNING)
     answer = "```html\n" + PAGE + "\n```"
 
-    async def twice() -> list[Any]:
-        first = await _ask(tmp_path, answer, chromium_path="/nonexistent/chromium")
-        second = await _ask(tmp_path / "again", answer, chromium_path="/nonexistent/chromium")
-        return [first[-1], second[-1]]
+    async def main() -> tuple[list[str], list[Any]]:
+        async with _service(tmp_path, answer, chromium_path="/nonexistent/chromium") as service:
+            at_start = _warnings(caplog, "website previews are off")
+            return at_start, [(await _website(service, thread))[-1] for thread in ("t1", "t2")]
 
-    (tmp_path / "again").mkdir()
-    for final in asyncio.run(twice()):
+    at_start, finals = asyncio.run(main())
+    for final in finals:
         assert [f.filename for f in final.files] == ["website.html"]
-    warnings = [r.getMessage() for r in caplog.records if "website previews are off" in r.getMessage()]
-    assert len(warnings) == 2 and "apt-get install chromium" in warnings[0]  # once per service (two here)
+    (warning,) = at_start  # before any answer
+    assert "'/nonexistent/chromium' is not an executable file" in warning
+    assert warning.count("apt-get install chromium") == 1
+    assert _warnings(caplog, "website previews are off") == at_start  # and never again per answer
+
+
+def test_render_as_root_says_once_at_start_that_chromium_has_no_sandbox(
+    chromium: str, tmp_path: Path, caplog: Any
+) -> None:
+    """Issue 26, item 21: root means --no-sandbox; say it, with what to do.  Not root: Chromium keeps its sandbox."""
+    caplog.set_level(logging.WARNING)
+    answer = "```html\n" + PAGE + "\n```"
+    final = asyncio.run(_ask(tmp_path, answer))[-1]
+    assert [f.filename for f in final.files] == ["website.png", "website.html"]  # renders either way
+    warnings = _warnings(caplog, "--no-sandbox")
+    assert len(warnings) == (1 if os.geteuid() == 0 else 0)
+    assert all("non-root user" in w for w in warnings)
+    assert "--no-sandbox" in chromium_args(as_root=True) and "--no-sandbox" not in chromium_args(as_root=False)
+    caplog.clear()
+    (tmp_path / "off").mkdir()
+    asyncio.run(_ask(tmp_path / "off", answer, enabled=False))
+    assert not _warnings(caplog, "website previews")  # previews off in bot.toml: nothing to warn about
 
 
 def test_render_disabled_or_no_page_means_no_files(tmp_path: Path) -> None:

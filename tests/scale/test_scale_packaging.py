@@ -66,6 +66,11 @@ def test_scale_dockerfile_runs_as_non_root_with_a_healthcheck_and_mounted_weight
     users = [rest for word, rest in final if word == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")  # numeric, so runAsNonRoot can verify it
     assert users[-1].split(":")[0].isdigit()
+    uid = users[-1].split(":")[0]  # that uid exists and owns the state volume (SQLite, demo weights, files)
+    (created,) = [rest for word, rest in final if word == "RUN" and "useradd" in rest]
+    assert f"--uid {uid}" in created and re.search(r"chown \S+ /var/lib/minigpt4-bot", created)
+    assert ("VOLUME", '["/var/lib/minigpt4-bot"]') in final
+    assert final.index(("USER", users[-1])) < [w for w, _ in final].index("ENTRYPOINT")  # Chromium: not root
     (check,) = [rest for word, rest in final if word == "HEALTHCHECK"]
     assert "/healthz" in check and "--start-period=" in check  # liveness, after model loading
     assert "8080" in check and ("EXPOSE", "8080") in final
