@@ -166,13 +166,43 @@ class Database:
     # ------------------------------------------------------------------ events
 
     async def mark_event(self, platform: str, event_id: str) -> bool:
-        """Record a platform event id; ``False`` if it was seen before (a retry or redelivery)."""
+        """Record a platform event id; ``False`` if it was seen before (a retry or redelivery) — unless the
+        answer it got failed or was interrupted (a crash, the user left): that event is claimed again, so a
+        retry is answered.  An event still being answered, or answered, stays a duplicate."""
         try:
             async with self.sessions.begin() as session:
                 session.add(ProcessedEvent(platform=platform, event_id=event_id, received_at=self.now()))
         except IntegrityError:
-            return False
+            return await self._retake_event(platform, event_id)
         return True
+
+    async def _retake_event(self, platform: str, event_id: str) -> bool:
+        """Claim a seen event whose answer failed or was interrupted: one conditional UPDATE that clears its
+        link, so of simultaneous retries exactly one wins (the others find the link already cleared).  No
+        link: refused before an answer, or being answered and not stored yet — a duplicate."""
+        ended = select(Turn.id).where(Turn.status.in_(("failed", "interrupted")))
+        claim = (
+            update(ProcessedEvent)
+            .where(ProcessedEvent.platform == platform, ProcessedEvent.event_id == event_id)
+            .where(ProcessedEvent.turn_id.in_(ended))
+            .values(turn_id=None, received_at=self.now())
+        )
+        async with self.sessions.begin() as session:
+            return bool((await session.execute(claim)).rowcount)
+
+    async def event_seen(self, platform: str, event_id: str) -> bool:
+        """Whether :meth:`mark_event` would refuse the event now (a read: nothing recorded) — for a front end
+        that asks before fetching what a request needs.  An event whose answer failed or was interrupted is
+        not seen: its retry will be answered."""
+        query = (
+            select(Turn.status)
+            .select_from(ProcessedEvent)
+            .outerjoin(Turn, Turn.id == ProcessedEvent.turn_id)
+            .where(ProcessedEvent.platform == platform, ProcessedEvent.event_id == event_id)
+        )
+        async with self.sessions() as session:
+            found = (await session.execute(query)).first()
+        return found is not None and found.status not in ("failed", "interrupted")
 
     async def prune_events(self, older_than: datetime) -> int:
         async with self.sessions.begin() as session:
@@ -331,8 +361,12 @@ class Database:
             rows = await session.execute(select(ImageBlob.id, *columns).where(ImageBlob.id.in_(list(set(ids)))))
             return {row.id: {c.key: getattr(row, c.key) for c in columns} for row in rows.all()}
 
-    async def add_turns(self, conversation_id: int, turns: Sequence[dict[str, Any]]) -> list[Turn]:
-        """Append turns (dicts of Turn columns) after the last one, atomically."""
+    async def add_turns(
+        self, conversation_id: int, turns: Sequence[dict[str, Any]], *, event: tuple[str, str] | None = None
+    ) -> list[Turn]:
+        """Append turns (dicts of Turn columns) after the last one, atomically.  ``event`` (platform, event
+        id): the processed event these turns answer, linked to the last turn in the same transaction, so a
+        crash can never leave an answer whose event a retry cannot find (:meth:`mark_event`)."""
         for _ in range(5):
             async with self.sessions() as session:
                 try:
@@ -351,6 +385,13 @@ class Database:
                         for i, values in enumerate(turns)
                     ]
                     session.add_all(rows)
+                    if event is not None:
+                        await session.flush()
+                        await session.execute(
+                            update(ProcessedEvent)
+                            .where(ProcessedEvent.platform == event[0], ProcessedEvent.event_id == event[1])
+                            .values(turn_id=rows[-1].id)
+                        )
                     await session.commit()
                     return rows
                 except IntegrityError:  # should not happen with the lock above; retry to be safe
@@ -374,9 +415,21 @@ class Database:
                 else:
                     await session.execute(update(UsageEntry).where(row).values(turn_id=turn_id, tokens=tokens))
 
+    async def save_partial(self, turn_id: int, text: str) -> bool:
+        """Store the text streamed so far of an answer still being written (a cheap UPDATE of one row), so a
+        crash keeps it.  Only while the answer is unfinished: a late write never overwrites a final one."""
+        async with self.sessions.begin() as session:
+            result = await session.execute(
+                update(Turn)
+                .where(Turn.id == turn_id, Turn.status.in_(("pending", "streaming")))
+                .values(text=text, updated_at=self.now())
+            )
+            return bool(result.rowcount)
+
     async def mark_interrupted(self, *, live_since: datetime | None = None, dead: Sequence[str] = ()) -> int:
         """Answers left ``pending``/``streaming`` by a process that is gone become ``interrupted`` (kept, not
-        deleted).  Without ``live_since``: every unfinished answer (one process, at its start).  With it: only
+        deleted, with the text :meth:`save_partial` stored while they streamed).  Without ``live_since``:
+        every unfinished answer (one process, at its start).  With it: only
         those of processes whose heartbeat is older than ``live_since``, listed in ``dead`` or unknown (no
         worker recorded, or its row pruned) — and the rows of workers not seen since ``live_since`` are pruned.
         A caller that has just touched its own row (:meth:`register_worker`) is alive by that rule."""

@@ -201,13 +201,19 @@ class AccessRule(Base):
 
 
 class ProcessedEvent(Base):
-    """Platform event ids already handled: retries and redeliveries hit the primary key and are ignored."""
+    """Platform event ids already handled: retries and redeliveries hit the primary key and are ignored —
+    unless the answer the event got (``turn_id``) failed or was interrupted: then a retry is answered again.
+
+    ``turn_id`` is a soft link (no foreign key): a purge may delete the turn, and an event whose answer is
+    gone counts as answered.
+    """
 
     __tablename__ = "processed_events"
 
     platform: Mapped[str] = mapped_column(String(32), primary_key=True)
     event_id: Mapped[str] = mapped_column(String(255), primary_key=True)
     received_at: Mapped[datetime] = mapped_column()
+    turn_id: Mapped[int | None] = mapped_column(Integer)  # the answer turn, once stored (:meth:`add_turns`)
 
 
 class Worker(Base):

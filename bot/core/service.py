@@ -5,8 +5,10 @@ For each message: drop redeliveries (a unique event id in SQL) → access rules 
 → preset → quota (checked and the request's usage reserved in one transaction) → store the user
 turn and a pending answer → stream the answer from the backend → store it with its token counts,
 completing the usage reservation.  Errors become :class:`~bot.core.requests.Final` replies with
-user-facing text; details go to the log.  A failed or interrupted answer is marked as such; no stored
-history is deleted (a failed answer only gives its usage reservation back).
+user-facing text; details go to the log.  A failed or interrupted answer is marked as such and keeps the
+text streamed until then (stored about every second while streaming, so a crash keeps most of it); no
+stored history is deleted (a failed answer only gives its usage reservation back).  A retried event whose
+answer failed or was interrupted is answered again.
 """
 
 from __future__ import annotations
@@ -125,6 +127,44 @@ def _key(ref: ThreadRef) -> ConversationKey:
     return ConversationKey(ref.platform, ref.workspace, ref.channel, ref.thread)
 
 
+def _streamed(parts: list[str]) -> str:
+    """The text of the tokens streamed so far, cleaned as a finished answer would be."""
+    return sanitize_output("".join(parts)).strip()
+
+
+class _PartialSaver:
+    """Stores an answer's streamed text every ``every_s`` seconds while it streams, so a crash (kill -9)
+    keeps most of what the user saw: in the background, at most one write in flight, so a slow database
+    delays no token.  Best effort: a failed write is logged once and the answer goes on."""
+
+    def __init__(self, db: Database, turn_id: int, every_s: float) -> None:
+        self._db, self._turn_id, self._every_s = db, turn_id, every_s
+        self._due = time.monotonic() + every_s
+        self._task: asyncio.Task[None] | None = None
+        self._warned = False
+
+    def offer(self, parts: list[str]) -> None:
+        """Called after each token: starts a write when one is due and none is running."""
+        now = time.monotonic()
+        if now < self._due or (self._task is not None and not self._task.done()):
+            return
+        self._due = now + self._every_s
+        self._task = asyncio.ensure_future(self._write(_streamed(parts)))
+
+    async def settle(self) -> None:
+        """Wait for a write still in flight (the answer is finishing normally)."""
+        if self._task is not None:
+            await self._task
+
+    async def _write(self, text: str) -> None:
+        try:
+            await self._db.save_partial(self._turn_id, text)
+        except Exception as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning("turn %s: could not store the text streamed so far: %r", self._turn_id, exc)
+
+
 class BotService:
     """Ties config, storage, quotas, presets and the model backend together; implements
     :class:`bot.core.api.Core`, the only surface front ends use (the database and the backend stay private)."""
@@ -135,6 +175,10 @@ class BotService:
     """How long it waits for one front end's ``problem()``."""
     STORE_RETRY_DELAYS_S: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
     """Waits between the tries of an answer's final write (6 tries over ~8 s): the user has seen the answer."""
+    PARTIAL_SAVE_S = 1.0
+    """How often the text of an answer being streamed is stored (one small UPDATE, in the background): a
+    kill -9 mid-answer loses at most about this much of what the user saw.  Not a setting: a second is
+    cheap for the database at any load the engine can stream, and short next to any answer worth keeping."""
 
     def __init__(
         self,
@@ -380,7 +424,8 @@ class BotService:
             new_turns.append({"role": "user", "text": question, "image_id": image_ids[-1] if image_ids else None,
                               "user_id": request.user})  # fmt: skip
             new_turns.append({"role": "assistant", "status": "pending", "worker": self.worker.id})
-            stored = await self._db.add_turns(conversation.id, new_turns)
+            event = (request.platform, request.event_id) if request.event_id else None
+            stored = await self._db.add_turns(conversation.id, new_turns, event=event)
         except BaseException:
             await self._release(usage_id)  # nothing was stored or sent: the request is not charged
             raise
@@ -429,6 +474,7 @@ class BotService:
         status, error = "failed", None
         generated = 0  # token events seen: what an interrupted answer is charged
         stream: AsyncIterator[TokenEvent | FinalEvent] | None = None
+        partial = _PartialSaver(self._db, turn_id, self.PARTIAL_SAVE_S)  # what a crash or a walk-away keeps
         try:
             stream = self._backend.stream(
                 turns=turns,
@@ -450,6 +496,7 @@ class BotService:
                     await self._mark_streaming(turn_id)
                 if event.text:
                     parts.append(event.text)
+                    partial.offer(parts)
                     if safe := shown.feed(event.text):
                         yield Delta(safe)
             if rest := shown.flush():
@@ -468,10 +515,11 @@ class BotService:
                 except Exception as exc:
                     log.warning("turn %s: closing the backend stream failed: %r", turn_id, exc)
             if status != "done":
-                try:
+                try:  # the text streamed so far is kept: the user saw it (a late partial write cannot undo this)
                     await asyncio.shield(
                         self._db.finish_turn(turn_id, status=status, error=error, finish_reason=status,
-                                             usage_id=usage_id, tokens=generated, release=status == "failed")
+                                             text=_streamed(parts), usage_id=usage_id, tokens=generated,
+                                             release=status == "failed")
                     )  # fmt: skip
                 except Exception as exc:  # the database is down too: recover() marks it interrupted at the next start
                     log.error("turn %s: could not mark the answer %s: %r", turn_id, status, exc)
@@ -489,6 +537,7 @@ class BotService:
             ttft_ms=round(ttft * 1000) if ttft is not None else None,
             duration_ms=round((time.monotonic() - started) * 1000),
         )
+        await partial.settle()  # its write finishes before the final one (which it could not undo anyway)
         # The user has seen this answer stream: its final write outlives a database blip (bounded retries)
         # and a request cancelled meanwhile (a task of its own), and the answer is shown even if it fails.
         write = asyncio.ensure_future(self._store_answer(conversation_id, turn_id, values))

@@ -21,7 +21,7 @@ from tests import pg
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLES = {t.name for t in Base.metadata.sorted_tables}
-HEAD = "0003"
+HEAD = "0004"
 
 
 async def _inspect(url: str) -> dict[str, Any]:
