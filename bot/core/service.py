@@ -408,15 +408,15 @@ class BotService:
         history = await self._db.turns(conversation.id) if conversation is not None else []
         if not checked and not any(t.image_id for t in history):
             raise NoImageError()
-        if conversation is None:
-            conversation = await self._db.get_or_create_conversation(key)
-            history = await self._db.turns(conversation.id)
         # Preset prompts come from bot.toml, where "\u0000" is valid TOML: clean what is stored and sent.
         question = clean_text(self._presets.question(command, bool(checked), request.workspace, request.channel))
         if not question and not checked:
             raise UserInputError("What would you like to know about the picture?")
         usage_id = await self._quotas.admit(request.platform, request.workspace, request.user, len(checked))
         try:
+            if conversation is None:  # only now: a refused request leaves no empty conversation behind
+                conversation = await self._db.get_or_create_conversation(key)
+                history = await self._db.turns(conversation.id)
             image_ids = [await self._db.add_image(c.data, c.mime, c.width, c.height) for c in checked]
             new_turns: list[dict[str, Any]] = [
                 {"role": "user", "text": "", "image_id": i, "user_id": request.user} for i in image_ids[:-1]
