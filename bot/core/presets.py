@@ -21,7 +21,10 @@ class Command:
     question: str = ""
 
 
-_FIRST_WORD = re.compile(r"^\s*[/!]?([A-Za-z][\w-]*)\s*[:,]?\s*(.*)$", re.DOTALL)
+_SLASHED = re.compile(r"^([/!])([A-Za-z][\w-]*)(?:\s+(.*))?$", re.DOTALL)
+"""``/story about a cat`` (or ``!story …`` where ``/`` opens the platform's own commands, as in Slack)."""
+_ALONE = re.compile(r"^([A-Za-z][\w-]*)\s*[.!?:]?$")
+"""A message that is one word (``story``, ``Help?``)."""
 
 
 class PresetBook:
@@ -61,15 +64,27 @@ class PresetBook:
 
 
 def parse_message(text: str, presets: list[str], explicit_preset: str | None = None) -> Command:
-    """Recognise ``help`` / ``reset`` / ``settings`` and a leading preset name; the rest is the question."""
+    """What a message asks for.  A preset or a command is one only as a command: the message is exactly its
+    name (``story``, ``help``), or starts with a slash (``/story about a cat``, ``!story …``; the words after
+    it are added to the preset's prompt), or the front end picked the preset for this message
+    (``explicit_preset``: a web menu, a Discord option).  Anything else is a plain question, so "Describe
+    the roof please" or "Story time: tell me one" are asked as written.  Raises ``KeyError`` (a message
+    for the user) for an unknown ``/word`` or an unknown explicit preset."""
     text = text.strip()
-    match = _FIRST_WORD.match(text)
-    if match:
-        word, rest = match.group(1).lower(), match.group(2).strip()
-        if word in COMMANDS and not rest:
-            return Command(command=word)
-        if word in presets and explicit_preset is None:
-            return Command(preset=word, question=rest)
     if explicit_preset is not None and explicit_preset not in presets:
         raise KeyError(f"unknown preset {explicit_preset!r}")
+    if slashed := _SLASHED.match(text):
+        mark, word, rest = slashed.group(1), slashed.group(2).lower(), (slashed.group(3) or "").strip()
+        if word in COMMANDS:
+            return Command(command=word)
+        if word in presets:
+            return Command(preset=word, question=rest)  # typed: it wins over a preset picked in a menu
+        if mark == "/":  # "!wow, look" is a sentence; "/wow" a command the user mistyped
+            raise KeyError(f"I don't know /{word}")
+    if alone := _ALONE.match(text):
+        word = alone.group(1).lower()
+        if word in COMMANDS:
+            return Command(command=word)
+        if word in presets and explicit_preset is None:
+            return Command(preset=word)
     return Command(preset=explicit_preset, question=text)

@@ -66,7 +66,8 @@ def help_text(presets: list[str]) -> str:
         "MiniGPT-4 answers questions about pictures.\n"
         "• Send a picture with a question — or just a picture for a description.\n"
         "• Reply in the thread to follow up; new pictures join the conversation.\n"
-        f"• Start with a preset name to use its prompt: {names}.\n"
+        f"• Presets ask with a prepared prompt: {names}. Send the name alone (story), or after a slash with "
+        "words to add (/story about a cat; !story works too). Other messages are asked as written.\n"
         '• "reset" starts this thread over, "settings" shows the model and your limits, "help" shows this.'
     )
 

@@ -162,7 +162,7 @@ def test_presets_by_name_default_and_override(run):
         await h.ask(req("", png()))  # a bare picture uses the default preset
         assert h.backend.calls[-1]["turns"][-1]["text"] == "Describe this image in detail."
         await h.ask(req("poem: about cats", thread="t2"))  # no picture yet in t2 → help
-        await h.ask(req("poem about cats", png(), thread="t3"))
+        await h.ask(req("/poem about cats", png(), thread="t3"))
         assert h.backend.calls[-1]["turns"][-1]["text"] == "Write a poem inspired by this image. about cats"
         await h.ask(req("/recipe", png(), thread="t4"))
         assert h.backend.calls[-1]["turns"][-1]["text"] == "Vegetarian please."
