@@ -62,12 +62,13 @@ ProblemCheck = Callable[[], "str | Awaitable[str | None] | None"]
 def help_text(presets: list[str]) -> str:
     """The one help text, plain (no markup): every front end shows it as is or escaped."""
     names = ", ".join(presets)
+    eg = "story" if "story" in presets or not presets else presets[0]  # an example the bot really has
     return (
         "MiniGPT-4 answers questions about pictures.\n"
         "• Send a picture with a question — or just a picture for a description.\n"
         "• Reply in the thread to follow up; new pictures join the conversation.\n"
-        f"• Presets ask with a prepared prompt: {names}. Send the name alone (story), or after a slash with "
-        "words to add (/story about a cat; !story works too). Other messages are asked as written.\n"
+        f"• Presets ask with a prepared prompt: {names}. Send the name alone ({eg}), or after a slash with "
+        f"words to add (/{eg} about a cat; !{eg} works too). Other messages are asked as written.\n"
         '• "reset" starts this thread over, "settings" shows the model and your limits, "help" shows this.'
     )
 
