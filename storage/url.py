@@ -7,11 +7,14 @@ the admin commands resolve the effective URL with it, and logs print URLs throug
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import unquote_plus
 
 __all__ = [
     "DATABASE_URL_ENV",
+    "SECRET_PARAMS",
     "SQLITE_FILE",
     "DatabaseURLError",
     "effective_database_url",
@@ -53,19 +56,49 @@ def normalize_database_url(url: str) -> str:
     )
 
 
+SECRET_PARAMS = frozenset({"password", "sslpassword"})
+"""Query parameters that carry a secret (libpq's, which asyncpg and SQLAlchemy pass on): a password given as
+``postgresql://bot@host/db?password=…`` logs in like ``bot:…@host``, so it is treated the same everywhere."""
+
+
+_USERINFO = re.compile(r"^(?P<user>[^:/]*)(?::(?P<password>[^@]*))?@")
+"""``user[:password]@`` at the start of what follows ``://``, read as SQLAlchemy's ``make_url`` reads it (the
+password may hold ``/`` or ``?``; an ``@`` in the query after a user without a password is not the host's)."""
+
+
+def _secret_param(pair: str) -> bool:
+    """Whether ``name=value`` sets a secret parameter (names are compared decoded: ``pass%77ord`` too)."""
+    return unquote_plus(pair.partition("=")[0]).strip().lower() in SECRET_PARAMS
+
+
 def has_password(url: str) -> bool:
-    """Whether the URL carries a password (``user:secret@host``): never allowed in a config file."""
-    credentials = url.partition("://")[2].rpartition("@")[0]
-    return ":" in credentials
+    """Whether the URL carries a password — ``user:secret@host``, or a secret query parameter
+    (:data:`SECRET_PARAMS`: ``?password=…``, ``?sslpassword=…``): never allowed in a config file."""
+    _, sep, rest = url.partition("://")
+    if not sep:
+        return False
+    found = _USERINFO.match(rest)
+    if found is not None and found.group("password") is not None:
+        return True
+    query = rest.partition("?")[2].partition("#")[0]
+    return any(_secret_param(pair) for pair in query.split("&"))
 
 
 def hide_password(url: str) -> str:
-    """The URL with any password replaced by ``***``, safe for logs and messages."""
+    """The URL with every password replaced by ``***`` — the user info's and each secret query parameter's:
+    the one rendering of a database URL for logs, messages and the admin commands."""
     scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if sep and at and ":" in credentials:
-        return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}"
-    return url
+    if not sep:
+        return url
+    found = _USERINFO.match(rest)
+    if found is not None and found.group("password") is not None:
+        rest = f"{found.group('user')}:***@{rest[found.end() :]}"
+    base, mark, query = rest.partition("?")
+    if mark:
+        query, hash_, fragment = query.partition("#")
+        pairs = [f"{pair.partition('=')[0]}=***" if _secret_param(pair) else pair for pair in query.split("&")]
+        rest = f"{base}?{'&'.join(pairs)}{hash_}{fragment}"
+    return f"{scheme}://{rest}"
 
 
 def resolve_sqlite_path(url: str, base: Path) -> str:

@@ -49,13 +49,11 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def safe_url(url: str) -> str:
-    """The URL with its password hidden (a URL too broken to parse shows only its scheme)."""
-    try:
-        from sqlalchemy.engine import make_url
+    """The URL with its passwords hidden, in the user info and in the query (``?password=…``):
+    :func:`storage.url.hide_password`, the one rendering of a database URL."""
+    from storage.url import hide_password
 
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.partition("://")[0] + "://…"
+    return hide_password(url)
 
 
 def database_url(settings: Settings) -> str:
