@@ -19,6 +19,7 @@ from sqlalchemy import Integer, case, delete, event, func, select, text, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
+from storage.private import private_sqlite
 from storage.tables import (
     AccessRule,
     Base,
@@ -114,6 +115,7 @@ class Database:
         self.clock = clock
         kwargs: dict[str, Any] = {"echo": echo}
         if url.startswith("sqlite"):
+            private_sqlite(url)  # 0600 before SQLite creates it: the -wal/-shm files follow its mode
             kwargs["connect_args"] = {"timeout": 30}
         else:
             kwargs.update(pool_size=10, max_overflow=20, pool_pre_ping=True)

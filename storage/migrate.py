@@ -22,6 +22,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from storage.db import advisory_key
+from storage.private import private_sqlite
 
 __all__ = [
     "MIGRATIONS_DIR",
@@ -143,6 +144,7 @@ def _upgrade(conn: Connection, revision: str) -> None:
 
 async def _run(url: str, fn: Callable[[Connection], Any]) -> Any:
     target = _async_url(url)
+    private_sqlite(target)  # an upgrade may be what creates the SQLite file: 0600 from the start
     # SQLite: wait for another process's migration (the write lock) for up to a minute, not 5 s.
     kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}} if target.startswith("sqlite") else {}
     engine = create_async_engine(target, poolclass=pool.NullPool, **kwargs)

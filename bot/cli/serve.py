@@ -37,12 +37,12 @@ PRUNE_EVERY_S = 24 * 3600
 
 async def open_database(settings: Settings) -> Database:
     """Open the configured database and bring its schema up to date (Alembic); logs one line about it."""
-    from pathlib import Path
 
     from storage.migrate import current_async, upgrade_async
+    from storage.private import private_dir
     from storage.url import hide_password
 
-    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+    private_dir(settings.data_dir)  # 0700: every conversation and picture is in it
     url = settings.database_url()
     before = await current_async(url)
     after = await upgrade_async(url)

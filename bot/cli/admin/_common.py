@@ -63,7 +63,7 @@ def database_url(settings: Settings) -> str:
     except ConfigError as exc:
         fail(f"Bad database URL: {exc}", code=2)
     if url.startswith("sqlite") and ":memory:" not in url:
-        Path(url.partition(":///")[2]).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        Path(url.partition(":///")[2]).expanduser().parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     return url
 
 
