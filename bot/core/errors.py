@@ -44,7 +44,7 @@ class NoImageError(UserInputError):
     def __init__(self) -> None:
         super().__init__(
             "I need a picture to talk about: attach an image (JPEG, PNG, GIF or WebP) with your question, "
-            "or ask in a thread that already has one. Say `help` for what I can do."
+            "or ask in a thread that already has one. Say help for what I can do."
         )
 
 

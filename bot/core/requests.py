@@ -93,7 +93,8 @@ class ReplyFile:
 class Final:
     """A complete message: the full answer (replaces the streamed text) or a notice/help/error text.
 
-    ``meta`` of an answer: ``tokens`` (completion tokens) and ``turn_id`` (the stored answer).
+    ``meta`` of an answer: ``tokens`` (completion tokens), ``turn_id`` (the stored answer) and ``context_cut``
+    (the thread's oldest part was cut to fit ``max_length``; the first such answer of a thread says so).
     ``files``: what goes with it (e.g. the rendered preview and the page of a ``website`` answer).
     """
 

@@ -51,12 +51,20 @@ from model.engine.api import Busy, FinalEvent, RequestFailed, RequestRejected, T
 from storage import ID_LENGTHS, ConversationKey, Database, as_utc
 from storage.db import is_unavailable
 
-__all__ = ["BotService", "help_text"]
+__all__ = ["CUT_NOTE", "BotService", "help_text"]
 
 log = logging.getLogger(__name__)
 
 ProblemCheck = Callable[[], "str | Awaitable[str | None] | None"]
 """A running front end's readiness check (``FrontEnd.problem``): ``None`` when fine, else one line."""
+
+
+CUT_NOTE = (
+    "(This thread is now longer than the model reads at once, so it sees only the most recent part: its first "
+    "messages and maybe the picture no longer count. Say reset to start over.)"
+)
+"""Appended to the first answer of a thread whose oldest part was cut to fit ``max_length`` (the reference's
+left cut), so the user knows why the answers may forget the beginning."""
 
 
 def help_text(presets: list[str]) -> str:
@@ -433,9 +441,21 @@ class BotService:
             raise
         answer_turn = stored[-1]
         turns, images = await self._model_input(history + stored[:-1])
+        told = any(self._was_cut(t.prompt_tokens) for t in history if t.role == "assistant" and t.status == "done")
         async with aclosing(self._stream(request, conversation.id, answer_turn.id, usage_id, turns, images)) as events:
             async for event in events:
-                yield await self._previews.attach(event) if isinstance(event, Final) else event
+                if isinstance(event, Final):
+                    event = await self._previews.attach(event)
+                    if event.meta.get("context_cut") and not told:  # once per thread: the first cut answer
+                        event = dataclasses.replace(event, text=f"{event.text}\n\n{CUT_NOTE}")
+                yield event
+
+    def _was_cut(self, prompt_tokens: int) -> bool:
+        """Whether an answer's thread was cut from the left: backends report the prompt tokens they kept, at
+        most ``max_length - max_new_tokens`` (the engine's cut); a prompt that reaches that size was cut (or
+        fits exactly — the next turn will not)."""
+        g = self.settings.generation
+        return prompt_tokens >= g.max_length - g.max_new_tokens
 
     async def _release(self, usage_id: int) -> None:
         try:
@@ -549,7 +569,9 @@ class BotService:
         self.metrics.tokens.labels(request.platform).inc(completion)
         if ttft is not None:
             self.metrics.ttft.labels(request.platform).observe(ttft)
-        yield Final(text or "(no answer)", kind="answer", meta={"tokens": completion, "turn_id": turn_id})
+        cut = final is not None and self._was_cut(final.prompt_tokens)
+        meta = {"tokens": completion, "turn_id": turn_id, "context_cut": cut}
+        yield Final(text or "(no answer)", kind="answer", meta=meta)
 
     async def _mark_streaming(self, turn_id: int) -> None:
         """Best effort: a blip here must not end an answer that the final write may still store."""
