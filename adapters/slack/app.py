@@ -10,8 +10,8 @@
   (``SLACK_SIGNING_SECRET``, path ``/slack/events``) — the same listeners.  ``SLACK_BOT_TOKEN`` always.
   Every Web API call goes to ``[slack] api_url`` (GovSlack: ``https://slack-gov.com/api/``).
 * Redeliveries (``X-Slack-Retry-Num`` / Socket Mode ``retry_attempt``) are acked by bolt and dropped by
-  the core: the Slack ``event_id`` is the request's ``event_id``.  Bot messages and edits
-  (``message_changed`` …) are ignored.
+  the core: the Slack ``event_id`` is the request's ``event_id``; their pictures are not downloaded again
+  (``Core.seen_event``).  Bot messages and edits (``message_changed`` …) are ignored.
 * Answers stream into a placeholder (:class:`~adapters.streaming.StreamedReply` over
   :class:`~adapters.slack.render.SlackThread`), ``chat.update``s throttled per workspace and per answer;
   long answers continue in further messages.  429s are retried after ``Retry-After`` by slack_sdk's
@@ -48,7 +48,7 @@ from adapters.slack.render import SlackThread, escape_mrkdwn, no_fence, slack_fo
 from adapters.slack.settings import SlackSettings
 from adapters.streaming import InFlight, StreamedReply, TokenBucket
 from bot.core.api import Core, FrontEndSetupError
-from bot.core.requests import Final, Request, ThreadRef
+from bot.core.requests import Final, ImageAttachment, Request, ThreadRef
 
 __all__ = ["EVENTS_PATH", "PLATFORM", "SlackFrontEnd", "SlackTokens", "make_client"]
 
@@ -259,12 +259,23 @@ class SlackFrontEnd:
             event_id = body.get("event_id")
             log.info("slack %s %s in %s/%s thread %s", event.get("type"), event_id, team, channel, thread)
             reply = self._reply(team, channel, thread, user, in_thread="thread_ts" in event)
-            images = await self.files.download(event.get("files") or [])
+            images = await self._pictures(event, event_id)
             text = strip_mention(event.get("text", ""), context.bot_user_id)
             request = Request(
                 PLATFORM, team, channel, thread, user, text, images, event_id=event_id, addressed=addressed
             )
             await reply.run(self.core.handle(request))
+
+    async def _pictures(self, event: dict, event_id: str | None) -> tuple[ImageAttachment, ...]:
+        """The message's pictures — none fetched for an event the core will drop as a redelivery (Slack
+        retries an event it thinks was lost, and serves its files again each time).  The request still goes
+        to the core, which drops it, counts it and logs it; two deliveries at the same moment may both
+        download, and the core still answers one."""
+        assert self.files is not None
+        files = event.get("files") or []
+        if files and event_id and await self.core.seen_event(PLATFORM, event_id):
+            return ()
+        return await self.files.download(files)
 
     async def _command_reply(self, command: dict, context: Any) -> str:
         words = (command.get("text") or "").split()

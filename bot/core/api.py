@@ -119,6 +119,13 @@ class Core(Protocol):
         """
         ...
 
+    async def seen_event(self, platform: str, event_id: str) -> bool:
+        """Whether :meth:`handle` would drop ``event_id`` as a redelivery, asked before fetching what the
+        request needs (a platform's files): a read, nothing recorded.  ``handle`` still decides — two
+        deliveries at the same moment may both get ``False``.  ``False`` when it cannot tell (a database
+        outage: ``handle`` then answers with the error)."""
+        ...
+
     async def thread(self, ref: ThreadRef, *, turns: bool = False) -> ThreadView:
         """The thread's state (and its stored turns when ``turns``), for follow-up detection and history."""
         ...

@@ -37,7 +37,7 @@ from bot.core.errors import (
     UnsupportedRequest,
     UserInputError,
 )
-from bot.core.images import check_image
+from bot.core.images import check_images
 from bot.core.metrics import BotMetrics
 from bot.core.presets import Command, PresetBook, parse_message
 from bot.core.previews import WebsitePreviews
@@ -255,6 +255,18 @@ class BotService:
             if outcome == "answered":
                 self.metrics.latency.labels(request.platform).observe(time.monotonic() - started)
 
+    async def seen_event(self, platform: str, event_id: str) -> bool:
+        """:meth:`Core.seen_event`: the ids cleaned as :meth:`handle` cleans them, and storage's rule, which
+        agrees with the dedup ``handle`` applies; ``False`` when the database cannot tell (``handle`` then says so)."""
+        platform, event_id = clean_text(platform), clean_text(event_id)
+        if not event_id or len(platform) > ID_LENGTHS["platform"] or len(event_id) > ID_LENGTHS["event_id"]:
+            return False  # handle() does not dedup these (no id) or refuses them (too long)
+        try:
+            return await self._db.event_seen(platform, event_id)
+        except Exception as exc:
+            log.debug("seen_event(%s, %s) could not tell: %r", platform, event_id, exc)
+            return False
+
     async def thread(self, ref: ThreadRef, *, turns: bool = False) -> ThreadView:
         key = _key(ref)
         conversation = await self._db.live_conversation(key)
@@ -410,10 +422,8 @@ class BotService:
         limits = self.settings.images
         if len(request.images) > limits.max_per_message:
             raise ImageError(f"Please send at most {limits.max_per_message} pictures per message.")
-        checked = [
-            check_image(img.data, limits, name=img.filename or f"picture {i + 1}")
-            for i, img in enumerate(request.images)
-        ]
+        named = [(img.data, img.filename or f"picture {i + 1}") for i, img in enumerate(request.images)]
+        checked = await check_images(named, limits)  # decoded off the event loop, in a bounded pool
         conversation = await self._db.live_conversation(key)
         history = await self._db.turns(conversation.id) if conversation is not None else []
         if not checked and not any(t.image_id for t in history):

@@ -313,7 +313,9 @@ def test_a_download_failure_of_a_redelivered_event_is_answered_once(tmp_path: Pa
             await fake.wait_ack(again)
             await fake.wait_for(lambda: fake.ephemerals)
             await fake.settle()
-            assert len(fake.downloads) == 2  # each delivery tried the download; the core answered one of them
+            # Two deliveries at the same moment may both download (neither is recorded yet); one is answered.
+            assert 1 <= len(fake.downloads) <= 2
+            fetched = len(fake.downloads)
             (note,) = fake.ephemerals
             assert "files:read" in note["text"] and note["user"] == "UALICE"
             assert env.outcomes() == {"ImageError": 1.0, "duplicate": 1.0}
@@ -323,6 +325,7 @@ def test_a_download_failure_of_a_redelivered_event_is_answered_once(tmp_path: Pa
             await fake.wait_ack(late)
             await fake.settle()
             assert len(fake.ephemerals) == 1 and env.outcomes() == {"duplicate": 1.0}
+            assert len(fake.downloads) == fetched  # the core has it: the late one fetches nothing
             assert not fake.calls_of("chat.postMessage")
 
     asyncio.run(main())
