@@ -179,18 +179,22 @@ class Database:
         return True
 
     async def _retake_event(self, platform: str, event_id: str) -> bool:
-        """Claim a seen event whose answer failed or was interrupted: one conditional UPDATE that clears its
-        link, so of simultaneous retries exactly one wins (the others find the link already cleared).  No
-        link: refused before an answer, or being answered and not stored yet — a duplicate."""
+        """Claim a seen event whose answer failed or was interrupted, in one transaction that first takes the
+        event's row (a conditional UPDATE: of simultaneous retries exactly one wins, the others find the link
+        cleared), then clears the link and marks the earlier attempt's user turns ``retried``: kept, but left
+        out of what the model sees, so the retried message is not in the thread twice.  No link: refused
+        before an answer, or being answered and not stored yet — a duplicate."""
+        key = (ProcessedEvent.platform == platform, ProcessedEvent.event_id == event_id)
         ended = select(Turn.id).where(Turn.status.in_(("failed", "interrupted")))
-        claim = (
-            update(ProcessedEvent)
-            .where(ProcessedEvent.platform == platform, ProcessedEvent.event_id == event_id)
-            .where(ProcessedEvent.turn_id.in_(ended))
-            .values(turn_id=None, received_at=self.now())
-        )
         async with self.sessions.begin() as session:
-            return bool((await session.execute(claim)).rowcount)
+            claim = update(ProcessedEvent).where(*key, ProcessedEvent.turn_id.in_(ended))
+            if not (await session.execute(claim.values(received_at=self.now()))).rowcount:
+                return False
+            answer = await session.get(Turn, await session.scalar(select(ProcessedEvent.turn_id).where(*key)))
+            await session.execute(update(ProcessedEvent).where(*key).values(turn_id=None))
+            if answer is not None:
+                await session.execute(_attempt_questions(answer).values(status="retried", updated_at=self.now()))
+            return True
 
     async def event_seen(self, platform: str, event_id: str) -> bool:
         """Whether :meth:`mark_event` would refuse the event now (a read: nothing recorded) — for a front end
@@ -694,6 +698,17 @@ def _quota_key(scope: str, platform: str, workspace: str, user_id: str) -> tuple
         QuotaSetting.platform == platform,
         QuotaSetting.workspace == workspace,
         QuotaSetting.user_id == user_id,
+    )
+
+
+def _attempt_questions(answer: Turn) -> Any:
+    """An UPDATE of the user turns that asked for ``answer``: those after the answer before it."""
+    in_thread = Turn.conversation_id == answer.conversation_id
+    before = select(func.coalesce(func.max(Turn.seq), 0)).where(
+        in_thread, Turn.role == "assistant", Turn.seq < answer.seq
+    )
+    return update(Turn).where(
+        in_thread, Turn.role == "user", Turn.seq < answer.seq, Turn.seq > before.scalar_subquery()
     )
 
 

@@ -122,7 +122,9 @@ class Turn(Base):
     text: Mapped[str] = mapped_column(Text, default="")
     image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"))
     user_id: Mapped[str | None] = mapped_column(String(128))
-    status: Mapped[str] = mapped_column(String(16), default="done")  # pending|streaming|done|failed|interrupted
+    # assistant: pending|streaming|done|failed|interrupted; user: done, or retried (asked again by a retry of
+    # its event: kept, not sent to the model again)
+    status: Mapped[str] = mapped_column(String(16), default="done")
     finish_reason: Mapped[str | None] = mapped_column(String(16))
     error: Mapped[str | None] = mapped_column(Text)
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)

@@ -54,7 +54,7 @@ class ThreadTurn:
     id: int
     role: Literal["user", "assistant"]
     text: str
-    status: str  # pending | streaming | done | failed | interrupted
+    status: str  # pending | streaming | done | failed | interrupted; a user turn: done | retried (asked again)
     has_image: bool
     created_at: datetime | None
 

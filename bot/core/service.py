@@ -474,7 +474,9 @@ class BotService:
             log.error("usage entry %s: could not release the reservation of an unstored request: %r", usage_id, exc)
 
     async def _model_input(self, history: Sequence[Any]) -> tuple[list[ChatTurn], list[bytes]]:
-        """The thread as model turns: finished answers only (failed/interrupted ones are left out)."""
+        """The thread as model turns: finished answers only (failed/interrupted ones are left out), and no
+        question whose message was retried (its retry asks it again)."""
+        history = [t for t in history if not (t.role == "user" and t.status == "retried")]
         data = await self._db.image_data([t.image_id for t in history if t.image_id])
         turns: list[ChatTurn] = []
         images: list[bytes] = []

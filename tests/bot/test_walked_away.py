@@ -243,3 +243,27 @@ def test_event_seen_agrees_with_the_retry_rule(run):
         assert await h.db.event_seen("slack", "e1")
 
     run(fn)
+
+
+def test_a_retry_is_not_sent_to_the_model_twice(run):
+    """The retried message is the same message: the model sees its question and picture once, not the failed
+    attempt's copy too (both stay stored: nothing is deleted)."""
+
+    async def fn(h: Harness):
+        await h.ask(req("First?", png((1, 2, 3)), event_id="e0"))
+        h.backend.fail = Busy("queue full", 3.0)
+        await h.ask(req("What is this?", png(), event_id="e1"))
+        h.backend.fail = None
+        assert (await h.ask(req("What is this?", png(), event_id="e1")))[-1].kind == "answer"
+        sent = h.backend.calls[-1]
+        assert [(t["role"], t.get("text")) for t in sent["turns"]] == [
+            ("user", "First?"), ("assistant", "A red circle."), ("user", "What is this?")
+        ]  # fmt: skip
+        assert len(sent["images"]) == 2
+        assert [t.role for t in await h.turns()] == ["user", "assistant", "user", "assistant", "user", "assistant"]
+        await h.ask(req("And now?"))  # a new message later: the failed attempt's copy stays out too
+        assert [t.get("text") for t in h.backend.calls[-1]["turns"] if t["role"] == "user"] == [
+            "First?", "What is this?", "And now?"
+        ]  # fmt: skip
+
+    run(fn)
