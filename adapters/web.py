@@ -33,16 +33,16 @@ import re
 import warnings
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import BadContentDispositionHeader, BadContentDispositionParam
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from bot.core.api import Core, FrontEndContext, FrontEndPlugin, FrontEndSettings
 from bot.core.images import format_size
-from bot.core.requests import Final, ImageAttachment, ReplyFile, Request, ThreadRef
+from bot.core.requests import Final, ImageAttachment, ReplyFile, Request, ThreadRef, normalize_user
 
 __all__ = ["FRONT_END", "STATIC_DIR", "WebFrontEnd", "WebSettings", "create_app", "run_web", "upload_limit"]
 
@@ -87,6 +87,15 @@ if not any(isinstance(f, _QuietBadRequests) for f in logging.getLogger("aiohttp.
 
 SERVICE_KEY = web.AppKey("core", Core)
 CONFIG_KEY = web.AppKey("web_config", dict)
+USER_KEY = web.RequestKey("user", str)  # request[USER_KEY]: who sent it (the auth proxy's header, else LOCAL_USER)
+LOCAL_USER = "local"
+PROBES = frozenset({"/healthz", "/readyz", "/metrics"})  # asked by orchestrators by IP: no Host check
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+WILDCARD_BINDS = ("", "0.0.0.0", "::")
+DEFAULT_PORTS = {"http": 80, "https": 443}
+RASTER_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp"})
+DOWNLOAD_TYPE = "application/octet-stream"
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; "
@@ -104,6 +113,125 @@ class WebSettings(FrontEndSettings):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names (name or name:port) the chat answers besides localhost, 127.0.0.1, [::1] and "
+        "`host`: the public name behind a reverse proxy; '*' turns the check off",
+    )
+    user_header: str = Field(
+        "",
+        description="the request header a trusted auth proxy puts the signed-in user in (X-Forwarded-User); "
+        "empty = every web message is the one local user",
+        pattern=r"^[A-Za-z0-9-]*$",
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts(cls, hosts: list[str]) -> list[str]:
+        """A typo here would refuse every request at run time: say so when bot.toml is read."""
+        for entry in hosts:
+            if entry != "*" and _split_host(entry) is None:
+                raise ValueError(f"{entry!r} is not a host name or name:port (e.g. chat.example.com)")
+        return hosts
+
+
+def _split_host(value: str) -> tuple[str, int | None] | None:
+    """``name[:port]`` (a Host header, an allow-list entry, an Origin's netloc) as (lower-case name, port);
+    ``None`` when it is not one (userinfo, a path, a bad port)."""
+    value = value.strip()
+    if not value or any(c in value for c in "/@?#\\ "):
+        return None
+    try:
+        parts = urlsplit(f"//{value}")
+        name, port = parts.hostname, parts.port
+    except ValueError:
+        return None
+    return (name, port) if name else None
+
+
+class RequestGuard:
+    """Which requests the chat answers: the Host must be one of its own names (DNS rebinding: a page at
+    evil.example that re-resolves to 127.0.0.1 sends ``Host: evil.example``), and a state-changing request
+    from a browser must come from the chat's own origin (cross-site forms and fetches send another
+    ``Origin``).  Also who a request is from: the trusted auth proxy's header (``user_header``), else the
+    one local user — never a name the client picks."""
+
+    def __init__(self, bind_host: str, allowed_hosts: list[str] | tuple[str, ...] = (), user_header: str = "") -> None:
+        self.any_host = "*" in allowed_hosts
+        self.explicit = {h for e in allowed_hosts if e != "*" and (h := _split_host(e)) is not None}
+        bad = [e for e in allowed_hosts if e != "*" and _split_host(e) is None]
+        if bad:
+            raise ValueError(f"[web] allowed_hosts: {bad[0]!r} is not a host name or name:port")
+        names = set(LOOPBACK_NAMES)
+        bound = bind_host.strip("[]").lower()
+        if bound not in WILDCARD_BINDS:
+            names.add(bound)
+        self.names = frozenset(names)  # any port: the chat's own names cannot be rebound
+        self.user_header = user_header
+
+    def host_allowed(self, host: str | None) -> bool:
+        if self.any_host:
+            return True
+        parsed = _split_host(host or "")
+        if parsed is None:
+            return False
+        name, port = parsed
+        return name in self.names or (name, port) in self.explicit or (name, None) in self.explicit
+
+    def origin_allowed(self, origin: str | None, host: str | None, fetch_site: str | None) -> bool:
+        """No ``Origin`` (curl, a script): allowed unless the browser says cross-site.  Else its host must be
+        the request's own ``Host`` (same origin, default ports filled in) or an ``allowed_hosts`` entry."""
+        if origin is None:
+            return fetch_site not in ("cross-site", "same-site")
+        try:
+            parts = urlsplit(origin)
+            scheme, name, port = parts.scheme, parts.hostname, parts.port
+        except ValueError:
+            return False
+        if scheme not in DEFAULT_PORTS or not name:  # "null" (sandboxed pages, file:), odd schemes
+            return False
+        port = port or DEFAULT_PORTS[scheme]
+        if (name, port) in self.explicit or (name, None) in self.explicit:
+            return True
+        own = _split_host(host or "")
+        return own is not None and own[0] == name and (own[1] or DEFAULT_PORTS[scheme]) == port
+
+    def user(self, request: web.Request) -> str | None:
+        """Who sent ``request``: the proxy's header when one is configured (``None`` when it is missing:
+        the request did not come through the proxy), else :data:`LOCAL_USER`."""
+        if not self.user_header:
+            return LOCAL_USER
+        return normalize_user("web", request.headers.get(self.user_header, "")) or None
+
+
+GUARD_KEY = web.AppKey("web_guard", RequestGuard)
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Refuse a foreign Host (403), a cross-site state-changing request (403) and, with an auth proxy
+    configured, an API request without its user header (401) — each with one log line."""
+    guard = request.app[GUARD_KEY]
+    host = request.headers.get(hdrs.HOST)
+    if request.path in PROBES:
+        return await handler(request)
+    if not guard.host_allowed(host):
+        log.warning("web: refused a request for Host %r from %s (not in [web] allowed_hosts)", host, request.remote)
+        return _json_error(403, "This host name is not one of the chat's: add it to [web] allowed_hosts.")
+    if request.method not in SAFE_METHODS:
+        origin, site = request.headers.get(hdrs.ORIGIN), request.headers.get("Sec-Fetch-Site")
+        if not guard.origin_allowed(origin, host, site):
+            log.warning("web: refused a cross-site %s %s (Origin %r) from %s", request.method, request.path,
+                        origin, request.remote)  # fmt: skip
+            return _json_error(403, "Cross-site requests are refused: use the chat page itself.")
+    if request.path.startswith("/api/"):
+        user = guard.user(request)
+        if user is None:
+            log.warning("web: %s %s without the %s header from %s", request.method, request.path,
+                        guard.user_header, request.remote)  # fmt: skip
+            return _json_error(401, "Sign in first: this chat is reached through its login proxy.")
+        request[USER_KEY] = user
+    return await handler(request)
 
 
 def upload_limit(core: Core) -> int:
@@ -134,11 +262,22 @@ async def _security_headers(_request: web.Request, response: web.StreamResponse)
 
 
 def create_app(
-    core: Core, *, platform: str = "web", workspace: str = "local", channel: str = "chat"
+    core: Core,
+    *,
+    platform: str = "web",
+    workspace: str = "local",
+    channel: str = "chat",
+    host: str = "127.0.0.1",
+    allowed_hosts: list[str] | tuple[str, ...] = (),
+    user_header: str = "",
 ) -> web.Application:
-    """The aiohttp application serving the chat page and its API for one core."""
+    """The aiohttp application serving the chat page and its API for one core.
+
+    ``host`` (where it listens), ``allowed_hosts`` and ``user_header``: see :class:`RequestGuard`.
+    """
     limit = upload_limit(core)
-    app = web.Application(client_max_size=limit)
+    app = web.Application(client_max_size=limit, middlewares=[_guard])
+    app[GUARD_KEY] = RequestGuard(host, allowed_hosts, user_header)
     app[SERVICE_KEY] = core
     app[CONFIG_KEY] = {"platform": platform, "workspace": workspace, "channel": channel, "limit": limit}
     app.on_response_prepare.append(_security_headers)
@@ -159,7 +298,7 @@ async def run_web(core: Core, host: str, port: int, **kwargs: Any) -> web.AppRun
     Handlers are cancelled when their client disconnects, so a closed tab stops its answer at once
     (even while it still waits for the first token); the service marks that answer interrupted.
     """
-    runner = web.AppRunner(create_app(core, **kwargs), access_log=None, handler_cancellation=True)
+    runner = web.AppRunner(create_app(core, host=host, **kwargs), access_log=None, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:
@@ -302,7 +441,7 @@ async def _post_message(request: web.Request) -> web.StreamResponse:
     event_id = fields.get("event_id", "").strip() or None
     if event_id is not None and not EVENT_RE.match(event_id):
         return _json_error(400, "The event id is malformed.")
-    user = " ".join(fields.get("user", "").split())[:64] or "local"
+    user = request[USER_KEY]  # the auth proxy's user, else the one local user: never a form field
     preset = fields.get("preset", "").strip() or None
     bot_request = Request(
         platform=config["platform"],
@@ -427,7 +566,11 @@ class WebFrontEnd:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        self._runner = await run_web(self.core, self.settings.host, self.settings.port)
+        settings = self.settings
+        self._runner = await run_web(
+            self.core, settings.host, settings.port, allowed_hosts=settings.allowed_hosts,
+            user_header=settings.user_header,
+        )  # fmt: skip
 
     async def stop(self) -> None:
         if self._runner is not None:

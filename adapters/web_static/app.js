@@ -4,7 +4,6 @@
 
 (function () {
   const THREAD_KEY = "minigpt4.thread";
-  const NAME_KEY = "minigpt4.user";
 
   const $ = (id) => document.getElementById(id);
   const messages = $("messages");
@@ -16,7 +15,6 @@
   const sendButton = $("send");
   const stopButton = $("stop");
   const statusLine = $("status");
-  const userName = $("user-name");
   const dropZone = document.body;
   const dropOverlay = $("drop-overlay");
 
@@ -384,7 +382,6 @@
     data.append("event_id", newId());
     data.append("text", text);
     data.append("preset", preset);
-    data.append("user", userName.value.trim() || "local");
     for (const file of pending) data.append("image", file, file.name || "pasted.png");
     const thumbs = pending.map((file) => URL.createObjectURL(file));
     const label = preset && !text ? `[${preset}]` : preset ? `[${preset}] ${text}` : text;
@@ -405,9 +402,6 @@
   stopButton.addEventListener("click", () => {
     if (controller) controller.abort();
   });
-
-  userName.value = storageGet(NAME_KEY) || "";
-  userName.addEventListener("change", () => storageSet(NAME_KEY, userName.value.trim()));
 
   $("new-chat").addEventListener("click", () => {
     if (controller) controller.abort();

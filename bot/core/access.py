@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterable
 
 from bot.core.errors import AccessDenied
+from bot.core.requests import normalize_id, normalize_user
 from storage import Database
 
 __all__ = ["AccessControl"]
@@ -46,7 +47,9 @@ class AccessControl:
             return cached[1]
         table: dict[tuple[str, str], set[str]] = {}
         for rule in await self.db.rules(platform):
-            table.setdefault((rule.action, rule.target), set()).add(rule.value)
+            # spelled as requests are (bot.core.requests): a rule for "Q1" on the web also matches "q1"
+            value = normalize_user(platform, rule.value) if rule.target == "user" else normalize_id(rule.value)
+            table.setdefault((rule.action, rule.target), set()).add(value)
         self._cache[platform] = (time.monotonic(), table)
         return table
 

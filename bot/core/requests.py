@@ -2,22 +2,66 @@
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["Delta", "Final", "FinalKind", "ImageAttachment", "ReplyEvent", "ReplyFile", "Request", "ThreadRef"]
+__all__ = [
+    "CASE_INSENSITIVE_USERS",
+    "Delta",
+    "Final",
+    "FinalKind",
+    "ImageAttachment",
+    "ReplyEvent",
+    "ReplyFile",
+    "Request",
+    "ThreadRef",
+    "normalize_id",
+    "normalize_user",
+]
 
 FinalKind = Literal["answer", "help", "notice", "error"]
+
+CASE_INSENSITIVE_USERS = frozenset({"web", "terminal"})
+"""Platforms whose user ids are names (an auth proxy's login, the terminal's account): ``Q1`` and ``q1`` are
+one person there, so they are case-folded.  Slack (``U012AB3CD``) and Discord (snowflakes) ids are opaque
+and compared exactly; they only lose what no id can mean (invisible characters, compatibility forms)."""
+
+
+def normalize_id(value: str, *, fold_case: bool = False) -> str:
+    """One spelling per id, so quotas, access rules and stored rows cannot be dodged by writing an id another
+    way: NFKC (full-width ``Ｑ１`` is ``Q1``), format characters (Unicode category Cf: zero-width space and
+    joiners, bidi marks, soft hyphen) removed, whitespace runs as one space, no space at the ends; with
+    ``fold_case``, case-folded too (NFKC again after folding, as Unicode's NFKC_Casefold).  Idempotent."""
+    text = unicodedata.normalize("NFKC", value)
+    text = "".join(c for c in text if unicodedata.category(c) != "Cf")
+    text = " ".join(text.split())
+    return unicodedata.normalize("NFKC", text.casefold()) if fold_case else text
+
+
+def normalize_user(platform: str, user: str) -> str:
+    """A user id as the core keeps it: :func:`normalize_id`, case-folded on :data:`CASE_INSENSITIVE_USERS`."""
+    return normalize_id(user, fold_case=platform in CASE_INSENSITIVE_USERS)
+
+
+def _normalize_place(obj: Any) -> None:
+    """Normalise ``workspace``, ``channel`` and ``thread`` of a frozen ref or request in place (construction)."""
+    for name in ("workspace", "channel", "thread"):
+        object.__setattr__(obj, name, normalize_id(getattr(obj, name)))
 
 
 @dataclass(frozen=True)
 class ThreadRef:
-    """Identifies a thread on a platform: the conversation key every front end uses."""
+    """Identifies a thread on a platform: the conversation key every front end uses (ids normalised as
+    :class:`Request`'s, so a lookup finds what a request stored)."""
 
     platform: str
     workspace: str
     channel: str
     thread: str
+
+    def __post_init__(self) -> None:
+        _normalize_place(self)
 
 
 @dataclass(frozen=True)
@@ -45,6 +89,9 @@ class Request:
     ``roles``: the ids of the roles or groups the author has on the platform, where the platform has such
     a thing (Discord: the member's server role ids, without ``@everyone``); empty elsewhere (Slack, the web
     chat, the terminal) and in DMs.  Access rules with the ``role`` target match them.
+
+    Ids are normalised on construction (:func:`normalize_id`; the user with :func:`normalize_user`), so
+    every front end's ``Q1``, ``q1`` and ``q1`` + zero-width space reach quotas and access rules as one id.
     """
 
     platform: str
@@ -58,6 +105,11 @@ class Request:
     preset: str | None = None  # picked in a UI or slash command; the text may also name one
     addressed: bool = False
     roles: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _normalize_place(self)
+        object.__setattr__(self, "user", normalize_user(self.platform, self.user))
+        object.__setattr__(self, "roles", tuple(normalize_id(r) for r in self.roles))
 
     @property
     def ref(self) -> ThreadRef:

@@ -1,0 +1,61 @@
+"""Ids are spelled one way in the core (issue 26, item 15a): ``Q1``, ``q1`` and ``q1`` + zero-width space are
+one web user for quotas and access rules; Slack's opaque ids keep their case."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+from PIL import Image
+
+from bot.core.config import Settings
+from bot.core.requests import ImageAttachment, Request, ThreadRef, normalize_id, normalize_user
+from bot.core.service import BotService
+from storage import Database, sqlite_url
+from tests.scripted_backend import ScriptedBackend
+
+SPELLINGS = ("Q1", "q1", "q1\u200b", "\uff31\uff11", " Q1\u00ad ", "q\u200d1")
+
+
+def png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_ids_are_normalised_per_platform() -> None:
+    assert {normalize_user("web", s) for s in SPELLINGS} == {"q1"}
+    assert {normalize_user("terminal", s) for s in SPELLINGS} == {"q1"}
+    assert {normalize_user("slack", s) for s in SPELLINGS} == {"Q1", "q1"}  # opaque: case kept
+    assert normalize_user("discord", "1234\u200b5") == "12345"
+    request = Request("web", "local", "chat\u200b", "t\u200b1", "Mallory\u2060", roles=("R\u200b1",))
+    assert (request.channel, request.thread, request.user, request.roles) == ("chat", "t1", "mallory", ("R1",))
+    assert request.ref == ThreadRef("web", "local", "chat", "t1\u200b")
+    assert all(normalize_id(normalize_id(s, fold_case=True), fold_case=True) == normalize_id(s, fold_case=True)
+               for s in (*SPELLINGS, "Straße", "ǅ"))  # fmt: skip
+
+
+def test_one_user_for_quotas_and_deny_rules_however_spelled(tmp_path: Path) -> None:
+    async def main() -> None:
+        db = Database(sqlite_url(tmp_path / "ids.db"))
+        await db.create_all()
+        settings = Settings.model_validate({"quotas": {"user": {"requests_per_day": 2, "images_per_day": 0}}})
+        service = BotService(settings, db, ScriptedBackend())
+
+        async def ask(user: str, thread: str) -> str:
+            request = Request("web", "local", "chat", thread, user, "What is it?", (ImageAttachment(png()),))
+            events = [e async for e in service.handle(request)]
+            return events[-1].kind + ": " + events[-1].text
+
+        await db.add_rule("deny", "user", "web", "MALLORY")  # as an admin types it
+        try:
+            replies = [await ask(user, f"t{i}") for i, user in enumerate(SPELLINGS[:3])]
+            assert [r.split(":")[0] for r in replies] == ["answer", "answer", "error"], replies
+            assert "limit" in replies[2].lower()
+            assert "not enabled for you" in await ask("mallory\u200b", "t9")
+            assert "not enabled for you" in await ask("Ｍａｌｌｏｒｙ", "t10")
+        finally:
+            await db.dispose()
+
+    asyncio.run(main())
