@@ -37,6 +37,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from model.conversation import IMAGE_PLACEHOLDER, Turn, build_prompt
 from model.image_processing import ImageProcessor
 from model.report import LoadReport
+from model.text import TextCodec
 from model.variants import VariantSpec
 
 __all__ = ["MiniGPT4", "VisionOutputs", "build_qformer", "build_vision_encoder"]
@@ -109,11 +110,7 @@ class MiniGPT4(nn.Module):
         self, spec: VariantSpec, llm: nn.Module, tokenizer: Any, llm_hidden: int, spm_file: str | None = None
     ) -> None:
         super().__init__()
-        self._sp = None
-        if spm_file:
-            import sentencepiece
-
-            self._sp = sentencepiece.SentencePieceProcessor(model_file=spm_file)
+        self.text = TextCodec(tokenizer, spm_file)
         self.spec = spec
         self.llm = llm
         self.tokenizer = tokenizer
@@ -132,8 +129,7 @@ class MiniGPT4(nn.Module):
                 self.query_tokens = None
         # Default init (weight 1, bias 0): the no-Q-Former variants never load it.
         self.ln_vision = FP32LayerNorm(spec.vision.width, eps=spec.vision.ln_vision_eps)
-        self.bos_id = int(tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 1)
-        self.eos_id = int(tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 2)
+        self.bos_id, self.eos_id = self.text.bos_id, self.text.eos_id
         self.load_report = None
 
     # ------------------------------------------------------------------ properties
@@ -208,10 +204,7 @@ class MiniGPT4(nn.Module):
 
     def segment_token_ids(self, prompt: str) -> list[list[int]]:
         """Split at ``<ImageHere>`` and tokenise each segment separately, BOS on the first only."""
-        return [
-            self.tokenizer(segment, add_special_tokens=(i == 0)).input_ids
-            for i, segment in enumerate(prompt.split(IMAGE_PLACEHOLDER))
-        ]
+        return self.text.segment_token_ids(prompt)
 
     @torch.inference_mode()
     def embed_ids(self, ids: Sequence[int]) -> torch.Tensor:
@@ -245,17 +238,8 @@ class MiniGPT4(nn.Module):
     # ------------------------------------------------------------------ tokens ↔ text
 
     def decode_text(self, ids: Sequence[int]) -> str:
-        """Token ids → text without special tokens, as the reference's slow tokenizer decodes.
-
-        With a SentencePiece ``tokenizer.model`` the pieces are decoded by SentencePiece itself
-        (as transformers 4.30's slow ``LlamaTokenizer`` did): an invalid byte sequence from
-        byte-fallback pieces becomes one U+FFFD, where the fast decoder would emit one per byte.
-        """
-        if self._sp is None:
-            return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-        special = set(self.tokenizer.all_special_ids)
-        size = self._sp.get_piece_size()
-        return self._sp.decode([i for i in ids if i not in special and 0 <= i < size])
+        """Token ids → text without special tokens, as the reference's slow tokenizer decodes (:class:`TextCodec`)."""
+        return self.text.decode(ids)
 
     # ------------------------------------------------------------------ forward
 
