@@ -22,7 +22,7 @@ class Command:
 
 
 _SLASHED = re.compile(r"^([/!])([A-Za-z][\w-]*)(?:\s+(.*))?$", re.DOTALL)
-"""``/story about a cat`` (or ``!story …`` where ``/`` opens the platform's own commands, as in Slack)."""
+"""``/story about a cat`` (or ``!story …`` where the chat app keeps ``/`` for its own commands)."""
 _ALONE = re.compile(r"^([A-Za-z][\w-]*)\s*[.!?:]?$")
 """A message that is one word (``story``, ``Help?``)."""
 
@@ -67,7 +67,7 @@ def parse_message(text: str, presets: list[str], explicit_preset: str | None = N
     """What a message asks for.  A preset or a command is one only as a command: the message is exactly its
     name (``story``, ``help``), or starts with a slash (``/story about a cat``, ``!story …``; the words after
     it are added to the preset's prompt), or the front end picked the preset for this message
-    (``explicit_preset``: a web menu, a Discord option).  Anything else is a plain question, so "Describe
+    (``explicit_preset``: a menu or a command option of the front end).  Anything else is a plain question, so "Describe
     the roof please" or "Story time: tell me one" are asked as written.  Raises ``KeyError`` (a message
     for the user) for an unknown ``/word`` or an unknown explicit preset."""
     text = text.strip()
