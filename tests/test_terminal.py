@@ -11,6 +11,7 @@ from rich.console import Console
 
 from adapters.terminal import TerminalChat
 from bot.core.config import Settings
+from bot.core.requests import Final
 from bot.core.service import BotService
 from model.engine import Engine
 from model.engine.backend import EngineBackend
@@ -98,3 +99,29 @@ def test_bad_files_keep_the_chat_alive(demo_models, tmp_path):
     assert output.count("bot> ") == 1
     (turns,) = threads
     assert [t.role for t in turns] == ["user", "assistant"]
+
+
+def test_a_log_line_while_the_prompt_waits_clears_the_line_and_redraws_the_prompt():
+    """The log shares the chat's terminal: a record is printed on a line of its own, then the prompt again."""
+    import logging
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=True, width=200)
+    prompts = iter(["/quit"])
+
+    def read_line(prompt: str) -> str:  # what input() does: the prompt, the user typing, then a log record
+        screen.write(prompt + "hel")
+        logging.getLogger("adapters.web").warning("a log line")
+        return next(prompts)
+
+    async def no_answers(_request):
+        yield Final("unused")
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = [logging.StreamHandler(screen)]
+    try:
+        asyncio.run(TerminalChat(no_answers, console, read_line, user="u", log_on_screen=True).run())
+    finally:
+        root.handlers = saved
+    assert "you> hel\r\x1b[2Ka log line\nyou> " in screen.getvalue()

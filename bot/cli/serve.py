@@ -71,6 +71,16 @@ async def _heartbeat(service: BotService) -> None:
             log.warning("heartbeat failed: %r", exc)
 
 
+def _interrupted_an_answer(running: Collection[FrontEnd]) -> bool:
+    """Offer Ctrl-C to the front ends that take it (the terminal chat's optional ``interrupt()``): True
+    when one stopped an answer with it — then Ctrl-C ends that answer, not the bot."""
+    for front_end in running:
+        interrupt = getattr(front_end, "interrupt", None)
+        if callable(interrupt) and interrupt():
+            return True
+    return False
+
+
 def _enabled_front_ends(
     settings: Settings, context: FrontEndContext, only: Collection[str] | None
 ) -> list[tuple[FrontEndPlugin, Any]]:
@@ -106,11 +116,17 @@ async def run_bot(
     housekeeping = asyncio.gather(_prune_daily(service), _heartbeat(service))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread / no signals here
-            loop.add_signal_handler(sig, stop.set)
     running: list[FrontEnd] = []
     ended: set[str] = set()
+
+    def on_sigint() -> None:
+        if not stop.is_set() and _interrupted_an_answer(running):
+            return  # Ctrl-C stopped an answer in the terminal chat; the bot goes on
+        stop.set()
+
+    for sig, handler in ((signal.SIGINT, on_sigint), (signal.SIGTERM, stop.set)):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread / no signals here
+            loop.add_signal_handler(sig, handler)
 
     def request_stop(name: str) -> None:
         ended.add(name)
