@@ -55,6 +55,7 @@ def train_command(
     from model.training.loop import CONFIG_FILE, TrainError, run_training
 
     _configure_logging()
+    resume = resume.expanduser().resolve() if resume is not None else None  # the printed paths work from anywhere
     try:
         if config is None and resume is not None and (resume / CONFIG_FILE).is_file():
             saved = resume / CONFIG_FILE

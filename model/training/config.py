@@ -310,7 +310,12 @@ def load_train_config(path: str | os.PathLike[str], *, check_paths: bool = True)
 
 
 def config_from_dict(data: dict[str, Any], base: Path, source: str, *, check_paths: bool = True) -> TrainConfig:
-    """Validate a parsed ``train.toml`` (``base`` = folder for relative paths, ``source`` = name for messages)."""
+    """Validate a parsed ``train.toml`` (``base`` = folder for relative paths, ``source`` = name for messages).
+
+    Every path comes back absolute (``base`` itself is resolved first), so the ``train_config.json`` a run
+    saves — which ``train --resume DIR`` reads — means the same files from any working directory.
+    """
+    base = Path(base).expanduser().resolve()
     try:
         config = TrainConfig.model_validate(data)
     except ValidationError as exc:
