@@ -291,8 +291,8 @@ class SlackFrontEnd:
         if word in presets:
             return (
                 f"*`{word}`* — {no_fence(presets[word])}\n"
-                f"To use it, mention {bot} in a channel (or DM me) with a picture and start the message with "
-                f"`{word}`, e.g. {bot} {word}. Anything after the name is added to the prompt. In a thread that "
+                f"To use it, mention {bot} in a channel (or DM me) with a picture and the word alone, e.g. "
+                f"{bot} {word}, or `!{word}` followed by words to add to the prompt. In a thread that "
                 "already has a picture it works without a new one."
             )
         intro = "" if word == "help" else f"I don't know `{no_fence(word)}`.\n"

@@ -24,7 +24,7 @@ FinalKind = Literal["answer", "help", "notice", "error"]
 
 CASE_INSENSITIVE_USERS = frozenset({"web", "terminal"})
 """Platforms whose user ids are names (an auth proxy's login, the terminal's account): ``Q1`` and ``q1`` are
-one person there, so they are case-folded.  Slack (``U012AB3CD``) and Discord (snowflakes) ids are opaque
+one person there, so they are case-folded.  Chat platforms' ids (``U012AB3CD``, snowflakes) are opaque
 and compared exactly; they only lose what no id can mean (invisible characters, compatibility forms)."""
 
 
