@@ -8,6 +8,7 @@ Commands that need the model import it lazily, so ``bot`` itself never imports t
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ def _load_model(settings: Settings) -> MiniGPT4:
     total = weights_size(kwargs["llm"], kwargs["vit"], kwargs.get("qformer"), kwargs["projection"])
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn())
     try:
-        with Progress(*columns, console=err, transient=True) as progress:
+        with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as progress:
             task = progress.add_task("loading weights", total=max(total, 1) if total else None)
 
             def advance(step: str, size: int) -> None:
@@ -117,6 +118,18 @@ def ask(
     out.print()
 
 
+def _check_before_loading(settings: Settings) -> None:
+    """The database must answer before minutes go into loading the model: else one line and exit 1."""
+    import asyncio
+
+    from bot.cli.serve import database_problem
+
+    problem = asyncio.run(database_problem(settings))
+    if problem is not None:
+        logging.getLogger("minigpt4_bot").error("cannot start: %s", problem)
+        raise typer.Exit(1)
+
+
 @app.command()
 def chat(config: ConfigOption = None) -> None:
     """Chat with the bot in this terminal (no web server or platform front ends): /image PATH, then ask."""
@@ -125,6 +138,7 @@ def chat(config: ConfigOption = None) -> None:
     from bot.cli.serve import run_bot
 
     settings = setup(config)
+    _check_before_loading(settings)
     model = _load_model(settings)
     raise typer.Exit(asyncio.run(run_bot(settings, terminal=True, model=model, only=("terminal",))))
 
@@ -142,6 +156,7 @@ def serve(
     from bot.cli.serve import run_bot
 
     settings = setup(config)
+    _check_before_loading(settings)
     model = _load_model(settings) if settings.engine.backend == "local" else None
     raise typer.Exit(asyncio.run(run_bot(settings, terminal=terminal, model=model)))
 

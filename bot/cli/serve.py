@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from bot.cli.backends import engine_config, load_model
 from bot.core.api import FrontEnd, FrontEndContext, FrontEndPlugin, FrontEndSetupError
 from bot.core.backend import BackendPlugin
-from bot.core.config import Settings
+from bot.core.config import ConfigError, Settings
 from bot.core.plugins import BACKENDS, FRONTENDS, load_plugin, plugin_names
 from bot.core.service import BotService
 from bot.core.workers import HEARTBEAT_S
@@ -33,6 +33,37 @@ __all__ = ["engine_config", "load_model", "open_database", "run_bot"]
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY_S = 24 * 3600
+
+
+DB_CHECK_TIMEOUT_S = 10.0
+
+
+async def database_problem(settings: Settings) -> str | None:
+    """One line saying why the configured database cannot be used, else None.
+
+    ``serve`` and ``chat`` ask this before loading the model, so an unreachable server (or a bad URL)
+    is one clear line in seconds — not a driver traceback after minutes of loading weights.
+    """
+    from storage.url import hide_password
+
+    try:
+        url = settings.database_url()
+    except ConfigError as exc:
+        return f"database: {exc}"
+    shown = hide_password(url)
+    db = Database(url)
+    try:
+        if url.startswith("sqlite"):
+            Path(settings.data_dir).mkdir(parents=True, exist_ok=True)
+        await db.ping(timeout=DB_CHECK_TIMEOUT_S)
+    except TimeoutError:
+        return f"the database {shown} did not answer within {DB_CHECK_TIMEOUT_S:.0f} s"
+    except Exception as exc:  # the driver's error (refused, unknown host, bad login, unreadable file)
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        return f"cannot use the database {shown}: {reason} ({type(exc).__name__})"
+    finally:
+        await db.dispose()
+    return None
 
 
 async def open_database(settings: Settings) -> Database:

@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.logging import RichHandler
 from rich.text import Text
 
-from bot.cli.common import err, out
+from bot.cli.common import err, log_handler, out
 
 __all__ = ["train_command"]
 
@@ -27,7 +26,7 @@ def _configure_logging() -> None:
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format="%(message)s",
-        handlers=[RichHandler(console=err, show_path=False)],
+        handlers=[log_handler()],  # rich on a terminal, one line per record in a file or pipe
         force=True,
     )
 

@@ -247,6 +247,9 @@ class Settings(_Strict):
 
     data_dir: str = "data"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text = rich on a terminal, else one line per record; json = one JSON object per line"
+    )
     model: ModelSettings = Field(default_factory=ModelSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
