@@ -241,9 +241,15 @@ def upload_limit(core: Core) -> int:
 
 
 def _file_json(file: ReplyFile) -> dict[str, Any]:
-    """A reply file for the page: base64 bytes it turns into a blob: URL (shown inline or downloaded)."""
+    """A reply file for the page: base64 bytes it turns into a blob: URL (shown inline or downloaded).
+
+    Only raster pictures keep their type; anything else (a ``website`` answer's ``.html``: model output)
+    goes as :data:`DOWNLOAD_TYPE`, so its blob: URL, which has the bot's origin, is a download when opened
+    and never a page whose scripts run there.
+    """
     data = base64.b64encode(file.data).decode("ascii")
-    return {"filename": file.filename, "mime": file.mime, "title": file.title, "data": data}
+    mime = file.mime if file.mime in RASTER_TYPES else DOWNLOAD_TYPE
+    return {"filename": file.filename, "mime": mime, "title": file.title, "data": data}
 
 
 def _json_error(status: int, message: str, **extra: Any) -> web.Response:
@@ -492,31 +498,65 @@ async def _post_message(request: web.Request) -> web.StreamResponse:
 # ---------------------------------------------------------------------- read-only API
 
 
-async def _thread_history(request: web.Request) -> web.Response:
-    service = request.app[SERVICE_KEY]
-    config = request.app[CONFIG_KEY]
-    thread = request.match_info["thread"]
+def _ref(request: web.Request) -> ThreadRef | None:
+    """The thread a read-only API path names, in this chat's channel (``None``: a malformed id)."""
+    config, thread = request.app[CONFIG_KEY], request.match_info["thread"]
     if not THREAD_RE.match(thread):
+        return None
+    return ThreadRef(config["platform"], config["workspace"], config["channel"], thread)
+
+
+def _preset_splitter(presets: list[Any]) -> Any:
+    """``asked(text) -> (preset, words)``: a stored question as the user sent it.  The core stores what the
+    model was asked — a preset's prompt, then the user's words (``PresetBook.question``) — so a history view
+    would show the whole prompt (the ``website`` one with its ```html fence); the longest prompt of this
+    channel's presets that the text starts with gives the preset back.  A prompt changed in bot.toml since
+    then no longer matches, and that turn shows as it was asked."""
+    prompts = sorted(((p.prompt, p.name) for p in presets if p.prompt), key=lambda item: -len(item[0]))
+
+    def asked(text: str) -> tuple[str | None, str]:
+        for prompt, name in prompts:
+            if text == prompt or text.startswith(prompt + " "):
+                return name, text[len(prompt) :].strip()
+        return None, text
+
+    return asked
+
+
+async def _thread_history(request: web.Request) -> web.Response:
+    """The live conversation for a reloaded page: user turns as the user sent them (their words, the preset
+    by name, the picture's URL), answers as stored."""
+    service, config = request.app[SERVICE_KEY], request.app[CONFIG_KEY]
+    ref = _ref(request)
+    if ref is None:
         return _json_error(400, "Malformed thread id.")
-    view = await service.thread(
-        ThreadRef(config["platform"], config["workspace"], config["channel"], thread), turns=True
-    )
-    return web.json_response(
-        {
-            "thread": thread,
-            "turns": [
-                {
-                    "id": t.id,
-                    "role": t.role,
-                    "text": t.text,
-                    "status": t.status,
-                    "has_image": t.has_image,
-                    "created_at": t.created_at.isoformat() if t.created_at else None,
-                }
-                for t in view.turns
-            ],
-        }
-    )
+    view = await service.thread(ref, turns=True)
+    asked = _preset_splitter(service.presets(config["workspace"], config["channel"]))
+    turns = []
+    for t in view.turns:
+        preset, text = asked(t.text) if t.role == "user" else (None, t.text)
+        turn = {"id": t.id, "role": t.role, "text": text, "preset": preset, "status": t.status,
+                "has_image": t.has_image, "created_at": t.created_at.isoformat() if t.created_at else None}  # fmt: skip
+        if t.role == "user" and t.has_image:
+            turn["image"] = f"/api/threads/{quote(ref.thread)}/images/{t.id}"
+        turns.append(turn)
+    return web.json_response({"thread": ref.thread, "turns": turns})
+
+
+async def _thread_image(request: web.Request) -> web.Response:
+    """A picture of the thread, for its history: only a turn of that thread's live conversation (the thread
+    id, a random UUID the page keeps, is what grants it), as a raster picture or else as a download."""
+    ref = _ref(request)
+    if ref is None:
+        return _json_error(400, "Malformed thread id.")
+    picture = await request.app[SERVICE_KEY].thread_image(ref, int(request.match_info["turn"]))
+    if picture is None:
+        return _json_error(404, "No such picture in this thread.")
+    headers = {"Cache-Control": "private, max-age=86400"}
+    if picture.mime not in RASTER_TYPES:  # HEIC …: nothing a page could run, but never rendered here
+        headers["Content-Disposition"] = f'attachment; filename="{picture.filename}"'
+    mime = picture.mime if picture.mime in RASTER_TYPES else DOWNLOAD_TYPE
+    return web.Response(body=picture.data, content_type=mime, headers=headers)
 
 
 async def _presets(request: web.Request) -> web.Response:

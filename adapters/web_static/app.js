@@ -148,8 +148,13 @@
     scrollDown();
   }
 
+  // Raster pictures are the only files shown inline; every other file is a download.
+  const RASTER = new Set(["image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp"]);
+
   // Files that come with an answer (a website preview and its page): pictures inline, the rest to download.
   // They arrive base64-encoded in the final event and become blob: URLs (the CSP allows nothing else).
+  // A blob: URL has this page's origin, so anything but a raster picture is typed application/octet-stream:
+  // opened in a tab (not just downloaded) the model's .html is then a download, never a page that runs here.
   function showFiles(bubble, files) {
     if (!files.length) return;
     const box = document.createElement("div");

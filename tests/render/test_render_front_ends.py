@@ -60,7 +60,10 @@ def test_render_web_final_event_carries_preview_and_page(tmp_path: Path) -> None
         return finals[0]["files"]
 
     files = asyncio.run(main())
-    assert [(f["filename"], f["mime"]) for f in files] == [("website.png", "image/png"), ("website.html", "text/html")]
+    # the page goes as a download type: a blob of the bot's origin must never open as text/html
+    assert [(f["filename"], f["mime"]) for f in files] == [
+        ("website.png", "image/png"), ("website.html", "application/octet-stream"),
+    ]  # fmt: skip
     preview = Image.open(io.BytesIO(base64.b64decode(files[0]["data"]))).convert("RGB")
     assert preview.getpixel((60, 40)) == (255, 0, 0)
     assert base64.b64decode(files[1]["data"]).decode() == PAGE
