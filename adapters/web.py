@@ -3,7 +3,9 @@
 Routes
     ``GET /``                     the chat page (``adapters/web_static/index.html``); assets under ``/static/``
     ``POST /api/messages``        multipart form → Server-Sent Events (``delta`` … ``final``, or ``duplicate``)
-    ``GET /api/threads/{thread}`` the thread's live conversation, for reloading the page
+    ``GET /api/threads/{thread}`` the thread's live conversation, for reloading the page (user turns as sent:
+                                  words, preset name, picture URL)
+    ``GET /api/threads/{thread}/images/{turn}``  the picture of one of its user turns
     ``GET /api/presets``          preset names and prompts
     ``GET /healthz``              liveness, cheap (no database): ``{"status": "ok", "model": …, "engine": …}``
     ``GET /readyz``               readiness: 200 ``{"status": "ready", "checks": …}`` or 503 naming each failing check
@@ -20,6 +22,9 @@ browser goes away mid-answer, :func:`run_web`'s server cancels the handler (with
 does not cancel handlers, the next write fails instead); either way the reply iterator is
 closed and the service marks the answer ``interrupted``.  Everything the page shows comes from this origin (a strict
 Content-Security-Policy forbids anything else).
+
+Every path but the probes answers only its own Host names, a state-changing request only its own Origin,
+and the web user is the auth proxy's header or the one local user (:class:`RequestGuard`, docs/deployment.md).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import re
 import warnings
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -291,6 +296,7 @@ def create_app(
     app.router.add_static("/static/", STATIC_DIR, name="static")
     app.router.add_post("/api/messages", _post_message)
     app.router.add_get("/api/threads/{thread}", _thread_history)
+    app.router.add_get("/api/threads/{thread}/images/{turn:[0-9]{1,18}}", _thread_image)
     app.router.add_get("/api/presets", _presets)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)

@@ -88,7 +88,9 @@
     messages.scrollTop = messages.scrollHeight;
   }
 
-  function addUserBubble(text, thumbnails, imageCount) {
+  // A message of the user's: its pictures (thumbnail URLs, or a count when there are none to show), the
+  // preset it asked with as a tag (never the preset's prompt), and the words the user wrote.
+  function addUserBubble(text, thumbnails, imageCount, preset) {
     hideHint();
     const bubble = document.createElement("article");
     bubble.className = "msg user";
@@ -108,6 +110,12 @@
       const tag = document.createElement("p");
       tag.className = "picture-tag";
       tag.textContent = imageCount === 1 ? "[picture]" : `[${imageCount} pictures]`;
+      bubble.appendChild(tag);
+    }
+    if (preset) {
+      const tag = document.createElement("p");
+      tag.className = "preset-tag";
+      tag.textContent = `[${preset}]`;
       bubble.appendChild(tag);
     }
     if (text) {
@@ -161,8 +169,9 @@
     box.className = "files";
     for (const file of files) {
       const bytes = Uint8Array.from(atob(file.data), (c) => c.charCodeAt(0));
-      const url = URL.createObjectURL(new Blob([bytes], { type: file.mime }));
-      if (file.mime.startsWith("image/")) {
+      const raster = RASTER.has(file.mime);
+      const url = URL.createObjectURL(new Blob([bytes], { type: raster ? file.mime : "application/octet-stream" }));
+      if (raster) {
         const figure = document.createElement("figure");
         const img = document.createElement("img");
         img.className = "preview";
@@ -337,6 +346,7 @@
           finished = true;
           finishBubble(bubble, data.text, data.kind || "answer");
           showFiles(bubble, data.files || []);
+          if (data.kind === "notice") syncAfterNotice(bubble);
         } else if (name === "duplicate") {
           finished = true;
           finishBubble(bubble, "This message was already received.", "duplicate");
@@ -389,8 +399,8 @@
     data.append("preset", preset);
     for (const file of pending) data.append("image", file, file.name || "pasted.png");
     const thumbs = pending.map((file) => URL.createObjectURL(file));
-    const label = preset && !text ? `[${preset}]` : preset ? `[${preset}] ${text}` : text;
-    addUserBubble(label, thumbs, pending.length);
+    addUserBubble(text, thumbs, pending.length, preset);
+    presetSelect.value = ""; // a preset picked in the menu is for this one message
     pending = [];
     renderAttachments();
     question.value = "";
@@ -457,18 +467,24 @@
     }
   }
 
+  // The stored conversation, as the user saw it: each question with the pictures sent just before it
+  // (image-only turns) as thumbnails, its preset as a tag, the answers as stored.
+  async function fetchHistory() {
+    const response = await fetch(`/api/threads/${encodeURIComponent(threadId)}`);
+    if (!response.ok) throw new Error(`history: ${response.status}`);
+    return (await response.json()).turns || [];
+  }
+
   async function loadHistory() {
     try {
-      const response = await fetch(`/api/threads/${encodeURIComponent(threadId)}`);
-      if (!response.ok) return;
-      const body = await response.json();
-      let images = 0;
-      for (const turn of body.turns || []) {
+      let pictures = [];
+      for (const turn of await fetchHistory()) {
         if (turn.role === "user") {
-          if (turn.has_image) images += 1;
-          if (turn.text || !turn.has_image) {
-            addUserBubble(turn.text, [], images);
-            images = 0;
+          if (turn.status === "retried") continue; // asked again by its retry, which follows
+          if (turn.image) pictures.push(turn.image);
+          if (turn.text || turn.preset || !turn.image) {
+            addUserBubble(turn.text, pictures, pictures.length, turn.preset);
+            pictures = [];
           }
         } else {
           const bubble = addBotBubble();
@@ -478,10 +494,24 @@
           else finishBubble(bubble, turn.text || `(answer ${turn.status})`, "interrupted");
         }
       }
-      if (images) addUserBubble("", [], images);
+      if (pictures.length) addUserBubble("", pictures, pictures.length, null);
     } catch (_e) {
       showNotice("Could not load this conversation's history.", "error");
     }
+  }
+
+  // After a notice (a "reset" among them) the screen follows the store: when the thread no longer holds
+  // anything, the old messages go and only this last exchange stays.
+  async function syncAfterNotice(bubble) {
+    try {
+      if ((await fetchHistory()).length) return;
+    } catch (_e) {
+      return;
+    }
+    const keep = new Set([bubble, bubble.previousElementSibling]);
+    messages.querySelectorAll(".msg").forEach((el) => {
+      if (!keep.has(el)) el.remove();
+    });
   }
 
   startThread(storageGet(THREAD_KEY) || newId());

@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
-from bot.core.requests import ReplyEvent, Request, ThreadRef
+from bot.core.requests import ReplyEvent, ReplyFile, Request, ThreadRef
 
 __all__ = [
     "Core",
@@ -128,6 +128,11 @@ class Core(Protocol):
 
     async def thread(self, ref: ThreadRef, *, turns: bool = False) -> ThreadView:
         """The thread's state (and its stored turns when ``turns``), for follow-up detection and history."""
+        ...
+
+    async def thread_image(self, ref: ThreadRef, turn_id: int) -> ReplyFile | None:
+        """The picture sent with user turn ``turn_id`` of the thread's live conversation (a history view
+        shows it again); ``None`` when that turn is not in this thread or has none."""
         ...
 
     def presets(self, workspace: str = "", channel: str = "") -> list[PresetInfo]:

@@ -44,7 +44,7 @@ from bot.core.previews import WebsitePreviews
 from bot.core.quotas import QuotaPolicy
 from bot.core.render import PageRenderer
 from bot.core.reports import quota_overview
-from bot.core.requests import Delta, Final, ReplyEvent, Request, ThreadRef
+from bot.core.requests import Delta, Final, ReplyEvent, ReplyFile, Request, ThreadRef
 from bot.core.sanitize import StreamSanitizer, clean_text, sanitize_output
 from bot.core.workers import STALE_AFTER_S, WorkerIdentity, is_gone
 from model.engine.api import Busy, FinalEvent, RequestFailed, RequestRejected, TokenEvent
@@ -289,6 +289,15 @@ class BotService:
             has_image=any(t.image_id is not None for t in stored),
             turns=shown if turns else (),
         )
+
+    async def thread_image(self, ref: ThreadRef, turn_id: int) -> ReplyFile | None:
+        conversation = await self._db.live_conversation(_key(ref))
+        turns = await self._db.turns(conversation.id) if conversation is not None else []
+        image_id = next((t.image_id for t in turns if t.id == turn_id and t.role == "user"), None)
+        if image_id is None:
+            return None
+        data, info = await self._db.image_data([image_id]), await self._db.image_info([image_id])
+        return ReplyFile(f"picture-{turn_id}", info[image_id]["mime"], data[image_id]) if image_id in data else None
 
     def presets(self, workspace: str = "", channel: str = "") -> list[PresetInfo]:
         return [
