@@ -43,7 +43,8 @@ def _free_port() -> int:
 def _post(url: str, fields: dict[str, str], image: bytes | None = None) -> tuple[str, dict[str, Any]]:
     """The last server-sent event of one message: ``("final", {...})`` or ``("duplicate", {...})``."""
     body, ctype = multipart(fields, image)
-    request = urllib.request.Request(url + "/api/messages", data=body, headers={"Content-Type": ctype})
+    headers = {"Content-Type": ctype, "X-Test-User": fields["user"]}  # as a login proxy would say who it is
+    request = urllib.request.Request(url + "/api/messages", data=body, headers=headers)
     last: tuple[str, dict[str, Any]] = ("", {})
     name = ""
     with urllib.request.urlopen(request, timeout=120) as response:
@@ -72,7 +73,7 @@ class Bot:
             f'[database]\nurl = "{database}"\n'
             f"[quotas.user]\nrequests_per_day = {QUOTA}\nimages_per_day = 0\n"
             f"[render]\nenabled = false\n"
-            f'[web]\nhost = "127.0.0.1"\nport = {self.port}\n'
+            f'[web]\nhost = "127.0.0.1"\nport = {self.port}\nuser_header = "X-Test-User"\n'
         )
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         env.pop("MINIGPT4_BOT_DATABASE_URL", None)
