@@ -19,7 +19,7 @@ import torch
 
 from model.variants import QFormerDims, VisionDims, get_variant
 
-__all__ = ["DemoSizes", "DemoWeights", "write_demo_weights"]
+__all__ = ["DEMO_MARKER", "DemoSizes", "DemoWeights", "is_demo_weights", "write_demo_weights"]
 
 DEMO_NOTICE = "demo weights: tiny and random — answers are nonsense text; configure real weights in bot.toml"
 
@@ -38,7 +38,7 @@ class DemoSizes:
     )
     llm_hidden: int = 64
     llm_layers: int = 2
-    llm_heads: int = 4
+    llm_heads: int = 2  # head_dim 32: the smallest vLLM's CPU attention kernel takes (16 is refused)
     llm_intermediate: int = 172
     vocab_size: int = 512
     lora_rank: int = 8
@@ -240,6 +240,19 @@ _PROJECTION_FILES = {
 }
 
 
+DEMO_MARKER = "DEMO_WEIGHTS"  # written beside every demo file: weights set up by `weights demo` stay known as demo
+
+
+def is_demo_weights(path: str | Path) -> bool:
+    """Whether ``path`` (a configured weight file or the LLM folder) was written by :func:`write_demo_weights`:
+    bot.toml may point at them like real weights, and they must still be reported as demo weights."""
+    if not path:
+        return False
+    path = Path(path).expanduser()
+    folder = path if path.is_dir() else path.parent
+    return (folder / DEMO_MARKER).is_file()
+
+
 def write_demo_weights(
     out_dir: str | Path, variant: str = "vicuna0", seed: int = 0, sizes: DemoSizes | None = None
 ) -> DemoWeights:
@@ -275,4 +288,6 @@ def write_demo_weights(
     vision_table.pop("ln_vision_eps")  # not a [model.vision] key: ln_vision is fixed at 1e-5
     qformer_table = asdict(sizes.qformer) if spec.has_qformer else {}
     (out / "README.txt").write_text(DEMO_NOTICE + "\n")
+    for folder in (out, llm_dir):
+        (folder / DEMO_MARKER).write_text(DEMO_NOTICE + "\n")
     return DemoWeights(variant, llm_dir, vit, qformer, projection, vision_table, qformer_table)

@@ -615,3 +615,19 @@ def test_missing_schema_on_postgres_points_at_upgrade(postgres_url: str, tmp_pat
     config = _write_config(tmp_path, url)
     result = runner.invoke(app, ["admin", "quota", "show", "--config", str(config)])
     assert result.exit_code == 1 and "admin db upgrade" in result.output
+
+
+def test_outside_the_project_folder_it_says_no_bot_toml_was_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MINIGPT4_BOT_CONFIG", raising=False)
+    result = runner.invoke(app, ["admin", "db", "upgrade"])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.stderr.split())
+    assert "No bot.toml found" in said and str(tmp_path / "data" / "minigpt4-bot.db") in said
+
+
+def test_an_unknown_platform_gets_a_warning_naming_the_known_ones(env: Env):
+    result = env.run("usage", "-p", "nonsense")
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.stderr.split())
+    assert "no front end is called 'nonsense'" in said and "terminal" in said and "web" in said

@@ -157,7 +157,7 @@ def test_weights_demo_writes_loadable_files(tmp_path, variant):
     assert result.exit_code == 0, result.output
     import tomllib
 
-    table = tomllib.loads(result.stdout)["model"]
+    table = tomllib.loads(result.stdout)  # the [model] table's keys (bot.toml already has the table)
     assert table["variant"] == variant
     m = load_minigpt4(
         variant=variant, llm=table["llm"], vit=table["vit"], projection=table["projection"], vision=table["vision"]
@@ -222,3 +222,25 @@ def test_ask_prints_paths_and_errors_literally(demo_config, tmp_path):
     result = runner.invoke(app, ["ask", str(page), "[/INST] what is [model]?", "-c", str(demo_config)])
     assert result.exit_code == 2, result.output
     assert "[model]/[/INST].jpgisnotapictureIcanread" in _flat(result)
+
+
+def test_weights_demo_sets_the_shipped_bot_toml_and_they_stay_demo_weights(tmp_path):
+    """`weights demo --write-config` edits the shipped bot.toml's [model] table in place; the weights it
+    points at are still reported as demo weights (``weights check``), not as real ones."""
+    from bot.cli.backends import demo_weights_in_use
+    from bot.core.config import load_settings
+
+    config = tmp_path / "bot.toml"
+    config.write_text((ROOT / "bot.toml").read_text())
+    args = ["weights", "demo", "--out", str(tmp_path / "w"), "--variant", "llama2", "--write-config", str(config)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    settings = load_settings(config)
+    assert settings.model.variant == "llama2" and Path(settings.model.llm).is_dir()
+    assert not settings.model.uses_demo_weights and demo_weights_in_use(settings)
+    assert "# LAVIS eva_vit_g.pth" not in config.read_text()  # the key's line was replaced …
+    assert "# Which MiniGPT-4 to run" in config.read_text()  # … and the comments around it kept
+    config.write_text(config.read_text().replace('device = "auto"', 'device = "cpu"', 1))
+    check = runner.invoke(app, ["weights", "check", "--config", str(config), "--max-new-tokens", "2"])
+    assert check.exit_code == 0, check.output
+    assert "demo weights" in _text(check)

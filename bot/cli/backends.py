@@ -19,9 +19,17 @@ if TYPE_CHECKING:
     from model import MiniGPT4
     from model.engine import EngineConfig
 
-__all__ = ["LOCAL", "engine_config", "load_model", "model_summary"]
+__all__ = ["LOCAL", "demo_weights_in_use", "engine_config", "load_model", "model_summary"]
 
 log = logging.getLogger(__name__)
+
+
+def demo_weights_in_use(settings: Settings) -> bool:
+    """No weights configured, or the configured ones were written by ``weights demo`` (its marker file)."""
+    from model.demo_weights import is_demo_weights
+
+    model = settings.model
+    return model.uses_demo_weights or any(is_demo_weights(p) for p in (model.llm, model.vit, model.projection))
 
 
 def load_model(settings: Settings, progress: Callable[[str, int], None] | None = None) -> MiniGPT4:
@@ -58,7 +66,7 @@ def model_summary(model: MiniGPT4, settings: Settings) -> str:
     where = f"{report.device}, {report.dtype}" if report else "?"
     if report and report.quantization != "none":
         where += f", {report.quantization}"
-    demo = " (demo weights)" if settings.model.uses_demo_weights else ""
+    demo = " (demo weights)" if demo_weights_in_use(settings) else ""
     return (
         f"model {report.variant if report else settings.model.variant}{demo} on {where}: "
         f"{_count(parameters)} parameters, {_size(weights.weights_bytes)} of weights, "
@@ -96,7 +104,7 @@ async def _create_local(settings: Settings, *, model: MiniGPT4 | None = None, **
         model = await asyncio.to_thread(load_model, settings)
     engine = Engine(model, engine_config(settings)).start()
     return EngineBackend(
-        engine, info={"demo": settings.model.uses_demo_weights}, timeout_s=settings.engine.request_timeout_s
+        engine, info={"demo": demo_weights_in_use(settings)}, timeout_s=settings.engine.request_timeout_s
     )
 
 

@@ -169,25 +169,75 @@ def weights_demo(
     out_dir: Annotated[Path, typer.Option("--out", help="folder to write into")] = Path("data/demo-weights"),
     variant: Annotated[str, typer.Option(help="vicuna0 | llama2 | minigptv2")] = "vicuna0",
     seed: int = 0,
+    write_config: Annotated[
+        Path | None, typer.Option("--write-config", help="set these keys in the [model] table of this bot.toml")
+    ] = None,
 ) -> None:
-    """Write tiny random weights in the original layouts (they answer with NONSENSE text)."""
+    """Write tiny random weights in the original layouts (they answer with NONSENSE text).
+
+    Prints the keys of bot.toml's ``[model]`` table that load them (to set in the existing table, not to
+    append: bot.toml already has one), or with ``--write-config`` sets them in that table in place.
+    """
+    from transformers.utils import logging as hf_logging
+
     from model.demo_weights import DEMO_NOTICE, write_demo_weights
 
+    hf_logging.disable_progress_bar()  # the tokenizer and shard writers' bars are noise here
     try:
-        demo = write_demo_weights(out_dir / variant, variant, seed=seed)
+        demo = write_demo_weights(out_dir.resolve() / variant, variant, seed=seed)
     except ValueError as exc:
         err.print(Text(str(exc), style="red"))
         raise typer.Exit(2) from None
     err.print(Text(DEMO_NOTICE, style="yellow"))
-    lines = ["[model]", f'variant = "{variant}"']
-    lines += [f'{k} = "{getattr(demo, k)}"' for k in ("llm", "vit", "projection")]
-    if demo.qformer:
-        lines.append(f'qformer = "{demo.qformer}"')
-    for table, values in (("vision", demo.vision), ("qformer_dims", demo.qformer_dims)):
-        if values:
-            lines.append(f"[model.{table}]")
-            lines += [f"{k} = {v}" for k, v in values.items()]
-    sys.stdout.write("\n".join(lines) + "\n")  # paste-able TOML: no wrapping, no colour
+    keys = {"variant": variant, "llm": str(demo.llm), "vit": str(demo.vit), "qformer": str(demo.qformer or ""),
+            "projection": str(demo.projection), "vision": demo.vision or None,
+            "qformer_dims": demo.qformer_dims or None}  # fmt: skip
+    lines = [f"{key} = {_toml(value)}" for key, value in keys.items() if value is not None]
+    if write_config is None:
+        err.print("Set these in the [model] table of bot.toml (or use --write-config bot.toml):")
+        sys.stdout.write("\n".join(lines) + "\n")  # paste-able TOML: no wrapping, no colour
+        return
+    try:
+        _set_model_keys(write_config, dict(line.split(" = ", 1) for line in lines))
+    except (OSError, ValueError) as exc:
+        err.print(Text(f"Cannot update {write_config}: {exc}", style="red"))
+        raise typer.Exit(1) from None
+    err.print(Text(f"{write_config}: [model] now loads the demo weights in {demo.llm.parent}"))
+
+
+def _toml(value: Any) -> str:
+    """A TOML value: a string, or an inline table of numbers (``vision = { img_size = 224, … }``)."""
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {v}" for k, v in value.items()) + " }"
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def _set_model_keys(path: Path, keys: dict[str, str]) -> None:
+    """Set ``keys`` (already TOML values) in the ``[model]`` table of ``path``, keeping comments and order.
+
+    A key already in the table is replaced on its line; the others go after the table's last key.  The
+    result must parse and carry the values, else the file is left as it was.
+    """
+    import re
+    import tomllib
+
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    header = next((i for i, line in enumerate(lines) if line.strip() == "[model]"), None)
+    if header is None:
+        lines += ["", "[model]"]
+        header = len(lines) - 1
+    end = next((i for i in range(header + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
+    last = header
+    for i in range(header + 1, end):
+        match = re.match(r"\s*([A-Za-z_]+)\s*=", lines[i])
+        if match:
+            last = i
+            if match.group(1) in keys:
+                lines[i] = f"{match.group(1)} = {keys.pop(match.group(1))}"
+    lines[last + 1 : last + 1] = [f"{k} = {v}" for k, v in keys.items()]
+    text = "\n".join(lines) + "\n"
+    tomllib.loads(text)  # a TOMLDecodeError (a ValueError) leaves the file untouched
+    path.write_text(text, encoding="utf-8")
 
 
 @weights_app.command("check")
@@ -249,7 +299,9 @@ def weights_check(
     n = len(session.last.token_ids)
     out.print(f"[bold]test image answer[/bold] ({n} tokens in {elapsed:.2f} s, {n / max(elapsed, 1e-9):.1f} tok/s):")
     out.print(answer or "(empty answer)", markup=False)
-    if settings.model.uses_demo_weights:
+    from bot.cli.backends import demo_weights_in_use
+
+    if demo_weights_in_use(settings):
         out.print("[yellow](demo weights: the answer is expected to be nonsense)[/yellow]")
     out.print("[green]weights OK[/green]")
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pydantic import Field, field_validator, model_validator
 
-from bot.cli.backends import engine_config
+from bot.cli.backends import demo_weights_in_use, engine_config
 from bot.core.backend import BackendPlugin, BackendSettings, GenerationBackend
 from bot.core.config import Settings
 
@@ -88,7 +88,7 @@ def replica_spec(settings: Settings) -> ReplicaSpec:
         engine=engine_config(settings),
         demo=demo,
         timeout_s=settings.engine.request_timeout_s,
-        info={"demo": settings.model.uses_demo_weights},
+        info={"demo": demo_weights_in_use(settings)},
     )
 
 

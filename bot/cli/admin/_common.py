@@ -29,7 +29,21 @@ T = TypeVar("T")
 
 NO_SCHEMA_HINT = "the database has no tables yet: run `minigpt4-bot admin db upgrade`"
 
-PlatformOption = Annotated[str, typer.Option("--platform", "-p", help="slack | discord | web | terminal …")]
+
+def known_platform(value: str | None) -> str | None:
+    """Warn (and go on) when ``--platform`` names no installed front end: a typo would match nothing."""
+    from bot.core.plugins import FRONTENDS, plugin_names
+
+    known = plugin_names(FRONTENDS)
+    if value is not None and value not in known:
+        err.print(Text(f"warning: no front end is called {value!r} (known platforms: {', '.join(known)})",
+                       style="yellow"), soft_wrap=True)  # fmt: skip
+    return value
+
+
+PlatformOption = Annotated[
+    str, typer.Option("--platform", "-p", help="slack | discord | web | terminal …", callback=known_platform)
+]
 WorkspaceOption = Annotated[str, typer.Option("--workspace", "-w", help="Slack team / Discord guild id")]
 UserOption = Annotated[str | None, typer.Option("--user", "-u", help="user id (omit for the workspace limits)")]
 
@@ -37,6 +51,12 @@ UserOption = Annotated[str | None, typer.Option("--user", "-u", help="user id (o
 def settings_for(config: Path | None) -> Settings:
     """bot.toml, loaded as every command does, with Alembic's step-by-step INFO logging quietened."""
     settings = setup(config)
+    from bot.core.config import find_config
+
+    if find_config(config) is None:  # run outside the project folder: say where the data goes
+        err.print(Text(f"No bot.toml found (--config, $MINIGPT4_BOT_CONFIG or ./bot.toml): using the built-in "
+                       f"defaults and the database {safe_url(settings.database_url())}", style="yellow"),
+                  soft_wrap=True)  # fmt: skip
     # Alembic logs every plugin and step at INFO; the commands print their own one-line summary.
     logging.getLogger("alembic").setLevel(logging.DEBUG if settings.log_level == "DEBUG" else logging.WARNING)
     return settings

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from bot.cli.admin._common import PlatformOption, add_row, run, say, settings_for, table, when
+from bot.cli.admin._common import PlatformOption, add_row, known_platform, run, say, settings_for, table, when
 from bot.cli.common import ConfigOption
 
 __all__ = ["ACTIONS", "list_rules", "rule_command"]
@@ -69,7 +69,7 @@ def rule_command(action: str) -> Callable[..., None]:
 
 
 def list_rules(
-    platform: Annotated[str | None, typer.Option("--platform", "-p")] = None,
+    platform: Annotated[str | None, typer.Option("--platform", "-p", callback=known_platform)] = None,
     config: ConfigOption = None,
 ) -> None:
     """The access rules (allow/deny lists)."""

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from bot.cli.admin._common import add_row, fail, run, say, settings_for, table, when
+from bot.cli.admin._common import add_row, fail, known_platform, run, say, settings_for, table, when
 from bot.cli.common import ConfigOption
 from bot.core import reports
 
@@ -36,7 +36,7 @@ def _shorten(text: str, width: int) -> str:
 
 @conversations_app.command("list")
 def conversations_list(
-    platform: Annotated[str | None, typer.Option("--platform", "-p")] = None,
+    platform: Annotated[str | None, typer.Option("--platform", "-p", callback=known_platform)] = None,
     workspace: Annotated[str | None, typer.Option("--workspace", "-w")] = None,
     limit: Annotated[int, typer.Option("--limit", min=1)] = 50,
     config: ConfigOption = None,

@@ -19,6 +19,7 @@ from bot.cli.admin._common import (
     WorkspaceOption,
     add_row,
     fail,
+    known_platform,
     run,
     say,
     settings_for,
@@ -95,7 +96,9 @@ def _with_limit_options(command: F) -> F:
 
 @quota_app.command("show")
 def quota_show(
-    platform: Annotated[str | None, typer.Option("--platform", "-p", help="with --workspace: one scope")] = None,
+    platform: Annotated[
+        str | None, typer.Option("--platform", "-p", help="with --workspace: one scope", callback=known_platform)
+    ] = None,
     workspace: Annotated[str | None, typer.Option("--workspace", "-w")] = None,
     user: UserOption = None,
     config: ConfigOption = None,

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from bot.cli.admin._common import add_row, run, say, settings_for, table
+from bot.cli.admin._common import add_row, known_platform, run, say, settings_for, table
 from bot.cli.common import ConfigOption
 from bot.core import reports
 
@@ -27,7 +27,7 @@ class ReportFormat(StrEnum):
 def usage(
     days: Annotated[int, typer.Option("--days", min=1, help="look back this many days (UTC, incl. today)")] = 30,
     by_day: Annotated[bool, typer.Option("--by-day", help="one row per user and day")] = False,
-    platform: Annotated[str | None, typer.Option("--platform", "-p")] = None,
+    platform: Annotated[str | None, typer.Option("--platform", "-p", callback=known_platform)] = None,
     workspace: Annotated[str | None, typer.Option("--workspace", "-w")] = None,
     output: Annotated[ReportFormat, typer.Option("--format", "-f")] = ReportFormat.table,
     top: Annotated[int | None, typer.Option("--top", min=1, help="only the N users with the most tokens")] = None,
