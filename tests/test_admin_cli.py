@@ -631,3 +631,25 @@ def test_an_unknown_platform_gets_a_warning_naming_the_known_ones(env: Env):
     assert result.exit_code == 0, result.output
     said = " ".join(result.stderr.split())
     assert "no front end is called 'nonsense'" in said and "terminal" in said and "web" in said
+
+
+def test_conversations_list_keeps_ids_on_one_line_at_80_columns(env: Env, monkeypatch: pytest.MonkeyPatch):
+    from bot.cli.common import out
+
+    conv_id, old_id = _seed_conversations(env)
+    long_thread = "0f9a3c1e2b4d4e6f8a9b0c1d2e3f4a5b"  # the terminal chat's thread ids: 32 hex digits
+
+    async def seed(db: Database) -> int:
+        return (await db.get_or_create_conversation(ConversationKey("terminal", "local", "terminal", long_thread))).id
+
+    terminal_id = env.db(seed)
+    monkeypatch.setattr(out, "width", 80)
+    listing = env.run("conversations", "list")
+    assert listing.exit_code == 0, listing.output
+    lines = listing.output.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for conversation in (conv_id, old_id, terminal_id):  # each id whole, in its row's first cell
+        assert any(line.startswith(f"│ {conversation} ") for line in lines), listing.output
+    row = next(line for line in lines if line.startswith(f"│ {terminal_id} "))
+    assert long_thread[:8] in row  # the thread id starts on the row, not folded over 6 lines
+    assert sum(long_thread[:6] in line or long_thread[-6:] in line for line in lines) == 1

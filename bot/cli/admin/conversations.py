@@ -11,9 +11,11 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.table import Table
+from rich.text import Text
 
 from bot.cli.admin._common import add_row, fail, known_platform, run, say, settings_for, table, when
-from bot.cli.common import ConfigOption
+from bot.cli.common import ConfigOption, out
 from bot.core import reports
 
 if TYPE_CHECKING:
@@ -34,6 +36,19 @@ def _shorten(text: str, width: int) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
+def _conversation_table() -> Table:
+    """Readable at 80 columns: the id (what ``show`` takes) and times never wrap, platform/workspace/channel
+    share one folding column, and a long thread id is cut with an ellipsis on a narrow terminal."""
+    shown = Table(title=Text("conversations (most recent first)"))
+    shown.add_column("id", no_wrap=True)
+    shown.add_column("platform/workspace/channel", overflow="fold", min_width=16)
+    shown.add_column("thread", no_wrap=True, overflow="ellipsis", max_width=None if out.width >= 120 else 12)
+    shown.add_column("preset", overflow="fold", min_width=7)
+    shown.add_column("turns", no_wrap=True, justify="right")
+    shown.add_column("updated (UTC)", no_wrap=True)
+    return shown
+
+
 @conversations_app.command("list")
 def conversations_list(
     platform: Annotated[str | None, typer.Option("--platform", "-p", callback=known_platform)] = None,
@@ -47,21 +62,11 @@ def conversations_list(
     if not rows:
         say("No conversations stored.")
         return
-    columns = ("id", "platform", "workspace", "channel", "thread", "preset", "turns", "updated", "archived")
-    shown = table("conversations (most recent first)", columns, fold=True)
+    shown = _conversation_table()
     for conv, count in rows:
-        add_row(
-            shown,
-            conv.id,
-            conv.platform,
-            conv.workspace,
-            conv.channel,
-            conv.thread,
-            conv.preset or "-",
-            count,
-            when(conv.updated_at),
-            when(conv.archived_at),
-        )
+        place = f"{conv.platform}/{conv.workspace}/{conv.channel}"
+        updated = when(conv.updated_at) + (f"\narchived {when(conv.archived_at)}" if conv.archived_at else "")
+        add_row(shown, conv.id, place, conv.thread, conv.preset or "-", count, updated)
     say(shown)
 
 
