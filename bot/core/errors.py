@@ -42,8 +42,10 @@ class NoImageError(UserInputError):
     """A question in a thread that has no picture yet."""
 
     def __init__(self) -> None:
+        from bot.core.images import accepted_formats  # images raises these errors: imported when needed
+
         super().__init__(
-            "I need a picture to talk about: attach an image (JPEG, PNG, GIF or WebP) with your question, "
+            f"I need a picture to talk about: attach an image ({accepted_formats()}) with your question, "
             "or ask in a thread that already has one. Say help for what I can do."
         )
 
