@@ -240,6 +240,42 @@ def _set_model_keys(path: Path, keys: dict[str, str]) -> None:
     path.write_text(text, encoding="utf-8")
 
 
+@weights_app.command("export")
+def weights_export(
+    out_dir: Annotated[Path, typer.Option("--out", help="model folder to write (replaced if it exists)")],
+    config: ConfigOption = None,
+) -> None:
+    """Turn the [model] files into one folder vLLM loads (`vllm serve DIR`, or [vllm] model_dir)."""
+    from model import CheckpointError, PrecisionError
+    from model.vllm_plugin.export import export_model
+
+    settings = setup(config)
+    kwargs = settings.model.loader_kwargs()
+    if settings.model.uses_demo_weights:
+        from model.demo_weights import DEMO_NOTICE, write_demo_weights
+
+        err.print(Text(f"no [model] weights configured: exporting {DEMO_NOTICE}", style="yellow"))
+        kwargs |= write_demo_weights(settings.demo_weights_dir, settings.model.variant).loader_kwargs()
+    try:
+        report = export_model(out_dir, **kwargs)
+    except (CheckpointError, PrecisionError, ValueError, OSError) as exc:
+        err.print(Text(f"Cannot export the model: {exc}", style="red"))
+        raise typer.Exit(1) from None
+    out.print(
+        f"wrote {report.out}: {report.variant}, {report.tensors} tensors ({_gib(report.bytes)}), "
+        f"{report.num_image_tokens} tokens per picture, image_token_id {report.image_token_id}",
+        markup=False,
+    )
+    for file, keys in report.ignored.items():
+        out.print(
+            f"not exported from {file}: {len(keys)} tensor(s) the reference ignores too "
+            f"({', '.join(keys[:4])}{' …' if len(keys) > 4 else ''})",
+            markup=False,
+        )
+    for note in report.notes:
+        out.print(note, markup=False)
+
+
 @weights_app.command("check")
 def weights_check(
     config: ConfigOption = None,

@@ -1,0 +1,148 @@
+"""MiniGPT-4 as a native vLLM model: tiny exports of all three variants, greedy ids against the local engine.
+
+Each variant: demo weights in the original layouts (head_dim 32, vLLM's CPU attention refuses 16) →
+``export_model`` → ``vllm.LLM`` on the folder (one instance per variant, in the vLLM venv, driven by
+``vllm_generate.py``) and the local engine (this venv, float32, same files).  Both get the same prompt:
+the reference's ``<ImageHere>`` segments joined by one ``image_token_id`` per picture (the contract the
+bot's vLLM backend sends), repetition penalty 1.0, no stop strings, 24 new tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[2]
+VLLM_PYTHON = Path(os.environ.get("MINIGPT4_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+if not VLLM_PYTHON.is_file():
+    pytest.skip(
+        f"no vLLM environment at {VLLM_PYTHON}: ./scripts/setup.sh --vllm creates .venv-vllm "
+        "(or set MINIGPT4_VLLM_PYTHON)",
+        allow_module_level=True,
+    )
+
+VARIANTS = ("vicuna0", "llama2", "minigptv2")
+NEW_TOKENS = 24
+OPTIONS = {"do_sample": False, "max_new_tokens": NEW_TOKENS, "repetition_penalty": 1.0, "stop_strings": []}
+FIRST = "Describe this picture in detail, please."
+SECOND = "And how does this second picture differ from the first one?"
+
+
+def picture(kind: int) -> bytes:
+    """Two different PNG pictures (the built-in test image, and one drawn here)."""
+    from model.image_processing import builtin_test_image
+
+    image = builtin_test_image()
+    if kind:
+        image = Image.new("RGB", (300, 200), (20, 40, 90))
+        ImageDraw.Draw(image).polygon([(30, 180), (150, 20), (270, 180)], fill=(240, 200, 40))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def prompt_ids(codec: Any, prompt: str, image_token_id: int) -> list[int]:
+    """The backend contract: segments (BOS on the first only) joined by ONE image id per picture."""
+    segments = codec.segment_token_ids(prompt)
+    ids = list(segments[0])
+    for segment in segments[1:]:
+        ids += [image_token_id, *segment]
+    return ids
+
+
+def without_eos(ids: Any, eos: int) -> list[int]:
+    ids = list(ids)
+    return ids[:-1] if ids and ids[-1] == eos else ids
+
+
+async def local_answers(weights: Any, pictures: list[bytes]) -> list[Any]:
+    """The local engine (float32): a one-picture question, then a follow-up with a second picture."""
+    from bot.cli.backends import LOCAL
+    from bot.core.config import Settings
+
+    model = {k: v for k, v in weights.loader_kwargs().items() if v} | {"device": "cpu", "dtype": "float32"}
+    variant = model.pop("variant")
+    settings = Settings.model_validate({"data_dir": str(weights.llm.parent / "data"),
+                                        "model": {**model, "variant": variant}})  # fmt: skip
+    backend = await LOCAL.start(settings)
+    try:
+        first = [{"role": "user", "text": FIRST, "image": True}]
+
+        async def answer(turns: list[dict[str, Any]], images: list[bytes]) -> Any:
+            stream = backend.stream(turns=turns, images=images, conversation_id="t", user="u", options=OPTIONS)
+            return [event async for event in stream][-1]
+
+        one = await answer(first, pictures[:1])
+        turns = [*first, {"role": "assistant", "text": one.text}, {"role": "user", "text": SECOND, "image": True}]
+        two = await answer(turns, pictures)
+        return [(first, one), (turns, two)]
+    finally:
+        await backend.close()
+
+
+@pytest.fixture(scope="module", params=VARIANTS)
+def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """One variant: export, local answers, and ONE vLLM instance answering the same two prompts."""
+    from model.conversation import build_prompt
+    from model.demo_weights import write_demo_weights
+    from model.text import TextCodec
+    from model.variants import get_variant
+    from model.vllm_plugin.export import export_model
+
+    variant = request.param
+    folder = tmp_path_factory.mktemp(f"vllm-{variant}")
+    weights = write_demo_weights(folder / "weights", variant)
+    report = export_model(folder / "export", **weights.loader_kwargs())
+    pictures = [picture(0), picture(1)]
+    for i, data in enumerate(pictures):
+        (folder / f"pic{i}.png").write_bytes(data)
+    local = asyncio.run(local_answers(weights, pictures))
+    codec = TextCodec.from_dir(folder / "export")
+    template = get_variant(variant).template
+    requests = []
+    for n, (turns, _final) in enumerate(local):
+        ids = prompt_ids(codec, build_prompt(template, turns), report.image_token_id)
+        requests.append({"prompt_token_ids": ids, "images": [str(folder / f"pic{i}.png") for i in range(n + 1)],
+                         "max_tokens": NEW_TOKENS})  # fmt: skip
+    spec = {"model": str(folder / "export"), "requests": requests, "logprobs": 5}
+    (folder / "requests.json").write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
+    done = subprocess.run(
+        [str(VLLM_PYTHON), str(Path(__file__).with_name("vllm_generate.py")), str(folder / "requests.json"),
+         str(folder / "out.json")],
+        env=env, cwd=folder, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if done.returncode:
+        sys.stderr.write(done.stdout[-4000:] + done.stderr[-8000:])
+    assert done.returncode == 0, f"vLLM run failed for {variant} (its log is above)"
+    results = json.loads((folder / "out.json").read_text())["results"]
+    yield {"variant": variant, "report": report, "local": local, "vllm": results, "requests": requests,
+           "eos": codec.eos_id}  # fmt: skip
+
+
+def test_one_picture_greedy_ids_equal_the_local_engine(run: dict[str, Any]) -> None:
+    (_turns, local), vllm = run["local"][0], run["vllm"][0]
+    assert without_eos(vllm["token_ids"], run["eos"]) == without_eos(local.token_ids, run["eos"])
+    assert len(vllm["token_ids"]) > 1
+    # the prompt vLLM ran = the local engine's context: each image id expanded to num_image_tokens
+    expanded = len(run["requests"][0]["prompt_token_ids"]) - 1 + run["report"].num_image_tokens
+    assert expanded == local.prompt_tokens
+
+
+def test_two_turn_thread_with_a_second_picture_equals_the_local_engine(run: dict[str, Any]) -> None:
+    (_turns, local), vllm = run["local"][1], run["vllm"][1]
+    assert without_eos(vllm["token_ids"], run["eos"]) == without_eos(local.token_ids, run["eos"])
+    expanded = len(run["requests"][1]["prompt_token_ids"]) - 2 + 2 * run["report"].num_image_tokens
+    assert expanded == local.prompt_tokens
+    # the follow-up reuses the first turn's KV blocks (same text ids + same picture hash), 32-token blocks
+    assert vllm["num_cached_tokens"] >= 32
