@@ -54,6 +54,9 @@ def train_command(
     from model.training.loop import CONFIG_FILE, TrainError, run_training
 
     _configure_logging()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bars: the run logs its own progress
     resume = resume.expanduser().resolve() if resume is not None else None  # the printed paths work from anywhere
     try:
         if config is None and resume is not None and (resume / CONFIG_FILE).is_file():
