@@ -54,3 +54,16 @@ def test_serve_with_an_unreachable_database_is_one_json_line_before_the_model(tm
     assert record["level"] == "ERROR" and set(record) == {"time", "level", "logger", "message"}
     assert "cannot start" in record["message"] and "bot:***@127.0.0.1" in record["message"]
     assert not (tmp_path / "data" / "demo-weights").exists()
+
+
+def test_serve_without_a_platform_token_says_so_before_the_model(tmp_path):
+    toml = '[model]\ndevice = "cpu"\n[slack]\nenabled = true\n[discord]\nenabled = true\n'
+    env = {"SLACK_BOT_TOKEN": "", "SLACK_APP_TOKEN": "", "DISCORD_BOT_TOKEN": ""}
+    result = _run(tmp_path, toml, "serve", "--no-terminal", env=env)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 2, result.stderr  # one line a front end, both told at once
+    slack, discord = (next(line for line in errors if f"start: {name}:" in line) for name in ("slack", "discord"))
+    assert "SLACK_BOT_TOKEN" in slack and "docs/slack.md" in slack
+    assert "DISCORD_BOT_TOKEN" in discord and "docs/discord.md" in discord
+    assert not (tmp_path / "data" / "demo-weights").exists()  # the model was never loaded

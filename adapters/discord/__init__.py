@@ -11,7 +11,7 @@ settings: discord.py is imported when the front end is created.  Set-up: ``docs/
 from __future__ import annotations
 
 from adapters.discord.settings import DiscordSettings
-from bot.core.api import Core, FrontEnd, FrontEndContext, FrontEndPlugin
+from bot.core.api import Core, FrontEnd, FrontEndContext, FrontEndPlugin, FrontEndSetupError
 
 __all__ = ["FRONT_END", "DiscordSettings", "create"]
 
@@ -23,4 +23,15 @@ def create(core: Core, settings: DiscordSettings, context: FrontEndContext) -> F
     return DiscordFrontEnd(core, settings)
 
 
-FRONT_END = FrontEndPlugin(name="discord", settings=DiscordSettings, create=create, docs="docs/discord.md")
+def check(settings: DiscordSettings) -> str | None:
+    """``DISCORD_BOT_TOKEN`` in the environment, looked at before ``serve`` loads the model."""
+    from adapters.discord.app import DiscordToken
+
+    try:
+        DiscordToken.from_env()
+    except FrontEndSetupError as exc:
+        return str(exc)
+    return None
+
+
+FRONT_END = FrontEndPlugin(name="discord", settings=DiscordSettings, create=create, check=check, docs="docs/discord.md")

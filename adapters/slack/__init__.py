@@ -11,7 +11,7 @@ settings: slack_bolt and slack_sdk are imported when the front end is created.  
 from __future__ import annotations
 
 from adapters.slack.settings import SlackSettings
-from bot.core.api import Core, FrontEnd, FrontEndContext, FrontEndPlugin
+from bot.core.api import Core, FrontEnd, FrontEndContext, FrontEndPlugin, FrontEndSetupError
 
 __all__ = ["FRONT_END", "SlackSettings", "create"]
 
@@ -23,4 +23,15 @@ def create(core: Core, settings: SlackSettings, context: FrontEndContext) -> Fro
     return SlackFrontEnd(core, settings)
 
 
-FRONT_END = FrontEndPlugin(name="slack", settings=SlackSettings, create=create, docs="docs/slack.md")
+def check(settings: SlackSettings) -> str | None:
+    """The tokens ``mode`` needs in the environment, looked at before ``serve`` loads the model."""
+    from adapters.slack.app import SlackTokens
+
+    try:
+        SlackTokens.from_env(settings.mode)
+    except FrontEndSetupError as exc:
+        return str(exc)
+    return None
+
+
+FRONT_END = FrontEndPlugin(name="slack", settings=SlackSettings, create=create, check=check, docs="docs/slack.md")

@@ -118,15 +118,20 @@ def ask(
     out.print()
 
 
-def _check_before_loading(settings: Settings) -> None:
-    """The database must answer before minutes go into loading the model: else one line and exit 1."""
+def _check_before_loading(settings: Settings, *, front_ends: bool = False, terminal: bool | None = None) -> None:
+    """The database must answer (and, for ``serve``, each enabled front end find its tokens) before minutes
+    go into loading the model: else one line each and exit 1."""
     import asyncio
 
-    from bot.cli.serve import database_problem
+    from bot.cli.serve import database_problem, front_end_problems
 
-    problem = asyncio.run(database_problem(settings))
-    if problem is not None:
+    problems = [p for p in (asyncio.run(database_problem(settings)),) if p is not None]
+    if front_ends:
+        interactive = sys.stdin.isatty() if terminal is None else terminal
+        problems += front_end_problems(settings, interactive=interactive)
+    for problem in problems:
         logging.getLogger("minigpt4_bot").error("cannot start: %s", problem)
+    if problems:
         raise typer.Exit(1)
 
 
@@ -156,7 +161,7 @@ def serve(
     from bot.cli.serve import run_bot
 
     settings = setup(config)
-    _check_before_loading(settings)
+    _check_before_loading(settings, front_ends=True, terminal=terminal)
     model = _load_model(settings) if settings.engine.backend == "local" else None
     raise typer.Exit(asyncio.run(run_bot(settings, terminal=terminal, model=model)))
 

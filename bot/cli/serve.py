@@ -66,6 +66,18 @@ async def database_problem(settings: Settings) -> str | None:
     return None
 
 
+def front_end_problems(settings: Settings, *, interactive: bool = False) -> list[str]:
+    """What the enabled front ends lack from their surroundings (a token not in the environment), one line
+    each: ``serve`` asks before loading the model, as it asks :func:`database_problem`."""
+    context = FrontEndContext(interactive=interactive, data_dir=Path(settings.data_dir))
+    problems = []
+    for plugin, table in _enabled_front_ends(settings, context, None):
+        problem = plugin.check(table)
+        if problem:
+            problems.append(f"{plugin.name}: {problem} (see {plugin.docs})")
+    return problems
+
+
 async def open_database(settings: Settings) -> Database:
     """Open the configured database and bring its schema up to date (Alembic); logs one line about it."""
 

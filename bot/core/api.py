@@ -222,13 +222,17 @@ class FrontEndPlugin:
     """The entry-point object a front end module exports: name, settings table and factory.
 
     ``create(core, settings, context)`` builds the front end without starting it; ``enabled(settings,
-    context)`` decides whether ``serve`` starts it (default: the table's ``enabled``).  ``docs`` names
-    the page with its set-up guide, quoted in start-up errors; ``start_order`` sorts the start.
+    context)`` decides whether ``serve`` starts it (default: the table's ``enabled``).  ``check(settings)``
+    is a quick look, with no network, at what the front end needs from its surroundings (tokens in the
+    environment): a one-line problem or None; ``serve`` asks it before loading the model, so a missing
+    token costs seconds, not a model load.  ``docs`` names the page with its set-up guide, quoted in
+    start-up errors; ``start_order`` sorts the start.
     """
 
     name: str
     settings: type[FrontEndSettings]
     create: Callable[[Core, Any, FrontEndContext], FrontEnd]
     enabled: Callable[[Any, FrontEndContext], bool] = lambda settings, _context: bool(settings.enabled)
+    check: Callable[[Any], str | None] = lambda _settings: None
     docs: str = "docs/adapters.md"
     start_order: int = 0  # lower starts first; an interactive prompt goes last, after the others' start-up lines
