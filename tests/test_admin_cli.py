@@ -653,3 +653,17 @@ def test_conversations_list_keeps_ids_on_one_line_at_80_columns(env: Env, monkey
     row = next(line for line in lines if line.startswith(f"│ {terminal_id} "))
     assert long_thread[:8] in row  # the thread id starts on the row, not folded over 6 lines
     assert sum(long_thread[:6] in line or long_thread[-6:] in line for line in lines) == 1
+
+
+def test_quota_override_names_users_as_the_core_spells_them(env: Env):
+    """A web user is case-folded by the core (``Q1`` and ``q1`` are one person); a Slack id keeps its case."""
+    web = env.run("quota", "set", "-p", "web", "-w", "local\u200b", "-u", "Q1", "--requests-per-day", "5")
+    assert web.exit_code == 0, web.output
+    slack = env.run("quota", "set", "-p", "slack", "-w", "T1", "-u", "U1", "--requests-per-day", "7")
+    assert slack.exit_code == 0, slack.output
+    stored_web = env.db(lambda db: db.quota_setting("user", "web", "local", "q1"))
+    stored_slack = env.db(lambda db: db.quota_setting("user", "slack", "T1", "U1"))
+    assert stored_web is not None and stored_web.requests_per_day == 5
+    assert stored_slack is not None and stored_slack.requests_per_day == 7
+    reset = env.run("quota", "reset", "-p", "web", "-w", "local", "-u", "q1\u200b")
+    assert "Removed the quota override" in reset.output

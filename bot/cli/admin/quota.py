@@ -29,6 +29,7 @@ from bot.cli.admin._common import (
 from bot.cli.common import ConfigOption
 from bot.core import reports
 from bot.core.config import QuotaLimits, Settings
+from bot.core.requests import normalize_id, normalize_user
 
 if TYPE_CHECKING:
     from storage import Database
@@ -57,6 +58,13 @@ def _option(name: str) -> str:
 def _short(name: str) -> str:
     """The short column name of a limit (its field title in QuotaLimits, e.g. ``req/day``)."""
     return QuotaLimits.model_fields[name].title or name
+
+
+def _scope(platform: str, workspace: str, user: str | None) -> tuple[str, str, str]:
+    """(scope, workspace, user) spelled as the core stores requests' ids (``Q1`` and ``q1`` are one web
+    user), so an override set here applies to the person it names."""
+    workspace = normalize_id(workspace)
+    return ("user", workspace, normalize_user(platform, user)) if user else ("workspace", workspace, "")
 
 
 def _parse_limit(name: str, value: str) -> int | None:
@@ -112,6 +120,8 @@ def quota_show(
     if platform is None or workspace is None:
         _show_overrides(settings)
         return
+    _, workspace, user = _scope(platform, workspace, user)
+    user = user or None
 
     overview = run(settings, lambda db: reports.quota_overview(db, settings.quotas, platform, workspace, user))
     for scope in overview.scopes:
@@ -165,7 +175,7 @@ def quota_set(
     limits = {name: _parse_limit(name, given[name]) for name in names if given.get(name) is not None}
     if not limits:
         fail(f"name at least one limit, e.g. {_option(names[0])} 50 (0 = unlimited, none = default)", 2)
-    scope, who = ("user", user) if user else ("workspace", "")
+    scope, workspace, who = _scope(platform, workspace, user)
 
     async def work(db: Database) -> Any:
         await db.set_quota(scope, platform, workspace, who, **limits)
@@ -186,7 +196,7 @@ def quota_reset(
 ) -> None:
     """Remove the stored override: the configured defaults apply again."""
     settings = settings_for(config)
-    scope, who = ("user", user) if user else ("workspace", "")
+    scope, workspace, who = _scope(platform, workspace, user)
     removed = run(settings, lambda db: db.reset_quota(scope, platform, workspace, who))
     target = f"user {who}" if who else "workspace"
     if removed:
