@@ -311,6 +311,12 @@ def _export_tokenizer(llm_dir: Path, out: Path, image_token_id: int) -> None:
     if tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER) != image_token_id:
         raise CheckpointError(f"internal: {IMAGE_PLACEHOLDER} did not get id {image_token_id}")
     tokenizer.save_pretrained(out)
+    # legacy=True (how the loader reads every LLaMA tokenizer: the reference's slow SentencePiece behaviour)
+    # must be in the file, since vLLM loads the folder's tokenizer with no arguments.
+    config_file = out / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config["legacy"] = True
+    config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def chat_template(template: ConversationTemplate) -> str:

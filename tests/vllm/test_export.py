@@ -127,7 +127,7 @@ def test_tokenizer_and_chat_template_give_the_backends_token_ids(
     from model.text import TextCodec
 
     weights, folder = exports[variant]
-    tokenizer = AutoTokenizer.from_pretrained(folder, legacy=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)  # as vLLM loads it: no arguments
     assert tokenizer.convert_tokens_to_ids("<ImageHere>") == 512
     template = TEMPLATES[variant]
     prompt = build_prompt(template, THREAD)
@@ -155,7 +155,9 @@ def test_weights_export_command(tmp_path: Path) -> None:
     assert "llama2" in result.output and "64 tokens per picture" in result.output
     assert check_export(tmp_path / "out").variant == "llama2"
     missing = tmp_path / "missing.toml"
-    missing.write_text(config.read_text() + f'llm = "{tmp_path}"\nvit = "{tmp_path}/eva_vit_g.pth"\nprojection = "x.pth"\n')
+    missing.write_text(
+        config.read_text() + f'llm = "{tmp_path}"\nvit = "{tmp_path}/eva_vit_g.pth"\nprojection = "x.pth"\n'
+    )
     broken = CliRunner().invoke(app, ["weights", "export", "--out", str(tmp_path / "x"), "--config", str(missing)])
     assert broken.exit_code == 1
     assert "Cannot export the model" in broken.output and not (tmp_path / "x").exists()

@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -90,17 +89,14 @@ async def local_answers(weights: Any, pictures: list[bytes]) -> list[Any]:
         await backend.close()
 
 
-@pytest.fixture(scope="module", params=VARIANTS)
-def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """One variant: export, local answers, and ONE vLLM instance answering the same two prompts."""
+def prepare(variant: str, folder: Path) -> dict[str, Any]:
+    """Demo weights → export → the local engine's two answers → the vLLM run's spec (same prompts)."""
     from model.conversation import build_prompt
     from model.demo_weights import write_demo_weights
     from model.text import TextCodec
     from model.variants import get_variant
     from model.vllm_plugin.export import export_model
 
-    variant = request.param
-    folder = tmp_path_factory.mktemp(f"vllm-{variant}")
     weights = write_demo_weights(folder / "weights", variant)
     report = export_model(folder / "export", **weights.loader_kwargs())
     pictures = [picture(0), picture(1)]
@@ -109,29 +105,53 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     local = asyncio.run(local_answers(weights, pictures))
     codec = TextCodec.from_dir(folder / "export")
     template = get_variant(variant).template
-    requests = []
+    requests: list[dict[str, Any]] = []
     for n, (turns, _final) in enumerate(local):
         ids = prompt_ids(codec, build_prompt(template, turns), report.image_token_id)
         requests.append({"prompt_token_ids": ids, "images": [str(folder / f"pic{i}.png") for i in range(n + 1)],
                          "max_tokens": NEW_TOKENS})  # fmt: skip
-    spec = {"model": str(folder / "export"), "requests": requests, "logprobs": 5}
-    (folder / "requests.json").write_text(json.dumps(spec))
+    # the first question again, through vLLM's chat API and the exported chat template (`vllm serve DIR`)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": FIRST}]}]
+    requests.append({"messages": chat, "images": [requests[0]["images"][0]], "max_tokens": NEW_TOKENS})
+    return {
+        "variant": variant,
+        "report": report,
+        "local": local,
+        "requests": requests,
+        "eos": codec.eos_id,
+        "vllm": {"model": str(folder / "export"), "requests": requests, "multiprocess": variant == "vicuna0"},
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """All three variants, then ONE vLLM process: one ``LLM`` per variant (vicuna0's as vLLM serves, spawned)."""
+    folder = tmp_path_factory.mktemp("vllm-model")
+    prepared = {v: prepare(v, folder / v) for v in VARIANTS}
+    spec = {"runs": [prepared[v]["vllm"] for v in VARIANTS], "logprobs": 5}
+    (folder / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     done = subprocess.run(
-        [str(VLLM_PYTHON), str(Path(__file__).with_name("vllm_generate.py")), str(folder / "requests.json"),
+        [str(VLLM_PYTHON), str(Path(__file__).with_name("vllm_generate.py")), str(folder / "spec.json"),
          str(folder / "out.json")],
-        env=env, cwd=folder, capture_output=True, text=True, timeout=600,
+        env=env, cwd=folder, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     if done.returncode:
         sys.stderr.write(done.stdout[-4000:] + done.stderr[-8000:])
-    assert done.returncode == 0, f"vLLM run failed for {variant} (its log is above)"
-    results = json.loads((folder / "out.json").read_text())["results"]
-    yield {"variant": variant, "report": report, "local": local, "vllm": results, "requests": requests,
-           "eos": codec.eos_id}  # fmt: skip
+    assert done.returncode == 0, "the vLLM run failed (its log is above)"
+    out = json.loads((folder / "out.json").read_text())["runs"]
+    for variant, result in zip(VARIANTS, out, strict=True):
+        prepared[variant]["results"] = result["results"]
+    return prepared
+
+
+@pytest.fixture(params=VARIANTS)
+def run(request: pytest.FixtureRequest, runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return runs[request.param]
 
 
 def test_one_picture_greedy_ids_equal_the_local_engine(run: dict[str, Any]) -> None:
-    (_turns, local), vllm = run["local"][0], run["vllm"][0]
+    (_turns, local), vllm = run["local"][0], run["results"][0]
     assert without_eos(vllm["token_ids"], run["eos"]) == without_eos(local.token_ids, run["eos"])
     assert len(vllm["token_ids"]) > 1
     # the prompt vLLM ran = the local engine's context: each image id expanded to num_image_tokens
@@ -140,9 +160,17 @@ def test_one_picture_greedy_ids_equal_the_local_engine(run: dict[str, Any]) -> N
 
 
 def test_two_turn_thread_with_a_second_picture_equals_the_local_engine(run: dict[str, Any]) -> None:
-    (_turns, local), vllm = run["local"][1], run["vllm"][1]
+    (_turns, local), vllm = run["local"][1], run["results"][1]
     assert without_eos(vllm["token_ids"], run["eos"]) == without_eos(local.token_ids, run["eos"])
     expanded = len(run["requests"][1]["prompt_token_ids"]) - 2 + 2 * run["report"].num_image_tokens
     assert expanded == local.prompt_tokens
     # the follow-up reuses the first turn's KV blocks (same text ids + same picture hash), 32-token blocks
     assert vllm["num_cached_tokens"] >= 32
+
+
+def test_the_exported_chat_template_serves_the_same_prompt_through_vllms_chat_api(run: dict[str, Any]) -> None:
+    """`vllm serve DIR` users: an OpenAI-style message with a picture renders (chat_template.jinja), tokenises
+    (<ImageHere> = image_token_id) and expands to exactly the prompt the backend sends, so the answer is the same."""
+    by_ids, by_chat = run["results"][0], run["results"][2]
+    assert by_chat["prompt_token_ids"] == by_ids["prompt_token_ids"]
+    assert by_chat["token_ids"] == by_ids["token_ids"]
