@@ -128,7 +128,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     """All three variants, then ONE vLLM process: one ``LLM`` per variant (vicuna0's as vLLM serves, spawned)."""
     folder = tmp_path_factory.mktemp("vllm-model")
     prepared = {v: prepare(v, folder / v) for v in VARIANTS}
-    spec = {"runs": [prepared[v]["vllm"] for v in VARIANTS], "logprobs": 5}
+    vicuna = prepared["vicuna0"]["vllm"]
+    extra = [
+        {**vicuna, "dtype": "bfloat16", "probe": True, "requests": vicuna["requests"][:1], "multiprocess": False},
+        {"model": str(broken_copy(Path(vicuna["model"]), folder / "broken")), "requests": [], "expect_error": True},
+    ]
+    spec = {"runs": [prepared[v]["vllm"] for v in VARIANTS] + extra, "logprobs": 5}
     (folder / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
     done = subprocess.run(
@@ -140,9 +145,24 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
         sys.stderr.write(done.stdout[-4000:] + done.stderr[-8000:])
     assert done.returncode == 0, "the vLLM run failed (its log is above)"
     out = json.loads((folder / "out.json").read_text())["runs"]
-    for variant, result in zip(VARIANTS, out, strict=True):
+    for variant, result in zip(VARIANTS, out, strict=False):
         prepared[variant]["results"] = result["results"]
+    prepared["vicuna0"]["bf16"], prepared["vicuna0"]["broken"] = out[len(VARIANTS) :]
     return prepared
+
+
+def broken_copy(export: Path, out: Path) -> Path:
+    """The export with one tensor missing and one of the wrong shape (an edited or mixed-up model file)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(export, out)
+    state = load_file(out / "model.safetensors")
+    del state["qformer.encoder.layer.0.crossattention.attention.key.weight"]
+    state["llama_proj.weight"] = state["llama_proj.weight"][:, :16].contiguous()
+    save_file(state, out / "model.safetensors")
+    return out
 
 
 @pytest.fixture(params=VARIANTS)
@@ -164,8 +184,12 @@ def test_two_turn_thread_with_a_second_picture_equals_the_local_engine(run: dict
     assert without_eos(vllm["token_ids"], run["eos"]) == without_eos(local.token_ids, run["eos"])
     expanded = len(run["requests"][1]["prompt_token_ids"]) - 2 + 2 * run["report"].num_image_tokens
     assert expanded == local.prompt_tokens
-    # the follow-up reuses the first turn's KV blocks (same text ids + same picture hash), 32-token blocks
-    assert vllm["num_cached_tokens"] >= 32
+    # the follow-up reuses the first turn's KV blocks — text ids and the first picture (same hash) — as far
+    # as the two prompts agree, in whole 32-token blocks
+    first, follow_up = run["results"][0]["prompt_token_ids"], vllm["prompt_token_ids"]
+    common = next((i for i, (a, b) in enumerate(zip(first, follow_up, strict=False)) if a != b), len(first))
+    picture_start = first.index(run["report"].image_token_id)
+    assert vllm["num_cached_tokens"] == common // 32 * 32 > picture_start  # cached blocks hold picture tokens
 
 
 def test_the_exported_chat_template_serves_the_same_prompt_through_vllms_chat_api(run: dict[str, Any]) -> None:
@@ -174,3 +198,19 @@ def test_the_exported_chat_template_serves_the_same_prompt_through_vllms_chat_ap
     by_ids, by_chat = run["results"][0], run["results"][2]
     assert by_chat["prompt_token_ids"] == by_ids["prompt_token_ids"]
     assert by_chat["token_ids"] == by_ids["token_ids"]
+
+
+def test_ln_vision_qformer_and_projection_stay_float32_in_a_bfloat16_model(runs: dict[str, dict[str, Any]]) -> None:
+    """As the reference keeps them on a GPU (README "Precision"): the ViT and the LLM take vLLM's dtype."""
+    bf16 = runs["vicuna0"]["bf16"]
+    assert bf16["dtypes"] == {"vision_model": "bfloat16", "ln_vision": "float32", "query_tokens": "float32",
+                              "qformer": "float32", "llama_proj": "float32", "language_model": "bfloat16"}  # fmt: skip
+    assert len(bf16["results"][0]["token_ids"]) > 1
+
+
+def test_vllm_refuses_a_model_file_that_does_not_fit_its_config(runs: dict[str, dict[str, Any]]) -> None:
+    """No silent random weights: a missing tensor or a wrong shape stops vLLM's start, by name."""
+    error = runs["vicuna0"]["broken"]["error"]
+    assert "does not fit its config.json (re-run minigpt4-bot weights export)" in error
+    assert "missing tensor qformer.encoder.layer.0.crossattention.attention.key.weight" in error
+    assert "llama_proj.weight: file has (64, 16), model needs (64, 32)" in error

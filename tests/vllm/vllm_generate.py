@@ -28,10 +28,16 @@ def run(llm_cls: Any, params_cls: Any, spec: dict[str, Any], logprobs: int) -> d
 
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if spec.get("multiprocess") else "0"
     started = time.perf_counter()
-    llm = llm_cls(model=spec["model"], dtype="float32", enforce_eager=True, block_size=32, max_model_len=2048,
-                  max_num_seqs=4, limit_mm_per_prompt={"image": 4}, seed=0,
-                  distributed_executor_backend="mp" if spec.get("multiprocess") else "uni")  # fmt: skip
+    try:
+        llm = llm_cls(model=spec["model"], dtype=spec.get("dtype", "float32"), enforce_eager=True, block_size=32,
+                      max_model_len=2048, max_num_seqs=4, limit_mm_per_prompt={"image": 4}, seed=0,
+                      distributed_executor_backend="mp" if spec.get("multiprocess") else "uni")  # fmt: skip
+    except Exception as exc:  # a folder that must be refused: report why
+        if not spec.get("expect_error"):
+            raise
+        return {"error": f"{type(exc).__name__}: {exc}", "results": []}
     load_s = time.perf_counter() - started
+    dtypes = llm.apply_model(_dtypes)[0] if spec.get("probe") else {}
     results = []
     for request in spec["requests"]:
         raw = [Path(p).read_bytes() for p in request.get("images", [])]
@@ -55,7 +61,15 @@ def run(llm_cls: Any, params_cls: Any, spec: dict[str, Any], logprobs: int) -> d
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
-    return {"results": results, "load_s": load_s}
+    return {"results": results, "load_s": load_s, "dtypes": dtypes}
+
+
+def _dtypes(model: Any) -> dict[str, str]:
+    """Each top-level part's parameter dtypes (``ln_vision``, Q-Former, projection: float32 in any model dtype)."""
+    out: dict[str, set[str]] = {}
+    for name, param in model.named_parameters():
+        out.setdefault(name.split(".")[0], set()).add(str(param.dtype).removeprefix("torch."))
+    return {part: ",".join(sorted(kinds)) for part, kinds in out.items()}
 
 
 def _part(part: dict[str, Any], pictures: Any, load_image: Any) -> dict[str, Any]:
