@@ -43,7 +43,8 @@ async def _post(http: aiohttp.ClientSession, url: str, fields: dict, image: byte
     if image is not None:
         form.add_field("image", image, filename="p.png", content_type="image/png")
     events = []
-    async with http.post(url + "/api/messages", data=form) as response:
+    headers = {"X-Test-User": fields["user"]}  # each conversation its own user, as a login proxy would say
+    async with http.post(url + "/api/messages", data=form, headers=headers) as response:
         assert response.status == 200, await response.text()
         name = None
         async for raw in response.content:
@@ -72,7 +73,7 @@ def test_200_concurrent_conversations_store_every_turn_once(demo_models, tmp_pat
         port = _free_port()
         async with Engine(demo_models["vicuna0"], engine_config(settings)) as engine:
             service = BotService(settings, db, EngineBackend(engine))
-            runner = await run_web(service, "127.0.0.1", port)
+            runner = await run_web(service, "127.0.0.1", port, user_header="X-Test-User")
             url = f"http://127.0.0.1:{port}"
             try:
                 connector = aiohttp.TCPConnector(limit=CONVERSATIONS)

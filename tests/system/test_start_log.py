@@ -18,7 +18,8 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-LEVEL_RE = re.compile(r"^(?:\[[^\]]*\])?\s*(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s")
+# a record line: on a pipe the ISO time comes first (rich on a terminal starts with the level)
+LEVEL_RE = re.compile(r"^(?:\S+T\S+ )?(?:\[[^\]]*\])?\s*(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s")
 
 
 def _free_port() -> int:
