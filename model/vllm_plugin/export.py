@@ -87,6 +87,9 @@ def export_model(
     """
     from model.loader import load_minigpt4
 
+    out = Path(out).expanduser()
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / MANIFEST).is_file())):
+        raise CheckpointError(f"{out} exists and is not an earlier export (no {MANIFEST}): choose another --out")
     model = load_minigpt4(variant=variant, llm=llm, vit=vit, qformer=qformer, projection=projection,
                           device="cpu", dtype="float32", vision=vision, qformer_dims=qformer_dims,
                           progress=progress)  # fmt: skip
@@ -96,7 +99,6 @@ def export_model(
     state = {k: _narrowest(v, store_dtype) for k, v in state.items()}
     _check(state, config, f"the export of {variant}")
 
-    out = Path(out).expanduser()
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -131,6 +133,7 @@ def export_model(
         "notes": report.notes,
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    check_export(tmp)  # the written file, read back: what vLLM will load
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

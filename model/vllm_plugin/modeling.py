@@ -101,7 +101,7 @@ class MiniGPT4MultiModalProcessor(BaseMultiModalProcessor[MiniGPT4ProcessingInfo
         if not isinstance(images, Sequence) or isinstance(images, Image.Image):
             images = [images]
         processor = ImageProcessor(self.info.get_hf_config().image_size)
-        pixels = [processor(im if isinstance(im, Image.Image) else Image.fromarray(_as_array(im))) for im in images]
+        pixels = [processor(_as_pil(image)) for image in images]
         return BatchFeature({"pixel_values": torch.stack(pixels)} if pixels else {})
 
     def _get_mm_fields_config(
@@ -124,11 +124,16 @@ class MiniGPT4MultiModalProcessor(BaseMultiModalProcessor[MiniGPT4ProcessingInfo
         ]
 
 
-def _as_array(image: object) -> Any:
+def _as_pil(image: object) -> Image.Image:
+    """vLLM hands PIL images on (``image_pil``, decoded ``image_url``); an ``H×W×3`` uint8 array is taken too."""
+    if isinstance(image, Image.Image):
+        return image
     import numpy as np
 
-    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    return array.astype("uint8")
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+        raise ValueError(f"MiniGPT-4 takes pictures as PIL images or H×W×3 uint8 arrays, got {type(image).__name__}")
+    return Image.fromarray(array)
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -94,6 +94,11 @@ def test_export_rejects_a_projection_of_another_variant(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"does not fit the projection[\s\S]*check \[model\]\.variant"):
         export_model(tmp_path / "out", **(llama2.loader_kwargs() | {"projection": str(vicuna.projection)}))
     assert not (tmp_path / "out").exists()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="is not an earlier export"):
+        export_model(tmp_path / "notes", **vicuna.loader_kwargs())
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
 
 
 def test_coverage_check_rejects_a_mismatched_model_file(exports: dict[str, tuple[Any, Path]], tmp_path: Path) -> None:
