@@ -38,6 +38,8 @@ def run(llm_cls: Any, params_cls: Any, spec: dict[str, Any], logprobs: int) -> d
         return {"error": f"{type(exc).__name__}: {exc}", "results": []}
     load_s = time.perf_counter() - started
     dtypes = llm.apply_model(_dtypes)[0] if spec.get("probe") else {}
+    _EMBED[:] = spec.get("embed_images", [])
+    embeddings = llm.apply_model(_embed)[0] if _EMBED and not spec.get("multiprocess") else []
     results = []
     for request in spec["requests"]:
         raw = [Path(p).read_bytes() for p in request.get("images", [])]
@@ -61,7 +63,7 @@ def run(llm_cls: Any, params_cls: Any, spec: dict[str, Any], logprobs: int) -> d
     llm.llm_engine.engine_core.shutdown()
     del llm
     gc.collect()
-    return {"results": results, "load_s": load_s, "dtypes": dtypes}
+    return {"results": results, "load_s": load_s, "dtypes": dtypes, "embeddings": embeddings}
 
 
 def _dtypes(model: Any) -> dict[str, str]:
@@ -70,6 +72,24 @@ def _dtypes(model: Any) -> dict[str, str]:
     for name, param in model.named_parameters():
         out.setdefault(name.split(".")[0], set()).add(str(param.dtype).removeprefix("torch."))
     return {part: ",".join(sorted(kinds)) for part, kinds in out.items()}
+
+
+_EMBED: list[str] = []  # pictures for _embed (a plain function: vLLM serialises what apply_model runs)
+
+
+def _embed(model: Any) -> list[Any]:
+    """The model's picture embeddings (``embed_multimodal``) for ``_EMBED``, preprocessed as the bot does.
+
+    Runs in this process, so only for in-process runs (not ``multiprocess``).
+    """
+    import torch
+
+    from model.image_processing import ImageProcessor, load_image
+
+    processor = ImageProcessor(model.config.image_size)
+    pixels = torch.stack([processor(load_image(Path(p).read_bytes())) for p in _EMBED])
+    with torch.inference_mode():
+        return [t.float().cpu().tolist() for t in model.embed_multimodal(pixel_values=pixels)]
 
 
 def _part(part: dict[str, Any], pictures: Any, load_image: Any) -> dict[str, Any]:
