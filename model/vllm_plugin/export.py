@@ -1,15 +1,17 @@
 """``minigpt4-bot weights export``: the four original MiniGPT-4 files → one model folder vLLM loads.
 
 The files are read by the *serving* loader (:func:`model.loader.load_minigpt4`: the same key maps,
-coverage checks, 448-px position-embedding interpolation and LoRA injection as the local engine), and
-the loaded modules are written under the names :class:`~model.vllm_plugin.modeling.MiniGPT4ForConditionalGeneration`
-loads.  Nothing is re-derived from the raw files here, so the vLLM model computes with exactly the
-numbers the local engine computes with.
+coverage checks, 448-px position-embedding interpolation and LoRA injection as the local engine), in
+the LLM checkpoint's dtype, and the loaded modules are written under the names
+:class:`~model.vllm_plugin.modeling.MiniGPT4ForConditionalGeneration` loads.  The two things the loader
+computes at load time (the interpolated position embedding, the LoRA factors) are recomputed in float32
+with the loader's own functions, so the vLLM model computes with exactly the local engine's numbers.
 
 The folder::
 
     config.json              MiniGPT4Config (architectures = [MiniGPT4ForConditionalGeneration])
-    model.safetensors        every tensor of the vLLM model, nothing else (checked: expected_shapes)
+    model.safetensors        every tensor of the vLLM model, nothing else (checked: expected_shapes);
+                             over 2 GiB: model-0000i-of-0000n.safetensors + model.safetensors.index.json
     tokenizer files          the LLM's, plus <ImageHere> as an added token = image_token_id
     chat_template.jinja      the variant's reference conversation template, for `vllm serve DIR`
     minigpt4_export.json     manifest: variant, template, image_token_id, num_image_tokens, source sha256s
@@ -19,10 +21,10 @@ Precision: each tensor is written in the LLM checkpoint's dtype when that round-
 projections and anything computed at load time keep every bit the local engine uses.
 
 MiniGPT-v2's LoRA (r=64, alpha=16 on ``q_proj``/``v_proj``) is **merged** into the LLM weights here
-(``W + alpha/r · B·A``, in float32) instead of served through vLLM's LoRA support: the adapter is fixed
-(one per model, never switched per request), merging costs nothing at inference, and vLLM with a LoRA
-config on CPU forces compilation off (``vllm/platforms/cpu.py``).  The merged product differs from the
-reference's separate ``x·Wᵀ + s·(x·Aᵀ)·Bᵀ`` by float rounding only.
+(``W + alpha/r · B·A`` in float32, :func:`_float32_parts`) instead of served through vLLM's LoRA
+support: the adapter is fixed (one per model, never switched per request), merging costs nothing at
+inference, and vLLM with a LoRA config on CPU forces compilation off (``vllm/platforms/cpu.py``).  The
+merged product differs from the reference's separate ``x·Wᵀ + s·(x·Aᵀ)·Bᵀ`` by float rounding only.
 """
 
 from __future__ import annotations
@@ -78,10 +80,12 @@ def export_model(
     progress: Callable[[str, int], None] | None = None,
     **_precision: Any,
 ) -> ExportReport:
-    """Load the original files as serving does (CPU, float32) and write the vLLM model folder ``out``.
+    """Load the original files as serving does and write the vLLM model folder ``out``.
 
-    ``device`` / ``dtype`` / ``quantization`` of ``[model]`` are accepted and ignored: the export is
-    always read in float32 on the CPU (vLLM applies its own ``dtype`` when it loads the folder).
+    The files are read on the CPU in the LLM checkpoint's own dtype (fp16 for Vicuna / LLaMA-2: exact, and
+    half the memory of float32 — a 7B export needs about 16 GB); what the loader computes at load time is
+    recomputed in float32 (:func:`_float32_parts`).  ``device`` / ``dtype`` / ``quantization`` of
+    ``[model]`` are accepted and ignored: vLLM applies its own ``dtype`` when it loads the folder.
     Raises :class:`CheckpointError` (with the loader's or the coverage check's message) when a file
     does not fit; nothing is left half-written in ``out`` then.
     """
@@ -90,21 +94,19 @@ def export_model(
     out = Path(out).expanduser()
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / MANIFEST).is_file())):
         raise CheckpointError(f"{out} exists and is not an earlier export (no {MANIFEST}): choose another --out")
-    model = load_minigpt4(variant=variant, llm=llm, vit=vit, qformer=qformer, projection=projection,
-                          device="cpu", dtype="float32", vision=vision, qformer_dims=qformer_dims,
-                          progress=progress)  # fmt: skip
-    config = _config(model)
-    state = vllm_state(model)
     store_dtype = _checkpoint_dtype(Path(llm).expanduser())
+    model = load_minigpt4(variant=variant, llm=llm, vit=vit, qformer=qformer, projection=projection,
+                          device="cpu", dtype=str(store_dtype).removeprefix("torch."), vision=vision,
+                          qformer_dims=qformer_dims, progress=progress)  # fmt: skip
+    config = _config(model)
+    state = vllm_state(model) | _float32_parts(model, vit, projection)
     state = {k: _narrowest(v, store_dtype) for k, v in state.items()}
     _check(state, config, f"the export of {variant}")
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    _save_shards(state, tmp)
     config.save_pretrained(tmp)
     _export_tokenizer(Path(llm).expanduser(), tmp, config.image_token_id)
     (tmp / "chat_template.jinja").write_text(chat_template(model.spec.template))
@@ -145,11 +147,11 @@ def export_model(
 
 
 def vllm_state(model: Any) -> dict[str, torch.Tensor]:
-    """A loaded :class:`~model.minigpt4.MiniGPT4` → ``{vLLM name: tensor}`` (LoRA merged).
+    """A loaded :class:`~model.minigpt4.MiniGPT4` → ``{vLLM name: tensor}`` (LoRA factors dropped: see
+    :func:`_float32_parts` for the merged weights).
 
     Every persistent tensor of the model must map to a name; an unknown one is an error, never dropped.
     """
-    _merge_lora(model.llm)
     out: dict[str, torch.Tensor] = {}
     unmapped: list[str] = []
     for name, tensor in model.state_dict().items():
@@ -166,15 +168,65 @@ def vllm_state(model: Any) -> dict[str, torch.Tensor]:
     return out
 
 
-def _merge_lora(llm: torch.nn.Module) -> None:
-    """Fold every peft LoRA layer into its base weight (``merge`` in the model's float32)."""
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:  # no peft: no LoRA was injected either
+def _float32_parts(model: Any, vit: Any, projection: Any) -> dict[str, torch.Tensor]:
+    """What the loader computes at load time, in float32 from the files (the model holds the storage dtype).
+
+    * the position embedding, interpolated to the variant's grid (MiniGPT-v2: 16×16 → 32×32) by the
+      loader's own :func:`~model.checkpoints.interpolate_pos_embed`;
+    * each LoRA target merged: ``W + scaling · B·A`` with the file's factors and peft's ``scaling``
+      (alpha / r) of the layer the loader injected.
+    """
+    from model.checkpoints import convert_projection, interpolate_pos_embed, read_state_dict
+
+    out: dict[str, torch.Tensor] = {}
+    vit_sd = read_state_dict(vit, "vision encoder (eva_vit_g.pth)")
+    if "pos_embed" in vit_sd:
+        out["vision_model.embeddings.position_embedding"] = interpolate_pos_embed(
+            vit_sd["pos_embed"], model.spec.vision.grid
+        )
+    if model.spec.lora is None:
+        return out
+    _proj, lora, _report = convert_projection(
+        read_state_dict(projection, "projection", wrapper_key="model"), str(projection)
+    )
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.llm.named_modules():
+        if isinstance(module, LoraLayer):
+            a = lora[f"{name}.lora_A.default.weight"].float()
+            b = lora[f"{name}.lora_B.default.weight"].float()
+            base = module.get_base_layer().weight.float()
+            out[f"language_model.{name}.weight"] = base + module.scaling["default"] * (b @ a)
+    return out
+
+
+def _save_shards(state: Mapping[str, torch.Tensor], folder: Path, shard_bytes: int = 2 * 2**30) -> None:
+    """``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` + index when over ``shard_bytes``.
+
+    Shards keep the writer's extra memory to one shard (safetensors serialises a file in memory).
+    """
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
         return
-    for module in llm.modules():
-        if isinstance(module, LoraLayer) and not module.merged:
-            module.merge(safe_merge=True)
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / file), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(shard, file)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------- checks
@@ -206,13 +258,15 @@ def check_export(folder: str | os.PathLike[str]) -> MiniGPT4Config:
     from safetensors import safe_open
 
     folder = Path(folder).expanduser()
-    config_file, weights = folder / "config.json", folder / "model.safetensors"
-    if not config_file.is_file() or not weights.is_file():
+    config_file, files = folder / "config.json", sorted(folder.glob("*.safetensors"))
+    if not config_file.is_file() or not files:
         raise CheckpointError(f"{folder} is not a MiniGPT-4 export (no config.json / model.safetensors)")
     config = MiniGPT4Config.from_json_file(str(config_file))
-    with safe_open(str(weights), "pt") as f:
-        shapes = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118
-    _check(shapes, config, str(weights))
+    shapes: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            shapes |= {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118
+    _check(shapes, config, f"{folder}/*.safetensors")
     return config
 
 

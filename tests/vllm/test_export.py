@@ -20,7 +20,7 @@ from model.checkpoints import CheckpointError
 from model.conversation import TEMPLATES, build_prompt
 from model.demo_weights import DemoSizes, write_demo_weights
 from model.vllm_plugin.configuration import MiniGPT4Config, expected_shapes
-from model.vllm_plugin.export import MANIFEST, chat_template, check_export, export_model
+from model.vllm_plugin.export import MANIFEST, _save_shards, chat_template, check_export, export_model
 
 VARIANTS = ("vicuna0", "llama2", "minigptv2")
 THREAD: list[dict[str, Any]] = [
@@ -166,3 +166,15 @@ def test_weights_export_command(tmp_path: Path) -> None:
     broken = CliRunner().invoke(app, ["weights", "export", "--out", str(tmp_path / "x"), "--config", str(missing)])
     assert broken.exit_code == 1
     assert "Cannot export the model" in broken.output and not (tmp_path / "x").exists()
+
+
+def test_a_big_export_is_written_in_shards_with_an_index(exports: dict[str, tuple[Any, Path]], tmp_path: Path) -> None:
+    _weights, folder = exports["llama2"]
+    state = load_file(folder / "model.safetensors")
+    (tmp_path / "config.json").write_text((folder / "config.json").read_text())
+    _save_shards(state, tmp_path, shard_bytes=100_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    files = sorted(tmp_path.glob("model-*.safetensors"))
+    assert len(files) > 2 and set(index["weight_map"].values()) == {f.name for f in files}
+    assert set(index["weight_map"]) == set(state)
+    assert check_export(tmp_path).variant == "llama2"

@@ -132,7 +132,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
     prepared = {v: prepare(v, folder / v) for v in VARIANTS}
     vicuna = prepared["vicuna0"]["vllm"]
     extra = [
-        {"model": vicuna["model"], "dtype": "bfloat16", "probe": True, "requests": vicuna["requests"][:1]},
+        {
+            "model": str(sharded_copy(Path(vicuna["model"]), folder / "sharded")),
+            "dtype": "bfloat16",
+            "probe": True,
+            "requests": vicuna["requests"][:1],
+        },
         {"model": str(broken_copy(Path(vicuna["model"]), folder / "broken")), "requests": [], "expect_error": True},
     ]
     spec = {"runs": [prepared[v]["vllm"] for v in VARIANTS] + extra, "logprobs": 5}
@@ -151,6 +156,22 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
         prepared[variant]["results"], prepared[variant]["embeddings"] = result["results"], result["embeddings"]
     prepared["vicuna0"]["bf16"], prepared["vicuna0"]["broken"] = out[len(VARIANTS) :]
     return prepared
+
+
+def sharded_copy(export: Path, out: Path) -> Path:
+    """The export written in several safetensors shards + index, as a big model's export is."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from model.vllm_plugin.export import _save_shards
+
+    shutil.copytree(export, out)
+    state = load_file(out / "model.safetensors")
+    (out / "model.safetensors").unlink()
+    _save_shards(state, out, shard_bytes=200_000)
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    return out
 
 
 def broken_copy(export: Path, out: Path) -> Path:
@@ -203,7 +224,8 @@ def test_the_exported_chat_template_serves_the_same_prompt_through_vllms_chat_ap
 
 
 def test_ln_vision_qformer_and_projection_stay_float32_in_a_bfloat16_model(runs: dict[str, dict[str, Any]]) -> None:
-    """As the reference keeps them on a GPU (README "Precision"): the ViT and the LLM take vLLM's dtype."""
+    """As the reference keeps them on a GPU (README "Precision"): the ViT and the LLM take vLLM's dtype.
+    (This run loads the export from safetensors shards + index.)"""
     bf16 = runs["vicuna0"]["bf16"]
     assert bf16["dtypes"] == {"vision_model": "bfloat16", "ln_vision": "float32", "query_tokens": "float32",
                               "qformer": "float32", "llama_proj": "float32", "language_model": "bfloat16"}  # fmt: skip
