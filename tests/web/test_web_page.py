@@ -10,53 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import json
 import logging
-import os
-import shutil
-import subprocess
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from browser import CDP, with_chromium
 from PIL import Image
-from web_helpers import make_settings, png_bytes, start_demo_engine
+from web_helpers import BackgroundWeb, make_settings, png_bytes, start_demo_engine
 
-from adapters.web import run_web
-from bot.core.service import BotService
 from model.engine.backend import EngineBackend
-from storage import ConversationKey, Database, sqlite_url
-
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-extensions",
-    "--disable-dev-shm-usage",
-    "--mute-audio",
-    "--window-size=1100,800",
-    "--remote-debugging-port=0",
-]
-
-
-def find_chromium() -> str:
-    for candidate in (os.environ.get("CHROMIUM", ""), "/usr/bin/chromium", "chromium", "chromium-browser"):
-        if candidate and (path := shutil.which(candidate)):
-            return path
-    pytest.fail(
-        "Chromium is needed for the web page test but was not found: install the Debian package "
-        "(`apt-get update && apt-get install -y chromium`; .ci/run does this) or set $CHROMIUM to its path."
-    )
+from storage import ConversationKey
 
 
 class _ListHandler(logging.Handler):
@@ -68,38 +35,24 @@ class _ListHandler(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-class BackgroundBot:
-    """The bot's web front end on its own event loop in a thread (as ``minigpt4-bot serve`` runs it)."""
+class BackgroundBot(BackgroundWeb):
+    """The web front end on the real engine over demo weights; records what ``run_web`` logged at start."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="web-test-loop", daemon=True)
         self.engine = start_demo_engine(folder / "demo")
-        self.port = 0
-
-    def call(self, coro: Any, timeout: float = 60) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def start(self) -> None:
-        self.thread.start()
-        self.call(self._start())
+        super().__init__(folder, EngineBackend(self.engine, info={"demo": True}), make_settings(), "page")
 
     async def _start(self) -> None:
-        self.db = Database(sqlite_url(self.folder / "page.db"))
-        await self.db.create_all()
-        self.service = BotService(make_settings(), self.db, EngineBackend(self.engine, info={"demo": True}))
         logger = logging.getLogger("adapters.web")
         handler = _ListHandler()
         level = logger.level
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         try:
-            self.runner = await run_web(self.service, "127.0.0.1", 0)
+            await super()._start()
         finally:
             logger.removeHandler(handler)
             logger.setLevel(level)
-        self.port = self.runner.addresses[0][1]
         self.logged = handler.messages
 
     async def turns(self, thread: str) -> list[Any]:
@@ -107,94 +60,8 @@ class BackgroundBot:
         return [] if conversation is None else await self.db.turns(conversation.id)
 
     def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self.call(self.runner.cleanup())
-            self.call(self.db.dispose())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        super().stop()
         self.engine.stop()
-
-
-class CDPError(RuntimeError):
-    pass
-
-
-class CDP:
-    """A minimal Chrome DevTools Protocol client for one page target."""
-
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self.ws = ws
-        self.next_id = 0
-        self.pending: dict[int, asyncio.Future[Any]] = {}
-        self.events: list[dict[str, Any]] = []
-        self.reader = asyncio.create_task(self._read())
-
-    async def _read(self) -> None:
-        async for message in self.ws:
-            if message.type != aiohttp.WSMsgType.TEXT:
-                continue
-            data = json.loads(message.data)
-            future = self.pending.pop(data["id"], None) if "id" in data else None
-            if future is None:
-                self.events.append(data)
-            elif "error" in data:
-                future.set_exception(CDPError(f"{data['error']}"))
-            else:
-                future.set_result(data.get("result", {}))
-
-    async def send(self, method: str, **params: Any) -> dict[str, Any]:
-        self.next_id += 1
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.pending[self.next_id] = future
-        await self.ws.send_json({"id": self.next_id, "method": method, "params": params})
-        return await asyncio.wait_for(future, 30)
-
-    async def eval(self, expression: str) -> Any:
-        result = await self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
-        if "exceptionDetails" in result:
-            raise CDPError(f"{expression!r} threw: {result['exceptionDetails']}")
-        return result["result"].get("value")
-
-    async def wait_for(self, expression: str, timeout: float = 30) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            value = await self.eval(expression)
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {expression}")
-            await asyncio.sleep(0.05)
-
-    async def click(self, selector: str) -> None:
-        """A real mouse click in the middle of the element."""
-        box = await self.eval(
-            f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
-            " return {x: r.x + r.width / 2, y: r.y + r.height / 2}; })()"
-        )
-        for kind in ("mousePressed", "mouseReleased"):
-            await self.send("Input.dispatchMouseEvent", type=kind, x=box["x"], y=box["y"], button="left", clickCount=1)
-
-    async def press_enter(self) -> None:
-        key = {"key": "Enter", "code": "Enter", "windowsVirtualKeyCode": 13, "nativeVirtualKeyCode": 13}
-        await self.send("Input.dispatchKeyEvent", type="keyDown", text="\r", **key)
-        await self.send("Input.dispatchKeyEvent", type="keyUp", **key)
-
-    async def type_into(self, selector: str, text: str) -> None:
-        await self.eval(f"document.querySelector({json.dumps(selector)}).focus()")
-        await self.send("Input.insertText", text=text)
-
-
-async def wait_for_devtools(profile: Path, process: subprocess.Popen[bytes], log_file: Path) -> int:
-    deadline = time.monotonic() + 30
-    port_file = profile / "DevToolsActivePort"
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"Chromium exited with {process.returncode}:\n{log_file.read_text(errors='replace')[-3000:]}")
-        if port_file.is_file() and (lines := port_file.read_text().split()):
-            return int(lines[0])
-        await asyncio.sleep(0.05)
-    pytest.fail(f"Chromium did not open its DevTools port:\n{log_file.read_text(errors='replace')[-3000:]}")
 
 
 @pytest.fixture(scope="module")
@@ -209,39 +76,16 @@ MARKUP = ("<b id=inj>bold?</b>", "```html\n<b id=inj>bold?</b>\n```")
 
 
 def test_chat_page_in_headless_chromium(bot: BackgroundBot, tmp_path: Path) -> None:
-    chromium = find_chromium()
     base = f"http://127.0.0.1:{bot.port}"
     picture = tmp_path / "dinner.png"
     picture.write_bytes(png_bytes((230, 140, 20), (120, 90)))
-    profile = tmp_path / "profile"
-    log_file = tmp_path / "chromium.log"
     screenshot = tmp_path / "chat.png"
 
-    async def main() -> None:
-        with log_file.open("wb") as log:
-            process = subprocess.Popen(
-                [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        try:
-            port = await wait_for_devtools(profile, process, log_file)
-            async with aiohttp.ClientSession() as http:
-                targets = await (await http.get(f"http://127.0.0.1:{port}/json/list")).json()
-                page = next(t for t in targets if t["type"] == "page")
-                async with http.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-                    cdp = CDP(ws)
-                    await drive(cdp, bot, base, picture, screenshot)
-        finally:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+    async def main(cdp: CDP, _http: aiohttp.ClientSession, _devtools: int) -> None:
+        await drive(cdp, bot, base, picture, screenshot)
 
     assert f"web chat on {base}/" in bot.logged  # run_web logs where the chat is
-    asyncio.run(asyncio.wait_for(main(), 90))
+    asyncio.run(asyncio.wait_for(with_chromium(tmp_path, main), 90))
 
 
 async def drive(cdp: CDP, bot: BackgroundBot, base: str, picture: Path, screenshot: Path) -> None:

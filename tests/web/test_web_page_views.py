@@ -14,19 +14,14 @@ import base64
 import contextlib
 import os
 import shutil
-import subprocess
-import threading
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from test_web_page import CDP, CHROMIUM_FLAGS, CDPError, find_chromium, wait_for_devtools
-from web_helpers import make_settings, png_bytes
+from browser import CDP, CDPError, with_chromium
+from web_helpers import BackgroundWeb, make_settings, png_bytes
 
-from adapters.web import run_web
-from bot.core.service import BotService
-from storage import Database, sqlite_url
 from tests.scripted_backend import ScriptedBackend
 
 # The model's page tries what the issue's did: run at the bot's origin, read the thread id, fetch history.
@@ -39,37 +34,12 @@ WEBSITE_ANSWER = f"Here is the page:\n```html\n{EVIL_PAGE}\n```"
 LONG_ANSWER = "A tidy little shop front with a striped awning, two windows and a door. " * 4
 
 
-class ScriptedBot:
-    """The web front end on its own loop in a thread, on SQLite and a scripted backend (answers in order)."""
+class ScriptedBot(BackgroundWeb):
+    """The web front end on a scripted backend (answers in order); no previews rendered (the .html alone)."""
 
     def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="web-views-loop", daemon=True)
         self.backend = ScriptedBackend(LONG_ANSWER)
-
-    def call(self, coro: Any, timeout: float = 60) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def start(self) -> None:
-        self.thread.start()
-        self.call(self._start())
-
-    async def _start(self) -> None:
-        self.db = Database(sqlite_url(self.folder / "views.db"))
-        await self.db.create_all()
-        settings = make_settings(render={"enabled": False})  # the .html alone: no second Chromium
-        self.service = BotService(settings, self.db, self.backend)
-        self.runner = await run_web(self.service, "127.0.0.1", 0)
-        self.port = self.runner.addresses[0][1]
-
-    def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            self.call(self.runner.cleanup())
-            self.call(self.db.dispose())
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+        super().__init__(folder, self.backend, make_settings(render={"enabled": False}), "views")
 
 
 @pytest.fixture(scope="module")
@@ -78,30 +48,6 @@ def bot(tmp_path_factory: pytest.TempPathFactory) -> Any:
     running.start()
     yield running
     running.stop()
-
-
-async def with_chromium(tmp_path: Path, drive: Any) -> None:
-    chromium = find_chromium()
-    profile, log_file = tmp_path / "profile", tmp_path / "chromium.log"
-    with log_file.open("wb") as log:
-        process = subprocess.Popen(
-            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"], stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        port = await wait_for_devtools(profile, process, log_file)
-        async with aiohttp.ClientSession() as http:
-            targets = await (await http.get(f"http://127.0.0.1:{port}/json/list")).json()
-            page = next(t for t in targets if t["type"] == "page")
-            async with http.ws_connect(page["webSocketDebuggerUrl"], max_msg_size=0) as ws:
-                await drive(CDP(ws), http, port)
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
 
 
 async def viewport(cdp: CDP, width: int, height: int, *, mobile: bool) -> None:

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import json
 import struct
+import threading
 import zlib
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from adapters.web import run_web
+from bot.core.backend import GenerationBackend
 from bot.core.config import Settings
+from bot.core.service import BotService
 from model import load_minigpt4
 from model.demo_weights import write_demo_weights
 from model.engine import Engine
+from storage import Database, sqlite_url
 
 # Small answers, greedy (deterministic), small image limits so the upload limit is cheap to exceed.
 BASE_SETTINGS: dict[str, Any] = {
@@ -76,3 +83,38 @@ def parse_sse(body: str) -> list[tuple[str, dict[str, Any]]]:
                 data.append(value)
         events.append((name, json.loads("\n".join(data)) if data else {}))
     return events
+
+
+class BackgroundWeb:
+    """The web front end on its own event loop in a thread (as ``minigpt4-bot serve`` runs it), on SQLite.
+
+    Browser tests drive it from their own loop; :meth:`call` runs a coroutine on the bot's loop.
+    """
+
+    def __init__(self, folder: Path, backend: GenerationBackend, settings: Settings, name: str = "web") -> None:
+        self.folder, self.backend, self.settings, self.name = folder, backend, settings, name
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name=f"{name}-loop", daemon=True)
+        self.port = 0
+
+    def call(self, coro: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(self) -> None:
+        self.thread.start()
+        self.call(self._start())
+
+    async def _start(self) -> None:
+        self.db = Database(sqlite_url(self.folder / f"{self.name}.db"))
+        await self.db.create_all()
+        self.service = BotService(self.settings, self.db, self.backend)
+        self.runner = await run_web(self.service, "127.0.0.1", 0)
+        self.port = self.runner.addresses[0][1]
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.call(self.runner.cleanup())
+            self.call(self.db.dispose())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
