@@ -13,6 +13,19 @@ from bot.core.plugins import BACKENDS, FRONTENDS, load_plugin, plugin_names
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def config_errors(path: Path, text: str, count: int, where: tuple[str, ...]) -> str:
+    """Load ``text`` as bot.toml at ``path``: one ConfigError that counts ``count`` problems and names each
+    of ``where`` (every bad value is reported at once, not the first only)."""
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    message = str(info.value)
+    assert f"{count} invalid setting(s)" in message
+    for name in where:
+        assert name in message, name
+    return message
+
+
 def test_documented_bot_toml_equals_code_defaults():
     documented = load_settings(ROOT / "bot.toml")
     default = Settings()
@@ -36,13 +49,9 @@ def test_backend_tables_are_validated_by_their_backend_with_the_other_errors(tmp
     is reported in the same message as a bad core or front-end value."""
     assert "ray" not in Settings.model_fields
     path = tmp_path / "bot.toml"
-    path.write_text('[ray]\nnum_gpus = -1\nbogus = 1\n[web]\nport = 99999\n[model]\ndtype = "float64"\n[rey]\nx = 1\n')
-    with pytest.raises(ConfigError) as info:
-        load_settings(path)
-    message = str(info.value)
-    assert "5 invalid setting(s)" in message
-    for where in ("ray.num_gpus", "ray.bogus", "web.port", "model.dtype", "rey: unknown table"):
-        assert where in message
+    text = '[ray]\nnum_gpus = -1\nbogus = 1\n[web]\nport = 99999\n[model]\ndtype = "float64"\n[rey]\nx = 1\n'
+    where = ("ray.num_gpus", "ray.bogus", "web.port", "model.dtype", "rey: unknown table")
+    message = config_errors(path, text, 5, where)
     assert "backends installed: local, " in message
     path.write_text('[engine]\nbackend = "ray"\n[ray]\nreplicas = 3\n')
     settings = load_settings(path)
@@ -52,14 +61,8 @@ def test_backend_tables_are_validated_by_their_backend_with_the_other_errors(tmp
 
 
 def test_front_end_tables_are_validated_by_their_front_end(tmp_path):
-    path = tmp_path / "bot.toml"
-    path.write_text('[web]\nport = 99999\nbogus = 1\n[webb]\nenabled = true\n[model]\ndtype = "float64"\n')
-    with pytest.raises(ConfigError) as info:
-        load_settings(path)
-    message = str(info.value)
-    assert "4 invalid setting(s)" in message
-    for where in ("web.port", "web.bogus", "webb: unknown table", "model.dtype"):
-        assert where in message
+    text = '[web]\nport = 99999\nbogus = 1\n[webb]\nenabled = true\n[model]\ndtype = "float64"\n'
+    config_errors(tmp_path / "bot.toml", text, 4, ("web.port", "web.bogus", "webb: unknown table", "model.dtype"))
     assert load_settings(None).frontend("web").port == 8080
 
 
@@ -79,14 +82,9 @@ def test_defaults_start_on_demo_weights(tmp_path, monkeypatch):
 
 
 def test_every_bad_field_is_reported(tmp_path):
-    path = tmp_path / "bot.toml"
-    path.write_text('[model]\ndtype = "float64"\nquantization = "int3"\ndevice = "gpu0"\ncolour = 1\n')
-    with pytest.raises(ConfigError) as info:
-        load_settings(path)
-    message = str(info.value)
-    assert "4 invalid setting(s)" in message
-    for field in ("model.dtype", "model.quantization", "model.device", "model.colour"):
-        assert field in message
+    text = '[model]\ndtype = "float64"\nquantization = "int3"\ndevice = "gpu0"\ncolour = 1\n'
+    fields = ("model.dtype", "model.quantization", "model.device", "model.colour")
+    message = config_errors(tmp_path / "bot.toml", text, 4, fields)
     assert "'float64'" in message
 
 
