@@ -1,4 +1,4 @@
-"""SQLAlchemy tables: conversations, turns, images, usage ledger, quotas, access rules, processed events.
+"""SQLAlchemy tables: conversations, turns, images, usage ledger, quotas, access rules, processed events, API keys.
 
 One schema for SQLite (default) and PostgreSQL; Alembic revisions in ``migrations/`` create it.
 Images are stored once per content hash (platform URLs expire, threads outlive them).
@@ -30,6 +30,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 __all__ = [
     "ID_LENGTHS",
     "AccessRule",
+    "ApiKey",
     "Base",
     "Conversation",
     "FollowedThread",
@@ -247,6 +248,28 @@ class FollowedThread(Base):
     addressed_at: Mapped[datetime] = mapped_column()
 
     __table_args__ = (Index("ix_followed_threads_addressed_at", "addressed_at"),)
+
+
+class ApiKey(Base):
+    """A secret key that stands for one user of one workspace on an HTTP API platform (``openai``).
+
+    Only a hash of the key is kept (:meth:`storage.Database.create_api_key` prints the key once): ``key_id``
+    is the key's public part, found by index, and ``secret_hash`` the SHA-256 of the whole key, compared in
+    constant time.  A revoked key keeps its row (``revoked_at``) so ``admin keys list`` still shows whose it was.
+    """
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_id: Mapped[str] = mapped_column(String(32), unique=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    platform: Mapped[str] = mapped_column(String(32))
+    workspace: Mapped[str] = mapped_column(String(128))
+    user_id: Mapped[str] = mapped_column(String(128))
+    note: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column()
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 ID_LENGTHS: dict[str, int] = {

@@ -21,7 +21,7 @@ from tests import pg
 
 ROOT = Path(__file__).resolve().parents[2]
 TABLES = {t.name for t in Base.metadata.sorted_tables}
-HEAD = "0004"
+HEAD = "0005"
 
 
 async def _inspect(url: str) -> dict[str, Any]:
@@ -196,6 +196,27 @@ def test_workers_arrive_in_0003_and_old_unfinished_answers_have_no_worker(empty_
     assert migrate.downgrade(empty_db_url, "0002") == "0002"
     tables = inspect_schema(empty_db_url)["tables"]
     assert "workers" not in tables and "turns" in tables
+
+
+def test_migration_0005_adds_the_keys_table_and_removes_it_again(empty_db_url: str) -> None:
+    assert migrate.upgrade(empty_db_url, "0004") == "0004"
+    assert migrate.upgrade(empty_db_url) == "0005"
+
+    async def use(db: Database) -> str:
+        _row, key = await db.create_api_key("openai", "w", "u")
+        found = await db.verify_api_key("openai", key)
+        return found.user_id
+
+    async def main() -> str:
+        db = Database(empty_db_url)
+        try:
+            return await use(db)
+        finally:
+            await db.dispose()
+
+    assert asyncio.run(main()) == "u"
+    assert migrate.downgrade(empty_db_url, "0004") == "0004"
+    assert migrate.upgrade(empty_db_url) == "0005"
 
 
 def test_async_variants_run_inside_an_event_loop(empty_db_url):

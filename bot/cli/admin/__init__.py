@@ -7,7 +7,7 @@ for scripts.  Database problems (bad URL, server down, schema missing) print one
 stderr and exit with status 1.
 
 One module per job: :mod:`.quota`, :mod:`.usage`, :mod:`.access`, :mod:`.conversations`,
-:mod:`.db`; the shared plumbing is in :mod:`._common`, and the reports themselves come from
+:mod:`.db`, :mod:`.keys`; the shared plumbing is in :mod:`._common`, and the reports themselves come from
 :mod:`bot.core.reports`.  This module only assembles the command tree.
 """
 
@@ -18,13 +18,14 @@ import typer
 from bot.cli.admin.access import ACTIONS, list_rules, rule_command
 from bot.cli.admin.conversations import conversations_app
 from bot.cli.admin.db import db_app
+from bot.cli.admin.keys import keys_app
 from bot.cli.admin.quota import quota_app
 from bot.cli.admin.usage import usage
 
 __all__ = ["admin_app"]
 
 admin_app = typer.Typer(
-    help="Administer the bot's database: quotas, usage, access rules, conversations, schema.",
+    help="Administer the bot's database: quotas, usage, access rules, conversations, API keys, schema.",
     no_args_is_help=True,
 )
 admin_app.add_typer(quota_app, name="quota")
@@ -34,3 +35,4 @@ for _action in ACTIONS:
 admin_app.command("list")(list_rules)
 admin_app.add_typer(conversations_app, name="conversations")
 admin_app.add_typer(db_app, name="db")
+admin_app.add_typer(keys_app, name="keys")
