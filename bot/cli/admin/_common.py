@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn, TypeVar
 
 import typer
-from rich.console import RenderableType
-from rich.table import Table
+from rich.cells import cell_len
+from rich.console import Console, RenderableType
+from rich.table import Column, Table
 from rich.text import Text
 
 from bot.cli.common import err, out, setup
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 NO_SCHEMA_HINT = "the database has no tables yet: run `minigpt4-bot admin db upgrade`"
+CUT_FLOOR = 6  # a cut cell keeps at least this many characters, "…" included
+WIDE_HELP = "every cell whole, however wide the table gets (for a pager or a file); default: fit the terminal"
 
 
 def known_platform(value: str | None) -> str | None:
@@ -135,6 +138,62 @@ def table(title: str | None, columns: Iterable[str], *, right: Iterable[str] = (
     for column in columns:
         made.add_column(column, justify="right" if column in right else "left", overflow="fold" if fold else "ellipsis")
     return made
+
+
+def _natural_width(column: Column) -> int:
+    """The widest line of the column's header and cells (a header may have two lines)."""
+    texts = [str(column.header), *(str(cell) for cell in column.cells)]
+    return max((cell_len(line) for text in texts for line in text.splitlines()), default=1)
+
+
+def _without(shown: Table, names: Iterable[str]) -> Table:
+    """A copy of ``shown`` without the columns ``names`` (headers), rows and sections kept."""
+    gone = set(names)
+    kept = [column for column in shown.columns if column.header not in gone]
+    made = Table(title=shown.title)
+    for column in kept:
+        made.add_column(column.header, justify=column.justify)
+    cells = [list(column.cells) for column in kept]
+    for index, row in enumerate(shown.rows):
+        made.add_row(*(column[index] for column in cells), end_section=row.end_section)
+    return made
+
+
+def show_table(
+    shown: Table, *, cut: Sequence[str | tuple[str, ...]] = (), optional: Sequence[str] = (), wide: bool = False
+) -> None:
+    """Print ``shown`` with one line per row: no cell wraps or folds, so a row never spans two lines.
+
+    It fits the terminal (``COLUMNS``; 80 on a pipe).  When the table is too wide, the ``optional`` columns
+    (the least needed: an update day) are left out first, then the ``cut`` columns — long ids and free
+    text — are narrowed, down to :data:`CUT_FLOOR` characters, their cells ending in "…": the first entry
+    first, the columns of a tuple entry together (the widest first).  Every other column (numbers, dates,
+    short names) keeps its width.  ``wide`` (the commands' ``--wide``) prints every column and every cell
+    whole however wide the table gets, so nothing is lost to a narrow terminal.
+    """
+    natural = {column.header: _natural_width(column) for column in shown.columns}
+    chrome = 3 * len(shown.columns) + 1  # "│ " before each cell, " " after it, the last "│"
+    if not wide and sum(natural.values()) + chrome > out.width and optional:
+        shown = _without(shown, optional)
+        natural = {column.header: _natural_width(column) for column in shown.columns}
+        chrome = 3 * len(shown.columns) + 1
+    groups = [(entry,) if isinstance(entry, str) else entry for entry in cut]
+    cuttable = {name for group in groups for name in group}
+    for column in shown.columns:
+        column.no_wrap, column.overflow = True, "ellipsis"
+        column.min_width = None if column.header in cuttable and not wide else natural[column.header]
+    total = sum(natural.values()) + chrome
+    if wide:  # out.print(width=) cannot go past the terminal's width: a console as wide as the table can
+        Console(file=out.file, width=max(out.width, total), force_terminal=out.is_terminal).print(shown)
+        return
+    widths, excess = dict(natural), total - out.width
+    for group in groups:
+        while excess > 0 and widths[name := max(group, key=widths.__getitem__)] > CUT_FLOOR:
+            widths[name], excess = widths[name] - 1, excess - 1
+    for column in shown.columns:
+        if widths[column.header] < natural[column.header]:
+            column.width = widths[column.header]
+    out.print(shown)
 
 
 def add_row(table: Table, *cells: object) -> None:

@@ -12,7 +12,18 @@ from typing import Annotated
 
 import typer
 
-from bot.cli.admin._common import PlatformOption, add_row, known_platform, run, say, settings_for, table, when
+from bot.cli.admin._common import (
+    WIDE_HELP,
+    PlatformOption,
+    add_row,
+    known_platform,
+    run,
+    say,
+    settings_for,
+    show_table,
+    table,
+    when,
+)
 from bot.cli.common import ConfigOption
 
 __all__ = ["ACTIONS", "list_rules", "rule_command"]
@@ -70,15 +81,20 @@ def rule_command(action: str) -> Callable[..., None]:
 
 def list_rules(
     platform: Annotated[str | None, typer.Option("--platform", "-p", callback=known_platform)] = None,
+    wide: Annotated[bool, typer.Option("--wide", help=WIDE_HELP)] = False,
     config: ConfigOption = None,
 ) -> None:
-    """The access rules (allow/deny lists)."""
+    """The access rules (allow/deny lists), one line each.
+
+    At 80 columns a long note, then a long id, ends in "…" (``--wide`` shows them whole); the rule, the
+    platform and the day it was added are never cut.
+    """
     settings = settings_for(config)
     rules = run(settings, lambda db: db.rules(platform))
     if not rules:
         say("No access rules: everyone may use the bot.")
         return
-    shown = table("access rules", ("action", "target", "platform", "value", "note", "added"), fold=True)
+    shown = table("access rules", ("rule", "platform", "id", "note", "added (UTC)"))
     for r in rules:
-        add_row(shown, r.action, r.target, r.platform, r.value, r.note or "", when(r.created_at))
-    say(shown)
+        add_row(shown, f"{r.action} {r.target}", r.platform, r.value, r.note or "", when(r.created_at)[:10])
+    show_table(shown, cut=("note", "id"), wide=wide)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 
 from bot.cli.admin._common import (
+    WIDE_HELP,
     PlatformOption,
     UserOption,
     WorkspaceOption,
@@ -23,6 +24,7 @@ from bot.cli.admin._common import (
     run,
     say,
     settings_for,
+    show_table,
     table,
     when,
 )
@@ -56,8 +58,11 @@ def _option(name: str) -> str:
 
 
 def _short(name: str) -> str:
-    """The short column name of a limit (its field title in QuotaLimits, e.g. ``req/day``)."""
-    return QuotaLimits.model_fields[name].title or name
+    """The short column name of a limit (its field title in QuotaLimits, e.g. ``req/day``), on two lines at
+    its "/" (``req/`` over ``day``) so that five limits leave room for the ids at 80 columns."""
+    title = QuotaLimits.model_fields[name].title or name
+    head, slash, tail = title.partition("/")
+    return f"{head}/\n{tail}" if slash else title
 
 
 def _scope(platform: str, workspace: str, user: str | None) -> tuple[str, str, str]:
@@ -109,6 +114,7 @@ def quota_show(
     ] = None,
     workspace: Annotated[str | None, typer.Option("--workspace", "-w")] = None,
     user: UserOption = None,
+    wide: Annotated[bool, typer.Option("--wide", help=WIDE_HELP)] = False,
     config: ConfigOption = None,
 ) -> None:
     """Stored overrides and usage today / this month (UTC). Without --platform/--workspace: every override."""
@@ -118,7 +124,7 @@ def quota_show(
     if user is not None and platform is None:
         fail("--user needs --platform and --workspace", 2)
     if platform is None or workspace is None:
-        _show_overrides(settings)
+        _show_overrides(settings, wide)
         return
     _, workspace, user = _scope(platform, workspace, user)
     user = user or None
@@ -140,21 +146,24 @@ def quota_show(
             say(f"no stored override for this {scope.scope}: the configured defaults apply")
 
 
-def _show_overrides(settings: Settings) -> None:
+def _show_overrides(settings: Settings, wide: bool) -> None:
+    """Every stored override, one line each.  On a narrow terminal the update day is left out, then long
+    workspace and user ids end in "…" (``--wide`` shows everything whole); the limits are never cut."""
     rows = run(settings, lambda db: db.list_quotas())
     if not rows:
         say("No quota overrides: the configured defaults apply to everyone.")
         return
     names = list(QuotaLimits.model_fields)
     shown = table(
-        "quota overrides (0 = unlimited, - = configured default)",
-        ("scope", "platform", "workspace", "user", *map(_short, names), "updated"),
-        fold=True,
+        "quota overrides (user *: the workspace's own; 0 = unlimited, - = default)",
+        ("platform/\nworkspace", "user", *map(_short, names), "updated"),
+        right=tuple(map(_short, names)),
     )
     for row in rows:
-        limits = (_limit_text(getattr(row, name)) for name in names)
-        add_row(shown, row.scope, row.platform, row.workspace, row.user_id or "-", *limits, when(row.updated_at)[:10])
-    say(shown)
+        limits = ("0" if getattr(row, name) == 0 else _limit_text(getattr(row, name)) for name in names)
+        where = f"{row.platform}/{row.workspace}"
+        add_row(shown, where, row.user_id or "*", *limits, when(row.updated_at)[:10])
+    show_table(shown, cut=[("platform/\nworkspace", "user")], optional=["updated"], wide=wide)
 
 
 @quota_app.command("set")

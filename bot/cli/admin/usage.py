@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from bot.cli.admin._common import add_row, known_platform, run, say, settings_for, table
+from bot.cli.admin._common import WIDE_HELP, add_row, known_platform, run, say, settings_for, show_table, table
 from bot.cli.common import ConfigOption
 from bot.core import reports
 
@@ -31,9 +31,14 @@ def usage(
     workspace: Annotated[str | None, typer.Option("--workspace", "-w")] = None,
     output: Annotated[ReportFormat, typer.Option("--format", "-f")] = ReportFormat.table,
     top: Annotated[int | None, typer.Option("--top", min=1, help="only the N users with the most tokens")] = None,
+    wide: Annotated[bool, typer.Option("--wide", help=WIDE_HELP)] = False,
     config: ConfigOption = None,
 ) -> None:
-    """Requests, tokens and images per user (largest token users first) from the usage ledger."""
+    """Requests, tokens and images per user (largest token users first) from the usage ledger.
+
+    The table is one line per user (and day): on a narrow terminal long workspace and user ids end in "…";
+    the counts and days are never cut.  --wide, --format csv and --format json give every value whole.
+    """
     settings = settings_for(config)
     report = run(
         settings,
@@ -58,4 +63,4 @@ def usage(
     shown.add_section()
     labels = ["total"] + [""] * (len(report.columns) - len(reports.USAGE_COUNTERS) - 1)
     add_row(shown, *labels, *(f"{sum(r[c] for r in report.rows):,}" for c in reports.USAGE_COUNTERS))
-    say(shown)
+    show_table(shown, cut=[("workspace", "user_id")], wide=wide)
