@@ -37,7 +37,7 @@ __all__ = ["FRONT_END", "TerminalChat", "TerminalFrontEnd", "TerminalSettings"]
 log = logging.getLogger(__name__)
 
 HELP = """Terminal commands:
-  /image PATH [question]   attach a picture (JPEG, PNG, GIF, WebP); ask right away if a question follows
+  /image PATH [question]   attach a picture{formats}; ask right away if a question follows
   /new                     start a new thread
   /reset                   start this thread over
   /help                    this help (say "help" for the bot's own help)
@@ -126,8 +126,10 @@ class TerminalChat:
         user: str | None = None,
         files_dir: Path | None = None,
         log_on_screen: bool | None = None,
+        formats: str = "",
     ) -> None:
         self.handle = handle
+        self.formats = formats  # the picture formats the core reads, for /help (ImageLimits.formats_text)
         self.files_dir = files_dir or Path("data") / "files"
         self.console = console or Console()
         self.read_line = read_line
@@ -233,7 +235,7 @@ class TerminalChat:
 
     async def on_line(self, line: str) -> None:
         if line == "/help":
-            self.console.print(HELP, markup=False)
+            self.console.print(HELP.format(formats=f" ({self.formats})" if self.formats else ""), markup=False)
         elif line == "/new":
             self.thread, self.pending = uuid.uuid4().hex, []
             self.console.print("New thread.")
@@ -347,7 +349,8 @@ class TerminalFrontEnd:
     name = "terminal"
 
     def __init__(self, core: Core, context: FrontEndContext, chat: TerminalChat | None = None) -> None:
-        self.chat = chat or TerminalChat(core.handle, files_dir=context.data_dir / "files")
+        formats = core.image_limits.formats_text()
+        self.chat = chat or TerminalChat(core.handle, files_dir=context.data_dir / "files", formats=formats)
         self.context = context
         self._task: asyncio.Task[None] | None = None
 

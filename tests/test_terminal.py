@@ -125,3 +125,24 @@ def test_a_log_line_while_the_prompt_waits_clears_the_line_and_redraws_the_promp
     finally:
         root.handlers = saved
     assert "you> hel\r\x1b[2Ka log line\nyou> " in screen.getvalue()
+
+
+def test_help_names_the_formats_the_core_reads(tmp_path):
+    """``/help`` lists the core's picture formats (``Core.image_limits``), not a list of its own that left out
+    BMP and HEIC (issue 26, item 11)."""
+    from adapters.terminal import TerminalFrontEnd
+    from bot.core.api import FrontEndContext
+    from tests.scripted_backend import ScriptedBackend
+
+    async def main() -> tuple[str, str]:
+        db = Database(sqlite_url(tmp_path / "bot.db"))
+        service = BotService(Settings(), db, ScriptedBackend())
+        front_end = TerminalFrontEnd(service, FrontEndContext(data_dir=tmp_path))
+        buffer = io.StringIO()
+        front_end.chat.console = Console(file=buffer, width=200)
+        await front_end.chat.on_line("/help")
+        await db.dispose()
+        return buffer.getvalue(), service.image_limits.formats_text()
+
+    shown, formats = asyncio.run(main())
+    assert f"attach a picture ({formats});" in shown and "BMP" in formats

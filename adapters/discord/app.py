@@ -215,7 +215,7 @@ class DiscordFrontEnd:
             allowed_mentions=NO_MENTIONS,
         )
         self.tree = app_commands.CommandTree(self.client)
-        add_commands(self.tree, self, self.core.presets())
+        add_commands(self.tree, self, self.core.presets(), self.core.image_limits)
         try:
             await asyncio.wait_for(self.client.login(token.value), self.connect_timeout_s)
         except discord.LoginFailure:

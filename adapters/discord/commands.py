@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import discord
 from discord import app_commands
 
-from bot.core.api import PresetInfo
+from bot.core.api import ImageLimits, PresetInfo
 
 __all__ = ["MAX_CHOICES", "CommandHandlers", "add_commands", "normalized", "sync_if_changed"]
 
@@ -42,8 +42,11 @@ def _short(text: str, limit: int = 100) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def add_commands(tree: app_commands.CommandTree, handlers: CommandHandlers, presets: Sequence[PresetInfo]) -> None:
-    """Add the four commands to ``tree``; ``/ask preset:`` offers ``presets`` (the first 25)."""
+def add_commands(
+    tree: app_commands.CommandTree, handlers: CommandHandlers, presets: Sequence[PresetInfo], images: ImageLimits
+) -> None:
+    """Add the four commands to ``tree``; ``/ask preset:`` offers ``presets`` (the first 25), ``/ask image:``
+    names the formats the core reads (``images``: :attr:`Core.image_limits <bot.core.api.Core.image_limits>`)."""
     if len(presets) > MAX_CHOICES:
         log.warning("Discord offers at most %d presets in /ask; the others can still be named in the question",
                     MAX_CHOICES)  # fmt: skip
@@ -62,7 +65,7 @@ def add_commands(tree: app_commands.CommandTree, handlers: CommandHandlers, pres
         callback=ask,
     )
     app_commands.describe(
-        image="The picture (JPEG, PNG, GIF or WebP)",
+        image=_short(f"The picture ({images.formats_text()})"),
         question="What you want to know (optional: a bare picture gets described)",
         preset="A ready-made prompt; your question is added to it",
     )(ask_command)

@@ -55,17 +55,17 @@ class DiscordFiles:
         pictures = []
         for attachment in attachments:
             try:
-                pictures.append(await self._download_one(attachment, cap, limits.max_pixels))
+                pictures.append(await self._download_one(attachment, cap, limits))
             except _Refused as exc:
                 name, mime = attachment.filename or "the picture", _mime(attachment)
                 return (ImageAttachment(b"", filename=name, mime=mime, error=exc.user_message),)
         return tuple(pictures)
 
-    async def _download_one(self, attachment: discord.Attachment, cap: int, max_pixels: int) -> ImageAttachment:
-        name, mime = attachment.filename or "the picture", _mime(attachment)
+    async def _download_one(self, attachment: discord.Attachment, cap: int, limits: ImageLimits) -> ImageAttachment:
+        name, mime, max_pixels = attachment.filename or "the picture", _mime(attachment), limits.max_pixels
         too_big = f"{name} is larger than {format_size(cap)}, the most I accept; please send a smaller picture."
         if mime and not mime.startswith("image/"):
-            raise _Refused(f"{name} is not a picture ({mime}); I read JPEG, PNG, GIF and WebP.")
+            raise _Refused(f"{name} is not a picture ({mime}); I read {limits.formats_text('and')}.")
         if attachment.size > cap:
             raise _Refused(too_big)
         if attachment.width and attachment.height and attachment.width * attachment.height > max_pixels:

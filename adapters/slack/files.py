@@ -70,17 +70,17 @@ class SlackFiles:
         pictures = []
         for file in files:
             try:
-                pictures.append(await self._download_one(file, cap))
+                pictures.append(await self._download_one(file, cap, limits))
             except _Refused as exc:
                 name, mime = _name(file), file.get("mimetype") or ""
                 return (ImageAttachment(b"", filename=name, mime=mime, error=exc.user_message),)
         return tuple(pictures)
 
-    async def _download_one(self, file: dict[str, Any], cap: int) -> ImageAttachment:
+    async def _download_one(self, file: dict[str, Any], cap: int, limits: ImageLimits) -> ImageAttachment:
         name, mime = _name(file), file.get("mimetype") or ""
         too_big = f"{name} is larger than {format_size(cap)}, the most I accept; please send a smaller picture."
         if mime and not mime.startswith("image/"):
-            raise _Refused(f"{name} is not a picture ({mime}); I read JPEG, PNG, GIF and WebP.")
+            raise _Refused(f"{name} is not a picture ({mime}); I read {limits.formats_text('and')}.")
         if int(file.get("size") or 0) > cap:
             raise _Refused(too_big)
         url = file.get("url_private_download") or file.get("url_private")

@@ -85,11 +85,20 @@ class PresetInfo:
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """What pictures the core accepts; front ends check sizes before downloading."""
+    """What pictures the core accepts; front ends check sizes before downloading and name the formats
+    from here (``formats``: the names users know, e.g. ``("JPEG", "PNG", …, "HEIC")``), never a list of
+    their own, so a message or a command's description lists exactly what the core reads."""
 
     max_bytes: int
     max_pixels: int
     max_per_message: int
+    formats: tuple[str, ...] = ()
+
+    def formats_text(self, conjunction: str = "or") -> str:
+        """The formats for a sentence: ``"JPEG, PNG, GIF, WebP, BMP or HEIC"`` (``"and"``: "I read … and …");
+        ``"any picture"`` when none are named."""
+        *most, last = self.formats or ("any picture",)
+        return f"{', '.join(most)} {conjunction} {last}" if most else last
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from bot.core.errors import (
     UnsupportedRequest,
     UserInputError,
 )
-from bot.core.images import check_images
+from bot.core.images import SUPPORTED, check_images
 from bot.core.metrics import BotMetrics
 from bot.core.presets import Command, PresetBook, parse_message
 from bot.core.previews import WebsitePreviews
@@ -315,7 +315,8 @@ class BotService:
     @property
     def image_limits(self) -> ImageLimits:
         i = self.settings.images
-        return ImageLimits(max_bytes=i.max_bytes, max_pixels=i.max_pixels, max_per_message=i.max_per_message)
+        formats = tuple(label for _mime, label in SUPPORTED.values())  # what check_images decodes
+        return ImageLimits(i.max_bytes, i.max_pixels, i.max_per_message, formats)
 
     async def health(self) -> Health:
         """Liveness: the process answers and the model backend describes itself.  No database, no network."""

@@ -102,3 +102,20 @@ def test_the_loop_keeps_answering_while_a_big_picture_is_decoded(tmp_path: Path,
     worst_gap, events = asyncio.run(main())
     assert isinstance(events[-1], Final) and events[-1].kind == "answer", events
     assert worst_gap < decode_s / 3, (worst_gap, decode_s)
+
+
+def test_front_ends_get_the_accepted_formats_through_the_seam(tmp_path: Path) -> None:
+    """``Core.image_limits.formats`` is what :func:`check_image` reads, so a front end's messages and command
+    descriptions (which may not import this module) list the same formats as the core's own messages."""
+    from bot.core.api import ImageLimits
+    from bot.core.config import Settings
+    from bot.core.service import BotService
+    from storage import Database, sqlite_url
+    from tests.scripted_backend import ScriptedBackend
+
+    db = Database(sqlite_url(tmp_path / "formats.db"))
+    limits = BotService(Settings(), db, ScriptedBackend()).image_limits
+    asyncio.run(db.dispose())
+    assert limits.formats_text() == accepted_formats() and limits.formats_text("and") == accepted_formats("and")
+    assert ImageLimits(1, 1, 1, ("PNG",)).formats_text() == "PNG"
+    assert ImageLimits(1, 1, 1).formats_text() == "any picture"

@@ -213,6 +213,10 @@ def test_discord_commands_are_registered_once_and_again_only_when_they_change(tm
             preset = next(o for o in ask["options"] if o["name"] == "preset")
             assert [c["value"] for c in preset["choices"]] == [p.name for p in env.service.presets()]
             assert [o["name"] for o in ask["options"]] == ["image", "question", "preset"]
+            # The formats are the core's (issue 26, item 11): BMP and HEIC were missing from a list of its own.
+            image = next(o for o in ask["options"] if o["name"] == "image")
+            formats = env.service.image_limits.formats_text()
+            assert image["description"] == f"The picture ({formats})" and "BMP" in formats and "WebP" in formats
 
             await env.restart()  # same definitions: compared, not re-registered
             assert len(fake.command_writes) == 1 and len(fake.calls_of("GET", "commands")) == 2

@@ -177,6 +177,8 @@ def test_discord_bad_attachments_get_a_clear_reply(tmp_path: Path) -> None:
             interaction = await fake.interact(fake.ask(cases["is not a picture"], "What is this?"))
             (notice,) = await fake.wait_for(lambda: fake.ephemerals())
             assert "is not a picture" in notice.content and notice.interaction_id == interaction.id
+            assert f"I read {env.service.image_limits.formats_text('and')}." in notice.content  # the core's formats
+            assert "BMP" in notice.content
 
     asyncio.run(main())
 

@@ -17,7 +17,7 @@ import bot.cli.serve as serve
 from adapters.discord import FRONT_END, DiscordSettings
 from adapters.discord.app import DiscordFrontEnd, DiscordToken
 from adapters.discord.commands import differences
-from bot.core.api import FrontEndContext, FrontEndSetupError
+from bot.core.api import FrontEndContext, FrontEndSetupError, ImageLimits
 from bot.core.backend import BackendPlugin
 from bot.core.config import Settings
 from bot.core.plugins import BACKENDS, load_plugin
@@ -75,8 +75,8 @@ class _NoCore:
         return []
 
     @property
-    def image_limits(self) -> Any:
-        raise AssertionError("not reached")
+    def image_limits(self) -> ImageLimits:  # /ask names the formats: read when the commands are made
+        return ImageLimits(1024, 1024, 1, ("PNG",))
 
 
 def test_discord_readiness_follows_the_gateway(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -160,6 +160,9 @@ def test_download_problems_get_clear_ephemeral_replies(demo_backend: Any, tmp_pa
                 assert expected in note["text"] and note["user"] == "UALICE" and note["channel"] == CHANNEL
                 assert "thread_ts" not in note or note["thread_ts"] is None  # top-level: shown in the channel
                 assert not fake.bot_replies(CHANNEL, mention["ts"])
+                if expected == "not a picture":  # the formats the core reads, not a list of the front end's own
+                    assert f"I read {env.service.image_limits.formats_text('and')}." in note["text"]
+                    assert "BMP" in note["text"]
             assert [d["authorized"] for d in fake.downloads] == [True, True]  # the PDF, the foreign URL: not fetched
             assert not fake.calls_of("chat.postMessage")
 
