@@ -390,4 +390,5 @@ FRONT_END = FrontEndPlugin(
     enabled=_enabled,
     docs="docs/adapters.md",
     start_order=100,  # its prompt comes after the other front ends' start-up lines
+    case_insensitive_users=True,  # the operating system's account name
 )

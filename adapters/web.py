@@ -631,4 +631,10 @@ def _create(core: Core, settings: WebSettings, _context: FrontEndContext) -> Web
     return WebFrontEnd(core, settings)
 
 
-FRONT_END = FrontEndPlugin(name="web", settings=WebSettings, create=_create, docs="docs/adapters.md")
+FRONT_END = FrontEndPlugin(
+    name="web",
+    settings=WebSettings,
+    create=_create,
+    docs="docs/adapters.md",
+    case_insensitive_users=True,  # a login proxy's user names: Alice and alice are one person
+)

@@ -235,7 +235,10 @@ class FrontEndPlugin:
     is a quick look, with no network, at what the front end needs from its surroundings (tokens in the
     environment): a one-line problem or None; ``serve`` asks it before loading the model, so a missing
     token costs seconds, not a model load.  ``docs`` names the page with its set-up guide, quoted in
-    start-up errors; ``start_order`` sorts the start.
+    start-up errors; ``start_order`` sorts the start.  ``case_insensitive_users``: the platform's user ids
+    are names (an auth proxy's login, an account name), so ``Q1`` and ``q1`` are one person — the core then
+    case-folds them in requests, access rules and quota overrides
+    (:func:`~bot.core.requests.user_ids_fold_case`); opaque chat ids (Slack's, Discord's) keep their case.
     """
 
     name: str
@@ -245,3 +248,4 @@ class FrontEndPlugin:
     check: Callable[[Any], str | None] = lambda _settings: None
     docs: str = "docs/adapters.md"
     start_order: int = 0  # lower starts first; an interactive prompt goes last, after the others' start-up lines
+    case_insensitive_users: bool = False

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 __all__ = [
-    "CASE_INSENSITIVE_USERS",
     "Delta",
     "Final",
     "FinalKind",
@@ -18,14 +19,12 @@ __all__ = [
     "ThreadRef",
     "normalize_id",
     "normalize_user",
+    "user_ids_fold_case",
 ]
 
-FinalKind = Literal["answer", "help", "notice", "error"]
+log = logging.getLogger(__name__)
 
-CASE_INSENSITIVE_USERS = frozenset({"web", "terminal"})
-"""Platforms whose user ids are names (an auth proxy's login, the terminal's account): ``Q1`` and ``q1`` are
-one person there, so they are case-folded.  Chat platforms' ids (``U012AB3CD``, snowflakes) are opaque
-and compared exactly; they only lose what no id can mean (invisible characters, compatibility forms)."""
+FinalKind = Literal["answer", "help", "notice", "error"]
 
 
 def normalize_id(value: str, *, fold_case: bool = False) -> str:
@@ -40,8 +39,29 @@ def normalize_id(value: str, *, fold_case: bool = False) -> str:
 
 
 def normalize_user(platform: str, user: str) -> str:
-    """A user id as the core keeps it: :func:`normalize_id`, case-folded on :data:`CASE_INSENSITIVE_USERS`."""
-    return normalize_id(user, fold_case=platform in CASE_INSENSITIVE_USERS)
+    """A user id as the core keeps it: :func:`normalize_id`, case-folded where :func:`user_ids_fold_case`."""
+    return normalize_id(user, fold_case=user_ids_fold_case(platform))
+
+
+@functools.cache
+def user_ids_fold_case(platform: str) -> bool:
+    """Whether ``platform``'s user ids are names, case-folded so that ``Q1`` and ``q1`` are one person.
+
+    The front end says so itself (``FrontEndPlugin.case_insensitive_users``: an auth proxy's login, an
+    account name), so the core names no platform; chat platforms' ids (``U012AB3CD``, snowflakes) are
+    opaque and compared exactly, and so is a platform no installed front end is called.  Requests, access
+    rules and ``admin quota`` all spell users through here.
+    """
+    from bot.core.plugins import FRONTENDS, UnknownPlugin, load_plugin
+
+    try:
+        plugin = load_plugin(FRONTENDS, platform)
+    except UnknownPlugin:
+        return False
+    except Exception as exc:  # a front end that cannot be imported here: its ids are kept as they are
+        log.warning("front end %r could not be loaded (%s): its user ids are compared exactly", platform, exc)
+        return False
+    return bool(getattr(plugin, "case_insensitive_users", False))
 
 
 def _normalize_place(obj: Any) -> None:

@@ -59,3 +59,62 @@ def test_one_user_for_quotas_and_deny_rules_however_spelled(tmp_path: Path) -> N
             await db.dispose()
 
     asyncio.run(main())
+
+
+def test_the_front_end_says_whether_its_user_ids_fold_case(tmp_path: Path, monkeypatch) -> None:
+    """The core names no platform (issue 26): a front end declares ``case_insensitive_users`` in its
+    FrontEndPlugin and requests, access rules and quota overrides follow it.  Two third-party front ends,
+    installed as real entry points, one with login names and one with opaque ids."""
+    import sys
+
+    from bot.core import plugins
+    from bot.core.requests import user_ids_fold_case
+
+    (tmp_path / "kiosk_frontends.py").write_text(
+        "from bot.core.api import FrontEndPlugin, FrontEndSettings\n"
+        "KIOSK = FrontEndPlugin('kiosk', FrontEndSettings, lambda *a: None, case_insensitive_users=True)\n"
+        "TICKETS = FrontEndPlugin('tickets', FrontEndSettings, lambda *a: None)\n"
+    )
+    info = tmp_path / "kiosk_frontends-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kiosk-frontends\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(
+        "[minigpt4_bot.frontends]\nkiosk = kiosk_frontends:KIOSK\ntickets = kiosk_frontends:TICKETS\n"
+    )
+    caches = (plugins.plugin_names, plugins.load_plugin, user_ids_fold_case)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for cached in caches:
+        cached.cache_clear()
+    try:
+        assert {normalize_user("kiosk", s) for s in SPELLINGS} == {"q1"}
+        assert Request("kiosk", "hall", "screen-1", "t1", "Alice\u200b").user == "alice"
+        assert {normalize_user("tickets", s) for s in SPELLINGS} == {"Q1", "q1"}
+        assert Request("tickets", "desk", "queue", "t1", "Alice").user == "Alice"
+        assert normalize_user("nowhere", "Alice") == "Alice"  # no front end of that name: compared exactly
+        declared = {name: plugins.load_plugin(plugins.FRONTENDS, name).case_insensitive_users
+                    for name in ("web", "terminal", "slack", "discord")}  # fmt: skip
+        assert declared == {"web": True, "terminal": True, "slack": False, "discord": False}
+    finally:
+        monkeypatch.undo()
+        for cached in caches:
+            cached.cache_clear()
+        sys.modules.pop("kiosk_frontends", None)
+
+
+def test_the_core_names_no_front_end() -> None:
+    """No string in bot/core is an installed front end's name: what differs per platform, the front end
+    declares (the case-folding of user ids was a set of platform names in bot/core/requests.py)."""
+    import ast
+
+    from bot.core.plugins import FRONTENDS, plugin_names
+
+    core = Path(__file__).resolve().parents[2] / "bot" / "core"
+    names = set(plugin_names(FRONTENDS))
+    assert {"web", "terminal"} <= names
+    found = [
+        f"{path.name}:{node.lineno} {node.value!r}"
+        for path in sorted(core.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names
+    ]
+    assert found == []
