@@ -24,7 +24,8 @@ closed and the service marks the answer ``interrupted``.  Everything the page sh
 Content-Security-Policy forbids anything else).
 
 Every path but the probes answers only its own Host names, a state-changing request only its own Origin,
-and the web user is the auth proxy's header or the one local user (:class:`RequestGuard`, docs/deployment.md).
+and the web user is the auth proxy's header or the one local user (:class:`RequestGuard`, docs/deployment.md);
+behind the proxy a thread — its history, its pictures, its follow-ups — is the user's who started it.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import BadContentDispositionHeader, BadContentDispositionParam
 from pydantic import Field, field_validator
 
-from bot.core.api import Core, FrontEndContext, FrontEndPlugin, FrontEndSettings
+from bot.core.api import Core, FrontEndContext, FrontEndPlugin, FrontEndSettings, ThreadView
 from bot.core.images import format_size
 from bot.core.requests import Final, ImageAttachment, ReplyFile, Request, ThreadRef, normalize_user
 
@@ -454,6 +455,10 @@ async def _post_message(request: web.Request) -> web.StreamResponse:
     if event_id is not None and not EVENT_RE.match(event_id):
         return _json_error(400, "The event id is malformed.")
     user = request[USER_KEY]  # the auth proxy's user, else the one local user: never a form field
+    refused = await _thread_of_another(request, ThreadRef(config["platform"], config["workspace"],
+                                                          config["channel"], thread))  # fmt: skip
+    if refused is not None:
+        return refused
     preset = fields.get("preset", "").strip() or None
     bot_request = Request(
         platform=config["platform"],
@@ -512,6 +517,30 @@ def _ref(request: web.Request) -> ThreadRef | None:
     return ThreadRef(config["platform"], config["workspace"], config["channel"], thread)
 
 
+def _of_another(request: web.Request, view: ThreadView) -> bool:
+    """Behind a login proxy (``[web] user_header``) a thread id is no key: a thread is its starter's alone.
+    Without one every message is the one local user's, so every thread is theirs."""
+    starter = view.started_by
+    return bool(request.app[GUARD_KEY].user_header) and bool(starter) and starter != request[USER_KEY]
+
+
+def _refuse_another(request: web.Request, ref: ThreadRef, status: int, message: str) -> web.Response:
+    log.warning("web: %s %s refused: thread %s was started by another user than %r", request.method,
+                request.path, ref.thread, request[USER_KEY])  # fmt: skip
+    return _json_error(status, message)
+
+
+async def _thread_of_another(request: web.Request, ref: ThreadRef) -> web.Response | None:
+    """A message into another user's thread would continue their conversation — their picture, their
+    answers — so it is refused (403) before anything is stored; ``None``: go on."""
+    if not request.app[GUARD_KEY].user_header:
+        return None
+    if _of_another(request, await request.app[SERVICE_KEY].thread(ref)):
+        return _refuse_another(request, ref, 403, "This conversation was started by someone else: press New "
+                               "chat to start your own.")  # fmt: skip
+    return None
+
+
 def _preset_splitter(presets: list[Any]) -> Any:
     """``asked(text) -> (preset, words)``: a stored question as the user sent it.  The core stores what the
     model was asked — a preset's prompt, then the user's words (``PresetBook.question``) — so a history view
@@ -531,12 +560,14 @@ def _preset_splitter(presets: list[Any]) -> Any:
 
 async def _thread_history(request: web.Request) -> web.Response:
     """The live conversation for a reloaded page: user turns as the user sent them (their words, the preset
-    by name, the picture's URL), answers as stored."""
+    by name, the picture's URL), answers as stored.  Behind a login proxy, another user's thread is a 404."""
     service, config = request.app[SERVICE_KEY], request.app[CONFIG_KEY]
     ref = _ref(request)
     if ref is None:
         return _json_error(400, "Malformed thread id.")
     view = await service.thread(ref, turns=True)
+    if _of_another(request, view):  # as for a thread id nobody uses: nothing to show
+        return _refuse_another(request, ref, 404, "No such thread.")
     asked = _preset_splitter(service.presets(config["workspace"], config["channel"]))
     turns = []
     for t in view.turns:
@@ -551,11 +582,15 @@ async def _thread_history(request: web.Request) -> web.Response:
 
 async def _thread_image(request: web.Request) -> web.Response:
     """A picture of the thread, for its history: only a turn of that thread's live conversation (the thread
-    id, a random UUID the page keeps, is what grants it), as a raster picture or else as a download."""
+    id, a random UUID the page keeps, is what grants it; behind a login proxy, only to the user who started
+    the thread), as a raster picture or else as a download."""
     ref = _ref(request)
     if ref is None:
         return _json_error(400, "Malformed thread id.")
-    picture = await request.app[SERVICE_KEY].thread_image(ref, int(request.match_info["turn"]))
+    service = request.app[SERVICE_KEY]
+    if request.app[GUARD_KEY].user_header and _of_another(request, await service.thread(ref)):
+        return _refuse_another(request, ref, 404, "No such picture in this thread.")
+    picture = await service.thread_image(ref, int(request.match_info["turn"]))
     if picture is None:
         return _json_error(404, "No such picture in this thread.")
     headers = {"Cache-Control": "private, max-age=86400"}

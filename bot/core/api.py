@@ -66,6 +66,9 @@ class ThreadView:
     ``live``: it has a live conversation with at least one turn — messages in it are follow-ups and
     need no mention.  ``followed``: the bot was addressed in it at some point (a mention, a ``reset``),
     kept in SQL so a picture posted there later (also after a restart) starts the conversation.
+    ``started_by``: the user (as stored: normalised) of the live conversation's first message, "" when it
+    has none — a front end whose thread ids alone would grant access (the web chat behind a login proxy)
+    shows a thread only to that user.
     """
 
     ref: ThreadRef
@@ -73,6 +76,7 @@ class ThreadView:
     followed: bool
     has_image: bool = False
     turns: tuple[ThreadTurn, ...] = ()
+    started_by: str = ""
 
 
 @dataclass(frozen=True)

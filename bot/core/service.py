@@ -288,6 +288,7 @@ class BotService:
             followed=await self._db.is_followed(key),
             has_image=any(t.image_id is not None for t in stored),
             turns=shown if turns else (),
+            started_by=next((t.user_id or "" for t in stored if t.role == "user"), ""),
         )
 
     async def thread_image(self, ref: ThreadRef, turn_id: int) -> ReplyFile | None:

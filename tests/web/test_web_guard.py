@@ -116,3 +116,50 @@ def test_the_web_user_comes_from_the_auth_proxy_header(tmp_path: Path) -> None:
         assert await stored_users(db) == ["alice", "alice", "alice"]
 
     asyncio.run(served(tmp_path, fn, user_header="X-Forwarded-User"))
+
+
+def test_behind_the_proxy_a_thread_is_its_starter_s_alone(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 26: the history and picture reads were keyed by the thread id alone, so with a login proxy user B
+    read user A's conversation (and its picture) by knowing the id; a message into it continued it."""
+
+    async def fn(http: aiohttp.ClientSession, base: str, db: Database) -> None:
+        alice, bob = {"X-Forwarded-User": "Alice"}, {"X-Forwarded-User": "bob"}
+        response = await http.post(f"{base}/api/messages", data=message("t-alice", "What is it?"), headers=alice)
+        assert response.status == 200
+        await response.read()
+        mine = await http.get(f"{base}/api/threads/t-alice", headers={"X-Forwarded-User": "ALICE"})  # same user
+        turns = (await mine.json())["turns"]
+        assert mine.status == 200 and [t["role"] for t in turns] == ["user", "assistant"]
+        picture = turns[0]["image"]
+        assert (await http.get(f"{base}{picture}", headers=alice)).status == 200
+
+        caplog.clear()
+        history = await http.get(f"{base}/api/threads/t-alice", headers=bob)
+        assert history.status == 404 and "What is it" not in await history.text()
+        stolen = await http.get(f"{base}{picture}", headers=bob)
+        assert stolen.status == 404 and await stolen.json() == {"error": "No such picture in this thread."}
+        follow_up = await http.post(f"{base}/api/messages", data=message("t-alice", "And now?"), headers=bob)
+        assert follow_up.status == 403 and "New chat" in (await follow_up.json())["error"]
+        assert len([r for r in caplog.records if "started by another user" in r.getMessage()]) == 3
+        assert await stored_users(db) == ["alice"]  # nothing of Bob's was stored in Alice's thread
+
+        fresh = await http.get(f"{base}/api/threads/t-bob", headers=bob)  # a new page of Bob's: empty, not 404
+        assert fresh.status == 200 and (await fresh.json())["turns"] == []
+        response = await http.post(f"{base}/api/messages", data=message("t-bob"), headers=bob)
+        assert response.status == 200
+        await response.read()
+        assert (await http.get(f"{base}/api/threads/t-bob", headers=alice)).status == 404
+        assert len((await (await http.get(f"{base}/api/threads/t-bob", headers=bob)).json())["turns"]) == 2
+
+    asyncio.run(served(tmp_path, fn, user_header="X-Forwarded-User"))
+
+
+def test_without_a_proxy_the_one_local_user_reads_every_thread(tmp_path: Path) -> None:
+    async def fn(http: aiohttp.ClientSession, base: str, db: Database) -> None:
+        response = await http.post(f"{base}/api/messages", data=message("t-local"))
+        assert response.status == 200
+        await response.read()
+        turns = (await (await http.get(f"{base}/api/threads/t-local")).json())["turns"]
+        assert len(turns) == 2 and (await http.get(f"{base}{turns[0]['image']}")).status == 200
+
+    asyncio.run(served(tmp_path, fn))
