@@ -11,7 +11,8 @@
   Every Web API call goes to ``[slack] api_url`` (GovSlack: ``https://slack-gov.com/api/``).
 * Redeliveries (``X-Slack-Retry-Num`` / Socket Mode ``retry_attempt``) are acked by bolt and dropped by
   the core: the Slack ``event_id`` is the request's ``event_id``; their pictures are not downloaded again
-  (``Core.seen_event``).  Bot messages and edits (``message_changed`` …) are ignored.
+  (``Core.seen_event``), also when two copies arrive at once (:class:`OneDeliveryAtATime`).  Bot messages
+  and edits (``message_changed`` …) are ignored.
 * Answers stream into a placeholder (:class:`~adapters.streaming.StreamedReply` over
   :class:`~adapters.slack.render.SlackThread`), ``chat.update``s throttled per workspace and per answer;
   long answers continue in further messages.  429s are retried after ``Retry-After`` by slack_sdk's
@@ -28,7 +29,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +51,7 @@ from adapters.streaming import InFlight, StreamedReply, TokenBucket
 from bot.core.api import Core, FrontEndSetupError
 from bot.core.requests import Final, ImageAttachment, Request, ThreadRef
 
-__all__ = ["EVENTS_PATH", "PLATFORM", "SlackFrontEnd", "SlackTokens", "make_client"]
+__all__ = ["EVENTS_PATH", "PLATFORM", "OneDeliveryAtATime", "SlackFrontEnd", "SlackTokens", "make_client"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,36 @@ def make_client(token: str, api_url: str, session: aiohttp.ClientSession | None 
     return AsyncWebClient(token=token, base_url=api_url, session=session, retry_handlers=retries)
 
 
+class OneDeliveryAtATime:
+    """The deliveries of one Slack event, handled one after another in this process.
+
+    Slack redelivers an event it thinks was lost, and two copies can arrive at the same moment (a retry
+    while the first is still downloading).  :meth:`Core.seen_event <bot.core.api.Core.seen_event>` is a
+    read, so both would get ``False`` and both would fetch the files; here the second waits until the
+    first is handled, then asks ``seen_event`` like any redelivery — nothing is fetched again unless the
+    first's answer failed (then the retry is answered, as the core's rule says).
+    """
+
+    def __init__(self) -> None:
+        self._busy: dict[str, asyncio.Event] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, event_id: str | None) -> AsyncIterator[None]:
+        """Handle ``event_id`` inside this block once no other delivery of it is (no id: at once)."""
+        if not event_id:
+            yield
+            return
+        while (busy := self._busy.get(event_id)) is not None:
+            log.info("slack event %s: another delivery of it is being handled; this one waits for it", event_id)
+            await busy.wait()
+        done = self._busy[event_id] = asyncio.Event()
+        try:
+            yield
+        finally:
+            del self._busy[event_id]
+            done.set()
+
+
 class SlackFrontEnd:
     """The bolt app, its listeners and one transport.  Building it does nothing; :meth:`start` reads the
     tokens from ``environ``, checks them with ``auth.test`` and connects (Socket Mode) or listens (HTTP).
@@ -119,6 +150,7 @@ class SlackFrontEnd:
         self.http_port: int | None = None
         self._buckets: dict[str, TokenBucket] = {}
         self._in_flight = InFlight()
+        self._deliveries = OneDeliveryAtATime()
         self._socket: Any = None
         self._runner: web.AppRunner | None = None
 
@@ -258,19 +290,20 @@ class SlackFrontEnd:
             team, channel, user = self._team(body, context), event["channel"], event["user"]
             event_id = body.get("event_id")
             log.info("slack %s %s in %s/%s thread %s", event.get("type"), event_id, team, channel, thread)
-            reply = self._reply(team, channel, thread, user, in_thread="thread_ts" in event)
-            images = await self._pictures(event, event_id)
-            text = strip_mention(event.get("text", ""), context.bot_user_id)
-            request = Request(
-                PLATFORM, team, channel, thread, user, text, images, event_id=event_id, addressed=addressed
-            )
-            await reply.run(self.core.handle(request))
+            async with self._deliveries.hold(event_id):
+                reply = self._reply(team, channel, thread, user, in_thread="thread_ts" in event)
+                images = await self._pictures(event, event_id)
+                text = strip_mention(event.get("text", ""), context.bot_user_id)
+                request = Request(
+                    PLATFORM, team, channel, thread, user, text, images, event_id=event_id, addressed=addressed
+                )
+                await reply.run(self.core.handle(request))
 
     async def _pictures(self, event: dict, event_id: str | None) -> tuple[ImageAttachment, ...]:
         """The message's pictures — none fetched for an event the core will drop as a redelivery (Slack
         retries an event it thinks was lost, and serves its files again each time).  The request still goes
-        to the core, which drops it, counts it and logs it; two deliveries at the same moment may both
-        download, and the core still answers one."""
+        to the core, which drops it, counts it and logs it; deliveries arriving together are asked one after
+        another (:class:`OneDeliveryAtATime`), so the second finds the first recorded."""
         assert self.files is not None
         files = event.get("files") or []
         if files and event_id and await self.core.seen_event(PLATFORM, event_id):

@@ -88,6 +88,7 @@ class FakeSlack:
         self.ephemerals: list[dict[str, Any]] = []
         self.responses: list[dict[str, Any]] = []  # posts to response_url
         self.downloads: list[dict[str, Any]] = []  # file GETs: id, authorized
+        self.file_gate: asyncio.Event | None = None  # when set to an Event: file GETs answer once it is set
         self.acks: dict[str, tuple[float, Any]] = {}  # envelope_id -> (time, payload)
         self.sent: dict[str, float] = {}  # envelope_id -> time sent
         self.files: dict[str, dict[str, Any]] = {}
@@ -362,6 +363,8 @@ class FakeSlack:
         authorized = request.headers.get("Authorization") == f"Bearer {self.bot_token}"
         self.downloads.append({"id": request.match_info["id"], "authorized": authorized})
         self._notify()
+        if self.file_gate is not None:  # a slow download: the test decides when it goes on
+            await self.file_gate.wait()
         if stored is None:
             return web.Response(status=404)
         if not authorized or stored["login_page"]:

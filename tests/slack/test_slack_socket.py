@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
+import pytest
 from slack_helpers import CHANNEL, ScriptedBackend, png_bytes, slack_env
 
 from adapters.slack.render import PLACEHOLDER, escape_mrkdwn
@@ -316,8 +318,8 @@ def test_a_download_failure_of_a_redelivered_event_is_answered_once(tmp_path: Pa
             await fake.wait_ack(again)
             await fake.wait_for(lambda: fake.ephemerals)
             await fake.settle()
-            # Two deliveries at the same moment may both download (neither is recorded yet); one is answered.
-            assert 1 <= len(fake.downloads) <= 2
+            # Two deliveries at the same moment are handled one after the other: one download, one answer.
+            assert len(fake.downloads) == 1
             fetched = len(fake.downloads)
             (note,) = fake.ephemerals
             assert "files:read" in note["text"] and note["user"] == "UALICE"
@@ -330,5 +332,38 @@ def test_a_download_failure_of_a_redelivered_event_is_answered_once(tmp_path: Pa
             assert len(fake.ephemerals) == 1 and env.outcomes() == {"duplicate": 1.0}
             assert len(fake.downloads) == fetched  # the core has it: the late one fetches nothing
             assert not fake.calls_of("chat.postMessage")
+
+    asyncio.run(main())
+
+
+def test_two_deliveries_of_one_event_at_once_download_its_picture_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 26: ``Core.seen_event`` is a read, so a retry arriving while the first delivery still downloaded
+    the picture got ``False`` too and fetched it again.  The front end now handles one delivery of an event
+    at a time: the second waits, then finds the event recorded and fetches nothing."""
+    caplog.set_level(logging.INFO, logger="adapters.slack.app")
+
+    def waiting() -> bool:
+        return any("this one waits for it" in r.getMessage() for r in caplog.records)
+
+    async def main() -> None:
+        async with slack_env(tmp_path, backend=ScriptedBackend("A red square.")) as env:
+            fake = env.fake
+            fake.file_gate = asyncio.Event()  # the first download hangs until both deliveries are in
+            mention = fake.mention(CHANNEL, "What is this?", files=[fake.add_file(png_bytes())])
+            first = await fake.send_event(mention, event_id="EvTWICE")
+            again = await fake.send_event(mention, event_id="EvTWICE", retry_attempt=1, retry_reason="timeout")
+            await fake.wait_ack(first)
+            await fake.wait_ack(again)
+            # Either the second delivery downloads too (each asked seen_event before anything was recorded)
+            # or it waits for the first: both states are reached without a timer.
+            await fake.wait_for(lambda: len(fake.downloads) == 2 or (fake.downloads and waiting()))
+            fake.file_gate.set()
+            await env.answered(mention["ts"])
+            await fake.wait_for(lambda: env.outcomes().get("duplicate") == 1.0)
+            await fake.settle()
+            assert len(fake.downloads) == 1
+            assert len(fake.bot_replies(CHANNEL, mention["ts"])) == 1
 
     asyncio.run(main())
