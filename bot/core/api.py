@@ -27,12 +27,14 @@ from pydantic import BaseModel, ConfigDict
 from bot.core.requests import ReplyEvent, ReplyFile, Request, ThreadRef
 
 __all__ = [
+    "ApiKeyOwner",
     "Core",
     "FrontEnd",
     "FrontEndContext",
     "FrontEndPlugin",
     "FrontEndSettings",
     "FrontEndSetupError",
+    "GenerationDefaults",
     "Health",
     "ImageLimits",
     "PresetInfo",
@@ -57,6 +59,7 @@ class ThreadTurn:
     status: str  # pending | streaming | done | failed | interrupted; a user turn: done | retried (asked again)
     has_image: bool
     created_at: datetime | None
+    image_sha256: str = ""  # the picture's SHA-256 (hex), "" without one: a client's copy can be matched to it
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,29 @@ class ImageLimits:
         ``"any picture"`` when none are named."""
         *most, last = self.formats or ("any picture",)
         return f"{', '.join(most)} {conjunction} {last}" if most else last
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """The ``[generation]`` settings a front end may show or offer: the answer length (also the most a
+    request may ask for), the context length the model reads, and the sampling defaults."""
+
+    max_new_tokens: int
+    max_length: int
+    temperature: float
+    top_p: float
+    do_sample: bool
+
+
+@dataclass(frozen=True)
+class ApiKeyOwner:
+    """Whom a valid API key stands for (:meth:`Core.verify_api_key`): a user of a workspace on the key's
+    platform, so quotas, access rules and usage apply to them as to any platform's user.  ``key_id`` is the
+    key's public id (safe to log and to use in thread ids); the secret is never handed out."""
+
+    key_id: str
+    user: str
+    workspace: str
 
 
 @dataclass(frozen=True)
@@ -163,6 +189,19 @@ class Core(Protocol):
 
     @property
     def image_limits(self) -> ImageLimits: ...
+
+    @property
+    def generation_defaults(self) -> GenerationDefaults:
+        """``[generation]``'s answer length, context length and sampling defaults (bounds for
+        :class:`~bot.core.requests.GenerationRequest`)."""
+        ...
+
+    async def verify_api_key(self, platform: str, key: str) -> ApiKeyOwner | None:
+        """Whom ``key`` (made by ``minigpt4-bot admin keys create``) stands for on ``platform``, or ``None``
+        for a malformed, unknown, revoked or other platform's key.  Hashes are compared in constant time and
+        the key's last use is recorded; the key is never logged.  Raises only when the database cannot be
+        asked (the front end answers "try again", not "bad key")."""
+        ...
 
     async def health(self) -> Health:
         """Liveness, cheap: the process answers and the model backend describes itself (no database)."""

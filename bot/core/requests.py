@@ -12,6 +12,8 @@ __all__ = [
     "Delta",
     "Final",
     "FinalKind",
+    "GenerationRequest",
+    "HistoryTurn",
     "ImageAttachment",
     "ReplyEvent",
     "ReplyFile",
@@ -100,6 +102,32 @@ class ImageAttachment:
 
 
 @dataclass(frozen=True)
+class GenerationRequest:
+    """Answer options one request asks for (an HTTP API's ``max_tokens``, ``temperature`` …); ``None`` or
+    empty = ``[generation]``'s setting.  The core checks them against ``[generation]``'s bounds before
+    anything is stored or charged, and refuses a value out of range with a clear ``notice``
+    (``meta["reason"] == "bad_input"``): ``max_new_tokens`` 1 … ``[generation] max_new_tokens``,
+    ``temperature`` 0 … 5 (0 = greedy decoding, anything else samples), ``top_p`` in (0, 1], at most 4
+    ``stop`` strings of 1 … 64 characters (added to the model's own), ``seed`` 0 … 2⁶³ − 1."""
+
+    max_new_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class HistoryTurn:
+    """One earlier message of a conversation a front end brings along (:attr:`Request.history`): the user's
+    words and pictures, or an answer the client was given."""
+
+    role: Literal["user", "assistant"]
+    text: str = ""
+    images: tuple[ImageAttachment, ...] = ()
+
+
+@dataclass(frozen=True)
 class Request:
     """One message to the bot.  ``thread`` is the thread root (a new message is its own root).
 
@@ -112,6 +140,18 @@ class Request:
 
     Ids are normalised on construction (:func:`normalize_id`; the user with :func:`normalize_user`), so
     every front end's ``Q1``, ``q1`` and ``q1`` + zero-width space reach quotas and access rules as one id.
+
+    ``generation``: answer options this request asks for (:class:`GenerationRequest`; ``None`` = the
+    ``[generation]`` settings).
+
+    ``history``: for front ends whose clients send the whole conversation with each message (an HTTP API
+    without server state).  ``None`` (every chat platform): the message continues the thread's stored
+    conversation.  A tuple (maybe empty): the thread starts over, seeded with these earlier turns — its live
+    conversation, if any, is archived (kept, as ``reset`` keeps it) and a new one stores the history, then this
+    message.  Pictures in it are checked like new ones and count against the picture quota; a user turn's
+    text may name a preset as a message does.  A front end sends it only when the client's history is not
+    the stored one (edited, regenerated, or never seen): a follow-up on the stored conversation reuses the
+    engine's cached image tokens and KV prefix, a seeded one cannot.
     """
 
     platform: str
@@ -125,6 +165,8 @@ class Request:
     preset: str | None = None  # picked in a UI or slash command; the text may also name one
     addressed: bool = False
     roles: tuple[str, ...] = ()
+    generation: GenerationRequest | None = None
+    history: tuple[HistoryTurn, ...] | None = None
 
     def __post_init__(self) -> None:
         _normalize_place(self)
@@ -166,7 +208,15 @@ class Final:
     """A complete message: the full answer (replaces the streamed text) or a notice/help/error text.
 
     ``meta`` of an answer: ``tokens`` (completion tokens), ``turn_id`` (the stored answer) and ``context_cut``
-    (the thread's oldest part was cut to fit ``max_length``; the first such answer of a thread says so).
+    (the thread's oldest part was cut to fit ``max_length``; the first such answer of a thread says so);
+    ``prompt_tokens`` (what the model read), ``cached_prompt_tokens`` (the part of it the backend reused from
+    its cache: the thread's earlier pictures and turns) and ``finish_reason`` (the backend's: ``eos``,
+    ``stop``, ``length`` …) — a token usage report for APIs.
+    ``meta`` of a refusal or failure (``kind`` ``error`` or ``notice`` from an error): ``reason`` — one of
+    ``bad_input`` (the message or a picture), ``access_denied``, ``quota``, ``busy``, ``unsupported`` (the
+    front end's ids), ``unavailable`` (the model or database failed) — so an API can pick its status code,
+    and for ``quota`` and ``busy`` ``retry_after_s`` (seconds until the quota window resets; the backend's
+    guess of when it has room).  Command replies (help, settings, reset) have no ``reason``.
     ``files``: what goes with it (e.g. the rendered preview and the page of a ``website`` answer).
     """
 

@@ -24,10 +24,11 @@ from datetime import timedelta
 from typing import Any
 
 from bot.core.access import AccessControl
-from bot.core.api import Health, ImageLimits, PresetInfo, ThreadTurn, ThreadView
+from bot.core.api import ApiKeyOwner, GenerationDefaults, Health, ImageLimits, PresetInfo, ThreadTurn, ThreadView
 from bot.core.backend import ChatTurn, GenerationBackend
 from bot.core.config import Settings
 from bot.core.errors import (
+    AccessDenied,
     BotError,
     BusyError,
     ImageError,
@@ -37,6 +38,7 @@ from bot.core.errors import (
     UnsupportedRequest,
     UserInputError,
 )
+from bot.core.grounding import task_help
 from bot.core.images import SUPPORTED, check_images
 from bot.core.metrics import BotMetrics
 from bot.core.presets import Command, PresetBook, parse_message
@@ -44,7 +46,16 @@ from bot.core.previews import WebsitePreviews
 from bot.core.quotas import QuotaPolicy
 from bot.core.render import PageRenderer
 from bot.core.reports import quota_overview
-from bot.core.requests import Delta, Final, ReplyEvent, ReplyFile, Request, ThreadRef
+from bot.core.requests import (
+    Delta,
+    Final,
+    GenerationRequest,
+    HistoryTurn,
+    ReplyEvent,
+    ReplyFile,
+    Request,
+    ThreadRef,
+)
 from bot.core.sanitize import StreamSanitizer, clean_text, sanitize_output
 from bot.core.workers import STALE_AFTER_S, WorkerIdentity, is_gone
 from model.engine.api import Busy, FinalEvent, RequestFailed, RequestRejected, TokenEvent
@@ -78,7 +89,7 @@ def help_text(presets: list[str]) -> str:
         f"• Presets ask with a prepared prompt: {names}. Send the name alone ({eg}), or after a slash with "
         f"words to add (/{eg} about a cat; !{eg} works too). Other messages are asked as written.\n"
         '• "reset" starts this thread over, "settings" shows the model and your limits, "help" shows this.'
-    )
+    ) + (f"\n{tasks}" if (tasks := task_help(presets)) else "")
 
 
 def _clean_request(request: Request) -> Request:
@@ -131,6 +142,54 @@ def _clean_file(file: Any) -> Any:
 def _stored_error(exc: BaseException) -> str:
     """What the ``error`` column keeps of an exception: one cleaned, bounded text (details are in the log)."""
     return clean_text(repr(exc))[:2000]
+
+
+def _error_meta(exc: BotError, now: Any) -> dict[str, Any]:
+    """``reason`` (and ``retry_after_s``) of a refusal's ``Final``, so an API can answer with the right status
+    code (:class:`~bot.core.requests.Final`); the text stays the one every platform shows."""
+    if isinstance(exc, QuotaExceeded):
+        return {"reason": "quota", "retry_after_s": max(1.0, (exc.resets_at - now).total_seconds())}
+    if isinstance(exc, BusyError):
+        return {"reason": "busy", "retry_after_s": max(1.0, float(exc.retry_after_s))}
+    reasons = ((AccessDenied, "access_denied"), (UnsupportedRequest, "unsupported"), (UserInputError, "bad_input"))
+    return {"reason": next((name for kind, name in reasons if isinstance(exc, kind)), "unavailable")}
+
+
+STOP_LIMITS = (4, 64)
+"""At most this many stop strings per request, of at most this many characters (OpenAI's own count limit)."""
+
+
+def _generation_options(settings: Any, wanted: GenerationRequest | None) -> dict[str, Any]:
+    """The backend options for one request: ``[generation]`` with the request's choices, each checked against
+    ``[generation]``'s bounds (:class:`~bot.core.requests.GenerationRequest`); a bad one is a
+    :class:`UserInputError` raised before anything is stored or charged."""
+    options = settings.model_dump()
+    if wanted is None:
+        return options
+    if (n := wanted.max_new_tokens) is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= settings.max_new_tokens:
+            raise UserInputError(f"The answer length must be 1 to {settings.max_new_tokens} tokens here (got {n}).")
+        options["max_new_tokens"] = n
+    if (t := wanted.temperature) is not None:
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0 <= t <= 5:
+            raise UserInputError(f"The temperature must be between 0 and 5 (got {t}).")
+        options["do_sample"] = t > 0  # 0: greedy, as OpenAI-style clients mean it
+        if t > 0:
+            options["temperature"] = float(t)
+    if (p := wanted.top_p) is not None:
+        if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
+            raise UserInputError(f"top_p must be above 0 and at most 1 (got {p}).")
+        options["top_p"] = float(p)
+    count, length = STOP_LIMITS
+    if wanted.stop:
+        if len(wanted.stop) > count or not all(isinstance(x, str) and 1 <= len(x) <= length for x in wanted.stop):
+            raise UserInputError(f"Give at most {count} stop strings of 1 to {length} characters each.")
+        options["stop_sequences"] = list(wanted.stop)  # added to the model's own stop strings by the backend
+    if (seed := wanted.seed) is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise UserInputError(f"The seed must be a whole number from 0 to 2^63 - 1 (got {seed}).")
+        options["seed"] = seed
+    return options
 
 
 def _key(ref: ThreadRef) -> ConversationKey:
@@ -204,14 +263,14 @@ class BotService:
         self._db = db
         self._backend = backend
         self.metrics = metrics or BotMetrics()
-        self._presets = PresetBook(settings.presets)
+        self._presets = PresetBook(settings.presets, settings.model.variant)  # + MiniGPT-v2's tasks for minigptv2
         self._quotas = QuotaPolicy(settings.quotas, db)
         self._access = AccessControl(db)
         self.metrics.watch_engine(backend.stats)
         self._front_ends: dict[str, ProblemCheck] = {}
         self._checks: dict[str, str] = {}  # the last readiness result, to log only the changes
         self._writes: set[asyncio.Task[bool]] = set()  # final writes that outlive a cancelled request
-        self._previews = WebsitePreviews(settings.render, self.metrics, renderer)
+        self._previews = WebsitePreviews(settings.render, self.metrics, renderer, settings.grounding)
 
     # ------------------------------------------------------------------ the Core API (bot.core.api)
 
@@ -242,14 +301,15 @@ class BotService:
             level = logging.WARNING if isinstance(exc, UnsupportedRequest) else logging.INFO  # a front end's fault
             log.log(level, "%s for %s/%s: %s", outcome, request.platform[:32], request.user[:128], exc)
             kind = "error" if not isinstance(exc, UserInputError) else "notice"
-            yield Final(clean_text(exc.user_message), kind=kind, ephemeral=exc.ephemeral)
+            meta = _error_meta(exc, self._db.now())
+            yield Final(clean_text(exc.user_message), kind=kind, ephemeral=exc.ephemeral, meta=meta)
         except Exception as exc:
             outcome = "error"
             if is_unavailable(exc):  # an outage: one line, not a traceback per message
                 log.error("database unavailable handling a %s message: %r", request.platform, exc)
             else:
                 log.exception("unexpected error handling a %s message", request.platform)
-            yield Final(ModelUnavailable("unexpected").user_message, kind="error")
+            yield Final(ModelUnavailable("unexpected").user_message, kind="error", meta={"reason": "unavailable"})
         finally:
             self.metrics.requests.labels(request.platform, outcome).inc()
             if outcome == "answered":
@@ -271,6 +331,7 @@ class BotService:
         key = _key(ref)
         conversation = await self._db.live_conversation(key)
         stored = await self._db.turns(conversation.id) if conversation is not None else []
+        info = await self._db.image_info([t.image_id for t in stored if t.image_id]) if turns else {}
         shown = tuple(
             ThreadTurn(
                 t.id,
@@ -278,8 +339,9 @@ class BotService:
                 clean_text(t.text or ""),
                 t.status,
                 t.image_id is not None,  # type: ignore[arg-type]
-                as_utc(t.created_at) if t.created_at else None,
-            )  # SQLite returns naive UTC times
+                as_utc(t.created_at) if t.created_at else None,  # SQLite returns naive UTC times
+                info[t.image_id]["sha256"] if t.image_id in info else "",
+            )
             for t in stored
         )
         return ThreadView(
@@ -318,6 +380,15 @@ class BotService:
         i = self.settings.images
         formats = tuple(label for _mime, label in SUPPORTED.values())  # what check_images decodes
         return ImageLimits(i.max_bytes, i.max_pixels, i.max_per_message, formats)
+
+    @property
+    def generation_defaults(self) -> GenerationDefaults:
+        g = self.settings.generation
+        return GenerationDefaults(g.max_new_tokens, g.max_length, g.temperature, g.top_p, g.do_sample)
+
+    async def verify_api_key(self, platform: str, key: str) -> ApiKeyOwner | None:
+        row = await self._db.verify_api_key(clean_text(platform), key)
+        return None if row is None else ApiKeyOwner(row.key_id, row.user_id, row.workspace)
 
     async def health(self) -> Health:
         """Liveness: the process answers and the model backend describes itself.  No database, no network."""
@@ -433,25 +504,31 @@ class BotService:
         limits = self.settings.images
         if len(request.images) > limits.max_per_message:
             raise ImageError(f"Please send at most {limits.max_per_message} pictures per message.")
+        options = _generation_options(self.settings.generation, request.generation)
         named = [(img.data, img.filename or f"picture {i + 1}") for i, img in enumerate(request.images)]
         checked = await check_images(named, limits)  # decoded off the event loop, in a bounded pool
+        seeded = await self._seed_turns(request) if request.history is not None else None
         conversation = await self._db.live_conversation(key)
-        history = await self._db.turns(conversation.id) if conversation is not None else []
-        if not checked and not any(t.image_id for t in history):
+        history = await self._db.turns(conversation.id) if conversation is not None and seeded is None else []
+        seeded_images = [c for _turn, pictures in seeded or () for c in pictures]
+        if not checked and not seeded_images and not any(t.image_id for t in history):
             raise NoImageError()
         # Preset prompts come from bot.toml, where "\u0000" is valid TOML: clean what is stored and sent.
         question = clean_text(self._presets.question(command, bool(checked), request.workspace, request.channel))
         if not question and not checked:
             raise UserInputError("What would you like to know about the picture?")
-        usage_id = await self._quotas.admit(request.platform, request.workspace, request.user, len(checked))
+        pictures = len(checked) + len(seeded_images)
+        usage_id = await self._quotas.admit(request.platform, request.workspace, request.user, pictures)
         try:
+            if seeded is not None and conversation is not None:  # the client's history replaces the stored one
+                await self._db.archive_conversation(conversation.id)
+                conversation = None
             if conversation is None:  # only now: a refused request leaves no empty conversation behind
                 conversation = await self._db.get_or_create_conversation(key)
                 history = await self._db.turns(conversation.id)
+            new_turns = [row for turn, found in seeded or () for row in await self._stored_rows(request, turn, found)]
             image_ids = [await self._db.add_image(c.data, c.mime, c.width, c.height) for c in checked]
-            new_turns: list[dict[str, Any]] = [
-                {"role": "user", "text": "", "image_id": i, "user_id": request.user} for i in image_ids[:-1]
-            ]
+            new_turns += [{"role": "user", "text": "", "image_id": i, "user_id": request.user} for i in image_ids[:-1]]
             new_turns.append({"role": "user", "text": question, "image_id": image_ids[-1] if image_ids else None,
                               "user_id": request.user})  # fmt: skip
             new_turns.append({"role": "assistant", "status": "pending", "worker": self.worker.id})
@@ -463,13 +540,44 @@ class BotService:
         answer_turn = stored[-1]
         turns, images = await self._model_input(history + stored[:-1])
         told = any(self._was_cut(t.prompt_tokens) for t in history if t.role == "assistant" and t.status == "done")
-        async with aclosing(self._stream(request, conversation.id, answer_turn.id, usage_id, turns, images)) as events:
+        streamed = self._stream(request, conversation.id, answer_turn.id, usage_id, turns, images, options)
+        async with aclosing(streamed) as events:
             async for event in events:
                 if isinstance(event, Final):
-                    event = await self._previews.attach(event)
+                    event = await self._previews.attach(event, images[-1] if images else None)  # the latest
                     if event.meta.get("context_cut") and not told:  # once per thread: the first cut answer
                         event = dataclasses.replace(event, text=f"{event.text}\n\n{CUT_NOTE}")
                 yield event
+
+    async def _seed_turns(self, request: Request) -> list[tuple[HistoryTurn, list[Any]]]:
+        """The request's :attr:`~bot.core.requests.Request.history`, each user turn's pictures checked as a
+        message's are (a bad one is named by its message), before anything is stored or charged."""
+        limits, seeded = self.settings.images, []
+        for number, turn in enumerate(request.history or (), start=1):
+            if turn.role == "user" and any(img.error for img in turn.images):
+                raise ImageError(next(img.error for img in turn.images if img.error) or "")
+            named = [(img.data, clean_text(img.filename) or f"picture {i + 1} of message {number}") for i, img in
+                     enumerate(turn.images)]  # fmt: skip
+            seeded.append((turn, await check_images(named, limits) if turn.role == "user" else []))
+        return seeded
+
+    async def _stored_rows(self, request: Request, turn: HistoryTurn, checked: list[Any]) -> list[dict[str, Any]]:
+        """The turn rows one history turn is stored as: an answer as given; a user turn as a message is (its
+        pictures first, a preset named in its text asked with its prompt)."""
+        text = clean_text(turn.text)
+        if turn.role == "assistant":
+            return [{"role": "assistant", "text": text, "status": "done", "finish_reason": "history"}]
+        try:
+            command = parse_message(text, self._presets.names, None)
+            if command.command is None:
+                text = clean_text(self._presets.question(command, bool(checked), request.workspace, request.channel))
+        except KeyError:
+            pass  # an unknown /word in an earlier message: kept as written
+        ids = [await self._db.add_image(c.data, c.mime, c.width, c.height) for c in checked]
+        rows: list[dict[str, Any]] = [{"role": "user", "text": "", "image_id": i, "user_id": request.user}
+                                      for i in ids[:-1]]  # fmt: skip
+        rows.append({"role": "user", "text": text, "image_id": ids[-1] if ids else None, "user_id": request.user})
+        return rows
 
     def _was_cut(self, prompt_tokens: int) -> bool:
         """Whether an answer's thread was cut from the left: backends report the prompt tokens they kept, at
@@ -509,6 +617,7 @@ class BotService:
         usage_id: int,
         turns: list[ChatTurn],
         images: list[bytes],
+        options: dict[str, Any],
     ) -> AsyncIterator[ReplyEvent]:
         """Stream the answer and store it; the request's usage reservation is settled in the same write:
         completed with the tokens, kept for an interrupted answer with the tokens generated until then (the
@@ -526,7 +635,7 @@ class BotService:
                 images=images,
                 conversation_id=str(conversation_id),
                 user=request.user,
-                options=self.settings.generation.model_dump(),
+                options=options,
             )
             first, shown = True, StreamSanitizer()  # a mention or CRLF split over tokens is never let out
             async for event in stream:
@@ -593,7 +702,12 @@ class BotService:
         if ttft is not None:
             self.metrics.ttft.labels(request.platform).observe(ttft)
         cut = final is not None and self._was_cut(final.prompt_tokens)
-        meta = {"tokens": completion, "turn_id": turn_id, "context_cut": cut}
+        meta = {
+            "tokens": completion, "turn_id": turn_id, "context_cut": cut,
+            "prompt_tokens": final.prompt_tokens if final is not None else 0,
+            "cached_prompt_tokens": final.reused_prefix_tokens if final is not None else 0,
+            "finish_reason": values["finish_reason"],
+        }  # fmt: skip
         yield Final(text or "(no answer)", kind="answer", meta=meta)
 
     async def _mark_streaming(self, turn_id: int) -> None:
