@@ -29,6 +29,7 @@ import bot.cli.common
 from bot.cli.main import app
 from storage import ConversationKey, Database, migrate
 from storage.tables import Base, Conversation, UsageEntry
+from tests.http_helpers import closed_port
 from tests.pg import create_database, truncate_tables
 
 runner = CliRunner()
@@ -592,11 +593,7 @@ def test_bad_urls_and_unreachable_databases_fail_clearly(tmp_path: Path, monkeyp
     result = runner.invoke(app, ["admin", "usage", "--config", str(plain)])
     assert result.exit_code == 2 and "not a database URL" in result.output
 
-    import socket
-
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = closed_port()
     monkeypatch.setenv("MINIGPT4_BOT_DATABASE_URL", f"postgresql://bot:s3cret@127.0.0.1:{port}/minigpt4")
     for args in (["list"], ["db", "upgrade"], ["db", "current"]):
         result = runner.invoke(app, ["admin", *args, "--config", str(plain)])

@@ -6,19 +6,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from tests.http_helpers import closed_port
+
 COMMAND = Path(sys.executable).with_name("minigpt4-bot")
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d (INFO|WARNING|ERROR) [\w.]+: ")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:  # nothing listens on it once closed: connections are refused
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run(tmp_path: Path, toml: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -32,7 +27,7 @@ def _run(tmp_path: Path, toml: str, *args: str, env: dict[str, str] | None = Non
 
 
 def test_logs_to_a_pipe_are_one_line_per_record_with_iso_time(tmp_path):
-    url = f"postgresql://bot@127.0.0.1:{_free_port()}/{'a_long_database_name_' * 6}"  # longer than a terminal
+    url = f"postgresql://bot@127.0.0.1:{closed_port()}/{'a_long_database_name_' * 6}"  # longer than a terminal
     env = {"MINIGPT4_BOT_DATABASE_URL": url}
     result = _run(tmp_path, '[model]\ndevice = "cpu"\n', "serve", "--no-terminal", env=env)
     assert result.returncode == 1, result.stderr
@@ -43,7 +38,7 @@ def test_logs_to_a_pipe_are_one_line_per_record_with_iso_time(tmp_path):
 
 
 def test_serve_with_an_unreachable_database_is_one_json_line_before_the_model(tmp_path):
-    url = f"postgresql://bot:s3cret-pw@127.0.0.1:{_free_port()}/minigpt4"
+    url = f"postgresql://bot:s3cret-pw@127.0.0.1:{closed_port()}/minigpt4"
     result = _run(tmp_path, 'log_format = "json"\n[model]\ndevice = "cpu"\n', "serve", "--no-terminal",
                   env={"MINIGPT4_BOT_DATABASE_URL": url})  # fmt: skip
     assert result.returncode == 1

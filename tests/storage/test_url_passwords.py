@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from typer.testing import CliRunner
 from bot.cli.main import app
 from bot.core.config import ConfigError, load_settings
 from storage.url import has_password, hide_password
+from tests.http_helpers import closed_port
 
 runner = CliRunner()
 
@@ -68,9 +68,7 @@ def test_admin_commands_hide_a_query_string_password(
     assert result.exit_code == 0 and "password=***" in result.output, result.output
     assert "s3cret" not in result.output
 
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = closed_port()
     monkeypatch.setenv("MINIGPT4_BOT_DATABASE_URL", f"postgresql://bot@127.0.0.1:{port}/bot?password=s3cret")
     for args in (["list"], ["db", "upgrade"], ["db", "current"]):
         result = runner.invoke(app, ["admin", *args, "--config", str(config)])
