@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,8 +35,10 @@ __all__ = [
     "convert_eva_vit",
     "convert_projection",
     "interpolate_pos_embed",
+    "iter_tensors",
     "load_checked",
     "read_state_dict",
+    "to_targets",
 ]
 
 
@@ -92,6 +95,54 @@ def read_state_dict(path: str | os.PathLike[str], role: str, wrapper_key: str | 
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{p} does not hold a state dict of tensors ({role})")
     return dict(obj)
+
+
+def iter_tensors(path: str | os.PathLike[str], role: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one weights file, one at a time, so a loader never holds the file twice.
+
+    ``.safetensors`` is opened anew for each tensor: a mapping lives only while its one tensor is
+    read (file pages already read count in the process's resident memory while mapped).  A ``.bin`` /
+    ``.pth`` is memory-mapped once (``torch.load(mmap=True)``) and handed out tensor by tensor, each
+    dropped from the dict as it goes; its mapping ends with the last one.
+    """
+    p = Path(path).expanduser()
+    if p.suffix != ".safetensors":
+        state = read_state_dict(p, role)
+        for key in list(state):
+            yield key, state.pop(key)
+        return
+    for key in _safetensors_call(p, role, lambda f: list(f.keys())):
+        tensor = _safetensors_call(p, role, lambda f, key=key: f.get_tensor(key))
+        yield key, tensor
+        del tensor
+
+
+def _safetensors_call(path: Path, role: str, call: Callable[[Any], Any]) -> Any:
+    """``call(handle)`` on a freshly opened safetensors file, its errors as :class:`CheckpointError`."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return call(handle)
+    except Exception as exc:  # SafetensorError (truncated, bad header) derives from Exception only
+        raise CheckpointError(f"could not read {role} weights from {path}: {exc}") from exc
+
+
+def to_targets(
+    state: MutableMapping[str, torch.Tensor], device: torch.device, dtype: Callable[[str], torch.dtype]
+) -> dict[str, torch.Tensor]:
+    """Move and convert ``state`` tensor by tensor into a new dict, emptying ``state`` as it goes.
+
+    ``dtype(key)`` names each floating tensor's dtype.  Each source tensor is released as soon as its
+    converted copy exists, so a part is never held twice in memory (the whole-module ``.to()`` used to
+    keep the file's tensors alive until the end).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key in list(state):
+        tensor = state.pop(key)
+        out[key] = tensor.to(device, dtype(key)) if tensor.is_floating_point() else tensor.to(device)
+        del tensor
+    return out
 
 
 # --------------------------------------------------------------------------- EVA ViT-g

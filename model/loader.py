@@ -9,7 +9,9 @@ reference every file must cover its module with the right shapes (see
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -24,9 +26,12 @@ from model.checkpoints import (
     convert_blip2_qformer,
     convert_eva_vit,
     convert_projection,
+    iter_tensors,
     load_checked,
     read_state_dict,
+    to_targets,
 )
+from model.memory import auto_cpu_dtype
 from model.minigpt4 import MiniGPT4
 from model.report import LoadReport
 from model.variants import VariantSpec, get_variant
@@ -97,7 +102,7 @@ def _quantization_config(quantization: str, dtype: torch.dtype) -> Any:
 
 
 def _load_llm(path: str, dev: torch.device, dtype: torch.dtype, quantization: str) -> tuple[Any, Any, list[str]]:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaConfig
 
     llm_dir = Path(path).expanduser()
     if not (llm_dir / "config.json").is_file():
@@ -124,27 +129,96 @@ def _load_llm(path: str, dev: torch.device, dtype: torch.dtype, quantization: st
             "embeddings — a known Vicuna v0 delta mismatch (32001 vs 32000): re-apply the delta with the "
             "FastChat version that matches your Vicuna weights"
         )
-    kwargs: dict[str, Any] = dict(dtype=dtype, output_loading_info=True)
     if quantization != "none":
-        kwargs.update(quantization_config=_quantization_config(quantization, dtype), device_map={"": dev})
+        return _load_llm_quantized(llm_dir, tokenizer, dev, dtype, quantization)
+    llm, unexpected = _load_llm_streamed(llm_dir, config, dev, dtype)
+    return llm, tokenizer, unexpected
+
+
+def _load_llm_quantized(
+    llm_dir: Path, tokenizer: Any, dev: torch.device, dtype: torch.dtype, quantization: str
+) -> tuple[Any, Any, list[str]]:
+    """int8 / nf4 through transformers + bitsandbytes (CUDA), which quantize while loading."""
+    from transformers import LlamaForCausalLM
+
+    kwargs: dict[str, Any] = dict(dtype=dtype, output_loading_info=True, device_map={"": dev})
+    kwargs["quantization_config"] = _quantization_config(quantization, dtype)
     try:
         llm, info = LlamaForCausalLM.from_pretrained(llm_dir, **kwargs)
     except OSError as exc:
-        raise CheckpointError(
-            f"could not load the LLM weights in {llm_dir}: {exc}. The directory needs model.safetensors or "
-            "pytorch_model.bin (or their sharded index) from save_pretrained"
-        ) from exc
+        raise CheckpointError(f"could not load the LLM weights in {llm_dir}: {exc}. {_LLM_FILES_HINT}") from exc
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("rotary_emb.inv_freq")]
     mismatched = info.get("mismatched_keys", [])
+    _raise_uncovered(llm_dir, missing, list(mismatched))
+    llm.eval().requires_grad_(False)
+    return llm, tokenizer, sorted(info.get("unexpected_keys", []))
+
+
+_LLM_FILES_HINT = (
+    "The directory needs model.safetensors or pytorch_model.bin (or their sharded index) from save_pretrained"
+)
+
+
+def _raise_uncovered(llm_dir: Path, missing: list[str], mismatched: list[str]) -> None:
     if missing or mismatched:
         raise CheckpointError(
             f"the LLM weights in {llm_dir} do not cover the model: missing {sorted(missing)[:8]} "
-            f"mismatched {list(mismatched)[:8]}"
+            f"mismatched {mismatched[:8]}"
         )
-    if quantization == "none":
-        llm.to(dev)
+
+
+def llm_weight_files(llm_dir: Path) -> list[Path]:
+    """The LLM's weight files, from the sharded index if there is one (safetensors before .bin)."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (llm_dir / index).is_file():
+            try:
+                names = sorted(set(json.loads((llm_dir / index).read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, AttributeError) as exc:
+                raise CheckpointError(f"could not read {llm_dir / index}: {exc}") from exc
+            return [llm_dir / name for name in names]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (llm_dir / single).is_file():
+            return [llm_dir / single]
+    raise CheckpointError(f"could not load the LLM weights in {llm_dir}: no weight files. {_LLM_FILES_HINT}")
+
+
+def _load_llm_streamed(llm_dir: Path, config: Any, dev: torch.device, dtype: torch.dtype) -> tuple[Any, list[str]]:
+    """Build the LLM on the meta device and fill it one tensor at a time, converted on the way.
+
+    transformers' ``from_pretrained`` keeps every shard mapped until the end, so converting fp16 files
+    to bfloat16 peaked at twice the weights; here at most one tensor of the file is held besides the
+    loaded model (:func:`model.checkpoints.iter_tensors`), so a 7B model loads within 1.25× its bytes.
+    """
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    config.dtype = dtype
+    with init_empty_weights(include_buffers=False):  # rotary inv_freq is computed, not loaded: keep it real
+        llm = LlamaForCausalLM(config)
+    expected = {k: tuple(v.shape) for k, v in llm.state_dict().items()}
+    unexpected: list[str] = []
+    mismatched: list[str] = []
+    for file in llm_weight_files(llm_dir):
+        for key, tensor in iter_tensors(file, "LLM"):
+            name = key if key in expected else f"model.{key}" if f"model.{key}" in expected else None
+            if name is None:
+                unexpected.append(key)
+            elif tuple(tensor.shape) != expected[name]:
+                mismatched.append(f"{key}: file has {tuple(tensor.shape)}, model needs {expected[name]}")
+            else:
+                target = dtype if tensor.is_floating_point() else None
+                set_module_tensor_to_device(llm, name, dev, value=tensor, dtype=target)
+            del tensor
+    if config.tie_word_embeddings:
+        llm.tie_weights()
+    missing = [k for k, v in llm.state_dict().items() if v.is_meta]
+    _raise_uncovered(llm_dir, missing, mismatched)
+    llm.to(dev)  # the computed buffers; parameters are already there
+    with contextlib.suppress(OSError):  # no generation_config.json: the one built from config.json stays
+        llm.generation_config = GenerationConfig.from_pretrained(llm_dir)
     llm.eval().requires_grad_(False)
-    return llm, tokenizer, sorted(info.get("unexpected_keys", []))
+    return llm, sorted(unexpected)
 
 
 def _apply_lora(model: MiniGPT4, spec: VariantSpec, lora: Mapping[str, torch.Tensor], report: CoverageReport) -> int:
@@ -237,6 +311,8 @@ def load_minigpt4(
     """
     spec = get_variant(variant).with_dims(vision, qformer_dims)
     dev, torch_dtype = resolve_precision(device, dtype, quantization)
+    if dtype == "auto" and dev.type == "cpu":
+        torch_dtype = auto_cpu_dtype(spec, llm, dev)
     if spec.has_qformer and not qformer:
         raise CheckpointError(f"variant {spec.name!r} needs the BLIP-2 Q-Former file ([model].qformer)")
     report = LoadReport(spec.name, str(dev), str(torch_dtype).removeprefix("torch."), quantization or "none")
@@ -248,27 +324,30 @@ def load_minigpt4(
     llm_hidden = int(llm_model.config.hidden_size)
     spm_file = Path(llm).expanduser() / "tokenizer.model"
     model = MiniGPT4(spec, llm_model, tokenizer, llm_hidden, str(spm_file) if spm_file.is_file() else None)
-
-    vit_sd = read_state_dict(vit, "vision encoder (eva_vit_g.pth)")
-    vit_state, vit_report = convert_eva_vit(vit_sd, spec.vision.depth, spec.vision.grid, str(vit))
-    report.files.append(load_checked(model.visual_encoder, vit_state, vit_report, hint=_vision_hint(spec, vit_sd)))
+    fp32 = lambda _key: torch.float32  # noqa: E731 — ln_vision, Q-Former, queries, projection
+    report.files.append(_load_vision(model, spec, vit, dev, torch_dtype))
     step("vision encoder", _size(vit))
 
     if spec.has_qformer:
         q_sd = read_state_dict(qformer, "Q-Former (blip2_pretrained_flant5xxl.pth)", wrapper_key="model")  # type: ignore[arg-type]
         q_state, q_report = convert_blip2_qformer(q_sd, str(qformer))
+        del q_sd  # ignored tensors (t5_proj …) go with it
+        q_state = to_targets(q_state, dev, fp32)
         assert model.qformer is not None
-        qformer_part = {k[len("qformer.") :]: v for k, v in q_state.items() if k.startswith("qformer.")}
+        qformer_part = {k[len("qformer.") :]: q_state.pop(k) for k in list(q_state) if k.startswith("qformer.")}
         load_checked(model.qformer, qformer_part, q_report)
-        rest = {k: v for k, v in q_state.items() if not k.startswith("qformer.")}
+        del qformer_part
         holder = _Holder(query_tokens=model.query_tokens, ln_vision=model.ln_vision)
-        load_checked(holder, rest, q_report, hint="the BLIP-2 file must hold query_tokens and ln_vision")
+        load_checked(holder, q_state, q_report, hint="the BLIP-2 file must hold query_tokens and ln_vision")
         model.query_tokens = holder.query_tokens
         report.files.append(q_report)
+        del q_state
         step("Q-Former", _size(qformer))
 
     p_sd = read_state_dict(projection, "projection (stage-2 checkpoint)", wrapper_key="model")
     proj, lora, p_report = convert_projection(p_sd, str(projection))
+    del p_sd  # optimizer state and the like
+    proj = to_targets(proj, dev, fp32)
     if not spec.has_qformer and any(k.startswith("ln_vision.") for k in proj):
         load_checked(
             model.ln_vision,
@@ -291,6 +370,18 @@ def load_minigpt4(
     model.eval().requires_grad_(False)
     model.load_report = report
     return model
+
+
+def _load_vision(
+    model: MiniGPT4, spec: VariantSpec, vit: str | os.PathLike[str], dev: torch.device, dtype: torch.dtype
+) -> CoverageReport:
+    """``eva_vit_g.pth`` into the ViT, each tensor converted to ``dtype`` on ``dev`` as soon as it is read."""
+    vit_sd = read_state_dict(vit, "vision encoder (eva_vit_g.pth)")
+    hint = _vision_hint(spec, vit_sd)
+    vit_state, vit_report = convert_eva_vit(vit_sd, spec.vision.depth, spec.vision.grid, str(vit))
+    del vit_sd  # the 40th block the reference drops goes with it
+    vit_state = to_targets(vit_state, dev, lambda _key: dtype)
+    return load_checked(model.visual_encoder, vit_state, vit_report, hint=hint)
 
 
 class _Holder(torch.nn.Module):
