@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     from model.training.batch import BatchBuilder
     from model.training.checkpoint import trainable_named_parameters
-    from model.training.loop import _LossModule, _text_tensors
+    from model.training.loss import LossModule as _LossModule
+    from model.training.loss import text_tensors as _text_tensors
     from model.training.optim import build_optimizer
 
     cuda = args.device.startswith("cuda")

@@ -220,6 +220,18 @@ class TrainSettings(_Strict):
         """Several sources (``[[train.datasets]]``) rather than one ``data``."""
         return bool(self.datasets)
 
+    @property
+    def sources(self) -> list[DatasetSettings]:
+        """What the loop mixes: the ``[[train.datasets]]``, or ``data`` as a mix of one (the reference wraps one
+        dataset in ``MultiIterLoader`` too), so that one code path reads both."""
+        if self.datasets:
+            return list(self.datasets)
+        name = default_dataset_name(self.data) or "data"
+        # model_construct: an unset data (a config loaded without path checks) fails later, naming the setting
+        return [
+            DatasetSettings.model_construct(name=name, data=self.data, sample_ratio=1.0, batch_size=self.batch_size)
+        ]
+
     def resolved(self, variant: str) -> TrainSettings:
         """A copy with every ``None`` replaced by the reference's value for this stage and variant."""
         values = self.model_dump()

@@ -13,7 +13,8 @@ from PIL import Image
 
 from model.training.batch import IGNORE_INDEX, VISUAL_ID, BatchBuilder
 from model.training.data import blip_caption
-from model.training.loop import _LossModule, _text_tensors
+from model.training.loss import LossModule as _LossModule
+from model.training.loss import text_tensors as _text_tensors
 from tests.training.helpers import PARITY, TRAIN_FIXTURES
 
 EXPECTED = json.loads((TRAIN_FIXTURES / "expected.json").read_text())["stage2"]

@@ -15,7 +15,8 @@ from PIL import Image
 
 from model.training.batch import BatchBuilder
 from model.training.checkpoint import trainable_named_parameters
-from model.training.loop import _LossModule, _text_tensors
+from model.training.loss import LossModule as _LossModule
+from model.training.loss import text_tensors as _text_tensors
 from model.training.optim import build_optimizer
 from tests.training.helpers import ANSWERS, EXTRA, PARITY, ROOT, read_log, write_pairs
 from tests.training.test_train_batch import projection_trainable
