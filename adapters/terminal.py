@@ -115,6 +115,15 @@ class _ChatLogHandler(logging.Handler):
             self.chat.after_log()
 
 
+def _rewritten(shown: str, final: str) -> str:
+    """What to print after a streamed answer whose final text differs: the note the core added to it (a
+    cut thread, a repaired page), or the whole final text when the core rewrote it (boxes taken out)."""
+    shown, final = shown.strip(), final.strip()
+    if final == shown:
+        return ""
+    return final[len(shown) :].strip() if final.startswith(shown) else "bot> " + final
+
+
 class TerminalChat:
     """A read–answer loop that turns lines into :class:`~bot.core.requests.Request` objects."""
 
@@ -274,7 +283,7 @@ class TerminalChat:
             platform="terminal", workspace="local", channel="terminal", thread=self.thread,
             user=self.user, text=text, images=images, event_id=uuid.uuid4().hex,
         )  # fmt: skip
-        streamed = False
+        streamed, shown = False, []
         async with aclosing(self.handle(request)) as events:  # Ctrl-C closes the answer: stored as interrupted
             async for event in events:
                 if isinstance(event, Delta):
@@ -283,13 +292,16 @@ class TerminalChat:
                             self.console.print("bot> ", end="")
                             streamed, self._line = True, "answer"
                         self.console.print(event.text, end="", markup=False, highlight=False, soft_wrap=True)
+                        shown.append(event.text)
                 elif isinstance(event, Final):
-                    self._final(event, streamed)
+                    self._final(event, streamed, "".join(shown))
 
-    def _final(self, event: Final, streamed: bool) -> None:
+    def _final(self, event: Final, streamed: bool, shown: str = "") -> None:
         with self.screen:
             if streamed:
                 self._end_answer_line()
+                if event.kind == "answer" and (added := _rewritten(shown, event.text)):
+                    self.console.print(added, markup=False, highlight=False)
             elif event.kind == "answer":
                 self.console.print("bot> " + event.text, markup=False, highlight=False)
             else:

@@ -33,6 +33,7 @@ __all__ = [
     "DatabaseSettings",
     "EngineSettings",
     "GenerationSettings",
+    "GroundingSettings",
     "ModelSettings",
     "RenderSettings",
     "Settings",
@@ -215,6 +216,13 @@ class RenderSettings(_Strict):
     max_height_px: int = Field(4000, ge=800, le=32000)
 
 
+class GroundingSettings(_Strict):
+    """``[grounding]``: boxes in an answer (MiniGPT-v2's grounding tasks) drawn on the user's picture."""
+
+    enabled: bool = True
+    long_side: int = Field(800, ge=128, le=4096, description="the annotated picture's long side, in pixels")
+
+
 class DatabaseSettings(_Strict):
     """``[database]``: where conversations, usage and quotas live."""
 
@@ -258,6 +266,7 @@ class Settings(_Strict):
     quotas: QuotaSettings = Field(default_factory=QuotaSettings)
     images: ImageSettings = Field(default_factory=ImageSettings)
     render: RenderSettings = Field(default_factory=RenderSettings)
+    grounding: GroundingSettings = Field(default_factory=GroundingSettings)
 
     def frontend(self, name: str) -> FrontEndSettings:
         """The validated ``[name]`` table of an installed front end (its defaults when absent)."""

@@ -1,10 +1,16 @@
-"""Presets: named prompts ("recipe", "poem", "website" …) a user can pick, overridable per workspace/channel."""
+"""Presets: named prompts ("recipe", "poem", "website" …) a user can pick, overridable per workspace/channel.
+
+With ``variant = "minigptv2"`` the model's task presets join them (``grounding``, ``refer``, ``detection``,
+``identify``, ``vqa``, ``caption``: :data:`bot.core.grounding.TASK_PRESETS`); a ``[presets.prompts]`` entry
+of the same name overrides one.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
+from bot.core import grounding
 from bot.core.config import PresetSettings
 
 __all__ = ["Command", "PresetBook", "parse_message"]
@@ -30,12 +36,15 @@ _ALONE = re.compile(r"^([A-Za-z][\w-]*)\s*[.!?:]?$")
 class PresetBook:
     """Resolves preset names to prompts for a workspace and channel."""
 
-    def __init__(self, settings: PresetSettings) -> None:
+    def __init__(self, settings: PresetSettings, variant: str = "") -> None:
         self.settings = settings
+        tasks = grounding.TASK_PRESETS if variant == "minigptv2" else {}
+        self.tasks = {name: prompt for name, prompt in tasks.items() if name not in settings.prompts}
+        """MiniGPT-v2's task presets that the configured prompts leave as the model's own."""
 
     @property
     def names(self) -> list[str]:
-        return list(self.settings.prompts)
+        return [*self.settings.prompts, *self.tasks]
 
     def prompt(self, name: str, workspace: str = "", channel: str = "") -> str:
         """The prompt for ``name`` here; the most specific override wins (channel, then workspace)."""
@@ -49,7 +58,7 @@ class PresetBook:
         if best is not None:
             return best[1]
         try:
-            return self.settings.prompts[name]
+            return self.settings.prompts[name] if name in self.settings.prompts else self.tasks[name]
         except KeyError:
             raise KeyError(f"unknown preset {name!r}; presets: {', '.join(self.names)}") from None
 
@@ -57,6 +66,8 @@ class PresetBook:
         """The text sent to the model for a question (preset prompt + extra text, or the text itself)."""
         if command.preset:
             prompt = self.prompt(command.preset, workspace, channel)
+            if command.preset in self.tasks:  # the words after a task tag; identify's as a box
+                return grounding.task_question(command.preset, prompt, command.question)
             return f"{prompt} {command.question}".strip() if command.question else prompt
         if not command.question and has_new_image and self.settings.default:
             return self.prompt(self.settings.default, workspace, channel)
@@ -81,6 +92,8 @@ def parse_message(text: str, presets: list[str], explicit_preset: str | None = N
             return Command(preset=word, question=rest)  # typed: it wins over a preset picked in a menu
         if mark == "/":  # "!wow, look" is a sentence; "/wow" a command the user mistyped
             raise KeyError(f"I don't know /{word}")
+    if region := grounding.region_words(text, presets):  # identify 10 20 60 80: a command by its form
+        return Command(preset=region[0], question=region[1])
     if alone := _ALONE.match(text):
         word = alone.group(1).lower()
         if word in COMMANDS:

@@ -4,10 +4,11 @@ MiniGPT-4's sketch-to-website demo answers with HTML; nobody can look at that in
 every answer that contains an HTML document (:func:`~bot.core.website.extract_html`), the core adds
 two :class:`~bot.core.requests.ReplyFile` values to the final reply — ``website.png`` (rendered in the
 sandbox of :mod:`bot.core.render`) and ``website.html`` — and each front end shows them its own way.
-A page cut off at the token limit is completed and the reply says so.  Without Chromium the reply
-carries the file alone; the log says so once, when the core is built (at start, not at the first
-``website`` answer), with how to turn previews on — and warns once when Chromium will run without its
-sandbox because the bot runs as root.
+A page cut off at the token limit is completed and the reply says so.  An answer with boxes in it
+(MiniGPT-v2's grounding) gets its picture with the boxes drawn first (:mod:`bot.core.grounding`).
+Without Chromium the reply carries the file alone; the log says so once, when the core is built (at
+start, not at the first ``website`` answer), with how to turn previews on — and warns once when Chromium
+will run without its sandbox because the bot runs as root.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import time
 from prometheus_client import Counter, Histogram
 
 from bot.core import render
-from bot.core.config import RenderSettings
+from bot.core.config import GroundingSettings, RenderSettings
+from bot.core.grounding import GroundedPictures
 from bot.core.metrics import BotMetrics
 from bot.core.render import ChromiumRenderer, PageRenderer, RenderError
 from bot.core.requests import Final, ReplyFile
@@ -35,8 +37,15 @@ REPAIRED_NOTE = "(The page was cut off at the answer length limit; the preview a
 class WebsitePreviews:
     """Adds the preview and the page file to a final answer that contains an HTML document."""
 
-    def __init__(self, settings: RenderSettings, metrics: BotMetrics, renderer: PageRenderer | None = None) -> None:
+    def __init__(
+        self,
+        settings: RenderSettings,
+        metrics: BotMetrics,
+        renderer: PageRenderer | None = None,
+        grounding: GroundingSettings | None = None,
+    ) -> None:
         self.settings = settings
+        self.grounded = GroundedPictures(grounding or GroundingSettings())
         self.renderer = renderer if renderer is not None else (ChromiumRenderer(settings) if settings.enabled else None)
         self._warned = False  # previews-off said once per process (per core): at start, or at the first failure
         self.renders = Counter(
@@ -61,10 +70,12 @@ class WebsitePreviews:
         elif render.runs_as_root():
             log.warning("website previews: %s", render.NO_SANDBOX_HINT)
 
-    async def attach(self, final: Final) -> Final:
-        """``final`` with ``website.png`` (when rendering works) and ``website.html`` added, if it holds a page."""
+    async def attach(self, final: Final, picture: bytes | None = None) -> Final:
+        """``final`` with ``website.png`` (when rendering works) and ``website.html`` added, if it holds a page;
+        with ``boxes.png`` (its boxes drawn on ``picture``, the thread's latest) if it holds boxes."""
         if final.kind != "answer":
             return final
+        final = await self.grounded.attach(final, picture)
         page = extract_html(final.text)
         if page is None:
             return final

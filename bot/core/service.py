@@ -38,6 +38,7 @@ from bot.core.errors import (
     UnsupportedRequest,
     UserInputError,
 )
+from bot.core.grounding import task_help
 from bot.core.images import SUPPORTED, check_images
 from bot.core.metrics import BotMetrics
 from bot.core.presets import Command, PresetBook, parse_message
@@ -88,7 +89,7 @@ def help_text(presets: list[str]) -> str:
         f"• Presets ask with a prepared prompt: {names}. Send the name alone ({eg}), or after a slash with "
         f"words to add (/{eg} about a cat; !{eg} works too). Other messages are asked as written.\n"
         '• "reset" starts this thread over, "settings" shows the model and your limits, "help" shows this.'
-    )
+    ) + (f"\n{tasks}" if (tasks := task_help(presets)) else "")
 
 
 def _clean_request(request: Request) -> Request:
@@ -262,14 +263,14 @@ class BotService:
         self._db = db
         self._backend = backend
         self.metrics = metrics or BotMetrics()
-        self._presets = PresetBook(settings.presets)
+        self._presets = PresetBook(settings.presets, settings.model.variant)  # + MiniGPT-v2's tasks for minigptv2
         self._quotas = QuotaPolicy(settings.quotas, db)
         self._access = AccessControl(db)
         self.metrics.watch_engine(backend.stats)
         self._front_ends: dict[str, ProblemCheck] = {}
         self._checks: dict[str, str] = {}  # the last readiness result, to log only the changes
         self._writes: set[asyncio.Task[bool]] = set()  # final writes that outlive a cancelled request
-        self._previews = WebsitePreviews(settings.render, self.metrics, renderer)
+        self._previews = WebsitePreviews(settings.render, self.metrics, renderer, settings.grounding)
 
     # ------------------------------------------------------------------ the Core API (bot.core.api)
 
@@ -543,7 +544,7 @@ class BotService:
         async with aclosing(streamed) as events:
             async for event in events:
                 if isinstance(event, Final):
-                    event = await self._previews.attach(event)
+                    event = await self._previews.attach(event, images[-1] if images else None)  # the latest
                     if event.meta.get("context_cut") and not told:  # once per thread: the first cut answer
                         event = dataclasses.replace(event, text=f"{event.text}\n\n{CUT_NOTE}")
                 yield event

@@ -293,3 +293,31 @@ def test_discord_a_thread_with_an_id_of_its_own_still_continues_the_conversation
             assert [t.text for t in turns if t.role == "user"] == ["What is this?", "Is it big?"]
 
     asyncio.run(main())
+
+
+def test_grounding_discord_attaches_the_annotated_picture(tmp_path: Path) -> None:
+    """MiniGPT-v2's boxes (issue 24): /ask and a mention both get the picture with the boxes drawn."""
+    answer = "<p>a boat</p> {<20><30><60><70>}"
+
+    async def main() -> None:
+        async with discord_env(tmp_path, backend=ScriptedBackend(answer), model={"variant": "minigptv2"}) as env:
+            fake = env.fake
+            interaction = await fake.interact(fake.ask(fake.add_attachment(png_bytes()), preset="grounding"))
+            with_files = await fake.wait_for(lambda: [m for m in fake.bot_messages(fake.general) if m.uploads])
+            assert [u["filename"] for u in with_files[0].uploads] == ["boxes.png"]
+            assert with_files[0].uploads[0]["data"].startswith(b"\x89PNG")
+            assert with_files[0].interaction_id == interaction.id
+            shown = await fake.wait_for(
+                lambda: [m for m in fake.bot_messages(fake.general) if "**a boat**" in m.content]
+            )
+            assert "{<" not in shown[0].content
+
+            mention = fake.user_message(fake.general, "/detection boats", mention=True,
+                                        attachments=[fake.add_attachment(png_bytes())])  # fmt: skip
+            await fake.send(mention)
+            thread_id = int(mention["id"])
+            uploaded = await fake.wait_for(lambda: thread_id in fake.channels and [
+                m for m in fake.bot_messages(thread_id) if m.uploads])  # fmt: skip
+            assert [u["filename"] for u in uploaded[0].uploads] == ["boxes.png"]
+
+    asyncio.run(main())

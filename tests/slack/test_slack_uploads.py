@@ -47,3 +47,23 @@ def test_render_slack_without_files_write_says_so_in_the_thread(tmp_path: Path) 
             assert texts == [escape_mrkdwn(ANSWER), note]  # the answer, then the note; nothing lost
 
     asyncio.run(main())
+
+
+def test_grounding_slack_uploads_the_annotated_picture_into_the_thread(tmp_path: Path) -> None:
+    """MiniGPT-v2's boxes (issue 24): the picture with them drawn goes into the thread, the answer loses the tokens."""
+    answer = "<p>a sofa</p> {<10><20><60><80>}"
+
+    async def main() -> None:
+        async with slack_env(tmp_path, backend=ScriptedBackend(answer, piece=9), model={"variant": "minigptv2"}) as env:
+            fake = env.fake
+            mention = fake.mention(CHANNEL, "/detection sofas", files=[fake.add_file(png_bytes())])
+            await fake.wait_ack(await fake.send_event(mention))
+            root = mention["ts"]
+            (shared,) = await fake.wait_for(lambda: fake.shared_files(CHANNEL, root))
+            assert shared["filename"] == "boxes.png" and shared["thread_ts"] == root
+            assert shared["data"].startswith(b"\x89PNG")
+            (reply,) = await fake.wait_for(lambda: [m for m in fake.bot_replies(CHANNEL, root) if "{<" not in m.text])
+            assert reply.text == escape_mrkdwn("**a sofa**")
+            assert env.backend.calls[-1]["turns"][-1]["text"] == "[detection] sofas"
+
+    asyncio.run(main())

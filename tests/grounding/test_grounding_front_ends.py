@@ -1,0 +1,96 @@
+"""The annotated picture as the web chat and the terminal show it (Slack: tests/slack/test_slack_uploads.py,
+Discord: tests/discord/test_discord_messages.py), from the scripted backend answering with boxes (issue 24)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp.test_utils import TestClient, TestServer
+from PIL import Image
+from rich.console import Console
+
+from adapters.terminal import TerminalChat
+from adapters.web import create_app
+from bot.core.config import Settings
+from bot.core.service import BotService
+from storage import Database, sqlite_url
+from tests.scripted_backend import ScriptedBackend
+
+ANSWER = "<p>a green square</p> {<25><25><75><75>}"
+
+
+def _picture() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 40), (10, 10, 200)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def _service(tmp_path: Path) -> tuple[BotService, Database]:
+    db = Database(sqlite_url(tmp_path / "front.db"))
+    await db.create_all()
+    settings = Settings.model_validate({"model": {"variant": "minigptv2"}, "grounding": {"long_side": 400}})
+    return BotService(settings, db, ScriptedBackend(ANSWER, piece=7)), db
+
+
+def test_grounding_web_final_event_carries_the_annotated_picture(tmp_path: Path) -> None:
+    async def main() -> dict[str, Any]:
+        service, db = await _service(tmp_path)
+        client = TestClient(TestServer(create_app(service)))
+        await client.start_server()
+        try:
+            form = aiohttp.FormData(default_to_multipart=True)
+            for name, value in (("thread", "t-boxes"), ("text", "/detection squares"), ("event_id", "e1")):
+                form.add_field(name, value)
+            form.add_field("image", _picture(), filename="squares.png", content_type="image/png")
+            response = await client.post("/api/messages", data=form)
+            body = await response.text()
+        finally:
+            await client.close()
+            await service.close()
+            await db.dispose()
+        finals = [json.loads(block.split("data: ", 1)[1]) for block in body.split("\n\n") if "event: final" in block]
+        return finals[0]
+
+    final = asyncio.run(main())
+    assert final["text"] == "**a green square**"
+    (file,) = final["files"]
+    assert (file["filename"], file["mime"]) == ("boxes.png", "image/png")  # a picture: shown inline
+    image = Image.open(io.BytesIO(base64.b64decode(file["data"]))).convert("RGB")
+    assert image.size == (400, 400)
+    assert image.getpixel((100, 200)) == (255, 0, 0) and image.getpixel((200, 200)) == (10, 10, 200)
+
+
+def test_grounding_terminal_saves_the_annotated_picture_and_prints_its_path(tmp_path: Path) -> None:
+    picture = tmp_path / "squares.png"
+    picture.write_bytes(_picture())
+    lines = iter([f"/image {picture} /detection squares"])
+
+    def read_line(_prompt: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    async def main() -> str:
+        service, db = await _service(tmp_path)
+        buffer = io.StringIO()
+        chat = TerminalChat(service.handle, Console(file=buffer, width=300), read_line, user="tester",
+                            files_dir=tmp_path / "files")  # fmt: skip
+        try:
+            await chat.run()
+        finally:
+            await service.close()
+            await db.dispose()
+        return buffer.getvalue()
+
+    output = asyncio.run(main())
+    (saved,) = [p for p in (tmp_path / "files").rglob("*") if p.is_file()]
+    assert saved.name.endswith("boxes.png") and str(saved) in output
+    assert Image.open(saved).size == (400, 400)
+    assert "**a green square**" in output and "{<" not in output.split("bot>")[-1].split("saved")[0]
