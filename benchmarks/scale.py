@@ -1,7 +1,7 @@
 """Scale-out: the engine as 1 vs 2 Ray Serve replicas, conversation affinity on vs off.
 
 N conversations run at once, each a picture and three turns (the first, then two follow-ups after a
-user's pause, ``--think-s`` on average), through the same :class:`~model.engine.ray_serve.RayServeBackend`
+user's pause, ``--think-s`` on average), through the same :class:`~model.engine.ray_client.RayServeBackend`
 the bot uses (one ``DeploymentHandle``, streaming, ``session_id`` = the conversation).  Per cell:
 aggregate generated tokens/s, TTFT measured by the caller (request sent → first token back, so routing
 and queueing count), the share of the follow-ups' prompt tokens that came from a KV prefix already
@@ -90,17 +90,20 @@ async def _conversations(backend: Any, n: int, max_new: int, think_s: float, pre
 def _cell(args: argparse.Namespace, weights: dict[str, Any], replicas: int, affinity: bool, n: int) -> dict:
     from ray import serve
 
+    from bot.cli.ray_backend import RaySettings, deployment_options
     from model.engine import EngineConfig, SchedulerConfig
-    from model.engine.ray_serve import RayServeBackend, ReplicaSpec, ServeOptions, build_app
+    from model.engine.ray_client import RayServeBackend
+    from model.engine.ray_replica import ReplicaSpec, build_app
 
     slots = max(args.conversations)
     engine = EngineConfig(scheduler=SchedulerConfig(max_batch=slots, max_queue=1024, max_running_per_user=4,
                                                     max_wait_s=3600, kv_budget_tokens=1_000_000))  # fmt: skip
     spec = ReplicaSpec(loader_kwargs={**weights, "device": args.device}, engine=engine, timeout_s=600)
     name = f"scale-bench-{n}-{replicas}-{'on' if affinity else 'off'}"  # a new app (and router) per cell
-    options = ServeOptions(app_name=name, replicas=replicas, num_cpus=args.cpus_per_replica,
-                           num_gpus=1.0 if args.device.startswith("cuda") else 0.0, max_ongoing_requests=slots,
-                           max_queued_requests=-1, affinity=affinity)  # fmt: skip
+    ray_table = RaySettings(app_name=name, replicas=replicas, num_cpus=args.cpus_per_replica,
+                            num_gpus=1.0 if args.device.startswith("cuda") else 0.0, max_ongoing_requests=slots,
+                            max_queued_requests=-1, affinity=affinity)  # fmt: skip
+    options = deployment_options(ray_table, max_batch=slots)
     handle = serve.run(build_app(spec, options), name=options.app_name, route_prefix=None)
     backend = RayServeBackend(handle, app_name=options.app_name)
 

@@ -1,10 +1,12 @@
 """The Ray Serve generation backend (entry point ``ray``): ``[engine] backend = "ray"`` plus ``[ray]``.
 
-It builds the engine's Ray Serve application (:mod:`model.engine.ray_serve`) from the settings, deploys
+It builds the engine's Ray Serve application (:mod:`model.engine.ray_replica`) from the settings, deploys
 it — or attaches to the one another bot process already deployed with the same settings — and returns
-a :class:`~model.engine.ray_serve.RayServeBackend` over its ``DeploymentHandle``.  Ray is imported only
-here, when this backend is chosen: the ``local`` backend needs no Ray installed (``pip install
-"minigpt4-bot[ray]"`` adds it).  Operator guidance: docs/scaling.md.
+a :class:`~model.engine.ray_client.RayServeBackend` over its ``DeploymentHandle``.  :class:`RaySettings` is
+the one model of the Ray settings: the deployment gets it as a :class:`~model.engine.ray_replica.ServeOptions`
+built from ``model_dump()`` (:func:`serve_options`).  Ray is imported only here, when this backend is chosen:
+the ``local`` backend needs no Ray installed (``pip install "minigpt4-bot[ray]"`` adds it).
+Operator guidance: docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -20,9 +22,18 @@ from bot.core.backend import BackendPlugin, BackendSettings, GenerationBackend
 from bot.core.config import Settings
 
 if TYPE_CHECKING:
-    from model.engine.ray_serve import ReplicaSpec, ServeOptions
+    from model.engine.ray_replica import ReplicaSpec, ServeOptions
 
-__all__ = ["INSTALL_HINT", "RAY", "RaySettings", "RaySetupError", "ray_settings", "replica_spec", "serve_options"]
+__all__ = [
+    "INSTALL_HINT",
+    "RAY",
+    "RaySettings",
+    "RaySetupError",
+    "deployment_options",
+    "ray_settings",
+    "replica_spec",
+    "serve_options",
+]
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +91,7 @@ class RaySetupError(RuntimeError):
 
 def replica_spec(settings: Settings) -> ReplicaSpec:
     """What every replica builds: the ``[model]`` weights (or demo weights), the ``[engine]`` limits."""
-    from model.engine.ray_serve import ReplicaSpec
+    from model.engine.ray_replica import ReplicaSpec
 
     demo = settings.model.variant if settings.model.uses_demo_weights else None
     return ReplicaSpec(
@@ -94,21 +105,17 @@ def replica_spec(settings: Settings) -> ReplicaSpec:
 
 def serve_options(settings: Settings) -> ServeOptions:
     """The ``[ray]`` table as deployment options (``max_ongoing_requests = 0`` → ``[engine] max_batch``)."""
-    from model.engine.ray_serve import ServeOptions
+    return deployment_options(ray_settings(settings), max_batch=settings.engine.max_batch)
 
-    ray = ray_settings(settings)
-    return ServeOptions(
-        app_name=ray.app_name,
-        replicas=ray.replicas,
-        min_replicas=ray.min_replicas,
-        max_replicas=ray.max_replicas,
-        target_ongoing_requests=ray.target_ongoing_requests,
-        num_gpus=ray.num_gpus,
-        num_cpus=ray.num_cpus,
-        max_ongoing_requests=ray.max_ongoing_requests or settings.engine.max_batch,
-        max_queued_requests=ray.max_queued_requests,
-        affinity=ray.affinity,
-    )
+
+def deployment_options(ray: RaySettings, *, max_batch: int) -> ServeOptions:
+    """``ray.model_dump()`` as the deployment's options: every field and default is the table's; ``address`` is
+    this process's way to the cluster (not the deployment's, so a bot joining by another address attaches)."""
+    from model.engine.ray_replica import ServeOptions
+
+    values = ray.model_dump(exclude={"address"})
+    values["max_ongoing_requests"] = ray.max_ongoing_requests or max_batch
+    return ServeOptions(**values)
 
 
 def _connect(settings: Settings) -> bool:
@@ -148,7 +155,7 @@ def _deploy(spec: ReplicaSpec, options: ServeOptions) -> tuple[Any, dict[str, An
     from ray import serve
     from ray.serve.exceptions import RayServeException
 
-    from model.engine.ray_serve import build_app
+    from model.engine.ray_replica import build_app
 
     fingerprint = spec.fingerprint(options)
     app = serve.status().applications.get(options.app_name)
@@ -189,7 +196,7 @@ async def _create_ray(settings: Settings, **_ignored: Any) -> GenerationBackend:
         from ray import serve  # noqa: F401
     except ImportError as exc:
         raise RaySetupError(f'[engine] backend = "ray" needs Ray Serve: {INSTALL_HINT}') from exc
-    from model.engine.ray_serve import RayServeBackend
+    from model.engine.ray_client import RayServeBackend
 
     spec, options = replica_spec(settings), serve_options(settings)
     started = await asyncio.to_thread(_connect, settings)

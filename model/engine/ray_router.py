@@ -19,7 +19,9 @@ on overflow instead of taking the least loaded replica, and it does not remember
 thread went — this router does both.
 
 Ray pickles this module **by value** into every caller (``RequestRouterConfig`` registers it with
-cloudpickle), so it imports only the standard library and Ray at module level.
+cloudpickle), so it imports only the standard library and Ray at module level; a router registers itself at
+run time with :func:`model.engine.ray_client.register_router` (a module imported by reference), which is how
+``RayServeBackend.stats`` finds it.
 """
 
 from __future__ import annotations
@@ -61,8 +63,8 @@ class ConversationAffinityRouter(RequestRouter):
         self.routed = {"home": 0, "new": 0, "moved": 0, "unkeyed": 0, "balanced": 0}
         self._ring: list[tuple[int, ReplicaID]] = []
         self._ring_ids: frozenset[ReplicaID] = frozenset()
-        try:  # the caller's registry (model.engine.ray_serve), for the backend's stats(); imported at run time
-            from model.engine.ray_serve import register_router
+        try:  # the caller's registry (model.engine.ray_client, which imports no router), for the backend's stats()
+            from model.engine.ray_client import register_router
 
             register_router(self)
         except ImportError:  # a process without the bot's package (nothing reads stats there)

@@ -31,7 +31,7 @@ from bot.core.requests import Delta, Final, ImageAttachment, Request, ThreadRef 
 from bot.core.service import BotService  # noqa: E402
 from model.engine import Engine, EngineBackend  # noqa: E402
 from model.engine.api import Busy, FinalEvent, RequestRejected, TokenEvent  # noqa: E402
-from model.engine.ray_serve import RayServeBackend  # noqa: E402
+from model.engine.ray_client import RayServeBackend  # noqa: E402
 from model.image_processing import builtin_test_image  # noqa: E402
 from storage import Database, sqlite_url  # noqa: E402
 
