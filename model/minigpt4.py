@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -36,9 +36,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from model.conversation import IMAGE_PLACEHOLDER, Turn, build_prompt
 from model.image_processing import ImageProcessor
-from model.report import LoadReport
 from model.text import TextCodec
 from model.variants import VariantSpec
+
+if TYPE_CHECKING:  # model.report describes this model (it imports it): only the type, for load_report
+    from model.report import LoadReport
 
 __all__ = ["MiniGPT4", "VisionOutputs", "build_qformer", "build_vision_encoder"]
 
