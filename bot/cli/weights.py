@@ -9,6 +9,7 @@ lazily: ``minigpt4-bot --help`` never imports torch.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -24,6 +25,87 @@ from bot.core.config import Settings
 __all__ = ["weights_app"]
 
 weights_app = typer.Typer(help="Download, create and check model weights.", no_args_is_help=True)
+
+
+@weights_app.command("download")
+def weights_download(
+    variant: Annotated[str, typer.Option(help="vicuna0 | llama2 | minigptv2")] = "vicuna0",
+    size: Annotated[str, typer.Option(help="LLM size: 7b | 13b (13b: vicuna0 only)")] = "7b",
+    out_dir: Annotated[Path, typer.Option("--out", help="folder to download into")] = Path("weights"),
+    search: Annotated[
+        list[Path] | None, typer.Option("--from", help="folder holding files fetched by hand (Google Drive)")
+    ] = None,
+    source: Annotated[
+        list[str] | None,
+        typer.Option("--source", help="KEY=URL|REPO|PATH: another source for one file (llm, vit, qformer, projection)"),
+    ] = None,
+    write_config: Annotated[
+        Path | None, typer.Option("--write-config", help="set the [model] keys in this bot.toml")
+    ] = None,
+    check: Annotated[bool, typer.Option("--check/--no-check", help="run weights check on the files at the end")] = True,
+    config: ConfigOption = None,
+) -> None:
+    """Fetch the published files of one variant (Hugging Face, the LAVIS bucket; Google Drive by hand).
+
+    Files already in --out (or --from) are kept, interrupted downloads resume.  The stage-2 checkpoints are
+    on Google Drive: their link and the name to save them under are printed; run the command again once
+    they are there.  At the end it runs ``weights check`` on them and prints the [model] keys (or sets them
+    with --write-config).  ``HF_TOKEN`` authenticates gated repos (Llama-2-chat); ``HF_ENDPOINT`` a hub mirror.
+    """
+    from model.sources import DownloadError, fetch_all, sources_for
+
+    settings = setup(config)
+    try:
+        overrides = dict(_split_source(item) for item in source or [])
+        sources = sources_for(variant, size.lower(), overrides)
+        fetched = fetch_all(
+            sources, out_dir.expanduser().resolve(), search or [], note=lambda line: err.print(Text(line))
+        )
+    except DownloadError as exc:
+        logging.getLogger("minigpt4_bot").error("weights download: %s", exc)
+        err.print(Text(str(exc), style="red"))
+        raise typer.Exit(1) from None
+    if fetched.missing:
+        for key, drive in fetched.missing:
+            err.print(
+                Text(
+                    f"{key}: {drive.filename} is on Google Drive, which needs a browser. Open {drive.link}, download "
+                    f"it and save it as {out_dir / drive.filename} (or into a folder you give with --from), then "
+                    "run this command again.",
+                    style="yellow",
+                ),
+                soft_wrap=True,  # the link and the path stay whole, to copy
+            )
+        raise typer.Exit(1)
+    keys = {"variant": variant, **{k: str(v) for k, v in fetched.paths.items()}}
+    if check:
+        model = settings.model.model_copy(update=keys)
+        check_weights(settings.model_copy(update={"model": model}), max_new_tokens=16)
+    lines = [f"{key} = {_toml(value)}" for key, value in keys.items()]
+    _emit_model_keys(lines, write_config, f"[model] now loads the {variant} weights in {out_dir}")
+
+
+def _split_source(item: str) -> tuple[str, str]:
+    from model.sources import DownloadError
+
+    key, sep, value = item.partition("=")
+    if not sep or not value:
+        raise DownloadError(f"--source {item}: expected KEY=VALUE, e.g. vit=https://mirror/eva_vit_g.pth")
+    return key.strip(), value.strip()
+
+
+def _emit_model_keys(lines: list[str], write_config: Path | None, done: str) -> None:
+    """Print the ``[model]`` keys to paste, or set them in ``write_config`` (exit 1 if it cannot be updated)."""
+    if write_config is None:
+        err.print("Set these in the [model] table of bot.toml (or use --write-config bot.toml):", markup=False)
+        sys.stdout.write("\n".join(lines) + "\n")  # paste-able TOML: no wrapping, no colour
+        return
+    try:
+        _set_model_keys(write_config, dict(line.split(" = ", 1) for line in lines))
+    except (OSError, ValueError) as exc:
+        err.print(Text(f"Cannot update {write_config}: {exc}", style="red"))
+        raise typer.Exit(1) from None
+    err.print(Text(f"{write_config}: {done}"))
 
 
 @weights_app.command("demo")
@@ -55,16 +137,7 @@ def weights_demo(
             "projection": str(demo.projection), "vision": demo.vision or None,
             "qformer_dims": demo.qformer_dims or None}  # fmt: skip
     lines = [f"{key} = {_toml(value)}" for key, value in keys.items() if value is not None]
-    if write_config is None:
-        err.print("Set these in the [model] table of bot.toml (or use --write-config bot.toml):")
-        sys.stdout.write("\n".join(lines) + "\n")  # paste-able TOML: no wrapping, no colour
-        return
-    try:
-        _set_model_keys(write_config, dict(line.split(" = ", 1) for line in lines))
-    except (OSError, ValueError) as exc:
-        err.print(Text(f"Cannot update {write_config}: {exc}", style="red"))
-        raise typer.Exit(1) from None
-    err.print(Text(f"{write_config}: [model] now loads the demo weights in {demo.llm.parent}"))
+    _emit_model_keys(lines, write_config, f"[model] now loads the demo weights in {demo.llm.parent}")
 
 
 def _toml(value: Any) -> str:
