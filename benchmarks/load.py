@@ -194,6 +194,7 @@ def measure(keys: dict[str, Any], device: str, dtype: str, new_tokens: int) -> d
         peak_over_baseline=peak - baseline, ratio=round((peak - baseline) / weights.weights_bytes, 3),
         gpu_peak=torch.cuda.max_memory_allocated() if cuda else None,
     )  # fmt: skip
+    print(json.dumps(result), flush=True)  # the load's numbers survive an answer that runs out of time
     session = ChatSession(model, default_options(model, do_sample=False, max_new_tokens=new_tokens))
     started = time.perf_counter()
     session.add_image(builtin_test_image())
