@@ -1,5 +1,5 @@
 // MiniGPT-4 local web chat: no framework, no build step, nothing loaded from elsewhere.
-// Model output is only ever placed with textContent (never innerHTML).
+// Model output is only ever placed with textContent and text nodes (never innerHTML).
 "use strict";
 
 (function () {
@@ -55,8 +55,30 @@
 
   // ------------------------------------------------------------------ rendering
 
-  // Text with ``` fences → paragraphs and <pre><code> blocks, all through textContent.
-  function renderText(container, text) {
+  // **bold** (how the core marks the phrases of an answer with boxes) → <strong>, the rest text nodes:
+  // the phrase is placed with textContent too, so markup in it (<b>, <img onerror>) stays text.
+  // Inline `code` is matched first and left as written.
+  const BOLD = /`[^`\n]*`|\*\*([^*`\s](?:[^*`\n]*[^*`\s])?)\*\*/g;
+  function appendInline(container, text, bold) {
+    if (!bold) {
+      container.textContent = text;
+      return;
+    }
+    let at = 0;
+    for (const match of text.matchAll(BOLD)) {
+      if (match[1] === undefined) continue;
+      if (match.index > at) container.appendChild(document.createTextNode(text.slice(at, match.index)));
+      const strong = document.createElement("strong");
+      strong.textContent = match[1];
+      container.appendChild(strong);
+      at = match.index + match[0].length;
+    }
+    if (at < text.length) container.appendChild(document.createTextNode(text.slice(at)));
+  }
+
+  // Text with ``` fences → paragraphs and <pre><code> blocks, all through textContent; with ``bold``
+  // (the bot's messages), **phrase** in a paragraph shows bold.
+  function renderText(container, text, bold) {
     container.replaceChildren();
     const parts = String(text).split("```");
     parts.forEach((part, index) => {
@@ -73,7 +95,7 @@
         container.appendChild(pre);
       } else if (part.trim() !== "") {
         const p = document.createElement("p");
-        p.textContent = part.replace(/^\n+|\n+$/g, "");
+        appendInline(p, part.replace(/^\n+|\n+$/g, ""), bold);
         container.appendChild(p);
       }
     });
@@ -147,7 +169,7 @@
   // kind: answer | help | notice | error | duplicate | interrupted
   function finishBubble(bubble, text, kind) {
     const body = bubble.querySelector(".body");
-    renderText(body, text);
+    renderText(body, text, true); // the final text replaces what streamed (raw box tokens included)
     bubble.classList.remove("streaming");
     bubble.classList.add(kind === "answer" ? "answer" : "notice", `kind-${kind}`);
     bubble.dataset.state = "final";

@@ -46,9 +46,11 @@ __all__ = [
     "GroundedPictures",
     "Grounding",
     "Phrase",
+    "bold_spans",
     "draw_boxes",
     "identify_region",
     "parse_grounding",
+    "settled",
     "task_help",
     "task_question",
 ]
@@ -104,6 +106,15 @@ _TOKEN = re.compile(
 _LEFTOVER = re.compile(r"</?p>|<delim>|[ \t]*\{\s*(?:<[^{}\n]*)?$")
 """Stray tags, and a box the answer length limit cut off at the very end (``{<10><2``)."""
 _BOLD_BREAKERS = re.compile(r"[*`]")
+_CUT = "\x00"
+"""Where a token was taken out, until the spaces round it are settled (model text never holds NUL: the core
+cleans it of control characters).  Only the spaces next to a removed token change, so code and prose
+elsewhere keep theirs, and a streamed answer's text before its first token is the cleaned text's start."""
+_CUT_EDGE = re.compile(r"[ \t]*\x00[ \t\x00]*(?=[.,;:!?\n]|$)|^[ \t\x00]*\x00[ \t]*", re.M)
+"""A token before punctuation or at a line's end goes with the spaces before it; at a line's start, with
+the spaces after it."""
+_CUT_SPACE = re.compile(r"[ \t]*\x00[ \t\x00]*")
+"""A token between words: one space, if there was any round it."""
 
 
 @dataclass(frozen=True)
@@ -157,20 +168,63 @@ def parse_grounding(answer: str) -> Grounding:
     def replace(match: re.Match[str]) -> str:
         if match.group("bare") is not None:
             by_label.setdefault("", []).extend(_boxes(match.group("bare")))
-            return ""
+            return _CUT
         label = " ".join(match.group("phrase").split())
+        cut = ""
         if match.group("boxes") is not None and label:
             by_label.setdefault(label, []).extend(_boxes(match.group("boxes")))
+            cut = _CUT
         shown = " ".join(_BOLD_BREAKERS.sub("", label).split())  # a * or ` in it would break the bold
-        return f"**{shown}**" if shown else label
+        return (f"**{shown}**" if shown else label) + cut
 
-    text = _LEFTOVER.sub("", _TOKEN.sub(replace, answer))
-    text = re.sub(r"[ \t]+([.,;:!?])", r"\1", re.sub(r"[ \t]{2,}", " ", text)).strip()
+    text = _LEFTOVER.sub(_CUT, _TOKEN.sub(replace, answer.replace(_CUT, "")))
+    text = _CUT_SPACE.sub(lambda m: " " if m.group().strip("\x00") else "", _CUT_EDGE.sub("", text)).strip()
     unlabelled = by_label.pop("", [])
     phrases = [Phrase(label, tuple(boxes)) for label, boxes in by_label.items() if boxes]
     if unlabelled:
         phrases.append(Phrase("", tuple(unlabelled)))
     return Grounding(tuple(phrases), text)
+
+
+_BOLD = re.compile(r"```[\s\S]*?(?:```|$)|`[^`\n]*`|\*\*(?P<bold>[^*`\s](?:[^*`\n]*[^*`\s])?)\*\*")
+"""``**phrase**`` outside code: fenced blocks and inline code are matched first, so they are left as written."""
+
+
+def bold_spans(text: str) -> list[tuple[str, bool]]:
+    """``text`` in pieces, each with whether it is bold: the ``**phrase**`` marking of the cleaned answer
+    (and of any Markdown bold the model wrote) for front ends that show bold their own way — rich text in a
+    terminal, ``*x*`` in Slack — without the asterisks.  Code (fenced or inline) is never bold."""
+    spans: list[tuple[str, bool]] = []
+    at = 0
+    for match in _BOLD.finditer(text):
+        if match.group("bold") is None:
+            continue
+        if match.start() > at:
+            spans.append((text[at : match.start()], False))
+        spans.append((match.group("bold"), True))
+        at = match.end()
+    if at < len(text):
+        spans.append((text[at:], False))
+    return spans
+
+
+_TOKEN_START = re.compile(r"</?p>|<delim>|\{\s*(?:[<}]|$)")
+_TOKEN_PREFIXES = ("<p>", "</p>", "<delim>")
+
+
+def settled(streamed: str) -> int:
+    """How much of an answer still streaming the cleaner will leave as it is, whatever follows: the text
+    before its first box or phrase token (``<p>``, ``{<``, ``<delim>``, or what may become one at its end),
+    less the spaces the cleaner may take with that token.  For a front end that cannot take back what it
+    sent (the OpenAI API's stream): it holds the rest until the final text."""
+    match = _TOKEN_START.search(streamed)
+    end = match.start() if match else len(streamed)
+    tail = streamed[max(0, end - 6) : end]
+    for i in range(len(tail)):
+        if any(p.startswith(tail[i:]) for p in _TOKEN_PREFIXES):
+            end -= len(tail) - i
+            break
+    return len(streamed[:end].rstrip())
 
 
 def identify_region(words: str) -> str:
@@ -325,6 +379,15 @@ class GroundedPictures:
 
     def __init__(self, settings: GroundingSettings) -> None:
         self.settings = settings
+
+    def shown(self, answer: str, *, had_picture: bool = True) -> str:
+        """A stored answer as :meth:`attach` showed it (history views): cleaned when it holds boxes and they
+        were drawn (grounding on, a picture in the thread before it); the model's raw text otherwise.  The
+        store keeps the raw text: the model reads its own boxes back in a follow-up, as the reference does."""
+        if not self.settings.enabled or not had_picture:
+            return answer
+        found = parse_grounding(answer)
+        return (found.text or self.ONLY_BOXES) if found.phrases else answer
 
     async def attach(self, final: Final, picture: bytes | None) -> Final:
         """``final`` with ``boxes.png`` (its boxes on ``picture``: the thread's latest) and the cleaned text,

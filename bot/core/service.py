@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
+import itertools
 import logging
+import operator
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
@@ -332,17 +334,21 @@ class BotService:
         conversation = await self._db.live_conversation(key)
         stored = await self._db.turns(conversation.id) if conversation is not None else []
         info = await self._db.image_info([t.image_id for t in stored if t.image_id]) if turns else {}
+        pictured = list(itertools.accumulate((t.image_id is not None for t in stored), operator.or_))
         shown = tuple(
             ThreadTurn(
                 t.id,
                 t.role,
-                clean_text(t.text or ""),
+                # an answer as it was shown (boxes taken out); the model is still sent the stored raw text
+                self._previews.grounded.shown(clean_text(t.text or ""), had_picture=seen)
+                if t.role == "assistant"
+                else clean_text(t.text or ""),
                 t.status,
                 t.image_id is not None,  # type: ignore[arg-type]
                 as_utc(t.created_at) if t.created_at else None,  # SQLite returns naive UTC times
                 info[t.image_id]["sha256"] if t.image_id in info else "",
             )
-            for t in stored
+            for t, seen in zip(stored, pictured, strict=True)
         )
         return ThreadView(
             ref=ref,

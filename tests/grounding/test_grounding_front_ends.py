@@ -31,11 +31,20 @@ def _picture() -> bytes:
     return buffer.getvalue()
 
 
-async def _service(tmp_path: Path) -> tuple[BotService, Database]:
+async def _service(tmp_path: Path, backend: ScriptedBackend | None = None) -> tuple[BotService, Database]:
     db = Database(sqlite_url(tmp_path / "front.db"))
     await db.create_all()
     settings = Settings.model_validate({"model": {"variant": "minigptv2"}, "grounding": {"long_side": 400}})
-    return BotService(settings, db, ScriptedBackend(ANSWER, piece=7)), db
+    return BotService(settings, db, backend or ScriptedBackend(ANSWER, piece=7)), db
+
+
+def _form(thread: str, text: str, event_id: str, picture: bytes | None = None) -> aiohttp.FormData:
+    form = aiohttp.FormData(default_to_multipart=True)
+    for name, value in (("thread", thread), ("text", text), ("event_id", event_id)):
+        form.add_field(name, value)
+    if picture is not None:
+        form.add_field("image", picture, filename="squares.png", content_type="image/png")
+    return form
 
 
 def test_grounding_web_final_event_carries_the_annotated_picture(tmp_path: Path) -> None:
@@ -94,3 +103,31 @@ def test_grounding_terminal_saves_the_annotated_picture_and_prints_its_path(tmp_
     assert saved.name.endswith("boxes.png") and str(saved) in output
     assert Image.open(saved).size == (400, 400)
     assert "**a green square**" in output and "{<" not in output.split("bot>")[-1].split("saved")[0]
+
+
+def test_grounding_web_history_shows_answers_as_shown_and_the_model_reads_them_raw(tmp_path: Path) -> None:
+    """Issue 24 follow-up: the stored answer stays raw (a follow-up sends the model its own boxes, as the
+    reference does), but the history a reloaded page shows is the cleaned text."""
+    backend = ScriptedBackend(ANSWER, piece=7)
+    backend.script = [ANSWER, "It is green."]
+
+    async def main() -> list[dict[str, Any]]:
+        service, db = await _service(tmp_path, backend)
+        client = TestClient(TestServer(create_app(service)))
+        await client.start_server()
+        try:
+            for form in (_form("t-boxes", "/detection squares", "e1", _picture()), _form("t-boxes", "and?", "e2")):
+                response = await client.post("/api/messages", data=form)
+                assert response.status == 200 and "event: final" in await response.text()
+            history = await (await client.get("/api/threads/t-boxes")).json()
+        finally:
+            await client.close()
+            await service.close()
+            await db.dispose()
+        return history["turns"]
+
+    turns = asyncio.run(main())
+    answers = [t["text"] for t in turns if t["role"] == "assistant"]
+    assert answers == ["**a green square**", "It is green."]
+    follow_up = backend.calls[1]["turns"]
+    assert [t["text"] for t in follow_up if t["role"] == "assistant"] == [ANSWER]  # the model reads its raw answer

@@ -11,7 +11,7 @@ import pytest
 
 from bot.core.config import PresetSettings
 from bot.core.errors import UserInputError
-from bot.core.grounding import Box, Phrase, identify_region, parse_grounding
+from bot.core.grounding import Box, Phrase, bold_spans, identify_region, parse_grounding, settled
 from bot.core.presets import Command, PresetBook, parse_message
 
 
@@ -155,3 +155,38 @@ def test_grounding_configured_prompt_of_a_task_name_wins() -> None:
     book = PresetBook(settings, "minigptv2")
     assert book.names.count("refer") == 1 and book.prompt("refer") == "Where is it?"
     assert book.question(Command(preset="refer"), True, "T", "C") == "Where is it?"
+
+
+def test_grounding_cleaning_changes_only_the_spaces_next_to_a_token() -> None:
+    """Code and prose away from the boxes keep their spacing (an indented line, "what ?"), so the text before
+    an answer's first token is the cleaned text's start: what a stream that cannot take text back relies on."""
+    answer = "what ?\n    indented  twice\nsee {<1><2><3><4>} here, <p>a cat</p> {<5><6><7><8>} . x{<1><1><2><2>}y"
+    assert parse_grounding(answer).text == "what ?\n    indented  twice\nsee here, **a cat**. xy"
+
+
+def test_grounding_bold_spans_outside_code() -> None:
+    text = "A **cat** and `**x**` and\n```\n**y**\n```\n**z w** ** no ** **"
+    assert bold_spans(text) == [
+        ("A ", False), ("cat", True), (" and `**x**` and\n```\n**y**\n```\n", False), ("z w", True),
+        (" ** no ** **", False),
+    ]  # fmt: skip
+    assert bold_spans("") == [] and bold_spans("plain") == [("plain", False)]
+
+
+@pytest.mark.parametrize(
+    "streamed, ready",
+    [
+        ("There is <p>a red", "There is"),
+        ("There is <", "There is"),  # may become <p>
+        ("There is </", "There is"),
+        ("It is here {<1", "It is here"),
+        ("It is here {", "It is here"),  # a box, or the start of one cut off
+        ("a <de", "a"),
+        ("a <b>bold</b> {x}  ", "a <b>bold</b> {x}"),  # no token: all but the spaces a token could take
+        ("", ""),
+    ],
+)
+def test_grounding_settled_is_what_cleaning_leaves_as_it_is(streamed: str, ready: str) -> None:
+    assert streamed[: settled(streamed)] == ready
+    for rest in ("", "<p>a cat</p> {<1><2><3><4>}.", " more <p>x</p>{<5><5><9><9>}"):
+        assert parse_grounding(streamed + rest).text.startswith(ready)

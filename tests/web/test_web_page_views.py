@@ -179,3 +179,50 @@ def test_phone_layout_history_reset_and_inert_page(bot: ScriptedBot, tmp_path: P
         assert shown[0] == "reset" and "Starting over" in shown[1], shown
 
     asyncio.run(asyncio.wait_for(with_chromium(tmp_path, drive), 120))
+
+
+# Issue 24: an answer with boxes — phrases with markup in them, one of them a would-be script.
+BOXES_ANSWER = (
+    'There is <p>a <b>red</b> square</p> {<25><25><75><75>} under <p><img src=x onerror="window.pwned=1"></p> '
+    "{<1><1><9><9>}."
+)
+
+
+def test_grounding_phrases_show_bold_and_their_markup_stays_text(bot: ScriptedBot, tmp_path: Path) -> None:
+    """The cleaned answer's ``**phrase**`` is a <strong> (built as a DOM node, its words a text node), live and
+    after a reload (history gives the answer as shown, issue 24 item 2); the raw box tokens that streamed are
+    replaced by the final text; ``<b>`` and ``<img onerror>`` in a phrase stay text and run nothing."""
+    base = f"http://127.0.0.1:{bot.port}"
+    picture = tmp_path / "squares.png"
+    picture.write_bytes(png_bytes((10, 10, 200), (80, 80)))
+    bot.backend.script = [BOXES_ANSWER]
+    bold = (
+        "(() => { const b = document.querySelector('.msg.bot[data-state=final] .body');"
+        " return b && {strong: Array.from(b.querySelectorAll('strong'), s => s.textContent),"
+        " elements: Array.from(b.querySelectorAll('strong *, b, img'), e => e.tagName), text: b.textContent,"
+        " pwned: window.pwned === undefined ? null : window.pwned}; })()"
+    )
+
+    async def drive(cdp: CDP, http: aiohttp.ClientSession, devtools: int) -> None:
+        for domain in ("Page", "Runtime"):
+            await cdp.send(f"{domain}.enable")
+        await cdp.send("Page.navigate", url=base + "/")
+        await cdp.wait_for("document.body && document.body.dataset.ready === '1'")
+        await attach(cdp, picture)
+        await cdp.type_into("#question", "where are the squares?")
+        await cdp.click("#send")
+        await cdp.wait_for(f"{FINALS} === 1")
+        await cdp.wait_for("document.querySelectorAll('.msg.bot img.preview').length === 1")  # boxes.png inline
+        for shown in (await cdp.eval(bold), None):
+            if shown is None:  # the same answer from the stored history
+                await cdp.send("Page.reload")
+                await cdp.wait_for("document.body && document.body.dataset.ready === '1'")
+                await cdp.wait_for(f"{FINALS} === 1")
+                shown = await cdp.eval(bold)
+            assert shown["strong"] == ["a <b>red</b> square", '<img src=x onerror="window.pwned=1">'], shown
+            assert shown["elements"] == [] and shown["pwned"] is None, shown
+            assert shown["text"] == 'There is a <b>red</b> square under <img src=x onerror="window.pwned=1">.'
+        await asyncio.sleep(0.5)  # an <img onerror> would have fired by now (not a speed assertion)
+        assert await cdp.eval("window.pwned === undefined")
+
+    asyncio.run(asyncio.wait_for(with_chromium(tmp_path, drive), 120))
