@@ -17,19 +17,21 @@ import aiohttp
 from slack_sdk.errors import SlackApiError, SlackClientError
 
 from adapters.streaming import INTERRUPTED, PLACEHOLDER, SUFFIX, ReplyFormat
+from bot.core.grounding import bold_spans
 from bot.core.requests import ReplyFile
 
 __all__ = [
     "INTERRUPTED",
-    "MISSING_FILES_WRITE",
     "PLACEHOLDER",
     "SUFFIX",
     "SlackThread",
     "escape_mrkdwn",
     "escaped_len",
+    "missing_files_write",
     "no_fence",
     "slack_format",
     "strip_mention",
+    "to_mrkdwn",
     "unescape_mrkdwn",
 ]
 
@@ -62,9 +64,16 @@ def strip_mention(text: str, bot_user_id: str | None) -> str:
     return re.sub(r"[ \t]{2,}", " ", unescape_mrkdwn(text)).strip()
 
 
+def to_mrkdwn(text: str) -> str:
+    """Plain model text → Slack mrkdwn: escaped (:func:`escape_mrkdwn`), and Markdown bold — the core's
+    ``**phrase**`` for an answer's boxed phrases — as Slack's ``*phrase*`` (code left as written).  Never
+    longer than :func:`escaped_len` says, so a chunk split to that cost still fits the message limit."""
+    return "".join(f"*{part}*" if bold else part for part, bold in bold_spans(escape_mrkdwn(text)))
+
+
 def slack_format(limit: int) -> ReplyFormat:
-    """Streamed replies in Slack: ``limit`` escaped characters a message, mrkdwn-escaped text."""
-    return ReplyFormat(limit=limit, cost=escaped_len, escape=escape_mrkdwn, warning=":warning: ")
+    """Streamed replies in Slack: ``limit`` escaped characters a message, text in mrkdwn (:func:`to_mrkdwn`)."""
+    return ReplyFormat(limit=limit, cost=escaped_len, escape=to_mrkdwn, warning=":warning: ")
 
 
 class SlackThread:
@@ -104,7 +113,7 @@ class SlackThread:
             error = exc.response.get("error")
             log.warning("files_upload_v2 failed in %s: %s", self.channel, error)
             if error == "missing_scope":
-                return MISSING_FILES_WRITE
+                return missing_files_write(files)
             return f"I couldn't attach {_names(files)} here (Slack said: {error})."
         except (SlackClientError, aiohttp.ClientError, TimeoutError) as exc:
             log.warning("files_upload_v2 failed in %s: %s", self.channel, type(exc).__name__)
@@ -122,10 +131,18 @@ class SlackThread:
         return None
 
 
-MISSING_FILES_WRITE = (
-    "I couldn't attach the preview and the page file: this Slack app lacks the files:write scope. "
-    "Ask a workspace admin to add it (OAuth & Permissions → Bot Token Scopes) and reinstall the app."
-)
+def missing_files_write(files: Sequence[ReplyFile]) -> str:
+    """The note for an app without ``files:write``, naming what could not be attached (the boxes on the
+    user's picture, a website preview and its page …) by each file's title and name."""
+    return (
+        f"I couldn't attach {_described(files)}: this Slack app lacks the files:write scope. "
+        "Ask a workspace admin to add it (OAuth & Permissions → Bot Token Scopes) and reinstall the app."
+    )
+
+
+def _described(files: Sequence[ReplyFile]) -> str:
+    named = [f"“{f.title}” ({f.filename})" if f.title else f.filename for f in files]
+    return named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1]
 
 
 def _names(files: Sequence[ReplyFile]) -> str:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from slack_helpers import CHANNEL, png_bytes, slack_env
 
-from adapters.slack.render import MISSING_FILES_WRITE, escape_mrkdwn
+from adapters.slack.render import escape_mrkdwn, missing_files_write
+from bot.core.requests import ReplyFile
 from tests.scripted_backend import ScriptedBackend
 
 PAGE = "<!doctype html><html><body><div style='width:90px;height:60px;background:#0a0'></div></body></html>"
@@ -40,7 +41,13 @@ def test_render_slack_without_files_write_says_so_in_the_thread(tmp_path: Path) 
             mention = fake.mention(CHANNEL, "website", files=[fake.add_file(png_bytes())])
             await fake.wait_ack(await fake.send_event(mention))
             root = mention["ts"]
-            note = escape_mrkdwn(MISSING_FILES_WRITE)
+            files = [
+                ReplyFile(
+                    "website.png", "image/png", b"", title="Preview (rendered without scripts or network access)"
+                ),
+                ReplyFile("website.html", "text/html", b"", title="The page as an HTML file"),
+            ]
+            note = escape_mrkdwn(missing_files_write(files))
             replies = await fake.wait_for(lambda: [m for m in fake.bot_replies(CHANNEL, root) if m.text == note])
             assert len(replies) == 1 and fake.shared_files(CHANNEL, root) == []
             texts = [m.text for m in fake.bot_replies(CHANNEL, root)]
@@ -63,7 +70,31 @@ def test_grounding_slack_uploads_the_annotated_picture_into_the_thread(tmp_path:
             assert shared["filename"] == "boxes.png" and shared["thread_ts"] == root
             assert shared["data"].startswith(b"\x89PNG")
             (reply,) = await fake.wait_for(lambda: [m for m in fake.bot_replies(CHANNEL, root) if "{<" not in m.text])
-            assert reply.text == escape_mrkdwn("**a sofa**")
+            assert reply.text == "*a sofa*"  # Slack's bold; the streamed raw tokens replaced by the final text
             assert env.backend.calls[-1]["turns"][-1]["text"] == "[detection] sofas"
+
+    asyncio.run(main())
+
+
+def test_grounding_slack_without_files_write_names_the_boxes_picture(tmp_path: Path) -> None:
+    """Issue 24: without files:write the note says the boxes picture could not be attached, not a preview."""
+    answer = "<p>a <b>sofa</b></p> {<10><20><60><80>}"
+
+    async def main() -> None:
+        async with slack_env(tmp_path, backend=ScriptedBackend(answer, piece=9), model={"variant": "minigptv2"}) as env:
+            fake = env.fake
+            fake.scopes.discard("files:write")
+            mention = fake.mention(CHANNEL, "/detection sofas", files=[fake.add_file(png_bytes())])
+            await fake.wait_ack(await fake.send_event(mention))
+            root = mention["ts"]
+            replies = await fake.wait_for(lambda: len(fake.bot_replies(CHANNEL, root)) == 2 and fake.bot_replies(
+                CHANNEL, root))  # fmt: skip
+            assert [m.text for m in replies] == [
+                "*a &lt;b&gt;sofa&lt;/b&gt;*",
+                "I couldn't attach “The boxes on your picture” (boxes.png): this Slack app lacks the files:write "
+                "scope. Ask a workspace admin to add it (OAuth &amp; Permissions → Bot Token Scopes) and reinstall "
+                "the app.",
+            ]
+            assert fake.shared_files(CHANNEL, root) == []
 
     asyncio.run(main())
