@@ -81,9 +81,17 @@ class VllmSettings(BackendSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_num_seqs: int = Field(16, ge=1, le=1024)
     max_model_len: int = Field(0, ge=0, description="0 = the model's own")
+    limit_mm_per_prompt: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="pictures one prompt (a whole thread) may hold; vLLM sizes its start-up "
+        "profiling and encoder cache for this many, so keep it small",
+    )
     kv_cache_gib: float = Field(2.0, gt=0)
     threads: int = Field(0, ge=0, description="CPU: threads of vLLM's worker; 0 = vLLM's choice (reserves one core)")
     enforce_eager: bool = False
+    prefix_caching: bool = Field(True, description="false = every turn re-prefills its whole thread (measurements)")
     max_wait_s: float = Field(30.0, gt=0, description="Busy when no first token comes within this time")
     start_timeout_s: float = Field(600.0, gt=0)
 
@@ -169,6 +177,10 @@ class VllmBackend:
                         options.max_length - options.max_new_tokens)  # fmt: skip
         if plan.cut:
             log.warning("vllm: context cut by %d tokens from the left (max_length)", plan.cut)
+        limit = int(self.facts.get("limit_mm_per_prompt") or self.vllm.limit_mm_per_prompt)
+        if len(plan.images) > limit:  # vLLM would refuse it; say why before sending the pictures
+            raise RequestTooLarge(f"the thread holds {len(plan.images)} pictures, the vLLM worker takes at most "
+                                  f"{limit} per prompt ([vllm] limit_mm_per_prompt)")  # fmt: skip
         return plan
 
     def _options(self, options: Mapping[str, Any]) -> Any:
@@ -356,7 +368,7 @@ def _worker_error(data: dict[str, Any]) -> Exception:
     kind, detail = data.get("error"), str(data.get("detail", ""))
     if kind == "image":
         return RequestRejected("image", detail, image_index=data.get("image_index"))
-    if kind == "too_large":
+    if kind in ("too_large", "too_many_images"):
         return RequestTooLarge(detail)
     if kind == "invalid":
         return RequestRejected("invalid", detail)
@@ -394,8 +406,9 @@ class WorkerProcess:
         cmd = [str(self.python), "-m", "model.vllm_plugin.worker", "--model", str(self.model_dir),
                "--port", str(self.port), "--dtype", _dtype(self.settings), "--max-num-seqs", str(v.max_num_seqs),
                "--max-model-len", str(v.max_model_len), "--kv-cache-gib", str(v.kv_cache_gib),
-               "--threads", str(v.threads)]  # fmt: skip
-        return cmd + (["--enforce-eager"] if v.enforce_eager else [])
+               "--threads", str(v.threads), "--limit-images", str(v.limit_mm_per_prompt)]  # fmt: skip
+        cmd += ["--enforce-eager"] if v.enforce_eager else []
+        return cmd + ([] if v.prefix_caching else ["--no-prefix-caching"])
 
     async def start(self) -> dict[str, Any]:
         """Start the worker and wait until its engine answers ``/health``; returns its facts."""
@@ -529,6 +542,10 @@ async def _create_vllm(settings: Settings, **_ignored: Any) -> GenerationBackend
             await worker.stop()
         raise VllmSetupError(f"cannot load the tokenizer of {model_dir} (set [vllm] model_dir): {exc}") from exc
     log.info("vllm: %s, %s, up to %d answers at once", url, facts.get("model"), facts.get("max_num_seqs", 0))
+    limit = int(facts.get("limit_mm_per_prompt") or v.limit_mm_per_prompt)
+    if limit < settings.images.max_per_message:
+        log.warning("vllm: the worker takes %d picture(s) per prompt, fewer than [images] max_per_message = %d: "
+                    "raise [vllm] limit_mm_per_prompt", limit, settings.images.max_per_message)  # fmt: skip
     return VllmBackend(settings, codec, _spec(settings), worker, url, facts)
 
 

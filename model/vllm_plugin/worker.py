@@ -17,8 +17,9 @@ Protocol (JSON in, NDJSON out):
 * ``POST /generate`` ``{"request_id", "prompt_token_ids", "images": [base64], "user", "options"}`` →
   one JSON line per engine step ``{"token_ids": [...]}``; the last line also carries
   ``finish_reason`` (``stop`` | ``length`` | ``abort``), ``prompt_tokens`` and ``num_cached_tokens``.
-  An error is one line ``{"error": kind, "detail": ...}`` (``invalid``, ``too_large``, ``busy``,
-  ``failed``).  The client closing the connection aborts the vLLM request (its slot frees).
+  An error is one line ``{"error": kind, "detail": ...}`` (``invalid``, ``too_large``,
+  ``too_many_images`` (more than ``--limit-images``), ``busy``, ``failed``).  The client closing the
+  connection aborts the vLLM request (its slot frees).
 * ``GET /health``: 200 with model facts once the engine runs, 503 when it died.
 * ``GET /stats``: running / waiting (vLLM's scheduler), unfinished (requests this worker still
   streams), prefix-cache queries and hits (tokens), the last request's cached tokens.
@@ -105,6 +106,8 @@ class Worker:
             "num_image_tokens": getattr(hf, "num_image_tokens", None),
             "architectures": list(getattr(hf, "architectures", None) or []),
             "max_num_seqs": args.max_num_seqs,
+            "limit_mm_per_prompt": args.limit_images,
+            "block_size": engine.vllm_config.cache_config.block_size,
             "pid": os.getpid(),
         }
 
@@ -159,6 +162,7 @@ class Worker:
 
     async def generate(self, request: Any) -> Any:
         from aiohttp import web
+        from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
         from model.vllm_plugin.worker_sampling import sampling_params
@@ -186,9 +190,8 @@ class Worker:
             asyncio.get_running_loop().call_later(0.5, os._exit, 1)  # a supervisor (the bot) restarts it
         except (ConnectionResetError, asyncio.CancelledError):
             raise  # the client left: AsyncLLM.generate aborted the request as its generator closed
-        except ValueError as exc:  # vLLM's validation: a prompt longer than max_model_len, bad options
-            kind = "too_large" if "longer than the maximum model length" in str(exc) else "invalid"
-            await _error_line(response, kind, str(exc))
+        except (ValueError, VLLMClientError) as exc:  # vLLM's validation: longer than max_model_len, bad options
+            await _error_line(response, _value_error_kind(str(exc)), str(exc))
         except Exception as exc:
             log.exception("request %s failed", body.get("request_id"))
             await _error_line(response, "failed", repr(exc))
@@ -197,6 +200,15 @@ class Worker:
             if self.users[user] <= 0:
                 del self.users[user]
         return response
+
+
+def _value_error_kind(message: str) -> str:
+    """vLLM's ``ValueError`` for one request, as the protocol's error kind."""
+    if "maximum model length" in message or "maximum context length" in message:  # vLLM words it both ways
+        return "too_large"
+    if "may be provided in one prompt" in message:  # more pictures than --limit-images
+        return "too_many_images"
+    return "invalid"
 
 
 class _Rejected(Exception):
@@ -222,8 +234,9 @@ def build_engine(args: argparse.Namespace) -> Any:
         max_num_seqs=args.max_num_seqs,
         kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30),
         max_model_len=args.max_model_len or None,
+        limit_mm_per_prompt={"image": args.limit_images},
+        enable_prefix_caching=args.prefix_caching,
         scheduling_policy="priority",
-        enable_prefix_caching=True,
         logits_processors=[QUALNAME],
         enforce_eager=args.enforce_eager,
         seed=0,
@@ -263,6 +276,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kv-cache-gib", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=0, help="CPU: threads for vLLM's worker (0 = vLLM's choice)")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--limit-images", type=int, default=4,
+                        help="pictures per prompt; vLLM profiles its start-up for this many")  # fmt: skip
+    parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                        help="every request re-prefills its whole prompt (measurements only)")  # fmt: skip
     return parser.parse_args(argv)
 
 
