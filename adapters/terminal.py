@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rich.console import Console
+from rich.text import Text
 
 from bot.core.api import Core, FrontEndContext, FrontEndPlugin, FrontEndSettings
+from bot.core.grounding import bold_spans
 from bot.core.requests import Delta, Final, ImageAttachment, ReplyEvent, ReplyFile, Request
 
 __all__ = ["FRONT_END", "TerminalChat", "TerminalFrontEnd", "TerminalSettings"]
@@ -122,6 +124,15 @@ def _rewritten(shown: str, final: str) -> str:
     if final == shown:
         return ""
     return final[len(shown) :].strip() if final.startswith(shown) else "bot> " + final
+
+
+def _styled(text: str) -> Text:
+    """An answer for the console: ``**phrase**`` (the phrases of an answer with boxes) in bold on a terminal,
+    plain words without the asterisks on a pipe or file (rich drops the style there); never rich markup."""
+    styled = Text()
+    for part, bold in bold_spans(text):
+        styled.append(part, style="bold" if bold else None)
+    return styled
 
 
 class TerminalChat:
@@ -301,9 +312,9 @@ class TerminalChat:
             if streamed:
                 self._end_answer_line()
                 if event.kind == "answer" and (added := _rewritten(shown, event.text)):
-                    self.console.print(added, markup=False, highlight=False)
+                    self.console.print(_styled(added), highlight=False)
             elif event.kind == "answer":
-                self.console.print("bot> " + event.text, markup=False, highlight=False)
+                self.console.print(_styled("bot> " + event.text), highlight=False)
             else:
                 style = "red" if event.kind == "error" else "yellow"
                 self.console.print(event.text, style=style, markup=False, highlight=False)

@@ -75,7 +75,8 @@ def test_grounding_web_final_event_carries_the_annotated_picture(tmp_path: Path)
     assert image.getpixel((100, 200)) == (255, 0, 0) and image.getpixel((200, 200)) == (10, 10, 200)
 
 
-def test_grounding_terminal_saves_the_annotated_picture_and_prints_its_path(tmp_path: Path) -> None:
+def _terminal(tmp_path: Path, console: Console) -> str:
+    """The terminal chat asking ``/detection squares`` with a picture; what it printed."""
     picture = tmp_path / "squares.png"
     picture.write_bytes(_picture())
     lines = iter([f"/image {picture} /detection squares"])
@@ -86,23 +87,34 @@ def test_grounding_terminal_saves_the_annotated_picture_and_prints_its_path(tmp_
         except StopIteration:
             raise EOFError from None
 
-    async def main() -> str:
+    async def main() -> None:
         service, db = await _service(tmp_path)
-        buffer = io.StringIO()
-        chat = TerminalChat(service.handle, Console(file=buffer, width=300), read_line, user="tester",
-                            files_dir=tmp_path / "files")  # fmt: skip
+        chat = TerminalChat(service.handle, console, read_line, user="tester", files_dir=tmp_path / "files")
         try:
             await chat.run()
         finally:
             await service.close()
             await db.dispose()
-        return buffer.getvalue()
 
-    output = asyncio.run(main())
+    asyncio.run(main())
+    assert isinstance(console.file, io.StringIO)
+    return console.file.getvalue()
+
+
+def test_grounding_terminal_saves_the_annotated_picture_and_prints_its_path(tmp_path: Path) -> None:
+    """On a pipe (or file) the phrase is plain words: no asterisks, no escape codes (issue 24 follow-up)."""
+    output = _terminal(tmp_path, Console(file=io.StringIO(), width=300))
     (saved,) = [p for p in (tmp_path / "files").rglob("*") if p.is_file()]
     assert saved.name.endswith("boxes.png") and str(saved) in output
     assert Image.open(saved).size == (400, 400)
-    assert "**a green square**" in output and "{<" not in output.split("bot>")[-1].split("saved")[0]
+    final = output.split("bot>")[-1].split("saved")[0]  # the cleaned text printed after the streamed raw one
+    assert final.strip() == "a green square" and "\x1b" not in output
+
+
+def test_grounding_terminal_shows_the_phrase_bold_on_a_terminal(tmp_path: Path) -> None:
+    output = _terminal(tmp_path, Console(file=io.StringIO(), width=300, force_terminal=True, color_system="standard"))
+    final = output.split("bot>")[-1]
+    assert "\x1b[1ma green square\x1b[0m" in final and "**" not in final and "{<" not in final
 
 
 def test_grounding_web_history_shows_answers_as_shown_and_the_model_reads_them_raw(tmp_path: Path) -> None:
