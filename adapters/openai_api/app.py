@@ -29,6 +29,7 @@ from aiohttp import web
 from adapters.openai_api.chat import BadRequest, ChatCall, Message, parse_body, place
 from adapters.openai_api.images import AddressPolicy, RemoteImages, decode_data_url, is_public_address
 from bot.core.api import ApiKeyOwner, Core
+from bot.core.grounding import settled
 from bot.core.requests import Delta, Final, HistoryTurn, ImageAttachment, ReplyEvent, Request
 
 __all__ = ["PLATFORM", "create_app"]
@@ -305,11 +306,13 @@ async def _stream(
     await response.prepare(request)
     try:
         await send(chunk({"role": "assistant", "content": ""}))
-        shown = ""
+        shown = streamed = ""
         while True:
-            if isinstance(event, Delta):
-                shown += event.text
-                await send(chunk({"content": event.text}))
+            if isinstance(event, Delta):  # held from a box's first token on: the final text is the cleaned one
+                streamed += event.text
+                if len(ready := streamed[: settled(streamed)]) > len(shown):
+                    await send(chunk({"content": ready[len(shown) :]}))
+                    shown = ready
             elif "reason" in event.meta:
                 _status, kind, code = STATUS.get(event.meta["reason"], STATUS["unavailable"])
                 await send(error_body(event.text, kind, code=code))

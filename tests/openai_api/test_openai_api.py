@@ -327,3 +327,35 @@ def test_the_conversation_store_is_platform_openai(tmp_path: Path) -> None:
             assert (await api.db.live_conversation(key)).id == conversation.id
 
     run(main())
+
+
+def test_grounding_boxes_come_back_cleaned_streamed_or_not_and_the_follow_up_continues(tmp_path: Path) -> None:
+    """Issue 24: an answer with boxes reaches an API client cleaned (phrases in **bold**, no ``{<..>}`` tokens;
+    chat completions has no image output, so boxes.png is not sent) — streamed too, where nothing sent can be
+    taken back: the stream holds the text from the first token until the final text.  The client's copy
+    matches the stored thread (history gives answers as shown), so a follow-up continues it and the model
+    reads its raw boxes back."""
+    boxes = "There is <p>a red square</p> {<10><20><40><60>} on <p>the floor</p> {<0><50><100><100>}."
+    cleaned = "There is **a red square** on **the floor**."
+
+    async def main() -> None:
+        backend = ScriptedBackend(boxes, piece=5)
+        backend.script = [boxes, boxes, "It is red."]
+        async with running_api(tmp_path, backend) as api:
+            chat = api.client().chat.completions
+            opening = user("Where are they?", data_url(png()))
+            whole = await chat.create(model="minigpt4", messages=[opening])
+            assert whole.choices[0].message.content == cleaned
+
+            stream = await chat.create(model="minigpt4", messages=[user("where?", data_url(png()))], stream=True)
+            pieces = [c.choices[0].delta.content async for c in stream if c.choices and c.choices[0].delta.content]
+            assert pieces == ["There", " is", " **a red square** on **the floor**."]  # streamed up to the first token
+
+            follow = await chat.create(model="minigpt4", messages=[opening, assistant(cleaned), user("Colour?")])
+            assert follow.choices[0].message.content == "It is red."
+            assert backend.calls[2]["conversation_id"] == backend.calls[0]["conversation_id"]
+            assert [(t["role"], t["text"]) for t in backend.calls[2]["turns"]][1:] == [
+                ("assistant", boxes), ("user", "Colour?")
+            ]  # fmt: skip
+
+    run(main())
