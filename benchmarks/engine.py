@@ -1,17 +1,21 @@
-"""Engine vs the reference's serving loop: throughput, time to first token, memory.
+"""The reference's serving loop vs the local engine vs the vLLM backend: throughput, time to first token, memory.
 
 Baseline = what the reference demo does: one request at a time (Gradio queue of 1), the
 whole history re-rendered and re-prefilled every turn, ``LlamaForCausalLM.generate
 (inputs_embeds=…)`` with the image encoded once per thread.  The engine runs the same
-threads concurrently with continuous batching and image / KV-prefix reuse.  Both use the
-same random weights and greedy decoding with a fixed answer length.
+threads concurrently with continuous batching and image / KV-prefix reuse.  ``vllm`` is the
+bot's vLLM backend (``[engine] backend = "vllm"``: a worker in ``.venv-vllm`` serving the same
+random weights exported as a vLLM model folder, driven through ``VllmBackend.stream``).  All
+use the same random weights and greedy decoding with a fixed answer length.
 
-    python benchmarks/engine.py --small                   # CPU, small shapes (a few minutes)
+    python benchmarks/engine.py --small                   # CPU, small shapes (~15 minutes on 2 cores)
     python benchmarks/engine.py --shape 7b --device cuda  # GPU, real Vicuna-7B shapes, fp16
 
-Each (system, threads) cell runs in its own process so peak memory is its own.  A second
-table compares a follow-up's TTFT with prefix reuse against a full re-prefill at a
-~1,000-token history.
+Each (system, threads) cell runs in its own process (and, for vllm, its own worker) so peak
+memory is its own.  A second table compares a follow-up's TTFT with prefix reuse against a
+full re-prefill at a ~1,000-token history, for the engine and for vLLM (prefix caching on vs
+off).  On a GPU a last column gives each cell's decode throughput as a fraction of the
+memory-bandwidth bound (every generated token of a batch reads all LLM weights once).
 """
 
 from __future__ import annotations
@@ -185,11 +189,41 @@ async def run_follow_up(model, history_tokens: int, max_new: int) -> dict:
 # ----------------------------------------------------------------------------- orchestration
 
 
+async def run_vllm_cell(args: argparse.Namespace) -> dict:
+    """One vllm cell: a fresh worker (two for the follow-up: prefix caching on, then off)."""
+    import tempfile
+
+    import _vllm
+
+    with tempfile.TemporaryDirectory(prefix="bench-vllm-") as data:
+        if args.system == "vllm":
+            backend = await _vllm.start(Path(args.vllm_model), Path(data), args.device, args.threads)
+            try:
+                result = await _vllm.run(backend, args.threads, args.max_new)
+                result["peak_mb"] = _vllm.peak_mb(backend, args.device)
+            finally:
+                await backend.close()
+            return result
+        result = {}
+        for caching in (False, True):
+            backend = await _vllm.start(Path(args.vllm_model), Path(data), args.device, 1, prefix_caching=caching)
+            try:
+                follow = await _vllm.follow_up(backend, args.history, args.max_new)
+            finally:
+                await backend.close()
+            result["reuse" if caching else "full"] = follow["ttft"]
+            result["context"], result[f"reused_{caching}"] = follow["context"], follow["reused"]
+        return result
+
+
 def worker(args: argparse.Namespace) -> None:
     import torch
 
     from model.generate import default_options
 
+    if args.system.startswith("vllm"):
+        print("RESULT " + json.dumps(asyncio.run(run_vllm_cell(args))))
+        return
     torch.manual_seed(0)
     model = _load(args)
     warm = default_options(model, do_sample=False, max_new_tokens=2, stop_strings=())
@@ -214,7 +248,8 @@ async def _warmup(model, opts) -> None:
 
 def _cell(args: argparse.Namespace, system: str, threads: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", system, "--threads", str(threads), "--shape", args.shape,
-           "--device", args.device, "--max-new", str(args.max_new), "--history", str(args.history)]  # fmt: skip
+           "--device", args.device, "--max-new", str(args.max_new), "--history", str(args.history),
+           "--vllm-model", args.vllm_model]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     for line in out.stdout.splitlines():
@@ -223,45 +258,113 @@ def _cell(args: argparse.Namespace, system: str, threads: int) -> dict:
     raise RuntimeError(f"{system} x{threads} failed:\n{out.stderr[-3000:]}")
 
 
+# Peak memory bandwidth (GB/s) of GPUs by name, for the bound; --bandwidth-gbs overrides.
+BANDWIDTH_GBS = {"H200": 4800, "H100 SXM": 3350, "H100 80GB HBM3": 3350, "H100 PCIe": 2000,
+                 "H100 NVL": 3900, "A100-SXM4-80GB": 2039, "A100 80GB PCIe": 1935, "A100-SXM4-40GB": 1555,
+                 "L40S": 864, "A10": 600}  # fmt: skip
+
+
+def _bandwidth(args: argparse.Namespace) -> tuple[float, str]:
+    """(GB/s, the GPU's name) for the bandwidth bound; (0, "") on a CPU or an unknown GPU without the flag."""
+    if not args.device.startswith("cuda"):
+        return 0.0, ""
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                         text=True, check=False).stdout.splitlines()  # fmt: skip
+    name = out[0].strip() if out else "?"
+    if args.bandwidth_gbs:
+        return args.bandwidth_gbs, name
+    known = next((gbs for key, gbs in BANDWIDTH_GBS.items() if key in name), 0.0)
+    return float(known), name
+
+
+def _llm_bytes(shape: str) -> float:
+    """The LLM's fp16 weight bytes (what one decode step of a batch reads from memory)."""
+    from _models import SHAPES
+
+    llm = SHAPES[shape]["llm"]
+    h, i, n, vocab = llm["hidden_size"], llm["intermediate_size"], llm["num_hidden_layers"], 32000
+    return 2.0 * (n * (4 * h * h + 3 * h * i + 2 * h) + 2 * vocab * h + h)
+
+
+def _vllm_ready() -> bool:
+    return (ROOT / ".venv-vllm" / "bin" / "python").is_file()
+
+
+def _export(args: argparse.Namespace) -> None:
+    """The random weights as one vLLM model folder, once per run (the cells share it)."""
+    import tempfile
+
+    import _vllm
+
+    if not args.vllm_model:
+        args.vllm_model = tempfile.mkdtemp(prefix="bench-vllm-model-")
+    dtype = "float16" if args.device.startswith("cuda") else "float32"
+    _vllm.export_random(args.shape, Path(args.vllm_model) / args.shape, dtype)
+    args.vllm_model = str(Path(args.vllm_model) / args.shape)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="CPU, small shapes (same as --shape small --device cpu)")
     parser.add_argument("--shape", default="small", choices=["small", "7b"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, nargs="*", default=[1, 4, 16, 64])
+    parser.add_argument("--threads", type=int, nargs="*", default=None, help="default 1 4 16 64 (GPU: 1 4 16 32 64)")
+    parser.add_argument("--systems", nargs="*", default=["baseline", "engine", "vllm"],
+                        choices=["baseline", "engine", "vllm"])  # fmt: skip
     parser.add_argument("--max-new", type=int, default=32)
     parser.add_argument("--history", type=int, default=1000)
-    parser.add_argument("--worker", choices=["baseline", "engine", "followup"], help=argparse.SUPPRESS)
+    parser.add_argument("--vllm-model", default="", help="folder for the exported random weights (default: a temp dir)")
+    parser.add_argument("--bandwidth-gbs", type=float, default=0.0, help="GPU memory bandwidth for the bound")
+    parser.add_argument("--worker", choices=["baseline", "engine", "followup", "vllm", "vllm-followup"],
+                        help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
     if args.small:
         args.shape, args.device = "small", "cpu"
+    if args.threads is None:
+        args.threads = [1, 4, 16, 32, 64] if args.device.startswith("cuda") else [1, 4, 16, 64]
     if args.worker:
         args.system = args.worker
         args.threads = args.threads[0]
         worker(args)
         return
+    systems = list(args.systems)
+    if "vllm" in systems and not _vllm_ready():
+        print("# vllm skipped: no .venv-vllm (./scripts/setup.sh --vllm)")
+        systems.remove("vllm")
+    if "vllm" in systems:
+        _export(args)
+    gbs, gpu = _bandwidth(args)
+    bound = gbs * 1e9 / _llm_bytes(args.shape) if gbs else 0.0  # tokens/s of ONE stream if decode only read weights
 
-    print(f"# engine benchmark: shape={args.shape} device={args.device} answer={args.max_new} tokens, 3 turns/thread")
+    print(f"# engine benchmark: shape={args.shape} device={args.device}{' (' + gpu + ')' if gpu else ''} "
+          f"answer={args.max_new} tokens, 3 turns/thread")  # fmt: skip
     print()
     header = "| threads | system | gen tok/s | speed-up | TTFT first p50 / p95 (s) | TTFT follow-up p50 / p95 (s) |"
-    print(header + " peak MB |")
-    print("|---:|---|---:|---:|---|---|---:|")
+    print(header + " peak MB |" + (" of bandwidth bound |" if bound else ""))
+    print("|---:|---|---:|---:|---|---|---:|" + ("---:|" if bound else ""))
     for threads in args.threads:
-        base = _cell(args, "baseline", threads)
-        eng = _cell(args, "engine", threads)
-        base_tps = base["tokens"] / base["elapsed"]
-        for name, r in (("baseline", base), ("engine", eng)):
+        cells = {name: _cell(args, name, threads) for name in systems}
+        base_tps = next(iter(cells.values()))["tokens"] / next(iter(cells.values()))["elapsed"]
+        for name, r in cells.items():
             tps = r["tokens"] / r["elapsed"]
+            frac = f" {tps / (bound * threads):.0%} |" if bound else ""
             print(f"| {threads} | {name} | {tps:.1f} | {tps / base_tps:.2f}x | "
                   f"{_pct(r['first'], .5):.3f} / {_pct(r['first'], .95):.3f} | "
-                  f"{_pct(r['follow'], .5):.3f} / {_pct(r['follow'], .95):.3f} | {r['peak_mb']:.0f} |")  # fmt: skip
+                  f"{_pct(r['follow'], .5):.3f} / {_pct(r['follow'], .95):.3f} | "
+                  f"{r['peak_mb']:.0f} |{frac}")  # fmt: skip
         sys.stdout.flush()
-    follow = _cell(args, "followup", 1)
     print()
-    print("| follow-up at history | full re-prefill TTFT (s) | with prefix reuse (s) | ratio | tokens reused |")
-    print("|---:|---:|---:|---:|---:|")
-    print(f"| {follow['context']} tokens | {follow['full']:.4f} | {follow['reuse']:.4f} | "
-          f"{follow['reuse'] / follow['full']:.2f} | {follow['reused_True']} |")  # fmt: skip
+    print(
+        "| system | follow-up at history | full re-prefill TTFT (s) | with prefix reuse (s) | ratio | tokens reused |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, system in (("engine", "followup"), ("vllm", "vllm-followup")):
+        if name not in systems:
+            continue
+        follow = _cell(args, system, 1)
+        print(f"| {name} | {follow['context']} tokens | {follow['full']:.4f} | {follow['reuse']:.4f} | "
+              f"{follow['reuse'] / follow['full']:.2f} | {follow['reused_True']} |")  # fmt: skip
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":
