@@ -84,6 +84,7 @@ def settings(model_dir: Path, data_dir: Path, device: str, threads: int, prefix_
         "max_wait_s": 3600,
         "limit_mm_per_prompt": 1,
         "prefix_caching": prefix_caching,
+        "block_size": int(os.environ.get("BENCH_VLLM_BLOCK", "0")),  # 0 = vLLM's (CPU 128, CUDA 16)
         "start_timeout_s": 1800,
     }
     return Settings.model_validate({"data_dir": str(data_dir), "engine": {"backend": "vllm"}, "vllm": vllm})

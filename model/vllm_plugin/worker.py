@@ -236,6 +236,7 @@ def build_engine(args: argparse.Namespace) -> Any:
         max_model_len=args.max_model_len or None,
         limit_mm_per_prompt={"image": args.limit_images},
         enable_prefix_caching=args.prefix_caching,
+        block_size=args.block_size or None,
         scheduling_policy="priority",
         logits_processors=[QUALNAME],
         enforce_eager=args.enforce_eager,
@@ -278,6 +279,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--limit-images", type=int, default=4,
                         help="pictures per prompt; vLLM profiles its start-up for this many")  # fmt: skip
+    parser.add_argument("--block-size", type=int, default=0, help="KV-cache block in tokens (0 = vLLM's default)")
     parser.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                         help="every request re-prefills its whole prompt (measurements only)")  # fmt: skip
     return parser.parse_args(argv)

@@ -79,6 +79,8 @@ def start_pair(variant: str, folder: Path) -> Iterator[dict[str, Any]]:
     common = {"data_dir": str(folder / "data"), "model": model, "generation": GREEDY}
     vllm = {"dtype": "float32", "threads": 2, "kv_cache_gib": 0.5, "max_num_seqs": 8, "max_model_len": 2048,
             "enforce_eager": True, "max_wait_s": 120, "limit_mm_per_prompt": LIMIT}  # fmt: skip
+    if variant == "llama2":
+        vllm["block_size"] = 32  # [vllm] block_size reaches the worker: smaller blocks, more of a follow-up reused
     loop = Loop()
     local = loop.run(LOCAL.start(Settings.model_validate(common)))
     settings = Settings.model_validate({**common, "engine": {"backend": "vllm"}, "vllm": vllm})
@@ -183,6 +185,7 @@ def test_two_turn_thread_with_a_second_picture_equals_the_local_engine_and_hits_
     same_answer(local, vllm)
 
     block = int(backend.facts["block_size"])
+    assert block == each["vllm_table"].get("block_size", block)
     cached_before = [*expanded(backend, first, [picture(0)]), *one.token_ids][:-1]  # the last id was never fed
     follow = expanded(backend, turns, [picture(0), picture(1)])
     common = next((i for i, (a, b) in enumerate(zip(cached_before, follow, strict=False)) if a != b),
