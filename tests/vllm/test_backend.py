@@ -70,14 +70,14 @@ class Loop:
         self.loop.call_soon_threadsafe(self.loop.stop)
 
 
-def start_pair(variant: str, folder: Path) -> Iterator[dict[str, Any]]:
+def start_pair(variant: str, folder: Path, device: str = "cpu", dtype: str = "float32") -> Iterator[dict[str, Any]]:
     """Demo weights of ``variant`` → the local engine, and the vLLM backend that exports them and starts a worker."""
     from model.demo_weights import write_demo_weights
 
     weights = write_demo_weights(folder / "w", variant)
-    model = {k: v for k, v in weights.loader_kwargs().items() if v} | {"device": "cpu", "dtype": "float32"}
+    model = {k: v for k, v in weights.loader_kwargs().items() if v} | {"device": device, "dtype": dtype}
     common = {"data_dir": str(folder / "data"), "model": model, "generation": GREEDY}
-    vllm = {"dtype": "float32", "threads": 2, "kv_cache_gib": 0.5, "max_num_seqs": 8, "max_model_len": 2048,
+    vllm = {"dtype": dtype, "threads": 2, "kv_cache_gib": 0.5, "max_num_seqs": 8, "max_model_len": 2048,
             "enforce_eager": True, "max_wait_s": 120, "limit_mm_per_prompt": LIMIT}  # fmt: skip
     if variant == "llama2":
         vllm["block_size"] = 32  # [vllm] block_size reaches the worker: smaller blocks, more of a follow-up reused
@@ -344,3 +344,28 @@ def test_the_benchmarks_vllm_system_runs_through_this_backend(env: dict[str, Any
     follow = loop.run(_vllm.follow_up(backend, 400, 4, trials=2))
     assert follow["reused"] >= int(backend.facts["block_size"]) and follow["context"] > follow["reused"]
     assert _vllm.peak_mb(backend, "cpu") > 100  # this process plus the worker's processes
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU (and the CUDA vLLM wheel in .venv-vllm)")
+def test_on_cuda_in_float16_a_picture_and_a_follow_up_match_the_local_engine(tmp_path: Path) -> None:
+    """The same on a GPU in fp16: the local engine and vLLM (its CUDA kernels) expand the picture alike and agree on
+    the answer's first tokens (fp16 kernels may part later: the first differing token is named), and the
+    follow-up reuses the cached blocks."""
+    for pair in start_pair("vicuna0", tmp_path, device="cuda", dtype="float16"):
+        loop, backend = pair["loop"], pair["vllm"]
+        local, vllm = one_picture(pair, "gpu")
+        a, b = final(local), final(vllm)
+        assert b.prompt_tokens == a.prompt_tokens
+        agree = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids, strict=False)) if x != y), None)
+        assert agree is None or agree >= 4, f"fp16 ids diverge at generated token {agree}"
+        first: list[ChatTurn] = [{"role": "user", "text": FIRST, "image": True}]
+        turns: list[ChatTurn] = [*first, {"role": "assistant", "text": b.text}, {"role": "user", "text": SECOND}]
+        follow = final(loop.run(drain(backend, turns, [picture(0)], "gpu")))
+        assert follow.reused_prefix_tokens >= int(backend.facts["block_size"])
