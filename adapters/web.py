@@ -46,6 +46,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.multipart import BadContentDispositionHeader, BadContentDispositionParam
 from pydantic import Field, field_validator
 
+from adapters.http_front_end import ServerFrontEnd
 from bot.core.api import Core, FrontEndContext, FrontEndPlugin, FrontEndSettings, ThreadView
 from bot.core.images import format_size
 from bot.core.requests import Final, ImageAttachment, ReplyFile, Request, ThreadRef, normalize_user
@@ -636,7 +637,7 @@ async def _metrics(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------------- the front end
 
 
-class WebFrontEnd:
+class WebFrontEnd(ServerFrontEnd):
     """The web chat as a :class:`~bot.core.api.FrontEnd`: ``start`` listens, ``stop`` closes (answers in
     flight are interrupted and stored as such)."""
 
@@ -652,14 +653,6 @@ class WebFrontEnd:
             self.core, settings.host, settings.port, allowed_hosts=settings.allowed_hosts,
             user_header=settings.user_header,
         )  # fmt: skip
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def problem(self) -> str | None:
-        return None if self._runner is not None and self._runner.sites else "not listening"
 
 
 def _create(core: Core, settings: WebSettings, _context: FrontEndContext) -> WebFrontEnd:

@@ -18,6 +18,7 @@ import logging
 from aiohttp import web
 from pydantic import Field
 
+from adapters.http_front_end import ServerFrontEnd
 from adapters.openai_api.app import PLATFORM, create_app
 from bot.core.api import Core, FrontEndContext, FrontEndPlugin, FrontEndSettings, FrontEndSetupError
 
@@ -39,7 +40,7 @@ class OpenAISettings(FrontEndSettings):
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="the largest request body (pictures in it)")
 
 
-class OpenAIFrontEnd:
+class OpenAIFrontEnd(ServerFrontEnd):
     """The API as a :class:`~bot.core.api.FrontEnd`: ``start`` listens, ``stop`` closes (answers in flight are
     interrupted and stored as such)."""
 
@@ -70,14 +71,6 @@ class OpenAIFrontEnd:
             ) from exc
         self._runner = runner
         log.info("OpenAI-compatible API on http://%s:%s/v1", self.settings.host, self.port)
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def problem(self) -> str | None:
-        return None if self._runner is not None and self._runner.sites else "not listening"
 
 
 def _create(core: Core, settings: OpenAISettings, _context: FrontEndContext) -> OpenAIFrontEnd:
