@@ -73,6 +73,13 @@ _LAST_USED_EVERY_S = 60
 """``last_used_at`` is written at most once a minute per key: a busy key costs no UPDATE per request."""
 
 
+def split_api_key(key: str) -> tuple[str, str] | None:
+    """(public id, secret) of a well-formed key, else ``None``.  Split by the format, not at the last ``-``:
+    the URL-safe secret may itself hold ``-``."""
+    match = _API_KEY_RE.match(key)
+    return (match.group(1), match.group(2)) if match else None
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """Whether ``exc`` says the database cannot be reached right now (down, restarting, the connection
     dropped, a lock timeout) — worth retrying later — rather than that the statement itself is wrong.
@@ -666,9 +673,9 @@ class Database:
         """The live key ``key`` names on ``platform``, or ``None`` (malformed, unknown, revoked, another
         platform's).  The hashes are compared in constant time (a hash is computed and compared even when the
         id is unknown); ``last_used_at`` is recorded (at most once a minute)."""
-        match = _API_KEY_RE.match(key)
+        parts = split_api_key(key)
         async with self.sessions() as session:
-            row = await session.scalar(select(ApiKey).where(ApiKey.key_id == match.group(1))) if match else None
+            row = await session.scalar(select(ApiKey).where(ApiKey.key_id == parts[0])) if parts else None
         expected = row.secret_hash if row is not None else "0" * 64
         if not hmac.compare_digest(_key_hash(key), expected) or row is None:
             return None

@@ -19,13 +19,19 @@ from typer.testing import CliRunner
 import bot.cli.common
 from bot.cli.main import app
 from storage import Database
-from storage.db import API_KEY_PREFIX
+from storage.db import API_KEY_PREFIX, split_api_key
 from storage.tables import ApiKey
 from tests.pg import create_database
 
 runner = CliRunner()
 _numbers = itertools.count()
 KEY_RE = re.compile(rf"{re.escape(API_KEY_PREFIX)}[0-9a-f]{{12}}-[A-Za-z0-9_-]{{43}}")
+
+
+def _secret(key: str) -> str:
+    parts = split_api_key(key)
+    assert parts is not None, key
+    return parts[1]
 
 
 def test_keys_are_stored_as_hashes_and_verified(run_db: Any) -> None:
@@ -35,7 +41,8 @@ def test_keys_are_stored_as_hashes_and_verified(run_db: Any) -> None:
         async with db.sessions() as session:
             stored = (await session.scalars(select(ApiKey))).one()
         assert stored.secret_hash == hashlib.sha256(key.encode()).hexdigest()
-        assert key not in repr(stored.__dict__) and key.rsplit("-", 1)[1] not in repr(stored.__dict__)
+        secret = _secret(key)
+        assert key not in repr(stored.__dict__) and secret not in repr(stored.__dict__)
         assert stored.last_used_at is None
 
         found = await db.verify_api_key("openai", key)
@@ -99,7 +106,7 @@ def test_admin_keys_create_list_revoke(config: tuple[Path, str], caplog: pytest.
     text = listed.output
     assert "Alice" in text and "acme" in text and "bob" in text and "active" in text and "Open WebUI" in text
     for k in (key, key2):
-        assert k not in text and k.rsplit("-", 1)[1][:8] not in text
+        assert k not in text and _secret(k)[:8] not in text
 
     async def verify(k: str) -> Any:
         db = Database(url)
@@ -123,4 +130,10 @@ def test_admin_keys_create_list_revoke(config: tuple[Path, str], caplog: pytest.
 
     logged = "\n".join(r.getMessage() for r in caplog.records)
     for k in (key, key2):
-        assert k not in logged and k.rsplit("-", 1)[1] not in logged
+        assert k not in logged and _secret(k) not in logged
+
+
+def test_a_key_splits_by_its_format_even_when_the_secret_holds_dashes() -> None:
+    secret = "ab-" * 14 + "c"  # 43 URL-safe characters, ending like "-c"
+    assert split_api_key(f"{API_KEY_PREFIX}{'0' * 12}-{secret}") == ("0" * 12, secret)
+    assert split_api_key(f"{API_KEY_PREFIX}{'0' * 12}-{secret}x") is None
