@@ -8,6 +8,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from bot.core.sanitize import clean_text
+
 __all__ = [
     "Delta",
     "Final",
@@ -33,8 +35,12 @@ def normalize_id(value: str, *, fold_case: bool = False) -> str:
     """One spelling per id, so quotas, access rules and stored rows cannot be dodged by writing an id another
     way: NFKC (full-width ``Ｑ１`` is ``Q1``), format characters (Unicode category Cf: zero-width space and
     joiners, bidi marks, soft hyphen) removed, whitespace runs as one space, no space at the ends; with
-    ``fold_case``, case-folded too (NFKC again after folding, as Unicode's NFKC_Casefold).  Idempotent."""
-    text = unicodedata.normalize("NFKC", value)
+    ``fold_case``, case-folded too (NFKC again after folding, as Unicode's NFKC_Casefold).  Idempotent.
+
+    It starts with :func:`~bot.core.sanitize.clean_text`, so a control character is dropped before whitespace
+    is collapsed: ``"0\x1f0"`` is ``"00"`` whether a request, a :class:`ThreadRef` or a cleaned copy spells it
+    (``str.split`` counts ``\x1c``-``\x1f`` as whitespace; clean_text drops them)."""
+    text = unicodedata.normalize("NFKC", clean_text(value))
     text = "".join(c for c in text if unicodedata.category(c) != "Cf")
     text = " ".join(text.split())
     return unicodedata.normalize("NFKC", text.casefold()) if fold_case else text

@@ -36,6 +36,13 @@ def test_ids_are_normalised_per_platform() -> None:
                for s in (*SPELLINGS, "Straße", "ǅ"))  # fmt: skip
 
 
+def test_control_characters_go_before_whitespace_is_collapsed() -> None:
+    # "\x1f" is whitespace to str.split but a control to clean_text: one order, one spelling everywhere.
+    for raw, kept in (("0\x1f0", "00"), ("a\x08b", "ab"), ("a\r\nb", "a b"), ("x\ud800", "x\ufffd")):
+        assert normalize_id(raw) == kept == normalize_id(kept)
+        assert Request("web", "W", raw, raw, "u").ref == ThreadRef("web", "W", kept, kept)
+
+
 def test_one_user_for_quotas_and_deny_rules_however_spelled(tmp_path: Path) -> None:
     async def main() -> None:
         db = Database(sqlite_url(tmp_path / "ids.db"))

@@ -10,7 +10,7 @@ import io
 import json
 import re
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -115,7 +115,11 @@ def test_fault_any_text_is_stored_and_answered_on_both_databases(db_url: str) ->
     threads = iter(range(10**6))
 
     @given(question=ANY_TEXT, answer=TOKENS, user=IDS, channel=IDS, filename=IDS)
-    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+    # Ids a random run found where a control character met whitespace collapsing (one normaliser since).
+    @example(question="", answer=["a"], user="u", channel="0\x1f0", filename="p")
+    @example(question="", answer=["a"], user="\x08", channel="\x08", filename="\x08")
+    @example(question="", answer=["a"], user="\ud800", channel="\r\n\x1c", filename="")
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     def check(question: str, answer: list[str], user: str, channel: str, filename: str) -> None:
         backend.script = [answer]
         thread = f"t{next(threads)}"  # a new thread each time: the picture starts the conversation
@@ -129,7 +133,7 @@ def test_fault_any_text_is_stored_and_answered_on_both_databases(db_url: str) ->
         assert "".join(e.text for e in events if isinstance(e, Delta)).strip() == text
         for event in events:
             assert valid(event.text) and not MASS_MENTION.search(event.text)
-        ref = ThreadRef("web", "W", clean_text(channel), thread)
+        ref = ThreadRef("web", "W", channel, thread)  # spelt as the front end got it: the ref normalises it too
         view = loop.run_until_complete(service.thread(ref, turns=True))
         assert [t.text for t in view.turns] == [clean_text("q " + question).strip(), text]
         assert [t.status for t in view.turns] == ["done", "done"]
