@@ -30,7 +30,7 @@ from typing import Any, Literal
 from rich.console import Console
 from rich.text import Text
 
-from bot.core.api import Core, FrontEndContext, FrontEndPlugin, FrontEndSettings
+from bot.core.frontend_api import Core, FrontEndContext, FrontEndPlugin, FrontEndSettings
 from bot.core.grounding import bold_spans
 from bot.core.requests import Delta, Final, ImageAttachment, ReplyEvent, ReplyFile, Request
 
@@ -367,7 +367,7 @@ class TerminalSettings(FrontEndSettings):
 
 
 class TerminalFrontEnd:
-    """The terminal chat as a :class:`~bot.core.api.FrontEnd` (a task reading stdin)."""
+    """The terminal chat as a :class:`~bot.core.frontend_api.FrontEnd` (a task reading stdin)."""
 
     name = "terminal"
 

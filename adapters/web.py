@@ -12,11 +12,11 @@ Routes
     ``GET /metrics``              Prometheus text format (readiness gauges refreshed first)
 
 The adapter is thin: it parses the form, enforces an overall upload limit, hands one
-``Request`` to :meth:`Core.handle <bot.core.api.Core.handle>` and writes each reply event as it arrives.
+``Request`` to :meth:`Core.handle <bot.core.frontend_api.Core.handle>` and writes each reply event as it arrives.
 A malformed body (bad framing, boundary or part headers, an unknown charset …) gets a 400 with a one-line
 JSON ``{"error": …}`` and one INFO log line; form text is UTF-8 (or the part's declared charset), and bytes
 that do not decode become U+FFFD rather than an error.
-It uses nothing of the core but the :class:`~bot.core.api.Core` protocol, and is registered as the
+It uses nothing of the core but the :class:`~bot.core.frontend_api.Core` protocol, and is registered as the
 ``web`` front end (:data:`FRONT_END`, ``[web]`` in bot.toml) — the worked example in docs/adapters.md.  When the
 browser goes away mid-answer, :func:`run_web`'s server cancels the handler (with a server that
 does not cancel handlers, the next write fails instead); either way the reply iterator is
@@ -47,7 +47,7 @@ from aiohttp.multipart import BadContentDispositionHeader, BadContentDisposition
 from pydantic import Field, field_validator
 
 from adapters.http_front_end import ServerFrontEnd
-from bot.core.api import Core, FrontEndContext, FrontEndPlugin, FrontEndSettings, ThreadView
+from bot.core.frontend_api import Core, FrontEndContext, FrontEndPlugin, FrontEndSettings, ThreadView
 from bot.core.images import format_size
 from bot.core.requests import Final, ImageAttachment, ReplyFile, Request, ThreadRef, normalize_user
 
@@ -638,7 +638,7 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 class WebFrontEnd(ServerFrontEnd):
-    """The web chat as a :class:`~bot.core.api.FrontEnd`: ``start`` listens, ``stop`` closes (answers in
+    """The web chat as a :class:`~bot.core.frontend_api.FrontEnd`: ``start`` listens, ``stop`` closes (answers in
     flight are interrupted and stored as such)."""
 
     name = "web"

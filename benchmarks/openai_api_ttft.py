@@ -24,7 +24,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "openai_api"), str(ROOT / "tests
 from openai_helpers import assistant, data_url, png, running_api, user  # noqa: E402
 from web_helpers import start_demo_engine  # noqa: E402
 
-from model.engine.backend import EngineBackend  # noqa: E402
+from model.engine.local_backend import EngineBackend  # noqa: E402
 
 
 async def ttft(chat: object, messages: list[dict]) -> tuple[float, str, int]:

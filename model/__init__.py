@@ -5,7 +5,7 @@ files → model) · ``sampling`` (options, per-row sampler, streaming detokenize
 static-batch oracle, beam search, ``ChatSession``) · ``report`` (what was loaded, sizes) · ``engine``
 (continuous batching behind the bot's backend seam).
 
-Names are loaded on first use, so ``import model.engine.api`` (the engine's torch-free contract,
+Names are loaded on first use, so ``import model.engine.contract`` (the engine's torch-free contract,
 imported by the bot core) does not pull in torch.
 """
 

@@ -1,4 +1,4 @@
-"""Lazy package attributes (PEP 562), so that torch-free modules such as ``model.engine.api`` import alone."""
+"""Lazy package attributes (PEP 562), so that torch-free modules such as ``model.engine.contract`` import alone."""
 
 from __future__ import annotations
 

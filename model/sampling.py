@@ -34,7 +34,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from model.engine.api import RequestRejected
+from model.engine.contract import RequestRejected
 
 __all__ = [
     "GenerationOptions",
@@ -48,7 +48,7 @@ __all__ = [
 class InvalidGenerationOptions(RequestRejected, ValueError):
     """A generation option is unknown or out of range; ``detail`` names the option and the range.
 
-    A :class:`~model.engine.api.RequestRejected` with reason ``"invalid"``, so a backend may let it
+    A :class:`~model.engine.contract.RequestRejected` with reason ``"invalid"``, so a backend may let it
     through as it is (and a ``ValueError`` for plain callers).
     """
 

@@ -1,6 +1,6 @@
 """One scripted generation backend for the core's, the web's and the adapters' tests (no torch work).
 
-It speaks the real backend contract — ``model.engine.api`` events and errors — so the core's type
+It speaks the real backend contract — ``model.engine.contract`` events and errors — so the core's type
 dispatch is exercised exactly as with the engine.
 """
 
@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-from model.engine.api import ChatTurn, FinalEvent, TokenEvent
+from model.engine.contract import ChatTurn, FinalEvent, TokenEvent
 
 
 class ScriptedBackend:

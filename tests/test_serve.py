@@ -13,9 +13,9 @@ import pytest
 import bot.cli.serve as serve
 import bot.core.config as config
 from bot.cli.backends import engine_config
-from bot.core.api import Core, FrontEndContext, FrontEndPlugin, FrontEndSettings, FrontEndSetupError
-from bot.core.backend import BackendPlugin
+from bot.core.backend_api import BackendPlugin
 from bot.core.config import EngineSettings, Settings
+from bot.core.frontend_api import Core, FrontEndContext, FrontEndPlugin, FrontEndSettings, FrontEndSetupError
 from bot.core.plugins import BACKENDS, FRONTENDS, load_plugin, plugin_names
 from bot.core.requests import Final, Request
 from tests.scripted_backend import ScriptedBackend

@@ -14,7 +14,7 @@ from bot.core.config import Settings
 from bot.core.requests import Final
 from bot.core.service import BotService
 from model.engine import Engine
-from model.engine.backend import EngineBackend
+from model.engine.local_backend import EngineBackend
 from storage import Database, sqlite_url
 
 
@@ -131,7 +131,7 @@ def test_help_names_the_formats_the_core_reads(tmp_path):
     """``/help`` lists the core's picture formats (``Core.image_limits``), not a list of its own that left out
     BMP and HEIC (issue 26, item 11)."""
     from adapters.terminal import TerminalFrontEnd
-    from bot.core.api import FrontEndContext
+    from bot.core.frontend_api import FrontEndContext
     from tests.scripted_backend import ScriptedBackend
 
     async def main() -> tuple[str, str]:

@@ -2,7 +2,7 @@
 
 Modules by job, like the Slack front end: :mod:`~adapters.discord.app` (the discord.py client, its listeners
 and lifecycle), :mod:`~adapters.discord.commands` (the slash commands and their sync-only-when-changed),
-:mod:`~adapters.discord.files` (attachment downloads and checks), :mod:`~adapters.discord.render` (mentions,
+:mod:`~adapters.discord.files` (attachment downloads and checks), :mod:`~adapters.discord.messages` (mentions,
 Discord's editable messages for channel messages and interaction responses) and
 :mod:`~adapters.discord.settings` (``[discord]`` in ``bot.toml``).  Importing this package loads only the
 settings: discord.py is imported when the front end is created.  Set-up: ``docs/discord.md``.
@@ -11,7 +11,7 @@ settings: discord.py is imported when the front end is created.  Set-up: ``docs/
 from __future__ import annotations
 
 from adapters.discord.settings import DiscordSettings
-from bot.core.api import Core, FrontEnd, FrontEndContext, FrontEndPlugin, FrontEndSetupError
+from bot.core.frontend_api import Core, FrontEnd, FrontEndContext, FrontEndPlugin, FrontEndSetupError
 
 __all__ = ["FRONT_END", "DiscordSettings", "create"]
 

@@ -19,7 +19,7 @@
 * The token comes from ``DISCORD_BOT_TOKEN`` only.  A missing or rejected token, or the Message Content
   intent not enabled for the application, stops ``start`` with one line saying where to fix it.
 
-The front end uses nothing of the core but :class:`~bot.core.api.Core`.
+The front end uses nothing of the core but :class:`~bot.core.frontend_api.Core`.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from discord import app_commands
 
 from adapters.discord.commands import add_commands, sync_if_changed
 from adapters.discord.files import DiscordFiles
-from adapters.discord.render import (
+from adapters.discord.messages import (
     NO_MENTIONS,
     TOKEN_LIFETIME,
     ChannelReply,
@@ -50,7 +50,7 @@ from adapters.discord.render import (
 )
 from adapters.discord.settings import MESSAGE_LIMIT, DiscordSettings
 from adapters.streaming import InFlight, StreamedReply, TokenBucket, split_message
-from bot.core.api import Core, FrontEndSetupError
+from bot.core.frontend_api import Core, FrontEndSetupError
 from bot.core.requests import Delta, Final, ReplyEvent, Request, ThreadRef
 
 __all__ = ["INTENTS_NOTE", "PERMISSIONS", "PLATFORM", "TOKEN_ENV", "DiscordFrontEnd", "DiscordToken"]

@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import discord
 from discord import app_commands
 
-from bot.core.api import ImageLimits, PresetInfo
+from bot.core.frontend_api import ImageLimits, PresetInfo
 
 __all__ = ["MAX_CHOICES", "CommandHandlers", "add_commands", "normalized", "sync_if_changed"]
 
@@ -46,7 +46,8 @@ def add_commands(
     tree: app_commands.CommandTree, handlers: CommandHandlers, presets: Sequence[PresetInfo], images: ImageLimits
 ) -> None:
     """Add the four commands to ``tree``; ``/ask preset:`` offers ``presets`` (the first 25), ``/ask image:``
-    names the formats the core reads (``images``: :attr:`Core.image_limits <bot.core.api.Core.image_limits>`)."""
+    names the formats the core reads (``images``:
+    :attr:`Core.image_limits <bot.core.frontend_api.Core.image_limits>`)."""
     if len(presets) > MAX_CHOICES:
         log.warning("Discord offers at most %d presets in /ask; the others can still be named in the question",
                     MAX_CHOICES)  # fmt: skip

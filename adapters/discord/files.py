@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import discord
 
-from bot.core.api import ImageLimits
+from bot.core.frontend_api import ImageLimits
 from bot.core.images import format_size
 from bot.core.requests import ImageAttachment
 

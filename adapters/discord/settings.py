@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from bot.core.api import FrontEndSettings
+from bot.core.frontend_api import FrontEndSettings
 
 __all__ = ["MESSAGE_LIMIT", "DiscordSettings"]
 

@@ -1,7 +1,7 @@
 """The OpenAI-compatible API front end: ``/v1/models`` and ``/v1/chat/completions`` for every tool that
 speaks them (Open WebUI, LibreChat, llmcord, the ``openai`` SDK), with the bot's keys, quotas and history.
 
-Like every front end it goes through :class:`~bot.core.api.Core` only: a key (``minigpt4-bot admin keys
+Like every front end it goes through :class:`~bot.core.frontend_api.Core` only: a key (``minigpt4-bot admin keys
 create``) stands for a user of a workspace on platform ``openai``, so access rules, quotas, picture checks,
 stored answers and ``admin usage`` apply as for Slack.  Not named ``adapters/openai`` so as not to shadow
 the ``openai`` package.  Set-up, what is supported and what not: docs/openai-api.md.
@@ -20,7 +20,7 @@ from pydantic import Field
 
 from adapters.http_front_end import ServerFrontEnd
 from adapters.openai_api.app import PLATFORM, create_app
-from bot.core.api import Core, FrontEndContext, FrontEndPlugin, FrontEndSettings, FrontEndSetupError
+from bot.core.frontend_api import Core, FrontEndContext, FrontEndPlugin, FrontEndSettings, FrontEndSetupError
 
 __all__ = ["FRONT_END", "OpenAIFrontEnd", "OpenAISettings", "create_app"]
 
@@ -41,7 +41,7 @@ class OpenAISettings(FrontEndSettings):
 
 
 class OpenAIFrontEnd(ServerFrontEnd):
-    """The API as a :class:`~bot.core.api.FrontEnd`: ``start`` listens, ``stop`` closes (answers in flight are
+    """The API as a :class:`~bot.core.frontend_api.FrontEnd`: ``start`` listens, ``stop`` closes (answers in flight are
     interrupted and stored as such)."""
 
     name = PLATFORM

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from adapters.openai_api.chat import BadRequest, ChatCall, Message, parse_body, place
 from adapters.openai_api.images import AddressPolicy, RemoteImages, decode_data_url, is_public_address
-from bot.core.api import ApiKeyOwner, Core
+from bot.core.frontend_api import ApiKeyOwner, Core
 from bot.core.grounding import settled
 from bot.core.requests import Delta, Final, HistoryTurn, ImageAttachment, ReplyEvent, Request
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bot.core.api import Core, PresetInfo, ThreadTurn
+from bot.core.frontend_api import Core, PresetInfo, ThreadTurn
 from bot.core.requests import GenerationRequest, ThreadRef
 
 __all__ = ["BadRequest", "ChatCall", "Message", "Placement", "parse_body", "place"]

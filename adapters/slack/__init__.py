@@ -3,7 +3,7 @@
 Modules by job, bolt-style: :mod:`~adapters.slack.app` (the bolt app, listeners and lifecycle),
 :mod:`~adapters.slack.files` (picture downloads and the Slack host allow-list),
 :mod:`~adapters.slack.http` (the HTTP Events API endpoint: signatures and bodies checked before bolt),
-:mod:`~adapters.slack.render` (mrkdwn, mentions, Slack's editable messages) and
+:mod:`~adapters.slack.messages` (mrkdwn, mentions, Slack's editable messages) and
 :mod:`~adapters.slack.settings` (``[slack]`` in ``bot.toml``).  Importing this package loads only the
 settings: slack_bolt and slack_sdk are imported when the front end is created.  Set-up: ``docs/slack.md``.
 """
@@ -11,7 +11,7 @@ settings: slack_bolt and slack_sdk are imported when the front end is created.  
 from __future__ import annotations
 
 from adapters.slack.settings import SlackSettings
-from bot.core.api import Core, FrontEnd, FrontEndContext, FrontEndPlugin, FrontEndSetupError
+from bot.core.frontend_api import Core, FrontEnd, FrontEndContext, FrontEndPlugin, FrontEndSetupError
 
 __all__ = ["FRONT_END", "SlackSettings", "create"]
 

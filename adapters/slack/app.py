@@ -14,12 +14,12 @@
   (``Core.seen_event``), also when two copies arrive at once (:class:`OneDeliveryAtATime`).  Bot messages
   and edits (``message_changed`` …) are ignored.
 * Answers stream into a placeholder (:class:`~adapters.streaming.StreamedReply` over
-  :class:`~adapters.slack.render.SlackThread`), ``chat.update``s throttled per workspace and per answer;
+  :class:`~adapters.slack.messages.SlackThread`), ``chat.update``s throttled per workspace and per answer;
   long answers continue in further messages.  429s are retried after ``Retry-After`` by slack_sdk's
   ``AsyncRateLimitErrorRetryHandler``.  Ephemeral core replies (quota, access, bad input) go to the
   user alone with ``chat.postEphemeral``.
 
-The front end uses nothing of the core but :class:`~bot.core.api.Core`.
+The front end uses nothing of the core but :class:`~bot.core.frontend_api.Core`.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from adapters.slack.files import SlackFiles
 from adapters.slack.http import events_app
-from adapters.slack.render import SlackThread, escape_mrkdwn, no_fence, slack_format, strip_mention
+from adapters.slack.messages import SlackThread, escape_mrkdwn, no_fence, slack_format, strip_mention
 from adapters.slack.settings import SlackSettings
 from adapters.streaming import InFlight, StreamedReply, TokenBucket
-from bot.core.api import Core, FrontEndSetupError
+from bot.core.frontend_api import Core, FrontEndSetupError
 from bot.core.requests import Final, ImageAttachment, Request, ThreadRef
 
 __all__ = ["EVENTS_PATH", "PLATFORM", "OneDeliveryAtATime", "SlackFrontEnd", "SlackTokens", "make_client"]
@@ -95,7 +95,7 @@ class OneDeliveryAtATime:
     """The deliveries of one Slack event, handled one after another in this process.
 
     Slack redelivers an event it thinks was lost, and two copies can arrive at the same moment (a retry
-    while the first is still downloading).  :meth:`Core.seen_event <bot.core.api.Core.seen_event>` is a
+    while the first is still downloading).  :meth:`Core.seen_event <bot.core.frontend_api.Core.seen_event>` is a
     read, so both would get ``False`` and both would fetch the files; here the second waits until the
     first is handled, then asks ``seen_event`` like any redelivery — nothing is fetched again unless the
     first's answer failed (then the retry is answered, as the core's rule says).

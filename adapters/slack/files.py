@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from bot.core.api import ImageLimits
+from bot.core.frontend_api import ImageLimits
 from bot.core.images import format_size
 from bot.core.requests import ImageAttachment
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from bot.core.api import FrontEndSettings
+from bot.core.frontend_api import FrontEndSettings
 
 __all__ = ["SlackSettings"]
 

@@ -1,7 +1,7 @@
 """The built-in generation backend: the local engine on this machine's model (entry point ``local``).
 
 It lives in the entry layer because building it means loading weights (``model``) from the core's
-settings (``bot.core``); the core only sees the :class:`~bot.core.backend.GenerationBackend` it returns.
+settings (``bot.core``); the core only sees the :class:`~bot.core.backend_api.GenerationBackend` it returns.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from bot.core.backend import BackendPlugin, GenerationBackend
+from bot.core.backend_api import BackendPlugin, GenerationBackend
 from bot.core.config import EngineSettings, Settings
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ def engine_config(settings: Settings) -> EngineConfig:
 
 async def _create_local(settings: Settings, *, model: MiniGPT4 | None = None, **_ignored: Any) -> GenerationBackend:
     from model.engine import Engine
-    from model.engine.backend import EngineBackend
+    from model.engine.local_backend import EngineBackend
 
     if model is None:
         model = await asyncio.to_thread(load_model, settings)

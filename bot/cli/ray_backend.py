@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 from pydantic import Field, field_validator, model_validator
 
 from bot.cli.backends import demo_weights_in_use, engine_config
-from bot.core.backend import BackendPlugin, BackendSettings, GenerationBackend
+from bot.core.backend_api import BackendPlugin, BackendSettings, GenerationBackend
 from bot.core.config import Settings
 
 if TYPE_CHECKING:

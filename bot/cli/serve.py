@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bot.cli.backends import engine_config, load_model
-from bot.core.api import FrontEnd, FrontEndContext, FrontEndPlugin, FrontEndSetupError
-from bot.core.backend import BackendPlugin
+from bot.core.backend_api import BackendPlugin
 from bot.core.config import ConfigError, Settings
+from bot.core.frontend_api import FrontEnd, FrontEndContext, FrontEndPlugin, FrontEndSetupError
 from bot.core.plugins import BACKENDS, FRONTENDS, load_plugin, plugin_names
 from bot.core.service import BotService
 from bot.core.workers import HEARTBEAT_S

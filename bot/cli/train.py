@@ -49,9 +49,9 @@ def train_command(
     """Train the projection (stage 1 alignment or stage 2 fine-tuning) and write checkpoints the bot loads."""
     from model.checkpoints import CheckpointError
     from model.loader import PrecisionError
-    from model.training.config import TrainConfigError, config_from_dict, load_train_config
     from model.training.data import DataError
     from model.training.loop import CONFIG_FILE, TrainError, run_training
+    from model.training.settings import TrainConfigError, config_from_dict, load_train_config
 
     _configure_logging()
     from transformers.utils import logging as hf_logging

@@ -42,9 +42,9 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from pydantic import Field, field_validator
 
-from bot.core.backend import BackendPlugin, BackendSettings, GenerationBackend
+from bot.core.backend_api import BackendPlugin, BackendSettings, GenerationBackend
 from bot.core.config import Settings
-from model.engine.api import (
+from model.engine.contract import (
     Busy,
     ChatTurn,
     FinalEvent,

@@ -14,8 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from bot.core.api import FrontEndSettings
-from bot.core.backend import BackendSettings
+from bot.core.backend_api import BackendSettings
+from bot.core.frontend_api import FrontEndSettings
 from bot.core.plugins import BACKENDS, FRONTENDS, load_plugin, plugin_names
 from storage.url import (
     DATABASE_URL_ENV,

@@ -5,10 +5,10 @@ Entry points are the Python convention for plugins: a package declares, in its `
 .. code-block:: toml
 
     [project.entry-points."minigpt4_bot.frontends"]
-    discord = "my_package.discord:FRONT_END"        # a bot.core.api.FrontEndPlugin
+    discord = "my_package.discord:FRONT_END"        # a bot.core.frontend_api.FrontEndPlugin
 
     [project.entry-points."minigpt4_bot.backends"]
-    ray = "my_package.ray_backend:BACKEND"           # a bot.core.backend.BackendPlugin
+    ray = "my_package.ray_backend:BACKEND"           # a bot.core.backend_api.BackendPlugin
 
 and ``bot.toml`` enables it by name (``[discord] enabled = true``, ``[engine] backend = "ray"``).  The
 core never names a platform or a backend: it lists the names here and loads a plugin only when its

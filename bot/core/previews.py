@@ -3,7 +3,7 @@
 MiniGPT-4's sketch-to-website demo answers with HTML; nobody can look at that in a chat message.  For
 every answer that contains an HTML document (:func:`~bot.core.website.extract_html`), the core adds
 two :class:`~bot.core.requests.ReplyFile` values to the final reply — ``website.png`` (rendered in the
-sandbox of :mod:`bot.core.render`) and ``website.html`` — and each front end shows them its own way.
+sandbox of :mod:`bot.core.screenshot`) and ``website.html`` — and each front end shows them its own way.
 A page cut off at the token limit is completed and the reply says so.  An answer with boxes in it
 (MiniGPT-v2's grounding) gets its picture with the boxes drawn first (:mod:`bot.core.grounding`).
 Without Chromium the reply carries the file alone; the log says so once, when the core is built (at
@@ -19,12 +19,12 @@ import time
 
 from prometheus_client import Counter, Histogram
 
-from bot.core import render
+from bot.core import screenshot
 from bot.core.config import GroundingSettings, RenderSettings
 from bot.core.grounding import GroundedPictures
 from bot.core.metrics import BotMetrics
-from bot.core.render import ChromiumRenderer, PageRenderer, RenderError
 from bot.core.requests import Final, ReplyFile
+from bot.core.screenshot import ChromiumRenderer, PageRenderer, RenderError
 from bot.core.website import extract_html
 
 __all__ = ["REPAIRED_NOTE", "WebsitePreviews"]
@@ -63,12 +63,12 @@ class WebsitePreviews:
         or Chromium will run without its sandbox (root).  Only for the built-in Chromium renderer."""
         if not isinstance(self.renderer, ChromiumRenderer):
             return  # previews disabled in bot.toml, or a renderer of the caller's own
-        if render.find_chromium(self.settings.chromium_path) is None:
+        if screenshot.find_chromium(self.settings.chromium_path) is None:
             self._warned = True
-            why = render.missing_chromium(self.settings.chromium_path)
-            log.warning(_OFF, why, render.ENABLE_HINT)
-        elif render.runs_as_root():
-            log.warning("website previews: %s", render.NO_SANDBOX_HINT)
+            why = screenshot.missing_chromium(self.settings.chromium_path)
+            log.warning(_OFF, why, screenshot.ENABLE_HINT)
+        elif screenshot.runs_as_root():
+            log.warning("website previews: %s", screenshot.NO_SANDBOX_HINT)
 
     async def attach(self, final: Final, picture: bytes | None = None) -> Final:
         """``final`` with ``website.png`` (when rendering works) and ``website.html`` added, if it holds a page;

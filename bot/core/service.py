@@ -26,8 +26,7 @@ from datetime import timedelta
 from typing import Any
 
 from bot.core.access import AccessControl
-from bot.core.api import ApiKeyOwner, GenerationDefaults, Health, ImageLimits, PresetInfo, ThreadTurn, ThreadView
-from bot.core.backend import ChatTurn, GenerationBackend
+from bot.core.backend_api import ChatTurn, GenerationBackend
 from bot.core.config import Settings
 from bot.core.errors import (
     AccessDenied,
@@ -40,13 +39,21 @@ from bot.core.errors import (
     UnsupportedRequest,
     UserInputError,
 )
+from bot.core.frontend_api import (
+    ApiKeyOwner,
+    GenerationDefaults,
+    Health,
+    ImageLimits,
+    PresetInfo,
+    ThreadTurn,
+    ThreadView,
+)
 from bot.core.grounding import task_help
 from bot.core.images import SUPPORTED, check_images
 from bot.core.metrics import BotMetrics
 from bot.core.presets import Command, PresetBook, parse_message
 from bot.core.previews import WebsitePreviews
 from bot.core.quotas import QuotaPolicy
-from bot.core.render import PageRenderer
 from bot.core.reports import quota_overview
 from bot.core.requests import (
     Delta,
@@ -59,8 +66,9 @@ from bot.core.requests import (
     ThreadRef,
 )
 from bot.core.sanitize import StreamSanitizer, clean_text, sanitize_output
+from bot.core.screenshot import PageRenderer
 from bot.core.workers import STALE_AFTER_S, WorkerIdentity, is_gone
-from model.engine.api import Busy, FinalEvent, RequestFailed, RequestRejected, TokenEvent
+from model.engine.contract import Busy, FinalEvent, RequestFailed, RequestRejected, TokenEvent
 from storage import ID_LENGTHS, ConversationKey, Database, as_utc
 from storage.db import is_unavailable
 
@@ -238,7 +246,7 @@ class _PartialSaver:
 
 class BotService:
     """Ties config, storage, quotas, presets and the model backend together; implements
-    :class:`bot.core.api.Core`, the only surface front ends use (the database and the backend stay private)."""
+    :class:`bot.core.frontend_api.Core`, the only surface front ends use (the database and the backend stay private)."""
 
     READY_DB_TIMEOUT_S = 1.0
     """How long the readiness check waits for ``SELECT 1``."""
@@ -274,7 +282,7 @@ class BotService:
         self._writes: set[asyncio.Task[bool]] = set()  # final writes that outlive a cancelled request
         self._previews = WebsitePreviews(settings.render, self.metrics, renderer, settings.grounding)
 
-    # ------------------------------------------------------------------ the Core API (bot.core.api)
+    # ------------------------------------------------------------------ the Core API (bot.core.frontend_api)
 
     async def handle(self, request: Request) -> AsyncIterator[ReplyEvent]:
         """Answer one message; yields nothing for a redelivered event.

@@ -5,7 +5,7 @@ unlabelled fence, or bare.  :func:`extract_html` returns the document and whethe
 repaired: an answer cut off at ``max_new_tokens`` ends mid-tag or with elements still open, so the
 partial tag is dropped and every open element is closed in order (the void elements need none).
 Parsing uses the standard library's tolerant :class:`html.parser.HTMLParser`, which never executes
-anything; the document itself is only ever rendered in the sandbox (:mod:`bot.core.render`).
+anything; the document itself is only ever rendered in the sandbox (:mod:`bot.core.screenshot`).
 """
 
 from __future__ import annotations

@@ -4,22 +4,22 @@
 streams and the errors it raises.  ``scheduler`` (plain Python, no tensors) decides; ``runner``
 (tensors, KV cache) executes; ``engine`` connects them to asyncio callers through one worker thread;
 ``backend`` (:class:`EngineBackend`) is the engine behind the bot core's backend seam.
-Names are loaded on first use, so importing ``model.engine.api`` loads no torch.
+Names are loaded on first use, so importing ``model.engine.contract`` loads no torch.
 """
 
 from model._lazy import lazy_exports
 
 _EXPORTS = {
-    "Busy": "model.engine.api",
-    "ChatTurn": "model.engine.api",
-    "EngineError": "model.engine.api",
-    "FinalEvent": "model.engine.api",
-    "FinishReason": "model.engine.api",
-    "RequestFailed": "model.engine.api",
-    "RequestRejected": "model.engine.api",
-    "RequestTooLarge": "model.engine.api",
-    "TokenEvent": "model.engine.api",
-    "EngineBackend": "model.engine.backend",
+    "Busy": "model.engine.contract",
+    "ChatTurn": "model.engine.contract",
+    "EngineError": "model.engine.contract",
+    "FinalEvent": "model.engine.contract",
+    "FinishReason": "model.engine.contract",
+    "RequestFailed": "model.engine.contract",
+    "RequestRejected": "model.engine.contract",
+    "RequestTooLarge": "model.engine.contract",
+    "TokenEvent": "model.engine.contract",
+    "EngineBackend": "model.engine.local_backend",
     "Engine": "model.engine.engine",
     "EngineConfig": "model.engine.engine",
     "RequestStream": "model.engine.engine",

@@ -1,16 +1,16 @@
 """The shared inference engine: async ``submit`` in front, one worker thread doing all tensor work.
 
 ``Engine.submit(request)`` validates and queues a request and returns a :class:`RequestStream`
-— an async iterator of :class:`~model.engine.api.TokenEvent` ending with one
-:class:`~model.engine.api.FinalEvent`.  Stopping the iteration early (``aclose``, ``cancel``, a
+— an async iterator of :class:`~model.engine.contract.TokenEvent` ending with one
+:class:`~model.engine.contract.FinalEvent`.  Stopping the iteration early (``aclose``, ``cancel``, a
 cancelled task) aborts the request and frees its batch slot.
 
-Errors are those of the contract in :mod:`model.engine.api`, and carry no user-facing text:
-``submit`` raises :class:`~model.engine.api.Busy`, :class:`~model.engine.api.RequestTooLarge`
-(the KV budget) or :class:`~model.engine.api.RequestRejected` (``"invalid"``: bad options — an
+Errors are those of the contract in :mod:`model.engine.contract`, and carry no user-facing text:
+``submit`` raises :class:`~model.engine.contract.Busy`, :class:`~model.engine.contract.RequestTooLarge`
+(the KV budget) or :class:`~model.engine.contract.RequestRejected` (``"invalid"``: bad options — an
 :class:`~model.sampling.InvalidGenerationOptions` —, a placeholder/picture count mismatch, a
 request id in use); the stream raises ``RequestRejected("image", …, image_index=i)`` for a
-picture that cannot be decoded and :class:`~model.engine.api.RequestFailed` when a step crashes.
+picture that cannot be decoded and :class:`~model.engine.contract.RequestFailed` when a step crashes.
 
 Beam search (``num_beams > 1``) runs alone through :func:`model.generate.beam_search`; its
 tokens are streamed as ordinary token events once the search has ended, then the final event.
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model.conversation import IMAGE_PLACEHOLDER
-from model.engine.api import Busy, EngineError, FinalEvent, RequestFailed, RequestRejected, TokenEvent
+from model.engine.contract import Busy, EngineError, FinalEvent, RequestFailed, RequestRejected, TokenEvent
 from model.engine.metrics import EngineMetrics
 from model.engine.runner import Runner
 from model.engine.scheduler import Scheduler, SchedulerConfig, SeqInfo, StepResult

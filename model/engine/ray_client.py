@@ -4,8 +4,8 @@
     The core's backend seam (``stream`` / ``describe`` / ``stats`` / ``close``) over a ``DeploymentHandle`` to
     the :class:`~model.engine.ray_replica.EngineReplica` deployment.  Ray's failures become the contract's
     errors: ``BackPressureError`` (the caller's queue of ``max_queued_requests`` is full) →
-    :class:`~model.engine.api.Busy`; a replica that died or is unreachable, or any other Ray error →
-    :class:`~model.engine.api.RequestFailed`.  Closing the stream early (the user left, a timeout) cancels the
+    :class:`~model.engine.contract.Busy`; a replica that died or is unreachable, or any other Ray error →
+    :class:`~model.engine.contract.RequestFailed`.  Closing the stream early (the user left, a timeout) cancels the
     Ray request, which cancels the replica's generator and so aborts the engine request.
 
 :class:`RemoteError`
@@ -35,7 +35,7 @@ from ray.exceptions import RayActorError, RayError, TaskCancelledError
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.request_router import RequestRouter
 
-from model.engine.api import (
+from model.engine.contract import (
     Busy,
     ChatTurn,
     EngineError,
@@ -51,7 +51,8 @@ __all__ = ["BUSY_RETRY_AFTER_S", "RayServeBackend", "RemoteError", "register_rou
 log = logging.getLogger(__name__)
 
 BUSY_RETRY_AFTER_S = 5.0
-"""What :class:`~model.engine.api.Busy` says when Ray Serve's caller-side queue is full (a guess: one short answer)."""
+"""What :class:`~model.engine.contract.Busy` says when Ray Serve's caller-side queue is full (a guess: one
+short answer)."""
 
 
 # ----------------------------------------------------------------------------- errors across the wire

@@ -2,7 +2,7 @@
 
 :class:`EngineReplica`
     The deployment class.  Each replica loads the model once, runs one engine and streams a request's
-    :class:`~model.engine.api.TokenEvent` / :class:`~model.engine.api.FinalEvent` back through
+    :class:`~model.engine.contract.TokenEvent` / :class:`~model.engine.contract.FinalEvent` back through
     ``handle.options(stream=True)``; a contract error comes as a :class:`~model.engine.ray_client.RemoteError`
     (the caller raises the original type again).  ``record_routing_stats`` reports the engine's gauges, which
     Ray Serve brings to every caller's router (and so to ``RayServeBackend.stats``).
@@ -30,7 +30,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import RayServeException
 
-from model.engine.api import ChatTurn, EngineError, FinalEvent, TokenEvent
+from model.engine.contract import ChatTurn, EngineError, FinalEvent, TokenEvent
 from model.engine.ray_client import RemoteError
 from model.engine.ray_router import ConversationAffinityRouter
 
@@ -79,8 +79,8 @@ class EngineReplica:
     """One Ray Serve replica: the model, one engine, and an ``EngineBackend`` over it."""
 
     def __init__(self, spec: ReplicaSpec, fingerprint: str = "") -> None:
-        from model.engine.backend import EngineBackend
         from model.engine.engine import Engine
+        from model.engine.local_backend import EngineBackend
         from model.loader import load_minigpt4
 
         started = time.monotonic()

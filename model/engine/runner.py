@@ -18,8 +18,8 @@ import torch
 from PIL import Image
 from transformers.cache_utils import DynamicCache
 
-from model.engine.api import RequestRejected
 from model.engine.caches import ImageTokenCache, Item, PrefixEntry, PrefixStore, image_key
+from model.engine.contract import RequestRejected
 from model.engine.types import SeqState
 from model.generate import answer_detokenizer
 from model.image_processing import ImageDecodeError, load_image
@@ -60,7 +60,7 @@ class Runner:
     def image_tokens(self, keys: list[str], raw: list[bytes | Image.Image]) -> list[torch.Tensor]:
         """Visual tokens per image, encoding all cache misses in one batch.
 
-        Raises :class:`~model.engine.api.RequestRejected` (reason ``"image"``, 0-based ``image_index``)
+        Raises :class:`~model.engine.contract.RequestRejected` (reason ``"image"``, 0-based ``image_index``)
         for a picture that cannot be decoded.
         """
         out: list[torch.Tensor | None] = [self.images.get(k) for k in keys]

@@ -7,9 +7,9 @@ reports back what each step produced.
 
 Interface (called by the engine under one lock):
 
-* :meth:`Scheduler.add` — queue a sequence, or raise :class:`~model.engine.api.Busy` when the
+* :meth:`Scheduler.add` — queue a sequence, or raise :class:`~model.engine.contract.Busy` when the
   estimated wait or a queue limit is exceeded (a flooding user hits their own per-user limit
-  first) and :class:`~model.engine.api.RequestTooLarge` when it can never fit the KV budget.
+  first) and :class:`~model.engine.contract.RequestTooLarge` when it can never fit the KV budget.
 * :meth:`Scheduler.schedule` → :class:`StepPlan` — sequences to admit this step (round-robin
   over users, within the batch size, the per-user running cap and the KV token budget) and
   prefixes to evict (least recently used first) to make room.
@@ -26,7 +26,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from model.engine.api import Busy, RequestTooLarge
+from model.engine.contract import Busy, RequestTooLarge
 
 __all__ = ["Scheduler", "SchedulerConfig", "SeqInfo", "StepPlan", "StepResult"]
 

@@ -1,7 +1,7 @@
 """The engine's request type and the per-sequence state it tracks.
 
 The events a request streams and the errors it raises are the torch-free contract in
-:mod:`model.engine.api`.
+:mod:`model.engine.contract`.
 """
 
 from __future__ import annotations

@@ -44,13 +44,13 @@ from model.training import dist as dist_utils
 from model.training.batch import BatchBuilder
 from model.training.callbacks import StepEnd, StepHook, StopFlag, TrainerCallback, default_callbacks
 from model.training.checkpoint import LAST, save_checkpoint
-from model.training.config import ALIGNMENT_PROMPTS, TrainConfig
 from model.training.data import BadRecords, Batch, BatchStream, ListSource, blip_caption, open_source
 from model.training.loss import LossModule, text_tensors
 from model.training.mix import MixedBadRecords, MixedPosition, MixedStream
 from model.training.optim import LinearWarmupCosineLR, build_optimizer
 from model.training.prepare import freeze_all_but_trained, training_device, write_initial_projection
 from model.training.resume import checkpoint_payload, rank_state, read_resume_checkpoint, restore_rank, saved_position
+from model.training.settings import ALIGNMENT_PROMPTS, TrainConfig
 
 __all__ = ["TrainError", "TrainResult", "Trainer", "load_prompts", "run_training"]
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from model.training.checkpoint import save_checkpoint, trainable_named_parameters
-from model.training.config import TrainConfig
+from model.training.settings import TrainConfig
 
 __all__ = ["freeze_all_but_trained", "training_device", "write_initial_projection"]
 

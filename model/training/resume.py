@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from model.training.checkpoint import read_checkpoint, trainable_state
-from model.training.config import TrainConfig
 from model.training.mix import MixedPosition
+from model.training.settings import TrainConfig
 
 __all__ = ["checkpoint_payload", "rank_state", "read_resume_checkpoint", "restore_rank", "saved_position"]
 

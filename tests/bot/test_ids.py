@@ -78,7 +78,7 @@ def test_the_front_end_says_whether_its_user_ids_fold_case(tmp_path: Path, monke
     from bot.core.requests import user_ids_fold_case
 
     (tmp_path / "kiosk_frontends.py").write_text(
-        "from bot.core.api import FrontEndPlugin, FrontEndSettings\n"
+        "from bot.core.frontend_api import FrontEndPlugin, FrontEndSettings\n"
         "KIOSK = FrontEndPlugin('kiosk', FrontEndSettings, lambda *a: None, case_insensitive_users=True)\n"
         "TICKETS = FrontEndPlugin('tickets', FrontEndSettings, lambda *a: None)\n"
     )

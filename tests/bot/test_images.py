@@ -107,8 +107,8 @@ def test_the_loop_keeps_answering_while_a_big_picture_is_decoded(tmp_path: Path,
 def test_front_ends_get_the_accepted_formats_through_the_seam(tmp_path: Path) -> None:
     """``Core.image_limits.formats`` is what :func:`check_image` reads, so a front end's messages and command
     descriptions (which may not import this module) list the same formats as the core's own messages."""
-    from bot.core.api import ImageLimits
     from bot.core.config import Settings
+    from bot.core.frontend_api import ImageLimits
     from bot.core.service import BotService
     from storage import Database, sqlite_url
     from tests.scripted_backend import ScriptedBackend

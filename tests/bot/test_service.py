@@ -19,7 +19,7 @@ from PIL import Image
 from bot.core.config import Settings
 from bot.core.requests import Delta, Final, ImageAttachment, Request
 from bot.core.service import BotService
-from model.engine.api import Busy, RequestFailed, RequestRejected
+from model.engine.contract import Busy, RequestFailed, RequestRejected
 from storage import Database, UsageTotals
 from tests.scripted_backend import ScriptedBackend
 
@@ -468,7 +468,7 @@ def test_the_core_api_for_front_ends(run):
     }
 
     async def fn(h: Harness):
-        from bot.core.api import Core
+        from bot.core.frontend_api import Core
 
         assert isinstance(h.service, Core)
         here = {p.name: p.prompt for p in h.service.presets("T1", "C1")}

@@ -17,8 +17,8 @@ from bot.core.config import Settings
 from bot.core.requests import Final
 from bot.core.service import CUT_NOTE, BotService
 from model.engine import Engine
-from model.engine.api import FinalEvent, TokenEvent
-from model.engine.backend import EngineBackend
+from model.engine.contract import FinalEvent, TokenEvent
+from model.engine.local_backend import EngineBackend
 from storage import ConversationKey, Database, sqlite_url
 from tests.bot import test_service
 from tests.bot.test_service import Harness, png, req

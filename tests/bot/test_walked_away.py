@@ -21,7 +21,7 @@ from typing import Any
 from bot.core.config import Settings
 from bot.core.requests import Delta, Final
 from bot.core.service import BotService
-from model.engine.api import Busy
+from model.engine.contract import Busy
 from storage import ConversationKey, Database
 from tests.bot import test_service
 from tests.bot.test_service import Harness, png, req

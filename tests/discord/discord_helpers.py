@@ -23,8 +23,8 @@ from PIL import Image
 
 from adapters.discord import FRONT_END, DiscordSettings
 from adapters.discord.app import DiscordFrontEnd
-from bot.core.api import Core, FrontEnd, FrontEndContext, ThreadTurn
 from bot.core.config import Settings
+from bot.core.frontend_api import Core, FrontEnd, FrontEndContext, ThreadTurn
 from bot.core.requests import ThreadRef
 from bot.core.service import BotService
 from storage import Database, sqlite_url

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from discord_helpers import FakeDiscord, ScriptedBackend, discord_env, png_bytes
 
-from model.engine.api import Busy
+from model.engine.contract import Busy
 
 NO_PINGS = {"parse": []}
 
@@ -230,7 +230,7 @@ def test_discord_a_redelivered_message_is_answered_once(tmp_path: Path) -> None:
 
 def test_discord_without_the_message_content_intent_the_bot_does_not_start(tmp_path: Path) -> None:
     async def main() -> None:
-        from bot.core.api import FrontEndSetupError
+        from bot.core.frontend_api import FrontEndSetupError
 
         try:
             async with discord_env(tmp_path, fake=FakeDiscord(allow_message_content=False)):

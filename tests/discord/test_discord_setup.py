@@ -17,9 +17,9 @@ import bot.cli.serve as serve
 from adapters.discord import FRONT_END, DiscordSettings
 from adapters.discord.app import DiscordFrontEnd, DiscordToken
 from adapters.discord.commands import differences
-from bot.core.api import FrontEndContext, FrontEndSetupError, ImageLimits
-from bot.core.backend import BackendPlugin
+from bot.core.backend_api import BackendPlugin
 from bot.core.config import Settings
+from bot.core.frontend_api import FrontEndContext, FrontEndSetupError, ImageLimits
 from bot.core.plugins import BACKENDS, load_plugin
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -28,7 +28,7 @@ from model.engine import (
     SchedulerConfig,
     TokenEvent,
 )
-from model.engine.api import ChatTurn
+from model.engine.contract import ChatTurn
 from model.generate import decode_answer, default_options
 from model.image_processing import builtin_test_image
 
@@ -162,7 +162,7 @@ def test_anything_unexpected_becomes_request_failed_and_is_logged(m, monkeypatch
             await _drain(backend)
         return info.value
 
-    with caplog.at_level(logging.ERROR, logger="model.engine.backend"):
+    with caplog.at_level(logging.ERROR, logger="model.engine.local_backend"):
         error = run(m, main)
     assert type(error) is RequestFailed and isinstance(error.__cause__, KeyError)
     assert any(r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)

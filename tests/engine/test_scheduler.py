@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from model.engine.api import Busy, EngineError, RequestRejected, RequestTooLarge
+from model.engine.contract import Busy, EngineError, RequestRejected, RequestTooLarge
 from model.engine.scheduler import Scheduler, SchedulerConfig, SeqInfo, StepResult
 
 
@@ -48,7 +48,7 @@ def test_scheduler_module_imports_no_tensor_library() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module)
     stdlib = {"__future__", "time", "collections", "collections.abc", "dataclasses"}
-    assert imported <= stdlib | {"model.engine.api"}, imported
+    assert imported <= stdlib | {"model.engine.contract"}, imported
 
 
 def test_admission_up_to_max_batch_then_decode_and_refill() -> None:

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from adapters.slack.render import escape_mrkdwn
+from adapters.slack.messages import escape_mrkdwn
 from bot.core.config import Settings
 from bot.core.requests import Delta, Final, ImageAttachment, Request, ThreadRef
 from bot.core.sanitize import StreamSanitizer, clean_text, sanitize_output

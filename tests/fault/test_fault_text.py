@@ -17,7 +17,7 @@ from PIL import Image
 from bot.core.config import Settings
 from bot.core.requests import Delta, Final, ImageAttachment, Request
 from bot.core.service import BotService
-from model.engine.api import RequestFailed
+from model.engine.contract import RequestFailed
 from storage import ConversationKey, Database
 from tests.scripted_backend import ScriptedBackend
 

@@ -125,8 +125,8 @@ def test_grounding_answers_without_boxes_and_grounding_off_are_as_written(tmp_pa
 
 OUT_OF_TREE = '''
 """A backend of someone else's: answers every question with boxes, as MiniGPT-v2 served elsewhere would."""
-from bot.core.backend import BackendPlugin
-from model.engine.api import FinalEvent, TokenEvent
+from bot.core.backend_api import BackendPlugin
+from model.engine.contract import FinalEvent, TokenEvent
 
 ANSWER = "<p>a boat</p> {<20><30><60><70>}"
 

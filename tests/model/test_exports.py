@@ -25,7 +25,7 @@ def test_every_lazy_export_resolves_to_its_module_s_object(package) -> None:
 
 def test_the_engine_contract_imports_no_heavy_library() -> None:
     code = (
-        "import sys, model.engine.api\n"
+        "import sys, model.engine.contract\n"
         "heavy = [m for m in ('torch', 'PIL', 'transformers', 'numpy') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

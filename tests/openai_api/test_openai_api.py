@@ -15,7 +15,7 @@ import openai
 import pytest
 from openai_helpers import assistant, data_url, png, running_api, user
 
-from model.engine.api import Busy, RequestFailed
+from model.engine.contract import Busy, RequestFailed
 from storage import ConversationKey
 from storage.db import split_api_key
 from tests.scripted_backend import ScriptedBackend

@@ -15,7 +15,7 @@ from PIL import Image
 from bot.core.config import Settings
 from bot.core.requests import Final, GenerationRequest, HistoryTurn, ImageAttachment, Request, ThreadRef
 from bot.core.service import BotService
-from model.engine.api import Busy
+from model.engine.contract import Busy
 from storage import ConversationKey, Database
 from tests.scripted_backend import ScriptedBackend
 

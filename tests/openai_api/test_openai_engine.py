@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from openai_helpers import assistant, data_url, png, running_api, user
 
-from model.engine.backend import EngineBackend
+from model.engine.local_backend import EngineBackend
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "web"))
 from web_helpers import start_demo_engine

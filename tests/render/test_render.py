@@ -22,8 +22,8 @@ from PIL import Image
 
 from bot.core.config import RenderSettings, Settings
 from bot.core.previews import REPAIRED_NOTE
-from bot.core.render import ChromiumRenderer, RenderError, chromium_args, find_chromium
 from bot.core.requests import Final, ImageAttachment, Request
+from bot.core.screenshot import ChromiumRenderer, RenderError, chromium_args, find_chromium
 from bot.core.service import BotService
 from bot.core.website import extract_html
 from storage import Database, sqlite_url

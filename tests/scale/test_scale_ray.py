@@ -24,13 +24,13 @@ pytest.importorskip("ray.serve", reason='Ray Serve is not installed: pip install
 
 from PIL import Image  # noqa: E402
 
-from bot.core.backend import GenerationBackend  # noqa: E402
+from bot.core.backend_api import GenerationBackend  # noqa: E402
 from bot.core.config import Settings  # noqa: E402
 from bot.core.plugins import BACKENDS, load_plugin  # noqa: E402
 from bot.core.requests import Delta, Final, ImageAttachment, Request, ThreadRef  # noqa: E402
 from bot.core.service import BotService  # noqa: E402
 from model.engine import Engine, EngineBackend  # noqa: E402
-from model.engine.api import Busy, FinalEvent, RequestRejected, TokenEvent  # noqa: E402
+from model.engine.contract import Busy, FinalEvent, RequestRejected, TokenEvent  # noqa: E402
 from model.engine.ray_client import RayServeBackend  # noqa: E402
 from model.image_processing import builtin_test_image  # noqa: E402
 from storage import Database, sqlite_url  # noqa: E402

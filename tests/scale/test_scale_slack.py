@@ -21,8 +21,8 @@ import pytest
 from aiohttp import web
 
 from adapters.slack import FRONT_END, SlackSettings
-from bot.core.api import FrontEndContext
 from bot.core.config import Settings
+from bot.core.frontend_api import FrontEndContext
 from bot.core.requests import ThreadRef
 from bot.core.service import BotService
 from storage import Database

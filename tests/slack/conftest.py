@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from model.engine import Engine
-from model.engine.backend import EngineBackend
+from model.engine.local_backend import EngineBackend
 
 
 @pytest.fixture(scope="session")

@@ -24,9 +24,9 @@ from PIL import Image
 
 from adapters.slack import FRONT_END, SlackSettings
 from adapters.slack.app import EVENTS_PATH, SlackFrontEnd
-from adapters.slack.render import escape_mrkdwn
-from bot.core.api import Core, FrontEnd, FrontEndContext, ThreadTurn
+from adapters.slack.messages import escape_mrkdwn
 from bot.core.config import Settings
+from bot.core.frontend_api import Core, FrontEnd, FrontEndContext, ThreadTurn
 from bot.core.requests import ThreadRef
 from bot.core.service import BotService
 from storage import Database, sqlite_url

@@ -17,10 +17,10 @@ from slack_helpers import CHANNEL, make_settings, png_bytes
 
 from adapters.slack import FRONT_END, SlackSettings
 from adapters.slack.app import SlackFrontEnd, SlackTokens
-from adapters.slack.render import PLACEHOLDER, SUFFIX
+from adapters.slack.messages import PLACEHOLDER, SUFFIX
 from bot.cli.serve import run_bot
-from bot.core.api import FrontEndContext, FrontEndSetupError
 from bot.core.config import Settings
+from bot.core.frontend_api import FrontEndContext, FrontEndSetupError
 from bot.core.plugins import FRONTENDS, load_plugin, plugin_names
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 
 from slack_helpers import CHANNEL, ScriptedBackend, png_bytes, slack_env
 
-from model.engine.api import RequestFailed
+from model.engine.contract import RequestFailed
 
 
 def test_http_events_are_verified_acked_fast_and_answered_once(demo_backend: Any, tmp_path: Path) -> None:

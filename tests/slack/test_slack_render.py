@@ -3,7 +3,7 @@ tested platform-neutrally in ``tests/adapters/test_streaming.py``)."""
 
 from __future__ import annotations
 
-from adapters.slack.render import (
+from adapters.slack.messages import (
     escape_mrkdwn,
     escaped_len,
     missing_files_write,

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from slack_helpers import CHANNEL, ScriptedBackend, png_bytes, slack_env
 
-from adapters.slack.render import PLACEHOLDER, escape_mrkdwn
+from adapters.slack.messages import PLACEHOLDER, escape_mrkdwn
 
 
 def test_mention_answers_in_thread_and_follow_ups_need_no_mention(demo_backend: Any, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from fake_slack import FakeSlack
 from slack_helpers import CHANNEL, ScriptedBackend, png_bytes, slack_env
 
 from adapters.slack.app import make_client
-from adapters.slack.render import INTERRUPTED, PLACEHOLDER, SlackThread, slack_format, unescape_mrkdwn
+from adapters.slack.messages import INTERRUPTED, PLACEHOLDER, SlackThread, slack_format, unescape_mrkdwn
 from adapters.streaming import StreamedReply, TokenBucket
 from bot.core.requests import Delta, Final
 

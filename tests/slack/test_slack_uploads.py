@@ -7,7 +7,7 @@ from pathlib import Path
 
 from slack_helpers import CHANNEL, png_bytes, slack_env
 
-from adapters.slack.render import escape_mrkdwn, missing_files_write
+from adapters.slack.messages import escape_mrkdwn, missing_files_write
 from bot.core.requests import ReplyFile
 from tests.scripted_backend import ScriptedBackend
 

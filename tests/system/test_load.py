@@ -18,7 +18,7 @@ from adapters.web import run_web
 from bot.core.config import Settings
 from bot.core.service import BotService
 from model.engine import Engine
-from model.engine.backend import EngineBackend
+from model.engine.local_backend import EngineBackend
 from storage import Database, sqlite_url
 
 CONVERSATIONS = 200

@@ -48,8 +48,8 @@ def make_config(tmp_path: Path, parity_model_table: dict[str, Any]):
 @pytest.fixture
 def train_run():
     """``train_run(config_path, **kwargs)`` → ``TrainResult`` (no progress bar)."""
-    from model.training.config import load_train_config
     from model.training.loop import run_training
+    from model.training.settings import load_train_config
 
     def run(path: Path, **kwargs: Any):
         return run_training(load_train_config(path), progress=False, **kwargs)

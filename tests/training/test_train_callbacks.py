@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from model.training.callbacks import Callback, StepEnd
-from model.training.config import TrainSettings
 from model.training.loop import Trainer, TrainResult
+from model.training.settings import TrainSettings
 from tests.training.helpers import ANSWERS, read_log, write_pairs
 
 TRAINING = Path(__file__).resolve().parents[2] / "model" / "training"

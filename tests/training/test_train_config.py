@@ -11,7 +11,13 @@ from typer.testing import CliRunner
 
 from bot.cli.main import app
 from bot.core.config import ModelSettings
-from model.training.config import STAGE_RECIPES, TrainConfigError, TrainModelSettings, TrainSettings, load_train_config
+from model.training.settings import (
+    STAGE_RECIPES,
+    TrainConfigError,
+    TrainModelSettings,
+    TrainSettings,
+    load_train_config,
+)
 from tests.training.helpers import ROOT, read_log
 
 runner = CliRunner()

@@ -14,9 +14,9 @@ import torch
 
 from model.checkpoints import CheckpointError
 from model.loader import load_minigpt4
-from model.training.config import TrainConfigError, load_train_config
 from model.training.data import DataError
 from model.training.loop import TrainError
+from model.training.settings import TrainConfigError, load_train_config
 from tests.training.helpers import (
     ANSWERS,
     EXTRA,
@@ -86,7 +86,7 @@ def test_train_prompts_are_drawn_as_the_reference_draws_them(make_config, train_
     """Seeded ``seed + rank``: the "Prompt Example" at start, then per step ``MultiIterLoader``'s draw (one loader:
     still one ``random()``) and ``random.choice(prompt_list)`` — the reference's global ``random``, in that order."""
     from model.training import loop
-    from model.training.config import load_train_config
+    from model.training.settings import load_train_config
 
     lines = [f"<Img><ImageHere></Img> {q}" for q in ("Describe this image.", "What is here?", "Tell me more.")]
     (tmp_path / "three.txt").write_text("\n".join(lines) + "\n")

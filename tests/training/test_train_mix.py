@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.training.config import TrainConfigError, config_from_dict, load_train_config
 from model.training.data import BadRecords, open_source
 from model.training.loop import Trainer, TrainError
 from model.training.mix import MixedBadRecords, MixedPosition, MixedStream
+from model.training.settings import TrainConfigError, config_from_dict, load_train_config
 from tests.training.helpers import ANSWERS, EXTRA, PARITY, read_log, write_pairs
 from tests.training.test_train_data import _stream, _texts, write_shards
 

@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from bot.cli.backends import LOCAL
 from bot.cli.vllm_backend import VLLM, VllmBackend, cut_left
 from bot.core.config import Settings
-from model.engine.api import Busy, ChatTurn, FinalEvent, RequestFailed, RequestTooLarge, TokenEvent
+from model.engine.contract import Busy, ChatTurn, FinalEvent, RequestFailed, RequestTooLarge, TokenEvent
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"

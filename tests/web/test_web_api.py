@@ -24,7 +24,7 @@ from adapters.web import create_app, run_web, upload_limit
 from bot.core.config import Settings
 from bot.core.service import BotService
 from model.engine import Engine
-from model.engine.backend import EngineBackend
+from model.engine.local_backend import EngineBackend
 from storage import ConversationKey, Database, sqlite_url
 
 Image = tuple[str, bytes, str]  # filename, data, content type

@@ -19,7 +19,7 @@ from web_helpers import make_settings, parse_sse, png_bytes, start_demo_engine
 
 from adapters.web import create_app
 from bot.core.service import BotService
-from model.engine.backend import EngineBackend
+from model.engine.local_backend import EngineBackend
 from storage import Database, sqlite_url
 
 

@@ -22,7 +22,7 @@ from browser import CDP, with_chromium
 from PIL import Image
 from web_helpers import BackgroundWeb, make_settings, png_bytes, start_demo_engine
 
-from model.engine.backend import EngineBackend
+from model.engine.local_backend import EngineBackend
 from storage import ConversationKey
 
 

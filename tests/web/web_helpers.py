@@ -15,7 +15,7 @@ from typing import Any
 from PIL import Image
 
 from adapters.web import run_web
-from bot.core.backend import GenerationBackend
+from bot.core.backend_api import GenerationBackend
 from bot.core.config import Settings
 from bot.core.service import BotService
 from model import load_minigpt4

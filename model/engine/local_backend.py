@@ -1,8 +1,8 @@
-"""The local generation backend: the engine behind the core's backend seam (``bot.core.backend.GenerationBackend``).
+"""The local generation backend: the engine behind the core's backend seam (``bot.core.backend_api.GenerationBackend``).
 
-It speaks only the torch-free contract of :mod:`model.engine.api`: it streams
-:class:`~model.engine.api.TokenEvent` then one :class:`~model.engine.api.FinalEvent`, and raises
-only :class:`~model.engine.api.EngineError` subclasses — ``Busy``, ``RequestRejected`` (including
+It speaks only the torch-free contract of :mod:`model.engine.contract`: it streams
+:class:`~model.engine.contract.TokenEvent` then one :class:`~model.engine.contract.FinalEvent`, and raises
+only :class:`~model.engine.contract.EngineError` subclasses — ``Busy``, ``RequestRejected`` (including
 ``RequestTooLarge`` and invalid ``[generation]`` options) and ``RequestFailed``, into which anything
 unexpected is wrapped (and logged with its traceback).  What a person is told is the core's business.
 """
@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from model.engine.api import ChatTurn, EngineError, FinalEvent, RequestFailed, TokenEvent
+from model.engine.contract import ChatTurn, EngineError, FinalEvent, RequestFailed, TokenEvent
 from model.engine.engine import Engine
 from model.engine.types import EngineRequest
 from model.generate import default_options

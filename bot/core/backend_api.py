@@ -1,9 +1,9 @@
 """The backend seam: what the core needs from whatever generates answers, and how backends are found.
 
-A backend streams the events of :mod:`model.engine.api` — the engine's torch-free contract, which
+A backend streams the events of :mod:`model.engine.contract` — the engine's torch-free contract, which
 both sides import — and raises only its errors (``Busy``, ``RequestRejected``, ``RequestFailed``).
 The core dispatches on those types (:meth:`bot.core.service.BotService._stream`), so a backend never
-decides what a user is told.  The local engine (``model.engine.backend.EngineBackend``) implements
+decides what a user is told.  The local engine (``model.engine.local_backend.EngineBackend``) implements
 this; Ray Serve and vLLM backends plug in the same way, chosen by ``[engine] backend`` through the
 entry-point group ``minigpt4_bot.backends`` (:mod:`bot.core.plugins`).
 
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
-from model.engine.api import ChatTurn, FinalEvent, TokenEvent
+from model.engine.contract import ChatTurn, FinalEvent, TokenEvent
 
 if TYPE_CHECKING:
     from bot.core.config import Settings
@@ -45,7 +45,7 @@ class GenerationBackend(Protocol):
     ) -> AsyncIterator[TokenEvent | FinalEvent]:
         """Token events, then one final event.  ``conversation_id`` keys cached image tokens and KV
         prefixes (and replica affinity); ``user`` is the fairness key; ``options`` the ``[generation]``
-        settings.  Raises ``model.engine.api.EngineError`` subclasses only.  The core closes the iterator
+        settings.  Raises ``model.engine.contract.EngineError`` subclasses only.  The core closes the iterator
         (``aclose``, where it has one) when the reply ends early: that must cancel the request."""
         ...
 
