@@ -34,6 +34,7 @@ from typing import Any
 import aiohttp
 import discord
 
+from adapters.discord.settings import MESSAGE_LIMIT
 from adapters.streaming import PLACEHOLDER, ReplyFormat
 from bot.core.requests import ReplyFile
 
@@ -51,7 +52,6 @@ log = logging.getLogger(__name__)
 
 NO_MENTIONS = discord.AllowedMentions.none()
 TOKEN_LIFETIME = datetime.timedelta(minutes=15)  # an interaction token's life
-MESSAGE_LIMIT = 2000
 TYPING_MAX_S = 300.0  # renew "typing…" at most this long while an answer has not begun
 THREAD_ARCHIVE_MINUTES = 1440  # a conversation thread hides after a day without messages
 _FAILURES = (discord.DiscordException, aiohttp.ClientError, TimeoutError, OSError, ValueError)

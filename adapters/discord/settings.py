@@ -4,21 +4,20 @@ from __future__ import annotations
 
 from pydantic import Field, field_validator
 
-from bot.core.frontend_api import FrontEndSettings
+from adapters.shared_settings import ChatPlatformSettings
 
 __all__ = ["MESSAGE_LIMIT", "DiscordSettings"]
 
 MESSAGE_LIMIT = 2000  # Discord's limit on a message's content
 
 
-class DiscordSettings(FrontEndSettings):
-    """``[discord]``: the Discord front end (``DISCORD_BOT_TOKEN`` comes from the environment only)."""
+class DiscordSettings(ChatPlatformSettings):
+    """``[discord]``: the Discord front end (``DISCORD_BOT_TOKEN`` comes from the environment only); ``enabled``
+    and ``max_image_bytes`` are every chat platform's (:class:`ChatPlatformSettings`)."""
 
-    enabled: bool = False
     guild_ids: list[int] = Field(default_factory=list, description="[] = global slash commands")
-    update_interval_s: float = Field(1.0, ge=1.0, description="at least this long between two edits of a message")
+    update_interval_s: float = Field(1.0, ge=1.0, description="at least this long between two edits (Discord's rate)")
     max_message_chars: int = Field(MESSAGE_LIMIT, ge=200, le=MESSAGE_LIMIT)
-    max_image_bytes: int = Field(0, ge=0, description="0 = [images] max_bytes")
 
     @field_validator("guild_ids")
     @classmethod

@@ -20,19 +20,19 @@ from pydantic import Field
 
 from adapters.http_front_end import ServerFrontEnd
 from adapters.openai_api.app import PLATFORM, create_app
-from bot.core.frontend_api import Core, FrontEndContext, FrontEndPlugin, FrontEndSettings, FrontEndSetupError
+from adapters.shared_settings import Port, ServerSettings
+from bot.core.frontend_api import Core, FrontEndContext, FrontEndPlugin, FrontEndSetupError
 
 __all__ = ["FRONT_END", "OpenAIFrontEnd", "OpenAISettings", "create_app"]
 
 log = logging.getLogger(__name__)
 
 
-class OpenAISettings(FrontEndSettings):
+class OpenAISettings(ServerSettings):
     """``[openai]``: the OpenAI-compatible API (loopback by default; off unless enabled)."""
 
     enabled: bool = False
-    host: str = "127.0.0.1"
-    port: int = Field(8081, ge=0, le=65535)
+    port: Port = 8081
     model_id: str = Field("minigpt4", pattern=r"^[A-Za-z0-9._-]{1,64}$", description="the id /v1/models lists")
     fetch_remote_images: bool = Field(False, description="fetch http(s) image_url pictures (public addresses only)")
     fetch_timeout_s: float = Field(5.0, gt=0, le=60)

@@ -6,22 +6,20 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from bot.core.frontend_api import FrontEndSettings
+from adapters.shared_settings import ChatPlatformSettings
 
 __all__ = ["SlackSettings"]
 
 
-class SlackSettings(FrontEndSettings):
-    """``[slack]``: the Slack front end (tokens come from the environment, never from this file)."""
+class SlackSettings(ChatPlatformSettings):
+    """``[slack]``: the Slack front end (tokens come from the environment, never from this file); ``enabled``,
+    ``max_image_bytes`` and ``update_interval_s`` are every chat platform's (:class:`ChatPlatformSettings`)."""
 
-    enabled: bool = False
     mode: Literal["socket", "http"] = "socket"
     api_url: str = "https://slack.com/api/"
     http_host: str = "127.0.0.1"
     http_port: int = Field(3000, ge=0, le=65535)
     slash_command: str = "/minigpt4"
-    max_image_bytes: int = Field(0, ge=0, description="0 = [images] max_bytes")
-    update_interval_s: float = Field(1.0, ge=0)
     updates_per_minute: int = Field(45, ge=1, le=1000)
     max_message_chars: int = Field(3500, ge=200, le=4000)
 

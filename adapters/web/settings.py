@@ -6,15 +6,14 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
-from bot.core.frontend_api import FrontEndSettings
+from adapters.shared_settings import Port, ServerSettings
 
 
-class WebSettings(FrontEndSettings):
+class WebSettings(ServerSettings):
     """``[web]``: the local web chat, health and metrics endpoints (loopback by default)."""
 
     enabled: bool = True
-    host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535)
+    port: Port = 8080
     allowed_hosts: list[str] = Field(
         default_factory=list,
         description="Host names (name or name:port) the chat answers besides localhost, 127.0.0.1, [::1] and "
