@@ -134,6 +134,7 @@ class EngineSettings(_Strict):
     kv_budget_tokens: int = Field(65536, ge=256)
     image_cache_size: int = Field(256, ge=0)
     prefix_reuse: bool = True
+    threads: int = Field(0, ge=0, le=1024)  # torch intra-op threads; 0 = usable cores - 1 (affinity, cgroup quota)
     request_timeout_s: float = Field(300.0, gt=0)
 
     @field_validator("backend")

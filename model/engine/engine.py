@@ -38,6 +38,7 @@ from model.engine.contract import Busy, EngineError, FinalEvent, RequestFailed, 
 from model.engine.metrics import EngineMetrics
 from model.engine.runner import Runner
 from model.engine.scheduler import Scheduler, SchedulerConfig, SeqInfo, StepResult
+from model.engine.threads import ThreadSettings, apply_thread_settings, thread_settings
 from model.engine.types import EngineRequest, SeqState
 from model.generate import beam_search, decode_answer, default_options
 from model.minigpt4 import MiniGPT4
@@ -56,6 +57,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     image_cache_size: int = 256
     prefix_reuse: bool = True
+    threads: int = 0  # torch intra-op threads; 0 = derived from the usable cores (model.engine.threads)
 
 
 class RequestStream:
@@ -124,12 +126,15 @@ class Engine:
         self._aborted: set[str] = set()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self.threads: ThreadSettings | None = None  # chosen at start()
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> Engine:
         if self._thread is None:
             self._stopping = False
+            self.threads = thread_settings(self.config.threads)
+            log.info("engine: %s", self.threads.describe())
             self._thread = threading.Thread(target=self._work, name="minigpt4-engine", daemon=True)
             self._thread.start()
         return self
@@ -278,6 +283,8 @@ class Engine:
         self.metrics.tokens += 1
 
     def _work(self) -> None:
+        assert self.threads is not None
+        apply_thread_settings(self.threads)  # here: torch's thread count is per thread (model.engine.threads)
         while True:
             with self._lock:
                 while not self._stopping and not self._has_work():
