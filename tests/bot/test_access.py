@@ -6,11 +6,9 @@ Rules are written with ``Database.add_rule`` (what ``admin allow|deny`` does) an
 
 from __future__ import annotations
 
-import io
 import re
 
 import pytest
-from PIL import Image
 
 from bot.core.access import AccessControl
 from bot.core.config import Settings
@@ -18,6 +16,7 @@ from bot.core.errors import AccessDenied
 from bot.core.requests import Final, ImageAttachment, Request
 from bot.core.service import BotService
 from storage import Database
+from tests.pictures import png
 from tests.scripted_backend import ScriptedBackend
 
 GUILD, CHANNEL = "G1", "C1"
@@ -110,9 +109,7 @@ def test_add_rule_accepts_role_and_refuses_unknown_targets(run_db):
 
 
 def _png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (40, 30), (200, 10, 10)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png((200, 10, 10), (40, 30))
 
 
 def test_the_core_checks_the_request_roles(run_db):

@@ -4,24 +4,17 @@ one web user for quotas and access rules; Slack's opaque ids keep their case."""
 from __future__ import annotations
 
 import asyncio
-import io
 from pathlib import Path
-
-from PIL import Image
 
 from bot.core.config import Settings
 from bot.core.requests import ImageAttachment, Request, ThreadRef, normalize_id, normalize_user
 from bot.core.service import BotService
 from storage import Database, sqlite_url
+from tests.pictures import png
 from tests.scripted_backend import ScriptedBackend
 
 SPELLINGS = ("Q1", "q1", "q1\u200b", "\uff31\uff11", " Q1\u00ad ", "q\u200d1")
-
-
-def png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), (9, 9, 9)).save(buffer, format="PNG")
-    return buffer.getvalue()
+PICTURE = png((9, 9, 9), (8, 8))
 
 
 def test_ids_are_normalised_per_platform() -> None:
@@ -51,7 +44,7 @@ def test_one_user_for_quotas_and_deny_rules_however_spelled(tmp_path: Path) -> N
         service = BotService(settings, db, ScriptedBackend())
 
         async def ask(user: str, thread: str) -> str:
-            request = Request("web", "local", "chat", thread, user, "What is it?", (ImageAttachment(png()),))
+            request = Request("web", "local", "chat", thread, user, "What is it?", (ImageAttachment(PICTURE),))
             events = [e async for e in service.handle(request)]
             return events[-1].kind + ": " + events[-1].text
 

@@ -6,13 +6,11 @@ Slack and Discord payloads.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import re
 
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from adapters.slack.messages import escape_mrkdwn
 from bot.core.config import Settings
@@ -20,6 +18,7 @@ from bot.core.requests import Delta, Final, ImageAttachment, Request, ThreadRef
 from bot.core.sanitize import StreamSanitizer, clean_text, sanitize_output
 from bot.core.service import BotService
 from storage import Database
+from tests.pictures import png
 from tests.scripted_backend import ScriptedBackend
 
 # Every code point (surrogates included), plus the pieces that matter, so they turn up often.
@@ -90,9 +89,7 @@ def test_fault_streamed_output_is_safe_at_every_point(tokens: list[str]) -> None
 
 
 def _png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (24, 16), (10, 120, 200)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png((10, 120, 200), (24, 16))
 
 
 IDS = st.lists(st.one_of(st.characters(exclude_categories=()), st.sampled_from(["\x00", "\ud800", "\r\n"])),

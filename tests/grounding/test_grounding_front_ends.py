@@ -20,15 +20,14 @@ from adapters.web import create_app
 from bot.core.config import Settings
 from bot.core.service import BotService
 from storage import Database, sqlite_url
+from tests.pictures import png
 from tests.scripted_backend import ScriptedBackend
 
 ANSWER = "<p>a green square</p> {<25><25><75><75>}"
 
 
 def _picture() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (40, 40), (10, 10, 200)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png((10, 10, 200), (40, 40))
 
 
 async def _service(tmp_path: Path, backend: ScriptedBackend | None = None) -> tuple[BotService, Database]:

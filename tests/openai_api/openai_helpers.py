@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import io
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -15,18 +14,16 @@ from typing import Any
 
 from aiohttp import web
 from openai import AsyncOpenAI
-from PIL import Image
 
 from adapters.openai_api import OpenAISettings, create_app
 from bot.core.config import Settings
 from bot.core.service import BotService
 from storage import Database, sqlite_url
+from tests import pictures
 
 
 def png(color: tuple[int, int, int] = (200, 40, 0), size: tuple[int, int] = (64, 48)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return pictures.png(color, size)
 
 
 def data_url(data: bytes, mime: str = "image/png") -> str:
@@ -94,4 +91,5 @@ async def running_api(
         for client in api.clients:
             await client.close()
         await runner.cleanup()
+        await service.close()
         await db.dispose()

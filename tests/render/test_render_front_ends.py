@@ -19,6 +19,7 @@ from adapters.web import create_app
 from bot.core.config import Settings
 from bot.core.service import BotService
 from storage import Database, sqlite_url
+from tests.pictures import png
 from tests.scripted_backend import ScriptedBackend
 
 PAGE = (
@@ -29,9 +30,7 @@ ANSWER = "```html\n" + PAGE + "\n```"
 
 
 def _picture() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (24, 24), (10, 200, 10)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png((10, 200, 10), (24, 24))
 
 
 async def _service(tmp_path: Path) -> tuple[BotService, Database]:

@@ -11,7 +11,6 @@ N requests of a user however the events are spread, and however many arrive at t
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import os
 import socket
@@ -24,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from PIL import Image
 
 from storage.migrate import upgrade
 from tests.http_helpers import multipart
 from tests.pg import create_database
+from tests.pictures import png
 
 ROOT = Path(__file__).resolve().parents[2]
 QUOTA = 3
@@ -106,9 +105,7 @@ class Bot:
 
 
 def _png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (64, 64), (200, 30, 30)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png((200, 30, 30), (64, 64))
 
 
 def _to_both(bots: list[Bot], fields: dict[str, str], image: bytes | None) -> list[Any]:

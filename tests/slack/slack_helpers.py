@@ -4,54 +4,40 @@
 demo-weights engine or a scripted backend), the fake Slack and a started Slack front end — built through
 its entry-point plugin, ``adapters.slack.FRONT_END`` — whose every Web API call goes to the fake through
 ``[slack] api_url``.  ``Env.restart`` replaces the front end and the core (same database, same fake
-Slack), as a restarted bot process would.
+Slack), as a restarted bot process would.  Start, stop (the core closed too) and restart are the
+scaffolding every chat platform's tests share: ``tests/chat_helpers.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
-import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 from fake_slack import FakeSlack
-from PIL import Image
 
 from adapters.slack import FRONT_END, SlackSettings
 from adapters.slack.app import EVENTS_PATH, SlackFrontEnd
 from adapters.slack.messages import escape_mrkdwn
 from bot.core.config import Settings
-from bot.core.frontend_api import Core, FrontEnd, FrontEndContext, ThreadTurn
+from bot.core.frontend_api import FrontEndContext, ThreadTurn
 from bot.core.requests import ThreadRef
 from bot.core.service import BotService
-from storage import Database, sqlite_url
+from tests.chat_helpers import ChatEnv, fresh_database
+from tests.chat_helpers import make_settings as _make_settings
+from tests.pictures import png as png_bytes
 from tests.scripted_backend import ScriptedBackend
 
 __all__ = ["CHANNEL", "Env", "ScriptedBackend", "make_settings", "png_bytes", "slack_env"]
 
 CHANNEL = "C0GENERAL"
-BASE: dict[str, Any] = {
-    "generation": {"max_new_tokens": 8, "do_sample": False},
-    "images": {"max_bytes": 512 * 1024, "max_per_message": 2},
-}
 
 
 def make_settings(**sections: dict[str, Any]) -> Settings:
-    data = json.loads(json.dumps(BASE))
-    for name, values in sections.items():
-        data.setdefault(name, {}).update(values)
-    return Settings.model_validate(data)
-
-
-def png_bytes(color: tuple[int, int, int] = (200, 60, 20), size: tuple[int, int] = (64, 48)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return _make_settings(**sections)
 
 
 def slack_settings(fake: FakeSlack, mode: str, **values: Any) -> SlackSettings:
@@ -61,29 +47,21 @@ def slack_settings(fake: FakeSlack, mode: str, **values: Any) -> SlackSettings:
     return SlackSettings.model_validate(defaults | values)
 
 
-class Env:
+class Env(ChatEnv):
     """The fake Slack, the database file, and the running core (``service``) and front end (``adapter``)."""
+
+    platform = "slack"
+    adapter: SlackFrontEnd | None
 
     def __init__(self, fake: FakeSlack, url: str, settings: Settings, slack: SlackSettings, backend: Any,
                  clock: Callable[[], float], sleep: Callable[[float], Any]) -> None:  # fmt: skip
-        self.fake, self.url, self.settings, self.slack, self.backend = fake, url, settings, slack, backend
-        self.clock, self.sleep = clock, sleep
-        self.db: Database | None = None
-        self.service: BotService | None = None
-        self.adapter: SlackFrontEnd | None = None
+        super().__init__(url, settings, backend)
+        self.fake, self.slack, self.clock, self.sleep = fake, slack, clock, sleep
+        self._socket: Any = None
 
     @property
     def events_url(self) -> str:
         return f"http://127.0.0.1:{self.adapter.http_port}{EVENTS_PATH}"
-
-    def outcomes(self) -> dict[str, float]:
-        """``minigpt4_requests_total{platform="slack"}`` by outcome, from the core's /metrics text."""
-        found: dict[str, float] = {}
-        for line in self.service.metrics_text().decode().splitlines():
-            if line.startswith("minigpt4_requests_total{") and 'platform="slack"' in line:
-                outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
-                found[outcome] = float(line.rsplit(" ", 1)[1])
-        return found
 
     async def turns(self, thread: str, channel: str = CHANNEL) -> list[ThreadTurn]:
         """The turns of the thread's live conversation, as the core shows them."""
@@ -104,32 +82,19 @@ class Env:
                 raise AssertionError(f"no answer in {thread}: turns={[(t.role, t.status) for t in turns]} {shown}")
             await asyncio.sleep(0.05)
 
-    async def start(self) -> None:
-        """A core on the database file and a Slack front end built by the entry-point plugin, started."""
-        self.db = Database(self.url)
-        self.service = BotService(self.settings, self.db, self.backend)
-        assert isinstance(self.service, Core)
-        adapter = FRONT_END.create(self.service, self.slack, FrontEndContext())
-        assert isinstance(adapter, SlackFrontEnd) and isinstance(adapter, FrontEnd) and adapter.name == "slack"
+    def front_end(self, service: BotService) -> SlackFrontEnd:
+        """The Slack front end built by the entry-point plugin, every Web API call going to the fake."""
+        adapter = FRONT_END.create(service, self.slack, FrontEndContext())
+        assert isinstance(adapter, SlackFrontEnd)
         adapter.environ = {"SLACK_BOT_TOKEN": self.fake.bot_token, "SLACK_APP_TOKEN": self.fake.app_token,
                            "SLACK_SIGNING_SECRET": self.fake.signing_secret}  # fmt: skip
         adapter.clock, adapter.sleep = self.clock, self.sleep
-        self.adapter, socket = adapter, self.fake._ws
-        await adapter.start()
+        self._socket = self.fake._ws
+        return adapter
+
+    async def started(self) -> None:
         if self.slack.mode == "socket":  # wait for this front end's own websocket
-            await self.fake.wait_for(lambda: self.fake._ws is not None and self.fake._ws is not socket)
-
-    async def stop(self) -> None:
-        if self.adapter is not None:
-            await self.adapter.stop()
-        if self.db is not None:
-            await self.db.dispose()
-        self.adapter = self.service = self.db = None
-
-    async def restart(self) -> None:
-        """Stop the front end and the core, then start new ones on the same database (a restarted bot)."""
-        await self.stop()
-        await self.start()
+            await self.fake.wait_for(lambda: self.fake._ws is not None and self.fake._ws is not self._socket)
 
 
 @contextlib.asynccontextmanager
@@ -144,10 +109,7 @@ async def slack_env(
     **sections: dict[str, Any],
 ) -> AsyncIterator[Env]:
     fake = await FakeSlack(clock=clock).start()
-    url = sqlite_url(folder / f"slack-{uuid.uuid4().hex[:8]}.db")
-    schema = Database(url)
-    await schema.create_all()
-    await schema.dispose()
+    url = await fresh_database(folder, "slack")
     env = Env(fake, url, make_settings(**sections), slack_settings(fake, mode, **(slack or {})), backend, clock, sleep)
     try:
         await env.start()

@@ -10,7 +10,6 @@ missing and doubled parts, broken chunked framing), from a fixed seed.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import logging
 import random
@@ -18,12 +17,12 @@ import time
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from adapters.web import run_web
 from bot.core.config import Settings
 from bot.core.service import BotService
 from storage import Database, sqlite_url
+from tests.pictures import png
 from tests.scripted_backend import ScriptedBackend
 
 # adapters.web silences these at import (it refuses unnamed parts itself); pytest resets warning filters per test.
@@ -42,9 +41,7 @@ MULTIPART = f"multipart/form-data; boundary={B}"
 
 
 def _png() -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (16, 12), (200, 40, 0)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png((200, 40, 0), (16, 12))
 
 
 PNG = _png()

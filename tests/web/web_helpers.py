@@ -22,6 +22,7 @@ from model import load_minigpt4
 from model.demo_weights import write_demo_weights
 from model.engine import Engine
 from storage import Database, sqlite_url
+from tests.pictures import png
 
 # Small answers, greedy (deterministic), small image limits so the upload limit is cheap to exceed.
 BASE_SETTINGS: dict[str, Any] = {
@@ -44,9 +45,7 @@ def start_demo_engine(folder: Path) -> Engine:
 
 
 def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png(color, size)
 
 
 def jpeg_bytes(size: tuple[int, int] = (96, 96)) -> bytes:
