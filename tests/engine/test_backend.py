@@ -1,7 +1,9 @@
 """The local generation backend (``EngineBackend``) on the tiny demo weights: what the bot core sees.
 
 It streams the contract's events, raises only ``EngineError`` subclasses (wrapping anything
-unexpected in ``RequestFailed``), describes the model, reports engine stats and closes the engine.
+unexpected in ``RequestFailed``), describes the model, reports engine stats and closes the engine.  What every
+backend must do (the stream's shape, ``aclose``, invalid options, a bad picture) is the backend contract suite,
+``tests/contracts/test_backend_contract.py``; this module keeps what is the local backend's own.
 """
 
 from __future__ import annotations
@@ -90,36 +92,6 @@ def test_the_request_timeout_ends_the_answer_as_a_deadline(m) -> None:
     endless = {"do_sample": False, "max_new_tokens": 1500, "min_length": 1501, "max_length": 3000}
     events = run(m, lambda b: _drain(b, options=endless, turns=TURNS), timeout_s=0.05)
     assert events[-1].finish_reason == "deadline" and 1 <= events[-1].completion_tokens < 1500
-
-
-def test_invalid_generation_settings_are_rejected_as_invalid(m) -> None:
-    async def main(backend):
-        errors = []
-        for options in ({**GREEDY, "temperature": 0.0}, {**GREEDY, "bogus": 1}):
-            with pytest.raises(RequestRejected) as info:
-                await _drain(backend, options=options)
-            errors.append(info.value)
-        return errors
-
-    bad_value, unknown = run(m, main)
-    assert bad_value.reason == unknown.reason == "invalid"
-    assert "temperature" in bad_value.detail and "bogus" in unknown.detail
-
-
-def test_an_undecodable_picture_is_rejected_with_its_index(m) -> None:
-    turns: list[ChatTurn] = [
-        {"role": "user", "text": "First.", "image": True},
-        {"role": "assistant", "text": "A picture."},
-        {"role": "user", "text": "And this?", "image": True},
-    ]
-
-    async def main(backend):
-        with pytest.raises(RequestRejected) as info:
-            await _drain(backend, turns=turns, images=[PICTURE, b"not a picture"])
-        return info.value
-
-    error = run(m, main)
-    assert (error.reason, error.image_index) == ("image", 1)
 
 
 def test_a_thread_too_large_for_the_kv_budget_is_rejected(m) -> None:
