@@ -27,6 +27,7 @@ from bot.cli.backends import LOCAL
 from bot.cli.vllm_backend import VLLM, VllmBackend, cut_left
 from bot.core.config import Settings
 from model.engine.contract import Busy, ChatTurn, FinalEvent, RequestFailed, RequestTooLarge, TokenEvent
+from tests.contracts.backend_contract import BackendContract, BackendDriver
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -288,6 +289,20 @@ def test_vllm_closing_the_reply_aborts_the_request_and_frees_its_slot(env: dict[
     assert during["unfinished"] == 1 and during["running"] == 1
     wait_for(lambda: loop.run(backend.worker_stats())["unfinished"] == 0, 30, "the aborted request stayed")
     wait_for(lambda: loop.run(backend.worker_stats())["running"] == 0, 30, "vLLM kept running it")
+
+
+class TestVllmBackendContract(BackendContract):
+    """The backend contract suite (``tests/contracts/backend_contract.py``) on this module's vicuna0 worker."""
+
+    @pytest.fixture
+    def driver(self, env: dict[str, Any]) -> BackendDriver:
+        backend: VllmBackend = env["vllm"]
+
+        async def idle() -> bool:
+            stats = await backend.worker_stats()
+            return stats["unfinished"] == 0 and stats["running"] == 0
+
+        return BackendDriver(backend, env["loop"].run, idle)
 
 
 def test_vllm_no_first_token_within_max_wait_is_busy(env: dict[str, Any]) -> None:
