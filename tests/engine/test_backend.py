@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import io
 import logging
 
 import pytest
 from engine_helpers import alone_ids, user
-from PIL import Image
 
 from model.engine import (
     Busy,
@@ -33,17 +31,12 @@ from model.engine import (
 from model.engine.contract import ChatTurn
 from model.generate import decode_answer, default_options
 from model.image_processing import builtin_test_image
+from tests.pictures import encode_png
 
 WAIT = 20.0
 
 
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-PICTURE = png(builtin_test_image(224))
+PICTURE = encode_png(builtin_test_image(224))
 GREEDY = {"do_sample": False, "max_new_tokens": 8, "repetition_penalty": 1.0}
 TURNS: list[ChatTurn] = [{"role": "user", "text": "What is this?", "image": True}]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import io
 
 import pytest
 from engine_helpers import alone_ids, assistant, collect, context_for, user, wait_until
@@ -28,18 +27,13 @@ from model.engine import (
 )
 from model.generate import decode_answer, default_options, generate
 from model.image_processing import builtin_test_image
+from tests.pictures import encode_png
 
 WAIT = 20.0  # generous bound on anything that should end; a hang fails instead of blocking the suite
 
 
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-PICTURE = png(builtin_test_image(224))
-OTHER = png(Image.new("RGB", (96, 64), (20, 120, 200)))
+PICTURE = encode_png(builtin_test_image(224))
+OTHER = encode_png(Image.new("RGB", (96, 64), (20, 120, 200)))
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from bot.core.config import Settings
 from bot.core.requests import Final, ImageAttachment, Request
 from bot.core.service import BotService
 from storage import Database, sqlite_url
+from tests import pictures
 from tests.scripted_backend import ScriptedBackend
 
 BOXES = "There is <p>a red square</p> {<10><20><40><60>} on <p>the floor</p> {<0><70><100><100>}."
@@ -25,9 +26,7 @@ V2 = {"model": {"variant": "minigptv2"}}
 
 
 def png(color: tuple[int, int, int], size: tuple[int, int] = (200, 100)) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return pictures.png(color, size)
 
 
 def ask(text: str, *images: bytes, thread: str = "t1") -> Request:

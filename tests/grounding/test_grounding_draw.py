@@ -8,14 +8,13 @@ import io
 from PIL import Image
 
 from bot.core.grounding import COLORS, _label_place, draw_boxes, parse_grounding
+from tests.pictures import png
 
 GRAY = (128, 128, 128)
 
 
 def _png(size: tuple[int, int], color: tuple[int, int, int] = GRAY) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png(color, size)
 
 
 def _drawn(answer: str, size: tuple[int, int], long_side: int) -> Image.Image:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from model.image_processing import CLIP_MEAN, CLIP_STD, ImageDecodeError, ImageProcessor, load_image
+from tests.pictures import encode_png
 
 SIZE = 56
 
@@ -21,12 +20,6 @@ def _by_hand(image: Image.Image, size: int = SIZE) -> np.ndarray:
     mean = np.asarray(CLIP_MEAN, dtype=np.float32)[:, None, None]
     std = np.asarray(CLIP_STD, dtype=np.float32)[:, None, None]
     return (arr - mean) / std
-
-
-def _png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _gradient(width: int, height: int) -> Image.Image:
@@ -87,7 +80,7 @@ def test_other_modes_convert_to_rgb(mode):
 @pytest.mark.parametrize("mode", ["RGBA", "L", "P"])
 def test_load_image_bytes_gives_rgb(mode):
     image = _gradient(30, 20).convert(mode)
-    loaded = load_image(_png_bytes(image))
+    loaded = load_image(encode_png(image))
     assert loaded.mode == "RGB" and loaded.size == (30, 20)
     assert np.array_equal(np.asarray(loaded), np.asarray(image.convert("RGB")))
 
@@ -101,7 +94,7 @@ def test_load_image_path_and_pil(tmp_path):
 
 
 def test_truncated_png_raises():
-    data = _png_bytes(_gradient(64, 64))
+    data = encode_png(_gradient(64, 64))
     with pytest.raises(ImageDecodeError) as exc:
         load_image(data[: len(data) // 2])
     assert "truncated" in str(exc.value) or "could not read" in str(exc.value)

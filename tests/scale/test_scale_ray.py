@@ -9,7 +9,6 @@ in file order; the last one kills a replica.
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import signal
 import time
@@ -35,20 +34,15 @@ from model.engine.ray_client import RayServeBackend  # noqa: E402
 from model.image_processing import builtin_test_image  # noqa: E402
 from storage import Database, sqlite_url  # noqa: E402
 from tests.contracts.backend_contract import BackendContract, BackendDriver  # noqa: E402
+from tests.pictures import encode_png  # noqa: E402
 
 GREEDY = {"do_sample": False, "max_new_tokens": 8, "repetition_penalty": 1.0}
 LONG = {"do_sample": False, "max_new_tokens": 400, "min_length": 401, "max_length": 1000}
 APP = "scale-test"
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-PICTURE = _png(builtin_test_image(224))
-OTHER = _png(Image.new("RGB", (96, 64), (20, 120, 220)))
+PICTURE = encode_png(builtin_test_image(224))
+OTHER = encode_png(Image.new("RGB", (96, 64), (20, 120, 220)))
 FIRST = [{"role": "user", "text": "What is this?", "image": True}]
 
 

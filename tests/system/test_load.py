@@ -7,12 +7,10 @@ same event id — and every answer must be complete.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import socket
 
 import aiohttp
-from PIL import Image
 
 from adapters.web import run_web
 from bot.core.config import Settings
@@ -20,6 +18,7 @@ from bot.core.service import BotService
 from model.engine import Engine
 from model.engine.local_backend import EngineBackend
 from storage import Database, sqlite_url
+from tests.pictures import png
 
 CONVERSATIONS = 200
 
@@ -31,9 +30,7 @@ def _free_port() -> int:
 
 
 def _png(i: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (48, 40), (i % 256, (7 * i) % 256, 90)).save(buf, format="PNG")
-    return buf.getvalue()
+    return png((i % 256, (7 * i) % 256, 90), (48, 40))
 
 
 async def _post(http: aiohttp.ClientSession, url: str, fields: dict, image: bytes | None) -> list[tuple[str, dict]]:

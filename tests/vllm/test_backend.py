@@ -12,7 +12,6 @@ two-turn thread with its prefix hits, 8 threads at once), since the rest is the 
 from __future__ import annotations
 
 import asyncio
-import io
 import os
 import threading
 import time
@@ -28,6 +27,7 @@ from bot.cli.vllm_backend import VLLM, VllmBackend, cut_left
 from bot.core.config import Settings
 from model.engine.contract import Busy, ChatTurn, FinalEvent, RequestFailed, RequestTooLarge, TokenEvent
 from tests.contracts.backend_contract import BackendContract, BackendDriver
+from tests.pictures import encode_png
 
 ROOT = Path(__file__).resolve().parents[2]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -51,9 +51,7 @@ def picture(i: int) -> bytes:
     draw = ImageDraw.Draw(image)
     draw.ellipse([30 + 9 * i, 40, 190 + 5 * i, 200], fill=((200 + 17 * i) % 256, (30 + 41 * i) % 256, 40))
     draw.polygon([(220, 200), (270, 30 + 11 * i), (310, 200)], fill=(240, 200, (60 * i) % 256))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return encode_png(image)
 
 
 class Loop:
