@@ -25,6 +25,7 @@ import asyncio
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,8 @@ from _workload import TURNS  # noqa: E402
 from _workload import image as _image  # noqa: E402
 from _workload import pct as _pct  # noqa: E402
 from _workload import turns as _turns  # noqa: E402
+
+TORCH_THREADS = 0  # --torch-threads, set in the worker: [engine] threads for every system
 
 
 def _peak_mb(device: str) -> float:
@@ -131,7 +134,8 @@ async def run_engine(model, threads: int, max_new: int) -> dict:
 
     opts = _options(model, max_new)
     config = EngineConfig(scheduler=SchedulerConfig(max_batch=64, max_queue=1024, max_running_per_user=4,
-                                                    max_wait_s=3600, kv_budget_tokens=1_000_000))  # fmt: skip
+                                                    max_wait_s=3600, kv_budget_tokens=1_000_000),
+                          threads=TORCH_THREADS)  # fmt: skip
     ttft_first, ttft_follow, tokens = [], [], 0
     async with Engine(model, config) as engine:
 
@@ -154,6 +158,82 @@ async def run_engine(model, threads: int, max_new: int) -> dict:
     return {"elapsed": elapsed, "tokens": tokens, "first": ttft_first, "follow": ttft_follow}
 
 
+async def run_static(model, threads: int, max_new: int) -> dict:
+    """The peer to beat: plain transformers static batching — each turn of every thread in one ``generate`` call.
+
+    All ``threads`` conversations ask turn k together; the batch is left-padded and masked and runs until
+    every row has its ``max_new`` tokens; turn k+1 starts once the whole batch is done (full re-prefill,
+    no prefix reuse, the picture encoded once per thread, greedy).
+    """
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    from model.generate import decode_answer
+    from model.image_processing import load_image
+
+    class FirstToken(BaseStreamer):
+        def __init__(self) -> None:
+            self.first: float | None = None
+            self.calls = 0
+
+        def put(self, value) -> None:
+            self.calls += 1  # call 1 is the (empty) prompt, call 2 the first generated tokens
+            if self.first is None and self.calls >= 2:
+                self.first = time.perf_counter()
+
+        def end(self) -> None:
+            pass
+
+    def batch(contexts: list) -> tuple[list[list[int]], float | None]:
+        longest = max(c.shape[0] for c in contexts)
+        embeds = contexts[0].new_zeros(len(contexts), longest, contexts[0].shape[-1])
+        mask = torch.zeros(len(contexts), longest, dtype=torch.long)
+        for i, ctx in enumerate(contexts):
+            embeds[i, longest - ctx.shape[0] :] = ctx
+            mask[i, longest - ctx.shape[0] :] = 1
+        streamer = FirstToken()
+        with torch.inference_mode():
+            out = model.llm.generate(inputs_embeds=embeds, attention_mask=mask.to(embeds.device),
+                                     max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
+                                     streamer=streamer, pad_token_id=2)  # fmt: skip
+        return out.tolist(), streamer.first
+
+    ttft_first, ttft_follow, tokens = [], [], 0
+    start = time.perf_counter()
+    image_tokens = [model.encode_pil([load_image(_image(i))])[0] for i in range(threads)]
+    done: list[list[str]] = [[] for _ in range(threads)]
+    for k in range(len(TURNS)):
+        submitted = time.perf_counter()
+        contexts = [model.context_embeddings(model.build_prompt(_turns(done[i], k)), [image_tokens[i]])
+                    for i in range(threads)]  # fmt: skip
+        rows, first = await asyncio.to_thread(batch, contexts)
+        (ttft_first if k == 0 else ttft_follow).extend([first - submitted] * threads)
+        for i, ids in enumerate(rows):
+            tokens += len(ids)
+            done[i].append(decode_answer(model, ids) or "ok")
+    return {"elapsed": time.perf_counter() - start, "tokens": tokens, "first": ttft_first, "follow": ttft_follow}
+
+
+async def _loop_lag(samples: list[float], period: float = 0.010) -> None:
+    """What a ``/healthz`` handler would wait: sleep 10 ms, record the overshoot, until cancelled."""
+    while True:
+        before = time.perf_counter()
+        await asyncio.sleep(period)
+        samples.append(time.perf_counter() - before - period)
+
+
+async def _with_lag(run, *args) -> dict:
+    """Run one system with the loop-lag probe beside it; adds ``lag`` (overshoots, seconds) to its result."""
+    samples: list[float] = []
+    probe = asyncio.create_task(_loop_lag(samples))
+    try:
+        result = await run(*args)
+    finally:
+        probe.cancel()
+    result["lag"] = samples
+    return result
+
+
 async def run_follow_up(model, history_tokens: int, max_new: int) -> dict:
     """TTFT of a follow-up at a long history: prefix reuse vs full re-prefill (both in the engine)."""
     from model.engine import Engine, EngineConfig, EngineRequest
@@ -168,7 +248,7 @@ async def run_follow_up(model, history_tokens: int, max_new: int) -> dict:
                  {"role": "assistant", "text": done[k]}]  # fmt: skip
     results = {}
     for reuse in (False, True):
-        async with Engine(model, EngineConfig(prefix_reuse=reuse)) as engine:
+        async with Engine(model, EngineConfig(prefix_reuse=reuse, threads=TORCH_THREADS)) as engine:
             image = _image(1)
             samples = []
             for trial in range(4):
@@ -224,6 +304,11 @@ def worker(args: argparse.Namespace) -> None:
     if args.system.startswith("vllm"):
         print("RESULT " + json.dumps(asyncio.run(run_vllm_cell(args))))
         return
+    from model.engine.threads import apply_thread_settings, thread_settings
+
+    global TORCH_THREADS
+    TORCH_THREADS = args.torch_threads
+    apply_thread_settings(thread_settings(args.torch_threads))  # every system runs with the engine's settings
     torch.manual_seed(0)
     model = _load(args)
     warm = default_options(model, do_sample=False, max_new_tokens=2, stop_strings=())
@@ -233,8 +318,8 @@ def worker(args: argparse.Namespace) -> None:
     if args.system == "followup":
         result = asyncio.run(run_follow_up(model, args.history, args.max_new))
     else:
-        run = run_baseline if args.system == "baseline" else run_engine
-        result = asyncio.run(run(model, args.threads, args.max_new))
+        run = {"baseline": run_baseline, "engine": run_engine, "static": run_static}[args.system]
+        result = asyncio.run(_with_lag(run, model, args.threads, args.max_new))
     result["peak_mb"] = _peak_mb(args.device)
     print("RESULT " + json.dumps(result))
 
@@ -249,7 +334,7 @@ async def _warmup(model, opts) -> None:
 def _cell(args: argparse.Namespace, system: str, threads: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", system, "--threads", str(threads), "--shape", args.shape,
            "--device", args.device, "--max-new", str(args.max_new), "--history", str(args.history),
-           "--vllm-model", args.vllm_model]  # fmt: skip
+           "--vllm-model", args.vllm_model, "--torch-threads", str(args.torch_threads)]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     for line in out.stdout.splitlines():
@@ -309,13 +394,17 @@ def main() -> None:
     parser.add_argument("--shape", default="small", choices=["small", "7b"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, nargs="*", default=None, help="default 1 4 16 64 (GPU: 1 4 16 32 64)")
-    parser.add_argument("--systems", nargs="*", default=["baseline", "engine", "vllm"],
-                        choices=["baseline", "engine", "vllm"])  # fmt: skip
+    parser.add_argument("--systems", nargs="*", default=["baseline", "engine", "static", "vllm"],
+                        choices=["baseline", "engine", "static", "vllm"])  # fmt: skip
     parser.add_argument("--max-new", type=int, default=32)
     parser.add_argument("--history", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=1, help="runs per cell (the table gives median and worst)")
+    parser.add_argument("--busy", type=int, default=0, help="CPU-bound processes of its own running beside it")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="[engine] threads for every system (0: derived, as the engine does)")  # fmt: skip
     parser.add_argument("--vllm-model", default="", help="folder for the exported random weights (default: a temp dir)")
     parser.add_argument("--bandwidth-gbs", type=float, default=0.0, help="GPU memory bandwidth for the bound")
-    parser.add_argument("--worker", choices=["baseline", "engine", "followup", "vllm", "vllm-followup"],
+    parser.add_argument("--worker", choices=["baseline", "engine", "static", "followup", "vllm", "vllm-followup"],
                         help=argparse.SUPPRESS)  # fmt: skip
     args = parser.parse_args()
     if args.small:
@@ -327,6 +416,48 @@ def main() -> None:
         args.threads = args.threads[0]
         worker(args)
         return
+    busy = _start_busy(args.busy)
+    try:
+        _tables(args)
+    finally:  # also on Ctrl-C and SIGTERM
+        _stop_busy(busy)
+
+
+def _start_busy(count: int) -> list[subprocess.Popen]:
+    """``count`` CPU-bound processes (a busy neighbour on the host); SIGTERM ends this run cleanly too."""
+
+    def _terminated(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _terminated)
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+
+
+def _stop_busy(busy: list[subprocess.Popen]) -> None:
+    for proc in busy:
+        proc.kill()
+    for proc in busy:
+        proc.wait()
+
+
+def _row(threads: int, name: str, runs: list[dict], ratios: list[float], bound: float) -> str:
+    """One table row: median (worst) over the runs; TTFT pooled over the runs; the worst run's loop-lag p99."""
+    tps = [r["tokens"] / r["elapsed"] for r in runs]
+    first = [x for r in runs for x in r["first"]]
+    follow = [x for r in runs for x in r["follow"]]
+    lag = max(_pct(r.get("lag", []), 0.99) for r in runs) * 1e3
+    frac = f" {statistics.median(tps) / (bound * threads):.0%} |" if bound else ""
+    worst = f" ({min(tps):.1f})" if len(runs) > 1 else ""
+    worst_ratio = f" ({min(ratios):.2f}x)" if len(runs) > 1 else ""
+    speed = f"{statistics.median(tps):.1f}{worst} | {statistics.median(ratios):.2f}x{worst_ratio}"
+    return (f"| {threads} | {name} | {speed} | "
+            f"{_pct(first, .5):.3f} / {_pct(first, .95):.3f} | {_pct(follow, .5):.3f} / {_pct(follow, .95):.3f} | "
+            f"{lag:.0f} | {max(r['peak_mb'] for r in runs):.0f} |{frac}")  # fmt: skip
+
+
+def _tables(args: argparse.Namespace) -> None:
+    from model.engine.threads import thread_settings
+
     systems = list(args.systems)
     if "vllm" in systems and not _vllm_ready():
         print("# vllm skipped: no .venv-vllm (./scripts/setup.sh --vllm)")
@@ -337,21 +468,25 @@ def main() -> None:
     bound = gbs * 1e9 / _llm_bytes(args.shape) if gbs else 0.0  # tokens/s of ONE stream if decode only read weights
 
     print(f"# engine benchmark: shape={args.shape} device={args.device}{' (' + gpu + ')' if gpu else ''} "
-          f"answer={args.max_new} tokens, 3 turns/thread")  # fmt: skip
+          f"answer={args.max_new} tokens, 3 turns/thread, runs={args.runs}, busy={args.busy}, "
+          f"torch {thread_settings(args.torch_threads).describe()}, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print("# tok/s and speed-up: median over the runs (worst); speed-up against the first system of the same run;")
+    print("# loop lag: p99 overshoot of a 10 ms asyncio sleep while the cell runs (worst run)")
     print()
     header = "| threads | system | gen tok/s | speed-up | TTFT first p50 / p95 (s) | TTFT follow-up p50 / p95 (s) |"
-    print(header + " peak MB |" + (" of bandwidth bound |" if bound else ""))
-    print("|---:|---|---:|---:|---|---|---:|" + ("---:|" if bound else ""))
+    print(header + " loop lag p99 (ms) | peak MB |" + (" of bandwidth bound |" if bound else ""))
+    print("|---:|---|---:|---:|---|---|---:|---:|" + ("---:|" if bound else ""))
     for threads in args.threads:
-        cells = {name: _cell(args, name, threads) for name in systems}
-        base_tps = next(iter(cells.values()))["tokens"] / next(iter(cells.values()))["elapsed"]
-        for name, r in cells.items():
-            tps = r["tokens"] / r["elapsed"]
-            frac = f" {tps / (bound * threads):.0%} |" if bound else ""
-            print(f"| {threads} | {name} | {tps:.1f} | {tps / base_tps:.2f}x | "
-                  f"{_pct(r['first'], .5):.3f} / {_pct(r['first'], .95):.3f} | "
-                  f"{_pct(r['follow'], .5):.3f} / {_pct(r['follow'], .95):.3f} | "
-                  f"{r['peak_mb']:.0f} |{frac}")  # fmt: skip
+        runs: dict[str, list[dict]] = {name: [] for name in systems}
+        ratios: dict[str, list[float]] = {name: [] for name in systems}
+        for _ in range(args.runs):  # interleaved, so a run's ratios compare cells measured minutes apart at most
+            cells = {name: _cell(args, name, threads) for name in systems}
+            base = next(iter(cells.values()))
+            for name, r in cells.items():
+                runs[name].append(r)
+                ratios[name].append((r["tokens"] / r["elapsed"]) / (base["tokens"] / base["elapsed"]))
+        for name in systems:
+            print(_row(threads, name, runs[name], ratios[name], bound))
         sys.stdout.flush()
     print()
     print(
