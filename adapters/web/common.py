@@ -11,6 +11,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from bot.core.frontend_api import Core
+from bot.core.requests import ThreadRef
 
 log = logging.getLogger("adapters.web")  # one logger for the whole web front end, whichever module logs
 
@@ -21,6 +22,22 @@ USER_KEY = web.RequestKey("user", str)  # request[USER_KEY]: who sent it (the au
 LOCAL_USER = "local"
 RASTER_TYPES = frozenset({"image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp"})
 DOWNLOAD_TYPE = "application/octet-stream"
+
+
+def shown_type(mime: str) -> str:
+    """The type the chat serves a picture or a reply file as: a raster picture keeps its own; anything else
+    (HEIC, a ``website`` answer's ``.html``: model output) is :data:`DOWNLOAD_TYPE`, so nothing served from
+    the bot's origin is ever a page whose scripts run there."""
+    return mime if mime in RASTER_TYPES else DOWNLOAD_TYPE
+
+
+def thread_ref(request: web.Request, thread: str) -> ThreadRef | None:
+    """The thread ``thread`` names in this chat's channel, for a message and the read-only API alike
+    (``None``: not a thread id the page makes)."""
+    if not THREAD_RE.match(thread):
+        return None
+    config = request.app[CONFIG_KEY]
+    return ThreadRef(config["platform"], config["workspace"], config["channel"], thread)
 
 
 def _json_error(status: int, message: str, **extra: Any) -> web.Response:

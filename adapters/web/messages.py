@@ -11,21 +11,11 @@ from typing import Any
 
 from aiohttp import web
 
-from adapters.web.common import (
-    CONFIG_KEY,
-    DOWNLOAD_TYPE,
-    RASTER_TYPES,
-    SERVICE_KEY,
-    THREAD_RE,
-    USER_KEY,
-    _json_error,
-    _one_line,
-    log,
-)
+from adapters.web.common import CONFIG_KEY, SERVICE_KEY, USER_KEY, _json_error, _one_line, log, shown_type, thread_ref
 from adapters.web.forms import MALFORMED_BODY, UploadTooLarge, _read_form, _read_urlencoded
 from adapters.web.threads import _thread_of_another
 from bot.core.images import format_size
-from bot.core.requests import Final, ReplyFile, Request, ThreadRef
+from bot.core.requests import Final, ReplyFile, Request
 
 EVENT_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 
@@ -33,12 +23,12 @@ EVENT_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 def _file_json(file: ReplyFile) -> dict[str, Any]:
     """A reply file for the page: base64 bytes it turns into a blob: URL (shown inline or downloaded).
 
-    Only raster pictures keep their type; anything else (a ``website`` answer's ``.html``: model output)
-    goes as :data:`DOWNLOAD_TYPE`, so its blob: URL, which has the bot's origin, is a download when opened
-    and never a page whose scripts run there.
+    Only raster pictures keep their type (:func:`~adapters.web.common.shown_type`): anything else (a
+    ``website`` answer's ``.html``: model output) goes as a download type, so its blob: URL, which has the
+    bot's origin, is a download when opened and never a page whose scripts run there.
     """
     data = base64.b64encode(file.data).decode("ascii")
-    mime = file.mime if file.mime in RASTER_TYPES else DOWNLOAD_TYPE
+    mime = shown_type(file.mime)
     return {"filename": file.filename, "mime": mime, "title": file.title, "data": data}
 
 
@@ -68,14 +58,14 @@ async def _post_message(request: web.Request) -> web.StreamResponse:
         return _json_error(400, f"Bad form: {reason.rstrip('.')}.")
 
     thread = fields.get("thread", "").strip()
-    if not THREAD_RE.match(thread):
+    ref = thread_ref(request, thread)
+    if ref is None:
         return _json_error(400, "A thread id (letters, digits, - _ . :, at most 100) is required.")
     event_id = fields.get("event_id", "").strip() or None
     if event_id is not None and not EVENT_RE.match(event_id):
         return _json_error(400, "The event id is malformed.")
     user = request[USER_KEY]  # the auth proxy's user, else the one local user: never a form field
-    refused = await _thread_of_another(request, ThreadRef(config["platform"], config["workspace"],
-                                                          config["channel"], thread))  # fmt: skip
+    refused = await _thread_of_another(request, ref)
     if refused is not None:
         return refused
     preset = fields.get("preset", "").strip() or None

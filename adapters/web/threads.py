@@ -11,12 +11,12 @@ from aiohttp import web
 from adapters.web.common import (
     CONFIG_KEY,
     DOWNLOAD_TYPE,
-    RASTER_TYPES,
     SERVICE_KEY,
-    THREAD_RE,
     USER_KEY,
     _json_error,
     log,
+    shown_type,
+    thread_ref,
 )
 from adapters.web.guard import GUARD_KEY
 from bot.core.frontend_api import ThreadView
@@ -25,10 +25,7 @@ from bot.core.requests import ThreadRef
 
 def _ref(request: web.Request) -> ThreadRef | None:
     """The thread a read-only API path names, in this chat's channel (``None``: a malformed id)."""
-    config, thread = request.app[CONFIG_KEY], request.match_info["thread"]
-    if not THREAD_RE.match(thread):
-        return None
-    return ThreadRef(config["platform"], config["workspace"], config["channel"], thread)
+    return thread_ref(request, request.match_info["thread"])
 
 
 def _of_another(request: web.Request, view: ThreadView) -> bool:
@@ -108,9 +105,9 @@ async def _thread_image(request: web.Request) -> web.Response:
     if picture is None:
         return _json_error(404, "No such picture in this thread.")
     headers = {"Cache-Control": "private, max-age=86400"}
-    if picture.mime not in RASTER_TYPES:  # HEIC …: nothing a page could run, but never rendered here
+    mime = shown_type(picture.mime)
+    if mime == DOWNLOAD_TYPE:  # HEIC …: nothing a page could run, but never rendered here
         headers["Content-Disposition"] = f'attachment; filename="{picture.filename}"'
-    mime = picture.mime if picture.mime in RASTER_TYPES else DOWNLOAD_TYPE
     return web.Response(body=picture.data, content_type=mime, headers=headers)
 
 
