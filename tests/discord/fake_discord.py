@@ -54,6 +54,8 @@ import discord.http
 import yarl
 from aiohttp import web
 
+from tests.fake_platform import FakeServer
+
 DISCORD_EPOCH_MS = 1420070400000
 MESSAGE_LIMIT = 2000
 TOKEN_LIFETIME_MS = 15 * 60 * 1000
@@ -178,7 +180,7 @@ class Interaction:
         return snowflake_time(self.id) + TOKEN_LIFETIME_MS / 1000
 
 
-class FakeDiscord:
+class FakeDiscord(FakeServer):
     def __init__(self, *, token: str = "fake.bot-token.x", allow_message_content: bool = True) -> None:
         self.token, self.allow_message_content = token, allow_message_content
         self.ids = _Snowflakes()
@@ -323,21 +325,8 @@ class FakeDiscord:
         app.router.add_route("*", "/api/v10/{tail:.*}", self._rest)
         app.router.add_get("/gateway", self._gateway)
         app.router.add_get("/cdn/attachments/{cid}/{aid}/{name}", self._cdn)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
-        self.port = self._runner.addresses[0][1]
+        await self._listen(app)
         return self
-
-    async def close(self) -> None:
-        if self._ws is not None:
-            await self._ws.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @contextlib.asynccontextmanager
     async def routed(self) -> AsyncIterator[FakeDiscord]:
@@ -350,33 +339,22 @@ class FakeDiscord:
         finally:
             discord.http.Route.BASE, discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = route, gateway
 
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+    def _activity(self) -> int:
+        return len(self.calls)
 
-    async def wait_for(self, predicate: Any, timeout: float = 20.0) -> Any:
-        """Wait until ``predicate()`` is truthy (checked after every state change); return its value."""
-        deadline = time.monotonic() + timeout
-        while not (value := predicate()):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"timed out; calls so far: {[(c.method, c.route, c.status) for c in self.calls]}")
-            changed = self._changed
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), min(remaining, 0.2))
-        return value
+    def _progress(self) -> str:
+        return f"timed out; calls so far: {[(c.method, c.route, c.status) for c in self.calls]}"
 
     async def first_thread(self, timeout: float = 20.0) -> int:
         """The id of the first thread the bot created, once there is one."""
         return await self.wait_for(lambda: self.threads_created and self.threads_created[0], timeout)
 
-    async def settle(self, quiet: float = 0.5) -> None:
-        """Wait until no call has arrived for ``quiet`` seconds."""
-        while True:
-            count = len(self.calls)
-            await asyncio.sleep(quiet)
-            if count == len(self.calls):
-                return
+    async def picture_question(self, picture: bytes, text: str = "What is this?") -> tuple[dict[str, Any], int]:
+        """A user mentions the bot in #general with ``picture`` attached: the message sent, and the thread the
+        bot opened for it (the start of most conversation tests)."""
+        mention = self.user_message(self.general, text, mention=True, attachments=[self.add_attachment(picture)])
+        await self.send(mention)
+        return mention, await self.first_thread()
 
     # ------------------------------------------------------------------ REST
 

@@ -277,10 +277,7 @@ def test_discord_ask_in_a_dm_and_inside_a_thread(tmp_path: Path) -> None:
             await fake.send(fake.user_message(fake.dm, "Is it big?"))
             turns = await env.answered(fake.dm, answers=2, channel=fake.dm, workspace="dm", shown_in=fake.dm)
 
-            mention = fake.user_message(fake.general, "What is this?", mention=True,
-                                        attachments=[fake.add_attachment(png_bytes())])  # fmt: skip
-            await fake.send(mention)
-            thread_id = await fake.first_thread()
+            _mention, thread_id = await fake.picture_question(png_bytes())
             await env.answered(thread_id, shown_in=thread_id)
             # /ask inside the thread joins its conversation (no thread in a thread).
             second = await fake.interact(

@@ -91,10 +91,7 @@ def test_discord_messages_of_bots_webhooks_and_chatter_are_ignored(tmp_path: Pat
     async def main() -> None:
         async with discord_env(tmp_path) as env:
             fake = env.fake
-            mention = fake.user_message(fake.general, "What is this?", mention=True,
-                                        attachments=[fake.add_attachment(png_bytes())])  # fmt: skip
-            await fake.send(mention)
-            thread_id = await fake.first_thread()
+            _mention, thread_id = await fake.picture_question(png_bytes())
             await env.answered(thread_id, shown_in=thread_id)
             await fake.settle(0.3)
             calls = len(fake.calls)
@@ -192,10 +189,7 @@ def test_discord_a_thread_unknown_after_a_restart_is_looked_up(tmp_path: Path) -
             reply = await fake.wait_for(lambda: fake.bot_messages(fake.general))
             assert "I need a picture" in reply[0].content and not fake.threads_created
 
-            answer = fake.user_message(fake.general, "What is this?", mention=True,
-                                       attachments=[fake.add_attachment(png_bytes())])  # fmt: skip
-            await fake.send(answer)
-            thread_id = await fake.first_thread()
+            _answer, thread_id = await fake.picture_question(png_bytes())
             await env.answered(thread_id, shown_in=thread_id)
 
             fake.list_threads = False  # after the restart discord.py does not know the thread
@@ -215,10 +209,7 @@ def test_discord_a_redelivered_message_is_answered_once(tmp_path: Path) -> None:
     async def main() -> None:
         async with discord_env(tmp_path) as env:
             fake = env.fake
-            mention = fake.user_message(fake.general, "What is this?", mention=True,
-                                        attachments=[fake.add_attachment(png_bytes())])  # fmt: skip
-            await fake.send(mention)
-            thread_id = await fake.first_thread()
+            mention, thread_id = await fake.picture_question(png_bytes())
             await env.answered(thread_id, shown_in=thread_id)
             await fake.send(mention)  # a gateway replay of the same message
             await fake.settle(0.6)
@@ -282,10 +273,7 @@ def test_discord_a_thread_with_an_id_of_its_own_still_continues_the_conversation
         async with discord_env(tmp_path) as env:
             fake = env.fake
             fake.thread_ids_from_messages = False  # not Discord's rule, but the key must not depend on it
-            mention = fake.user_message(fake.general, "What is this?", mention=True,
-                                        attachments=[fake.add_attachment(png_bytes())])  # fmt: skip
-            await fake.send(mention)
-            thread_id = await fake.first_thread()
+            mention, thread_id = await fake.picture_question(png_bytes())
             assert str(thread_id) != mention["id"]
             await env.answered(mention["id"], shown_in=thread_id)
             await fake.send(fake.user_message(thread_id, "Is it big?"))

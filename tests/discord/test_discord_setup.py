@@ -105,10 +105,7 @@ def test_discord_readiness_follows_the_gateway(tmp_path: Path, caplog: pytest.Lo
             await fake.wait_for(lambda: fake.resumes == 1 and problems[-1] is None, timeout=10)
             watcher.cancel()
             # Still serving after the resume.
-            mention = fake.user_message(fake.general, "What is this?", mention=True,
-                                        attachments=[fake.add_attachment(png_bytes())])  # fmt: skip
-            await fake.send(mention)
-            thread_id = await fake.first_thread()
+            _mention, thread_id = await fake.picture_question(png_bytes())
             await env.answered(thread_id, shown_in=thread_id)
             await adapter.stop()
             assert await adapter.problem() == "Discord: stopped"

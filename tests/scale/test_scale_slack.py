@@ -10,13 +10,11 @@ hold several connections and to send one event through each of them.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import uuid
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 
@@ -49,13 +47,7 @@ class ManySocketsSlack(FakeSlack):
                             "connection_info": {"app_id": "A0FAKE"}, "debug_info": {"host": "fake"}})  # fmt: skip
         self._connected.set()
         self._notify()
-        async for message in ws:
-            if message.type == aiohttp.WSMsgType.TEXT:
-                data = json.loads(message.data)
-                if "envelope_id" in data:
-                    self.acks[data["envelope_id"]] = (self.clock(), data.get("payload"))
-                    self._notify()
-        return ws
+        return await self._take_acks(ws)
 
     async def close(self) -> None:
         for ws in self.sockets:

@@ -23,7 +23,6 @@ body signed with the real ``SignatureVerifier`` to an HTTP-mode app.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import time
@@ -34,6 +33,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from slack_sdk.signature import SignatureVerifier
+
+from tests.fake_platform import FakeServer
 
 LOGIN_PAGE = "<!DOCTYPE html><html><head><title>Slack</title></head><body>Sign in to Slack</body></html>"
 BOT_METHODS = {
@@ -68,7 +69,7 @@ class Message:
     deleted: bool = False
 
 
-class FakeSlack:
+class FakeSlack(FakeServer):
     def __init__(
         self,
         *,
@@ -112,50 +113,18 @@ class FakeSlack:
         app.router.add_get("/files/{id}/{name}", self._file)
         app.router.add_post("/respond/{id}", self._respond)
         app.router.add_post("/upload/{id}", self._upload)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.port = self._runner.addresses[0][1]
+        await self._listen(app)
         return self
-
-    async def close(self) -> None:
-        if self._ws is not None:
-            await self._ws.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     @property
     def api_url(self) -> str:
         return self.base + "/api/"
 
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = asyncio.Event()
+    def _activity(self) -> int:
+        return len(self.calls) + len(self.acks) + len(self.responses)
 
-    async def wait_for(self, predicate: Any, timeout: float = 20.0) -> Any:
-        """Wait until ``predicate()`` is truthy (checked after every state change); return its value."""
-        deadline = time.monotonic() + timeout
-        while not (value := predicate()):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(f"timed out waiting; calls so far: {[c.method for c in self.calls]}")
-            changed = self._changed
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), min(remaining, 0.2))
-        return value
-
-    async def settle(self, quiet: float = 0.5) -> None:
-        """Wait until no call has arrived for ``quiet`` seconds."""
-        while True:
-            count = len(self.calls) + len(self.acks) + len(self.responses)
-            await asyncio.sleep(quiet)
-            if count == len(self.calls) + len(self.acks) + len(self.responses):
-                return
+    def _progress(self) -> str:
+        return f"timed out waiting; calls so far: {[c.method for c in self.calls]}"
 
     # ------------------------------------------------------------------ Web API
 
@@ -400,6 +369,10 @@ class FakeSlack:
             }
         )
         self._connected.set()
+        return await self._take_acks(ws)
+
+    async def _take_acks(self, ws: web.WebSocketResponse) -> web.WebSocketResponse:
+        """Record each envelope's ack (when, and its payload) until the connection closes."""
         async for message in ws:
             if message.type == aiohttp.WSMsgType.TEXT:
                 data = json.loads(message.data)
