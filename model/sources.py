@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from model.variants import VARIANTS
+
 __all__ = [
     "SOURCES",
     "DownloadError",
@@ -42,48 +44,68 @@ class DownloadError(RuntimeError):
     """A file could not be fetched; the text says which, why, and what to do."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Source:
+    """What every published file shares: an override may name a local copy, used in place (nothing fetched)."""
+
+    local: str = ""
+
+    @property
+    def remote(self) -> str:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """Where the file comes from, as the download command lists it: the local copy, else its address."""
+        return self.local or self.remote
+
+
 @dataclass(frozen=True)
-class HubRepo:
+class HubRepo(_Source):
     """An LLM folder on the Hugging Face hub, saved as ``<out>/<folder>``."""
 
     repo_id: str
     folder: str
     revision: str = "main"
     gated: bool = False
-    local: str = ""  # a local folder instead (an override)
 
-    def describe(self) -> str:
-        return self.local or f"https://huggingface.co/{self.repo_id} ({self.revision})"
+    @property
+    def remote(self) -> str:
+        return f"https://huggingface.co/{self.repo_id} ({self.revision})"
+
+
+@dataclass(frozen=True, kw_only=True)
+class _File(_Source):
+    """One checkpoint file; ``size`` (bytes), when known, is checked as well as the server's length."""
+
+    size: int | None = None
 
 
 @dataclass(frozen=True)
-class UrlFile:
-    """A file fetched over HTTP(S); ``size`` (bytes), when known, is checked as well as the server's length."""
+class UrlFile(_File):
+    """A file fetched over HTTP(S)."""
 
     url: str
     filename: str
-    size: int | None = None
-    local: str = ""
 
-    def describe(self) -> str:
-        return self.local or self.url
+    @property
+    def remote(self) -> str:
+        return self.url
 
 
 @dataclass(frozen=True)
-class DriveFile:
+class DriveFile(_File):
     """A file on Google Drive: fetched by hand in a browser (Drive has no stable download API)."""
 
     file_id: str
     filename: str
-    size: int | None = None
-    local: str = ""
 
     @property
     def link(self) -> str:
         return f"https://drive.google.com/file/d/{self.file_id}/view"
 
-    def describe(self) -> str:
-        return self.local or self.link
+    @property
+    def remote(self) -> str:
+        return self.link
 
 
 Source = HubRepo | UrlFile | DriveFile
@@ -102,48 +124,29 @@ _VIT = UrlFile(f"{LAVIS}/eva_vit_g.pth", "eva_vit_g.pth")
 _QFORMER = UrlFile(f"{LAVIS}/blip2_pretrained_flant5xxl.pth", "blip2_pretrained_flant5xxl.pth")
 _LLAMA2 = HubRepo("meta-llama/Llama-2-7b-chat-hf", "Llama-2-7b-chat-hf", gated=True)
 
+
+def _published(variant: str, size: str, llm: HubRepo, projection: DriveFile) -> WeightSources:
+    """One published checkpoint's files: its LLM, EVA ViT-g, BLIP-2's Q-Former where the variant has one
+    (Vicuna V0; the Llama 2 variants project the ViT's features directly) and its projection file."""
+    qformer = {"qformer": _QFORMER} if VARIANTS[variant].has_qformer else {}
+    return WeightSources(variant, size, {"llm": llm, "vit": _VIT, **qformer, "projection": projection})
+
+
 SOURCES: dict[tuple[str, str], WeightSources] = {
-    ("vicuna0", "7b"): WeightSources(
-        "vicuna0",
-        "7b",
-        dict(
-            llm=HubRepo("Vision-CAIR/vicuna-7b", "vicuna-7b"),
-            vit=_VIT,
-            qformer=_QFORMER,
-            projection=DriveFile("1RY9jV0dyqLX-o38LrumkKRh6Jtaop58R", "prerained_minigpt4_7b.pth"),  # sic
-        ),
-    ),
-    ("vicuna0", "13b"): WeightSources(
-        "vicuna0",
-        "13b",
-        dict(
-            llm=HubRepo("Vision-CAIR/vicuna", "vicuna-13b"),
-            vit=_VIT,
-            qformer=_QFORMER,
-            projection=DriveFile("1a4zLvaiDBr-36pasffmgpvH5P7CKmpze", "pretrained_minigpt4.pth"),
-        ),
-    ),
-    ("llama2", "7b"): WeightSources(
-        "llama2",
-        "7b",
-        dict(
-            llm=_LLAMA2,
-            vit=_VIT,
-            projection=DriveFile("11nAPjEok8eAGGEG1N2vXo3kBLCg0WgUk", "pretrained_minigpt4_llama2_7b.pth"),
-        ),
-    ),
-    ("minigptv2", "7b"): WeightSources(
-        "minigptv2",
-        "7b",
-        dict(
-            llm=_LLAMA2,
-            vit=_VIT,
-            # "after stage 3" in the MiniGPT-v2 README; stage 2: 1Vi_E7ZtZXRAQcyz4f8E6LtLh2UXABCmu,
-            # online demo: 1aVbfW7nkCSYx99_vCRyP1sOlQiWVSnAl (override with --source projection=…).
-            projection=DriveFile("1HkoUUrjzFGn33cSiUkI-KcT-zysCynAz", "minigptv2_checkpoint.pth"),
-        ),
-    ),
-}
+    (entry.variant, entry.size): entry
+    for entry in (
+        _published("vicuna0", "7b", HubRepo("Vision-CAIR/vicuna-7b", "vicuna-7b"),
+                   DriveFile("1RY9jV0dyqLX-o38LrumkKRh6Jtaop58R", "prerained_minigpt4_7b.pth")),  # sic
+        _published("vicuna0", "13b", HubRepo("Vision-CAIR/vicuna", "vicuna-13b"),
+                   DriveFile("1a4zLvaiDBr-36pasffmgpvH5P7CKmpze", "pretrained_minigpt4.pth")),
+        _published("llama2", "7b", _LLAMA2,
+                   DriveFile("11nAPjEok8eAGGEG1N2vXo3kBLCg0WgUk", "pretrained_minigpt4_llama2_7b.pth")),
+        # "after stage 3" in the MiniGPT-v2 README; stage 2: 1Vi_E7ZtZXRAQcyz4f8E6LtLh2UXABCmu,
+        # online demo: 1aVbfW7nkCSYx99_vCRyP1sOlQiWVSnAl (override with --source projection=…).
+        _published("minigptv2", "7b", _LLAMA2,
+                   DriveFile("1HkoUUrjzFGn33cSiUkI-KcT-zysCynAz", "minigptv2_checkpoint.pth")),
+    )
+}  # fmt: skip
 
 
 def sources_for(variant: str, size: str, overrides: Mapping[str, str] | None = None) -> WeightSources:

@@ -26,6 +26,14 @@ def _err(excinfo: pytest.ExceptionInfo) -> str:
     return str(excinfo.value)
 
 
+def _refusal(demo_dir, key: str, broken: Path, blob: Any, files: str = "vicuna0") -> str:
+    """Save ``blob`` as ``broken`` and load the demo set ``files`` with it as ``key``: the loader's message."""
+    torch.save(blob, broken)
+    with pytest.raises(model.CheckpointError) as exc:
+        model.load_minigpt4(**_kwargs(demo_dir, files, **{key: str(broken)}))
+    return _err(exc)
+
+
 # ----------------------------------------------------------------------------- ViT
 
 
@@ -34,10 +42,7 @@ def test_vit_missing_tensor(demo_dir, tmp_path, key):
     sd = _load(demo_dir["vicuna0"].vit)
     del sd[key]
     broken = tmp_path / "eva_vit_g.pth"
-    torch.save(sd, broken)
-    with pytest.raises(model.CheckpointError) as exc:
-        model.load_minigpt4(**_kwargs(demo_dir, vit=str(broken)))
-    msg = _err(exc)
+    msg = _refusal(demo_dir, "vit", broken, sd)
     assert str(broken) in msg
     assert "missing" in msg
     # the message names the tensor (in the loaded module's naming)
@@ -53,20 +58,15 @@ def test_vit_missing_q_bias_names_the_file_key(demo_dir, tmp_path):
     sd = _load(demo_dir["vicuna0"].vit)
     del sd["blocks.0.attn.q_bias"]
     broken = tmp_path / "eva_vit_g.pth"
-    torch.save(sd, broken)
-    with pytest.raises(model.CheckpointError) as exc:
-        model.load_minigpt4(**_kwargs(demo_dir, vit=str(broken)))
-    assert "blocks.0.attn.q_bias" in _err(exc) and str(broken) in _err(exc)
+    msg = _refusal(demo_dir, "vit", broken, sd)
+    assert "blocks.0.attn.q_bias" in msg and str(broken) in msg
 
 
 def test_vit_wrong_width(demo_dir, tmp_path):
     sd = _load(demo_dir["vicuna0"].vit)
     sd["blocks.0.mlp.fc1.weight"] = torch.zeros(100, 48, dtype=torch.float16)
     broken = tmp_path / "eva_vit_g.pth"
-    torch.save(sd, broken)
-    with pytest.raises(model.CheckpointError) as exc:
-        model.load_minigpt4(**_kwargs(demo_dir, vit=str(broken)))
-    msg = _err(exc)
+    msg = _refusal(demo_dir, "vit", broken, sd)
     assert "size mismatch" in msg and "(100, 48)" in msg and "(209, 48)" in msg
 
 
@@ -78,10 +78,7 @@ def test_qformer_file_missing_query_tokens_or_ln_vision(demo_dir, tmp_path, key)
     blob = _load(demo_dir["vicuna0"].qformer)
     del blob["model"][key]
     broken = tmp_path / "blip2_pretrained_flant5xxl.pth"
-    torch.save(blob, broken)
-    with pytest.raises(model.CheckpointError) as exc:
-        model.load_minigpt4(**_kwargs(demo_dir, qformer=str(broken)))
-    msg = _err(exc)
+    msg = _refusal(demo_dir, "qformer", broken, blob)
     assert key in msg and str(broken) in msg
     assert "query_tokens and ln_vision" in msg  # the hint
 
@@ -90,10 +87,8 @@ def test_qformer_file_missing_layer_tensor(demo_dir, tmp_path):
     blob = _load(demo_dir["vicuna0"].qformer)
     del blob["model"]["Qformer.bert.encoder.layer.2.crossattention.self.key.weight"]
     broken = tmp_path / "blip2.pth"
-    torch.save(blob, broken)
-    with pytest.raises(model.CheckpointError) as exc:
-        model.load_minigpt4(**_kwargs(demo_dir, qformer=str(broken)))
-    assert "layer.2.crossattention" in _err(exc) and str(broken) in _err(exc)
+    msg = _refusal(demo_dir, "qformer", broken, blob)
+    assert "layer.2.crossattention" in msg and str(broken) in msg
 
 
 def test_vicuna0_without_qformer_file(demo_dir):
@@ -109,10 +104,7 @@ def test_projection_for_a_wider_llm(demo_dir, tmp_path):
     blob["model"]["llama_proj.weight"] = torch.zeros(5120, 32)
     blob["model"]["llama_proj.bias"] = torch.zeros(5120)
     broken = tmp_path / "pretrained_minigpt4_13b.pth"
-    torch.save(blob, broken)
-    with pytest.raises(model.CheckpointError) as exc:
-        model.load_minigpt4(**_kwargs(demo_dir, projection=str(broken)))
-    msg = _err(exc)
+    msg = _refusal(demo_dir, "projection", broken, blob)
     assert "5120" in msg and "hidden size 64" in msg and "13B" in msg
     assert broken.name in msg
 
@@ -136,10 +128,7 @@ def test_bert_base_wide_projection_with_llama2_variant_is_named_qformer(demo_dir
     blob = _load(demo_dir["llama2"].projection)
     blob["model"]["llama_proj.weight"] = torch.zeros(64, 768)  # a real Q-Former (BERT-base) projection
     broken = tmp_path / "pretrained_minigpt4.pth"
-    torch.save(blob, broken)
-    with pytest.raises(model.CheckpointError) as exc:
-        model.load_minigpt4(**_kwargs(demo_dir, "llama2", projection=str(broken)))
-    msg = _err(exc)
+    msg = _refusal(demo_dir, "projection", broken, blob, "llama2")
     assert "768-wide" in msg and "'llama2' feeds it 192" in msg and "Q-Former checkpoints (vicuna0)" in msg
 
 
