@@ -14,11 +14,11 @@ from model._lazy import lazy_exports
 _EXPORTS = {
     "CheckpointError": "model.checkpoints",
     "TEMPLATES": "model.conversation",
-    "Turn": "model.conversation",
     "build_prompt": "model.conversation",
     "clean_answer": "model.conversation",
     "ChatSession": "model.generate",
     "ChatTurnResult": "model.generate",
+    "ChatTurn": "model.engine.contract",
     "GenerationResult": "model.generate",
     "TokenStep": "model.generate",
     "beam_search": "model.generate",

@@ -8,6 +8,9 @@ A prompt is ``system + sep`` followed by ``role + message + sep`` for every fini
 message and a bare ``role`` for the open assistant slot.  An image is the message
 ``<Img><ImageHere></Img>``; a question asked right after it is joined with one space,
 exactly as ``Chat.ask`` does, so the text the model sees is the text it was trained on.
+
+A turn is :class:`~model.engine.contract.ChatTurn`, the mapping ``{"role", "text", "image"}`` the backend
+seam carries: one type for a turn the model sees, whether it comes from the bot core or a ``ChatSession``.
 """
 
 from __future__ import annotations
@@ -16,13 +19,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from model.engine.contract import ChatTurn
+
 __all__ = [
     "IMAGE_MESSAGE",
     "IMAGE_PLACEHOLDER",
     "TEMPLATES",
     "ConversationTemplate",
-    "Turn",
     "build_prompt",
+    "checked_turn",
     "clean_answer",
 ]
 
@@ -59,31 +64,20 @@ TEMPLATES: dict[str, ConversationTemplate] = {
 }
 
 
-@dataclass(frozen=True)
-class Turn:
-    """One message of a conversation: who said it, the text, and whether an image came with it."""
-
-    role: str  # "user" | "assistant"
-    text: str = ""
-    image: bool = False
-
-    @classmethod
-    def coerce(cls, value: Turn | Mapping[str, Any]) -> Turn:
-        """Accept a ``Turn`` or a ``{"role", "text", "image"}`` mapping (the public contract)."""
-        if isinstance(value, Turn):
-            turn = value
-        else:
-            turn = cls(role=str(value.get("role", "")), text=value.get("text") or "", image=bool(value.get("image")))
-        if turn.role not in ("user", "assistant"):
-            raise ValueError(f"turn role must be 'user' or 'assistant', got {turn.role!r}")
-        if turn.role == "assistant" and turn.image:
-            raise ValueError("an assistant turn cannot carry an image")
-        if IMAGE_PLACEHOLDER in turn.text:
-            raise ValueError(f"turn text must not contain the reserved marker {IMAGE_PLACEHOLDER}")
-        return turn
+def checked_turn(value: Mapping[str, Any]) -> ChatTurn:
+    """A ``{"role", "text", "image"}`` mapping (the public contract: text may be missing or ``None``) as a
+    complete :class:`ChatTurn`; refuses what no prompt may hold (``ValueError``), before any rendering."""
+    role, text, image = str(value.get("role", "")), value.get("text") or "", bool(value.get("image"))
+    if role not in ("user", "assistant"):
+        raise ValueError(f"turn role must be 'user' or 'assistant', got {role!r}")
+    if role == "assistant" and image:
+        raise ValueError("an assistant turn cannot carry an image")
+    if IMAGE_PLACEHOLDER in text:
+        raise ValueError(f"turn text must not contain the reserved marker {IMAGE_PLACEHOLDER}")
+    return ChatTurn(role="user" if role == "user" else "assistant", text=text, image=image)
 
 
-def build_prompt(template: ConversationTemplate, turns: Sequence[Turn | Mapping[str, Any]]) -> str:
+def build_prompt(template: ConversationTemplate, turns: Sequence[ChatTurn | Mapping[str, Any]]) -> str:
     """Build the prompt the reference ``Chat`` would send for these turns.
 
     User turns with an image become ``<Img><ImageHere></Img>`` followed by the question
@@ -92,21 +86,22 @@ def build_prompt(template: ConversationTemplate, turns: Sequence[Turn | Mapping[
     """
     user_role, assistant_role = template.roles
     messages: list[tuple[str, str | None]] = []
-    coerced = [Turn.coerce(t) for t in turns]
-    for turn in coerced:
-        if turn.role == "user":
+    checked = [checked_turn(t) for t in turns]
+    for turn in checked:
+        text, image = turn["text"], turn.get("image", False)
+        if turn["role"] == "user":
             last = messages[-1] if messages else None
-            if not turn.image and last and last[0] == user_role and (last[1] or "").endswith("</Img>"):
+            if not image and last and last[0] == user_role and (last[1] or "").endswith("</Img>"):
                 # Chat.ask: a question right after an uploaded image joins its message with one space
-                messages[-1] = (user_role, f"{last[1]} {turn.text}")
+                messages[-1] = (user_role, f"{last[1]} {text}")
                 continue
-            message = turn.text
-            if turn.image:  # Chat.upload_img (+ Chat.ask when the turn carries a question)
-                message = f"{IMAGE_MESSAGE} {turn.text}" if turn.text else IMAGE_MESSAGE
+            message = text
+            if image:  # Chat.upload_img (+ Chat.ask when the turn carries a question)
+                message = f"{IMAGE_MESSAGE} {text}" if text else IMAGE_MESSAGE
             messages.append((user_role, message))
         else:
-            messages.append((assistant_role, turn.text or None))
-    if not coerced or coerced[-1].role != "assistant" or coerced[-1].text:
+            messages.append((assistant_role, text or None))
+    if not checked or checked[-1]["role"] != "assistant" or checked[-1]["text"]:
         messages.append((assistant_role, None))
     return template.render(messages)
 

@@ -29,10 +29,11 @@ import torch
 from PIL import Image
 from transformers.cache_utils import DynamicCache
 
-from model.conversation import Turn, clean_answer
+from model.conversation import clean_answer
+from model.engine.contract import ChatTurn
 from model.image_processing import load_image
 from model.minigpt4 import MiniGPT4
-from model.sampling import GenerationOptions, IncrementalDetokenizer, RowSampler, truncate_left
+from model.sampling import GenerationOptions, IncrementalDetokenizer, RowSampler, sample_rows, truncate_left
 
 __all__ = [
     "ChatSession",
@@ -128,10 +129,9 @@ def decode_batch(
     while True:
         logits = out.logits[:, -1, :]  # [B, V]
         steps: list[TokenStep] = []
-        for row in range(batch):
-            if not running[row]:
-                continue
-            token = samplers[row].next_token(logits[row])
+        live = [row for row in range(batch) if running[row]]
+        chosen = sample_rows([samplers[row] for row in live], logits if len(live) == batch else logits[live])
+        for row, token in zip(live, chosen, strict=True):
             last[row] = token
             reason = samplers[row].finish_reason(decode_tail)
             if reason is not None:
@@ -302,7 +302,7 @@ class ChatSession:
     def __init__(self, model: MiniGPT4, options: GenerationOptions | None = None) -> None:
         self.model = model
         self.options = options or default_options(model)
-        self.turns: list[Turn] = []
+        self.turns: list[ChatTurn] = []
         self.images: list[torch.Tensor] = []
         self._pending_images = 0
         self.last = ChatTurnResult()
@@ -329,15 +329,15 @@ class ChatSession:
         """Add the question, stream the answer's text deltas, then record the cleaned answer."""
         opts = options or self.options
         for _ in range(max(0, self._pending_images - 1)):
-            self.turns.append(Turn("user", "", image=True))
-        self.turns.append(Turn("user", text, image=self._pending_images > 0))
+            self.turns.append(ChatTurn(role="user", text="", image=True))
+        self.turns.append(ChatTurn(role="user", text=text, image=self._pending_images > 0))
         self._pending_images = 0
         prompt = self.model.build_prompt(self.turns)
         context = self.model.context_embeddings(prompt, self.images)
         result = GenerationResult()
         yield from stream_answer(self.model, context, opts, result)
         answer = decode_answer(self.model, result.token_ids)
-        self.turns.append(Turn("assistant", answer))
+        self.turns.append(ChatTurn(role="assistant", text=answer))
         self.last = ChatTurnResult(prompt, answer, result.token_ids, result.finish_reason)
 
 

@@ -30,11 +30,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 from torch import nn
-from transformers import Blip2QFormerConfig, Blip2QFormerModel, Blip2VisionConfig, Blip2VisionModel
+from transformers import (
+    Blip2QFormerConfig,
+    Blip2QFormerModel,
+    Blip2VisionConfig,
+    Blip2VisionModel,
+    LlamaForCausalLM,
+)
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from model.conversation import IMAGE_PLACEHOLDER, Turn, build_prompt
+from model.conversation import IMAGE_PLACEHOLDER, build_prompt
+from model.engine.contract import ChatTurn
 from model.image_processing import ImageProcessor
 from model.text import TextCodec
 from model.variants import VariantSpec
@@ -60,7 +67,8 @@ def build_vision_encoder(spec: VariantSpec) -> Blip2VisionModel:
         qkv_bias=True,
     )
     encoder = Blip2VisionModel(config)
-    encoder.post_layernorm = nn.Identity()
+    # transformers types the attribute as LayerNorm; MiniGPT-4's ViT has no final norm
+    encoder.post_layernorm = nn.Identity()  # type: ignore[assignment]
     return encoder
 
 
@@ -109,7 +117,7 @@ class MiniGPT4(nn.Module):
     load_report: LoadReport | None
 
     def __init__(
-        self, spec: VariantSpec, llm: nn.Module, tokenizer: Any, llm_hidden: int, spm_file: str | None = None
+        self, spec: VariantSpec, llm: LlamaForCausalLM, tokenizer: Any, llm_hidden: int, spm_file: str | None = None
     ) -> None:
         super().__init__()
         self.text = TextCodec(tokenizer, spm_file)
@@ -145,8 +153,13 @@ class MiniGPT4(nn.Module):
         return self.visual_encoder.embeddings.patch_embedding.weight.dtype
 
     @property
+    def embed_tokens(self) -> nn.Embedding:
+        """The LLM's input embedding table (what ``get_input_embeddings()`` returns, typed as the table it is)."""
+        return self.llm.model.embed_tokens
+
+    @property
     def llm_dtype(self) -> torch.dtype:
-        return self.llm.get_input_embeddings().weight.dtype
+        return self.embed_tokens.weight.dtype
 
     @property
     def hidden_size(self) -> int:
@@ -200,7 +213,7 @@ class MiniGPT4(nn.Module):
 
     # ------------------------------------------------------------------ text
 
-    def build_prompt(self, turns: Sequence[Turn | Mapping[str, Any]]) -> str:
+    def build_prompt(self, turns: Sequence[ChatTurn | Mapping[str, Any]]) -> str:
         """Turns → the variant's prompt, byte-exact with the reference ``Conversation``."""
         return build_prompt(self.spec.template, turns)
 
@@ -211,7 +224,7 @@ class MiniGPT4(nn.Module):
     @torch.inference_mode()
     def embed_ids(self, ids: Sequence[int]) -> torch.Tensor:
         """Token ids → ``Tensor[T, H]`` with the LLM's input embedding table."""
-        table = self.llm.get_input_embeddings()
+        table = self.embed_tokens
         return table(torch.tensor(list(ids), dtype=torch.long, device=table.weight.device))
 
     @torch.inference_mode()

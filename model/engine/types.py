@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from model.conversation import Turn
+from model.engine.contract import ChatTurn
 from model.sampling import GenerationOptions, IncrementalDetokenizer, RowSampler
 
 __all__ = ["EngineRequest", "SeqState"]
@@ -32,7 +32,7 @@ class EngineRequest:
     kept for follow-ups; ``user`` is the fairness key; ``deadline_s`` bounds the whole request.
     """
 
-    turns: Sequence[Turn | Mapping[str, Any]] | None = None
+    turns: Sequence[ChatTurn | Mapping[str, Any]] | None = None
     prompt: str | None = None
     images: Sequence[ImageInput] = ()
     options: GenerationOptions | None = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from model import TEMPLATES, Turn, build_prompt, clean_answer
+from model import TEMPLATES, ChatTurn, build_prompt, clean_answer
 
 SYSTEM = (
     "Give the following image: <Img>ImageContent</Img>. You will be able to see the image once I provide it "
@@ -98,7 +98,10 @@ def test_open_assistant_turn_is_not_doubled(variant):
 
 
 def test_turn_objects_and_mappings_are_equivalent():
-    as_turns = [Turn("user", "Describe this image.", True), Turn("assistant", "A cat on a mat.")]
+    as_turns = [
+        ChatTurn(role="user", text="Describe this image.", image=True),
+        ChatTurn(role="assistant", text="A cat on a mat."),
+    ]
     as_dicts = [
         {"role": "user", "text": "Describe this image.", "image": True},
         {"role": "assistant", "text": "A cat on a mat."},
