@@ -25,6 +25,7 @@ from adapters.streaming import (
     split_message,
 )
 from bot.core.requests import Delta, Final, ReplyFile
+from tests.replies import endless_answer
 
 # ---------------------------------------------------------------------- split_message
 
@@ -318,16 +319,8 @@ def test_cancelled_mid_answer_says_so_and_closes_the_core_iterator():
     async def main() -> None:
         messages = MemoryMessages()
         closed = asyncio.Event()
-
-        async def endless() -> AsyncIterator[Any]:
-            try:
-                yield Delta("so far")
-                await asyncio.sleep(3600)
-            finally:
-                closed.set()
-
         reply = _reply(messages)
-        task = asyncio.create_task(reply.run(endless()))
+        task = asyncio.create_task(reply.run(endless_answer(closed)))
         while messages.texts.get("m1") != "so far" + SUFFIX:
             await asyncio.sleep(0.01)
         task.cancel()

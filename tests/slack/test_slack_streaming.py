@@ -18,6 +18,7 @@ from adapters.slack.app import make_client
 from adapters.slack.messages import INTERRUPTED, PLACEHOLDER, SlackThread, slack_format, unescape_mrkdwn
 from adapters.streaming import StreamedReply, TokenBucket
 from bot.core.requests import Delta, Final
+from tests.replies import endless_answer
 
 CODE = "\n".join(f"print('línea {i}: 漢字 👩‍💻 e\u0301 <b>&amp;</b>')" for i in range(30))
 LONG = (
@@ -135,16 +136,8 @@ def test_thread_reply_edge_cases() -> None:
 
             # Shutdown mid-answer: the placeholder says so and the core's iterator is closed.
             closed = asyncio.Event()
-
-            async def endless() -> AsyncIterator[Any]:
-                try:
-                    yield Delta("so far")
-                    await asyncio.sleep(3600)
-                finally:
-                    closed.set()
-
             reply, thread = await _reply(fake)
-            task = asyncio.create_task(reply.run(endless()))
+            task = asyncio.create_task(reply.run(endless_answer(closed)))
             ids = reply.message_ids
             await fake.wait_for(lambda: ids and fake.find(CHANNEL, ids[0]).text == "so far …")
             task.cancel()
