@@ -41,6 +41,7 @@ __all__ = [
     "IncrementalDetokenizer",
     "InvalidGenerationOptions",
     "RowSampler",
+    "sample_rows",
     "truncate_left",
 ]
 
@@ -192,6 +193,73 @@ class RowSampler:
         if len(generated) >= self.options.max_new_tokens:
             return "length"
         return None
+
+
+def sample_rows(samplers: Sequence[RowSampler], logits: torch.Tensor) -> list[int]:
+    """The next token of every row at once — the same ids as ``samplers[i].next_token(logits[i])``.
+
+    ``logits`` is ``Tensor[B, V]``, row ``i`` belonging to ``samplers[i]`` (whose history gets the token).
+    Every processor runs once over the batch with per-row parameters, so a decode step costs a fixed
+    number of tensor ops whatever the batch: the repetition penalty over each row's own ``{BOS} ∪
+    generated`` (padded with its BOS, a duplicate), the min-length EOS mask, then for sampled rows
+    temperature → top-k → top-p in transformers' order and formulas.  A penalty or temperature of 1.0
+    multiplies or divides by 1.0, which is exact, so mixed rows need no separate path.  Greedy rows
+    take one ``argmax``; each sampled row draws its ``multinomial`` with its own generator (or the
+    global one, in row order), which keeps seeded answers identical to the per-row sampler.
+    """
+    rows = len(samplers)
+    if rows == 0:
+        return []
+    device = logits.device
+    scores = logits.float()
+    options = [s.options for s in samplers]
+    penalties = [o.repetition_penalty for o in options]
+    if any(p != 1.0 for p in penalties):
+        width = max(len(s.history) for s in samplers)
+        ids = torch.tensor([s.history + [s.history[0]] * (width - len(s.history)) for s in samplers], device=device)
+        picked = scores.gather(1, ids)
+        penalty = torch.tensor(penalties, dtype=torch.float32, device=device).unsqueeze(1)
+        scores = scores.scatter(1, ids, torch.where(picked < 0, picked * penalty, picked / penalty))
+    short = [i for i, s in enumerate(samplers) if len(s.history) < s.options.min_length]
+    if short:
+        scores = scores.clone() if scores is logits else scores
+        for i in short:  # rare (min_length > 1): a handful of rows, a few steps
+            scores[i, samplers[i].eos_ids] = -float("inf")
+    sampled = [i for i, o in enumerate(options) if o.do_sample]
+    tokens = scores.argmax(dim=-1).tolist() if len(sampled) < rows else [0] * rows
+    if sampled:
+        probs = _warped_probs(scores[sampled] if len(sampled) < rows else scores, [options[i] for i in sampled])
+        for j, i in enumerate(sampled):
+            tokens[i] = int(torch.multinomial(probs[j : j + 1], 1, generator=samplers[i].generator).item())
+    for sampler, token in zip(samplers, tokens, strict=True):
+        sampler.history.append(token)
+    return tokens
+
+
+def _warped_probs(scores: torch.Tensor, options: Sequence[GenerationOptions]) -> torch.Tensor:
+    """Temperature → top-k → top-p (transformers' warpers, per-row parameters) and softmax, for sampled rows."""
+    device = scores.device
+    temperature = torch.tensor([o.temperature for o in options], dtype=torch.float32, device=device).unsqueeze(1)
+    scores = scores / temperature
+    top_k = [min(o.top_k, scores.shape[-1]) for o in options]
+    if any(top_k):
+        kth = torch.topk(scores, max(top_k)).values  # [R, max k], descending
+        index = torch.tensor([max(k, 1) - 1 for k in top_k], device=device).unsqueeze(1)
+        threshold = kth.gather(1, index)
+        threshold[torch.tensor([k == 0 for k in top_k], device=device)] = -float("inf")
+        scores = scores.masked_fill(scores < threshold, -float("inf"))
+    nucleus = [i for i, o in enumerate(options) if o.top_p < 1.0]
+    if nucleus:
+        part = scores[nucleus]
+        sorted_logits, sorted_indices = torch.sort(part, descending=False)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        cut = torch.tensor([1 - options[i].top_p for i in nucleus], dtype=torch.float32, device=device)
+        remove = cumulative <= cut.unsqueeze(1)
+        remove[..., -1:] = False
+        remove = remove.scatter(1, sorted_indices, remove)
+        scores = scores.clone()
+        scores[nucleus] = part.masked_fill(remove, -float("inf"))
+    return torch.softmax(scores, dim=-1)
 
 
 class IncrementalDetokenizer:

@@ -4,8 +4,10 @@ The running batch is one left-padded KV cache (a transformers ``DynamicCache`` w
 tensors are ``[rows, heads, T, head_dim]``) plus a ``[rows, T]`` attention mask and each
 row's next position.  A new sequence is prefilled on its own — exactly the computation a
 lone request does — and its KV is then padded and stacked onto the batch; finished rows are
-sliced out and the all-padding columns on the left trimmed.  Every row is sampled by its own
-:class:`~model.sampling.RowSampler`, so a row's greedy ids do not depend on its neighbours.
+sliced out and the all-padding columns on the left trimmed.  Every row keeps its own
+:class:`~model.sampling.RowSampler` (options, history, generator); a decode step samples all rows in
+one :func:`~model.sampling.sample_rows` pass, whose ids equal each row's own, so a row's greedy ids
+do not depend on its neighbours.
 All LLM passes go through :meth:`MiniGPT4.forward`.
 """
 
@@ -24,7 +26,7 @@ from model.engine.types import SeqState
 from model.generate import answer_detokenizer
 from model.image_processing import ImageDecodeError, load_image
 from model.minigpt4 import MiniGPT4
-from model.sampling import RowSampler, truncate_left
+from model.sampling import RowSampler, sample_rows, truncate_left
 
 __all__ = ["Runner"]
 
@@ -160,12 +162,9 @@ class Runner:
             inputs_embeds=embeds, attention_mask=self.mask, position_ids=self.positions.unsqueeze(1), cache=self.cache
         )
         self.positions = self.positions + 1
-        logits = out.logits[:, -1, :]  # [B, V]
-        tokens = []
-        for i, seq in enumerate(self._rows):
-            assert seq.sampler is not None
-            tokens.append(seq.sampler.next_token(logits[i]))
-        return tokens
+        samplers = [seq.sampler for seq in self._rows]
+        assert all(s is not None for s in samplers)
+        return sample_rows(samplers, out.logits[:, -1, :])  # type: ignore[arg-type]  # one pass over [B, V]
 
     def remove(self, finished: list[SeqState]) -> dict[str, int]:
         """Drop rows; keep each finished conversation's KV as its prefix. Returns ``{key: tokens}`` kept."""
