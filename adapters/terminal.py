@@ -32,7 +32,7 @@ from rich.text import Text
 
 from bot.core.frontend_api import Core, FrontEndContext, FrontEndPlugin, FrontEndSettings
 from bot.core.grounding import bold_spans
-from bot.core.requests import Delta, Final, ImageAttachment, ReplyEvent, ReplyFile, Request
+from bot.core.requests import Command, Delta, Final, ImageAttachment, ReplyEvent, ReplyFile, Request
 
 __all__ = ["FRONT_END", "TerminalChat", "TerminalFrontEnd", "TerminalSettings"]
 
@@ -260,7 +260,7 @@ class TerminalChat:
             self.thread, self.pending = uuid.uuid4().hex, []
             self.console.print("New thread.")
         elif line == "/reset":
-            await self.send("reset")
+            await self.send("", command=Command.RESET)
         elif line.startswith("/image"):
             question = self._attach(line[len("/image") :].strip())
             if question:
@@ -288,11 +288,11 @@ class TerminalChat:
             self.console.print(f"Attached {path.name}; it goes with your next message.")
         return question
 
-    async def send(self, text: str) -> None:
+    async def send(self, text: str, command: Command | None = None) -> None:
         images, self.pending = tuple(self.pending), []
         request = Request(
             platform="terminal", workspace="local", channel="terminal", thread=self.thread,
-            user=self.user, text=text, images=images, event_id=uuid.uuid4().hex,
+            user=self.user, text=text, images=images, event_id=uuid.uuid4().hex, command=command,
         )  # fmt: skip
         streamed, shown = False, []
         async with aclosing(self.handle(request)) as events:  # Ctrl-C closes the answer: stored as interrupted

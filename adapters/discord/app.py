@@ -3,7 +3,8 @@
 * ``/ask image: question: [preset:]`` is deferred at once (before any download or queueing), answered in the
   original response — streamed, continued in follow-ups when long — and a thread is started on the response
   when the answer begins; messages in that thread continue the conversation without a mention.  ``/reset``
-  (in a thread or a DM), ``/help`` and ``/settings`` (only to the asker) complete the commands.
+  (in a thread or a DM), ``/help`` and ``/settings`` (only to the asker) complete the commands — their
+  handlers are :class:`~adapters.discord.commands.SlashCommands`, each a typed command for the core.
 * ``@minigpt4 question`` with a picture in a channel answers in a thread started on that message (a reply
   where threads are not allowed); any message in a conversation thread continues it, and a picture posted
   in a thread the bot was addressed in (e.g. after ``reset``) starts one — also after a restart.  DMs need
@@ -29,7 +30,7 @@ import contextlib
 import datetime
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,30 +38,34 @@ import aiohttp
 import discord
 from discord import app_commands
 
-from adapters.discord.commands import add_commands, sync_if_changed
+from adapters.discord.commands import (
+    DM_WORKSPACE,
+    PLATFORM,
+    Progress,
+    SlashCommands,
+    Where,
+    add_commands,
+    roles_of,
+    sync_if_changed,
+)
 from adapters.discord.files import DiscordFiles
 from adapters.discord.messages import (
     NO_MENTIONS,
-    TOKEN_LIFETIME,
     ChannelReply,
-    InteractionReply,
     discord_format,
     strip_mentions,
     thread_name,
 )
 from adapters.discord.settings import MESSAGE_LIMIT, DiscordSettings
-from adapters.streaming import InFlight, StreamedReply, TokenBucket, split_message
+from adapters.streaming import InFlight, StreamedReply, TokenBucket
 from bot.core.frontend_api import Core, FrontEndSetupError
-from bot.core.requests import Delta, Final, ReplyEvent, Request, ThreadRef
+from bot.core.requests import Request, ThreadRef
 
 __all__ = ["INTENTS_NOTE", "PERMISSIONS", "PLATFORM", "TOKEN_ENV", "DiscordFrontEnd", "DiscordToken"]
 
 log = logging.getLogger(__name__)
 
-PLATFORM = "discord"
 TOKEN_ENV = "DISCORD_BOT_TOKEN"
-DM_WORKSPACE = "dm"
-SLASH_THREAD = "slash-command"
 EDITS_PER_MINUTE = 50  # per channel, shared by every answer streaming there (Discord: ~5 edits / 5 s a channel)
 PORTAL = "Developer Portal (https://discord.com/developers/applications) → your application → Bot"
 INTENTS_NOTE = (
@@ -95,44 +100,6 @@ class DiscordToken:
         if value.lower().startswith("bot "):
             value = value[4:].strip()
         return cls(value)
-
-
-@dataclass(frozen=True)
-class _Where:
-    """A conversation's key parts; ``thread`` is ``None`` for a top-level channel (each answer its own thread)."""
-
-    workspace: str
-    channel: str
-    thread: str | None
-    messageable: Any
-    can_thread: bool = False
-
-
-def _roles(author: discord.User | discord.Member) -> tuple[str, ...]:
-    """The ids of the author's server roles, leaving out ``@everyone`` (every member has it); none in a DM.
-
-    ``Member.roles`` holds the roles the cached server knows (the ``guilds`` intent keeps them current).
-    """
-    if not isinstance(author, discord.Member):
-        return ()
-    return tuple(str(role.id) for role in author.roles if not role.is_default())
-
-
-class _Progress:
-    """Whether the core is answering (a model answer is streaming), as opposed to a notice or a refusal."""
-
-    def __init__(self) -> None:
-        self.answering = False
-
-    def __call__(self) -> bool:
-        return self.answering
-
-    async def watch(self, events: AsyncIterator[ReplyEvent]) -> AsyncIterator[ReplyEvent]:
-        async with contextlib.aclosing(events):  # type: ignore[type-var]
-            async for event in events:
-                if isinstance(event, Delta) or (isinstance(event, Final) and event.kind == "answer"):
-                    self.answering = True
-                yield event
 
 
 class _Client(discord.Client):
@@ -193,6 +160,7 @@ class DiscordFrontEnd:
         self._stopped = False
         self._threads: dict[int, int | None] = {}  # channel id → parent id (a thread) or None, for uncached channels
         self._aliases: dict[int, str] = {}  # thread id → conversation key, should a thread not get its message's id
+        self.commands = SlashCommands(self)  # /ask /reset /help /settings
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -215,7 +183,7 @@ class DiscordFrontEnd:
             allowed_mentions=NO_MENTIONS,
         )
         self.tree = app_commands.CommandTree(self.client)
-        add_commands(self.tree, self, self.core.presets(), self.core.image_limits)
+        add_commands(self.tree, self.commands, self.core.presets(), self.core.image_limits)
         try:
             await asyncio.wait_for(self.client.login(token.value), self.connect_timeout_s)
         except discord.LoginFailure:
@@ -361,7 +329,7 @@ class DiscordFrontEnd:
             return  # bots (this one too), webhooks (interaction follow-ups), joins, pins, thread notices …
         if isinstance(message.channel, discord.DMChannel):
             channel = str(message.channel.id)
-            where = _Where(DM_WORKSPACE, channel, channel, message.channel)
+            where = Where(DM_WORKSPACE, channel, channel, message.channel)
             await self._answer(message, where, addressed=True)
             return
         guild_id = message.guild.id if message.guild is not None else getattr(message.channel, "guild_id", None)
@@ -371,7 +339,7 @@ class DiscordFrontEnd:
         addressed = self._addressed(message)
         parent = await self._parent_of(message.channel)
         if parent is not None:
-            where = _Where(guild, str(parent), self._thread_key(message.channel.id), message.channel)
+            where = Where(guild, str(parent), self._thread_key(message.channel.id), message.channel)
             if not addressed:
                 view = await self.core.thread(ThreadRef(PLATFORM, guild, where.channel, where.thread or ""))
                 if not (view.live or (message.attachments and view.followed)):
@@ -379,17 +347,17 @@ class DiscordFrontEnd:
             await self._answer(message, where, addressed=addressed)
         elif addressed:
             can_thread = isinstance(message.channel, discord.TextChannel | discord.PartialMessageable)
-            where = _Where(guild, str(message.channel.id), None, message.channel, can_thread=can_thread)
+            where = Where(guild, str(message.channel.id), None, message.channel, can_thread=can_thread)
             await self._answer(message, where, addressed=True)
 
-    async def _answer(self, message: discord.Message, where: _Where, *, addressed: bool) -> None:
+    async def _answer(self, message: discord.Message, where: Where, *, addressed: bool) -> None:
         with self._in_flight.track():
             thread = where.thread or str(message.id)  # a thread started on the message will have its id
             log.info("discord message %s in %s/%s thread %s", message.id, where.workspace, where.channel, thread)
             me = self.client.user if self.client is not None else None
             role = message.guild.self_role if message.guild is not None else None
             text = strip_mentions(message.content, me.id if me else None, role.id if role else None)
-            progress = _Progress()
+            progress = Progress()
             reply = ChannelReply(
                 message, new_thread=where.thread is None and where.can_thread, name=thread_name(text),
                 answering=progress, on_thread=self._thread_started, interval_s=self.settings.update_interval_s,
@@ -397,145 +365,6 @@ class DiscordFrontEnd:
             images = await self.files.download(message.attachments)
             request = Request(
                 PLATFORM, where.workspace, where.channel, thread, str(message.author.id), text, images,
-                event_id=str(message.id), addressed=addressed, roles=_roles(message.author),
+                event_id=str(message.id), addressed=addressed, roles=roles_of(message.author),
             )  # fmt: skip
             await self._stream(reply, where.channel).run(progress.watch(self.core.handle(request)))
-
-    # ------------------------------------------------------------------ slash commands
-
-    def _where(self, interaction: discord.Interaction) -> _Where:
-        channel_id = interaction.channel_id or 0
-        channel = interaction.channel
-        if channel is None and self.client is not None:
-            channel = self.client.get_partial_messageable(channel_id, guild_id=interaction.guild_id)
-        if interaction.guild_id is None:
-            return _Where(DM_WORKSPACE, str(channel_id), str(channel_id), channel)
-        guild = str(interaction.guild_id)
-        if isinstance(channel, discord.Thread):
-            return _Where(guild, str(channel.parent_id), self._thread_key(channel.id), channel)
-        can_thread = isinstance(channel, discord.TextChannel | discord.PartialMessageable)
-        return _Where(guild, str(channel_id), None, channel, can_thread=can_thread)
-
-    async def _defer(self, interaction: discord.Interaction, *, ephemeral: bool = False) -> int | None:
-        """Acknowledge within Discord's 3 s (before anything else); the original response's message id."""
-        callback = None
-        try:
-            callback = await interaction.response.defer(thinking=True, ephemeral=ephemeral)
-        except (discord.DiscordException, aiohttp.ClientError, OSError) as exc:
-            log.warning("Discord: could not defer interaction %s (%s): it expired", interaction.id, type(exc).__name__)
-            return None
-        except (KeyError, TypeError, ValueError) as exc:  # acknowledged, but an unexpected callback body
-            if not interaction.response.is_done():
-                raise
-            log.warning("Discord: unexpected answer to deferring %s (%s)", interaction.id, type(exc).__name__)
-        message_id = getattr(callback, "message_id", None)
-        if message_id is None:
-            try:
-                message_id = (await interaction.original_response()).id
-            except (discord.DiscordException, aiohttp.ClientError, OSError) as exc:
-                log.warning("Discord: no original response for %s (%s)", interaction.id, type(exc).__name__)
-                return None
-        return message_id
-
-    def _expires(self, interaction: discord.Interaction, received: datetime.datetime) -> datetime.datetime:
-        return min(interaction.created_at, received) + TOKEN_LIFETIME
-
-    async def on_ask(
-        self, interaction: discord.Interaction, image: discord.Attachment, question: str, preset: str | None
-    ) -> None:
-        """``/ask``: defer, download, answer in the response, thread on the response for follow-ups."""
-        with self._in_flight.track():
-            received = discord.utils.utcnow()
-            original = await self._defer(interaction)
-            if original is None:
-                return
-            where = self._where(interaction)
-            thread = where.thread or str(original)  # the thread started on the response will have its id
-            log.info("discord /ask %s in %s/%s thread %s", interaction.id, where.workspace, where.channel, thread)
-            progress = _Progress()
-            reply = InteractionReply(
-                interaction, original, channel=where.messageable, new_thread=where.thread is None and where.can_thread,
-                name=thread_name(question, fallback=f"{preset or 'Picture'} question"), answering=progress,
-                expires=self._expires(interaction, received), margin=self.token_margin, on_thread=self._thread_started,
-                interval_s=self.settings.update_interval_s,
-            )  # fmt: skip
-            images = await self.files.download([image])
-            request = Request(
-                PLATFORM, where.workspace, where.channel, thread, str(interaction.user.id), question, images,
-                event_id=str(interaction.id), preset=preset or None, addressed=True, roles=_roles(interaction.user),
-            )  # fmt: skip
-            try:
-                await self._stream(reply, where.channel).run(progress.watch(self.core.handle(request)))
-            finally:
-                await asyncio.shield(reply.finish())
-
-    async def on_reset(self, interaction: discord.Interaction) -> None:
-        """``/reset``: the conversation of this thread (or DM) starts over."""
-        with self._in_flight.track():
-            received = discord.utils.utcnow()
-            where = self._where(interaction)
-            if where.thread is None:
-                with contextlib.suppress(discord.DiscordException, aiohttp.ClientError, OSError):
-                    await interaction.response.send_message(
-                        "Use `/reset` inside a conversation thread (or in a DM with me): each `/ask` and each "
-                        "mention starts its own thread.", ephemeral=True,
-                    )  # fmt: skip
-                return
-            original = await self._defer(interaction)
-            if original is None:
-                return
-            reply = InteractionReply(
-                interaction, original, channel=where.messageable, new_thread=False, name="", answering=_Progress(),
-                expires=self._expires(interaction, received), margin=self.token_margin,
-                interval_s=self.settings.update_interval_s,
-            )  # fmt: skip
-            request = Request(
-                PLATFORM, where.workspace, where.channel, where.thread, str(interaction.user.id), "reset",
-                event_id=str(interaction.id), addressed=True, roles=_roles(interaction.user),
-            )  # fmt: skip
-            try:
-                await self._stream(reply, where.channel).run(self.core.handle(request))
-            finally:
-                await asyncio.shield(reply.finish())
-
-    async def on_help(self, interaction: discord.Interaction) -> None:
-        """``/help``: the core's help and what only Discord adds, to the asker alone."""
-        with self._in_flight.track():
-            chunks = split_message(self.help_text(), MESSAGE_LIMIT)
-            try:
-                await interaction.response.send_message(chunks[0], ephemeral=True, allowed_mentions=NO_MENTIONS)
-                for chunk in chunks[1:]:
-                    await interaction.followup.send(chunk, ephemeral=True, allowed_mentions=NO_MENTIONS)
-            except (discord.DiscordException, aiohttp.ClientError, OSError) as exc:
-                log.warning("Discord /help failed: %s", type(exc).__name__)
-
-    async def on_settings(self, interaction: discord.Interaction) -> None:
-        """``/settings``: the model, the presets and the asker's limits, to the asker alone."""
-        with self._in_flight.track():
-            if await self._defer(interaction, ephemeral=True) is None:
-                return
-            where = self._where(interaction)
-            request = Request(
-                PLATFORM, where.workspace, where.channel, where.thread or SLASH_THREAD, str(interaction.user.id),
-                "settings", roles=_roles(interaction.user),
-            )  # fmt: skip
-            texts = [e.text async for e in self.core.handle(request) if isinstance(e, Final)]
-            chunks = split_message(discord.utils.escape_markdown("\n".join(texts)), MESSAGE_LIMIT) or ["(nothing)"]
-            try:
-                await interaction.edit_original_response(content=chunks[0], allowed_mentions=NO_MENTIONS)
-                for chunk in chunks[1:]:
-                    await interaction.followup.send(chunk, ephemeral=True, allowed_mentions=NO_MENTIONS)
-            except (discord.DiscordException, aiohttp.ClientError, OSError) as exc:
-                log.warning("Discord /settings failed: %s", type(exc).__name__)
-
-    def help_text(self) -> str:
-        me = self.client.user if self.client is not None else None
-        bot = f"<@{me.id}>" if me is not None else "the bot"
-        return (
-            discord.utils.escape_markdown(self.core.help_text()) + "\n\n**In Discord**\n"
-            "• `/ask` with a picture, a question and (optionally) a preset: I answer there and open a thread on "
-            "the answer — reply in the thread to follow up, no mention needed.\n"
-            f"• Or mention {bot} with a picture in a channel: I answer in a thread started on your message.\n"
-            "• In a DM, just send a picture and a question.\n"
-            "• `/reset` in a thread (or a DM) starts it over; `/settings` shows the model and your limits."
-        )

@@ -1,4 +1,5 @@
-"""The slash commands (``/ask``, ``/reset``, ``/help``, ``/settings``) and registering them only when they changed.
+"""The slash commands (``/ask``, ``/reset``, ``/help``, ``/settings``): their handlers (:class:`SlashCommands`,
+each one a typed :class:`~bot.core.requests.Command` for the core), and registering them only when they changed.
 
 Discord rate-limits command registration (200 creates a day per server), so the front end never overwrites
 the commands on every start: :func:`sync_if_changed` fetches what is registered (globally, or in each of
@@ -9,20 +10,228 @@ core's presets, so editing ``[presets]`` changes the definitions and the next st
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import datetime
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+import aiohttp
 import discord
 from discord import app_commands
 
+from adapters.discord.messages import NO_MENTIONS, TOKEN_LIFETIME, InteractionReply, thread_name
+from adapters.discord.settings import MESSAGE_LIMIT
+from adapters.streaming import split_message
 from bot.core.frontend_api import ImageLimits, PresetInfo
+from bot.core.requests import Command, Delta, Final, ReplyEvent, Request
 
-__all__ = ["MAX_CHOICES", "CommandHandlers", "add_commands", "normalized", "sync_if_changed"]
+__all__ = [
+    "DM_WORKSPACE",
+    "MAX_CHOICES",
+    "CommandHandlers",
+    "Progress",
+    "SlashCommands",
+    "Where",
+    "add_commands",
+    "normalized",
+    "roles_of",
+    "sync_if_changed",
+]
 
 log = logging.getLogger(__name__)
 
 MAX_CHOICES = 25  # Discord's limit on the choices of one option
+PLATFORM = "discord"
+DM_WORKSPACE = "dm"
+
+
+@dataclass(frozen=True)
+class Where:
+    """A conversation's key parts; ``thread`` is ``None`` for a top-level channel (each answer its own thread)."""
+
+    workspace: str
+    channel: str
+    thread: str | None
+    messageable: Any
+    can_thread: bool = False
+
+
+def roles_of(author: discord.User | discord.Member) -> tuple[str, ...]:
+    """The ids of the author's server roles, leaving out ``@everyone`` (every member has it); none in a DM.
+
+    ``Member.roles`` holds the roles the cached server knows (the ``guilds`` intent keeps them current).
+    """
+    if not isinstance(author, discord.Member):
+        return ()
+    return tuple(str(role.id) for role in author.roles if not role.is_default())
+
+
+class Progress:
+    """Whether the core is answering (a model answer is streaming), as opposed to a notice or a refusal."""
+
+    def __init__(self) -> None:
+        self.answering = False
+
+    def __call__(self) -> bool:
+        return self.answering
+
+    async def watch(self, events: AsyncIterator[ReplyEvent]) -> AsyncIterator[ReplyEvent]:
+        async with contextlib.aclosing(events):  # type: ignore[type-var]
+            async for event in events:
+                if isinstance(event, Delta) or (isinstance(event, Final) and event.kind == "answer"):
+                    self.answering = True
+                yield event
+
+
+class SlashCommands:
+    """The handlers of the four commands (:class:`CommandHandlers`) for a running front end (``front``: the
+    :class:`~adapters.discord.app.DiscordFrontEnd`, whose core, client, streams and thread keys they use).
+    Each one reaches the core as its typed command (``Request.command``): ``/ask``'s question is a question
+    even when it is the word "settings"; ``/settings`` outside a thread names none (the core follows none)."""
+
+    def __init__(self, front: Any) -> None:
+        self.front = front
+
+    def _where(self, interaction: discord.Interaction) -> Where:
+        channel_id = interaction.channel_id or 0
+        channel = interaction.channel
+        if channel is None and self.front.client is not None:
+            channel = self.front.client.get_partial_messageable(channel_id, guild_id=interaction.guild_id)
+        if interaction.guild_id is None:
+            return Where(DM_WORKSPACE, str(channel_id), str(channel_id), channel)
+        guild = str(interaction.guild_id)
+        if isinstance(channel, discord.Thread):
+            return Where(guild, str(channel.parent_id), self.front._thread_key(channel.id), channel)
+        can_thread = isinstance(channel, discord.TextChannel | discord.PartialMessageable)
+        return Where(guild, str(channel_id), None, channel, can_thread=can_thread)
+
+    async def _defer(self, interaction: discord.Interaction, *, ephemeral: bool = False) -> int | None:
+        """Acknowledge within Discord's 3 s (before anything else); the original response's message id."""
+        callback = None
+        try:
+            callback = await interaction.response.defer(thinking=True, ephemeral=ephemeral)
+        except (discord.DiscordException, aiohttp.ClientError, OSError) as exc:
+            log.warning("Discord: could not defer interaction %s (%s): it expired", interaction.id, type(exc).__name__)
+            return None
+        except (KeyError, TypeError, ValueError) as exc:  # acknowledged, but an unexpected callback body
+            if not interaction.response.is_done():
+                raise
+            log.warning("Discord: unexpected answer to deferring %s (%s)", interaction.id, type(exc).__name__)
+        message_id = getattr(callback, "message_id", None)
+        if message_id is None:
+            try:
+                message_id = (await interaction.original_response()).id
+            except (discord.DiscordException, aiohttp.ClientError, OSError) as exc:
+                log.warning("Discord: no original response for %s (%s)", interaction.id, type(exc).__name__)
+                return None
+        return message_id
+
+    def _expires(self, interaction: discord.Interaction, received: datetime.datetime) -> datetime.datetime:
+        return min(interaction.created_at, received) + TOKEN_LIFETIME
+
+    async def on_ask(
+        self, interaction: discord.Interaction, image: discord.Attachment, question: str, preset: str | None
+    ) -> None:
+        """``/ask``: defer, download, answer in the response, thread on the response for follow-ups."""
+        with self.front._in_flight.track():
+            received = discord.utils.utcnow()
+            original = await self._defer(interaction)
+            if original is None:
+                return
+            where = self._where(interaction)
+            thread = where.thread or str(original)  # the thread started on the response will have its id
+            log.info("discord /ask %s in %s/%s thread %s", interaction.id, where.workspace, where.channel, thread)
+            progress = Progress()
+            reply = InteractionReply(
+                interaction, original, channel=where.messageable, new_thread=where.thread is None and where.can_thread,
+                name=thread_name(question, fallback=f"{preset or 'Picture'} question"), answering=progress,
+                expires=self._expires(interaction, received), margin=self.front.token_margin,
+                on_thread=self.front._thread_started, interval_s=self.front.settings.update_interval_s,
+            )  # fmt: skip
+            images = await self.front.files.download([image])
+            request = Request(
+                PLATFORM, where.workspace, where.channel, thread, str(interaction.user.id), question, images,
+                event_id=str(interaction.id), preset=preset or None, addressed=True, roles=roles_of(interaction.user),
+                command=Command.ASK,
+            )  # fmt: skip
+            try:
+                await self.front._stream(reply, where.channel).run(progress.watch(self.front.core.handle(request)))
+            finally:
+                await asyncio.shield(reply.finish())
+
+    async def on_reset(self, interaction: discord.Interaction) -> None:
+        """``/reset``: the conversation of this thread (or DM) starts over."""
+        with self.front._in_flight.track():
+            received = discord.utils.utcnow()
+            where = self._where(interaction)
+            if where.thread is None:
+                with contextlib.suppress(discord.DiscordException, aiohttp.ClientError, OSError):
+                    await interaction.response.send_message(
+                        "Use `/reset` inside a conversation thread (or in a DM with me): each `/ask` and each "
+                        "mention starts its own thread.", ephemeral=True,
+                    )  # fmt: skip
+                return
+            original = await self._defer(interaction)
+            if original is None:
+                return
+            reply = InteractionReply(
+                interaction, original, channel=where.messageable, new_thread=False, name="", answering=Progress(),
+                expires=self._expires(interaction, received), margin=self.front.token_margin,
+                interval_s=self.front.settings.update_interval_s,
+            )  # fmt: skip
+            request = Request(
+                PLATFORM, where.workspace, where.channel, where.thread, str(interaction.user.id),
+                event_id=str(interaction.id), addressed=True, roles=roles_of(interaction.user), command=Command.RESET,
+            )  # fmt: skip
+            try:
+                await self.front._stream(reply, where.channel).run(self.front.core.handle(request))
+            finally:
+                await asyncio.shield(reply.finish())
+
+    async def on_help(self, interaction: discord.Interaction) -> None:
+        """``/help``: the core's help and what only Discord adds, to the asker alone."""
+        with self.front._in_flight.track():
+            chunks = split_message(self.help_text(), MESSAGE_LIMIT)
+            try:
+                await interaction.response.send_message(chunks[0], ephemeral=True, allowed_mentions=NO_MENTIONS)
+                for chunk in chunks[1:]:
+                    await interaction.followup.send(chunk, ephemeral=True, allowed_mentions=NO_MENTIONS)
+            except (discord.DiscordException, aiohttp.ClientError, OSError) as exc:
+                log.warning("Discord /help failed: %s", type(exc).__name__)
+
+    async def on_settings(self, interaction: discord.Interaction) -> None:
+        """``/settings``: the model, the presets and the asker's limits, to the asker alone."""
+        with self.front._in_flight.track():
+            if await self._defer(interaction, ephemeral=True) is None:
+                return
+            where = self._where(interaction)
+            request = Request(
+                PLATFORM, where.workspace, where.channel, where.thread or "", str(interaction.user.id),
+                roles=roles_of(interaction.user), command=Command.SETTINGS,  # outside a thread: none (Request.command)
+            )  # fmt: skip
+            texts = [e.text async for e in self.front.core.handle(request) if isinstance(e, Final)]
+            chunks = split_message(discord.utils.escape_markdown("\n".join(texts)), MESSAGE_LIMIT) or ["(nothing)"]
+            try:
+                await interaction.edit_original_response(content=chunks[0], allowed_mentions=NO_MENTIONS)
+                for chunk in chunks[1:]:
+                    await interaction.followup.send(chunk, ephemeral=True, allowed_mentions=NO_MENTIONS)
+            except (discord.DiscordException, aiohttp.ClientError, OSError) as exc:
+                log.warning("Discord /settings failed: %s", type(exc).__name__)
+
+    def help_text(self) -> str:
+        me = self.front.client.user if self.front.client is not None else None
+        bot = f"<@{me.id}>" if me is not None else "the bot"
+        return (
+            discord.utils.escape_markdown(self.front.core.help_text()) + "\n\n**In Discord**\n"
+            "• `/ask` with a picture, a question and (optionally) a preset: I answer there and open a thread on "
+            "the answer — reply in the thread to follow up, no mention needed.\n"
+            f"• Or mention {bot} with a picture in a channel: I answer in a thread started on your message.\n"
+            "• In a DM, just send a picture and a question.\n"
+            "• `/reset` in a thread (or a DM) starts it over; `/settings` shows the model and your limits."
+        )
 
 
 class CommandHandlers(Protocol):

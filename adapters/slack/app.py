@@ -49,7 +49,7 @@ from adapters.slack.messages import SlackThread, escape_mrkdwn, no_fence, slack_
 from adapters.slack.settings import SlackSettings
 from adapters.streaming import InFlight, StreamedReply, TokenBucket
 from bot.core.frontend_api import Core, FrontEndSetupError
-from bot.core.requests import Final, ImageAttachment, Request, ThreadRef
+from bot.core.requests import Command, Final, ImageAttachment, Request, ThreadRef
 
 __all__ = ["EVENTS_PATH", "PLATFORM", "OneDeliveryAtATime", "SlackFrontEnd", "SlackTokens", "make_client"]
 
@@ -59,7 +59,6 @@ PLATFORM = "slack"
 BOT_TOKEN_ENV, APP_TOKEN_ENV, SIGNING_SECRET_ENV = "SLACK_BOT_TOKEN", "SLACK_APP_TOKEN", "SLACK_SIGNING_SECRET"
 EVENTS_PATH = "/slack/events"
 ACCEPTED_SUBTYPES = (None, "file_share", "thread_broadcast")
-SLASH_THREAD = "slash-command"
 
 
 @dataclass(frozen=True)
@@ -315,9 +314,8 @@ class SlackFrontEnd:
         word = words[0].lower().lstrip("/") if words else "help"
         bot = f"<@{context.bot_user_id}>" if context.bot_user_id else "me"
         team, channel = command.get("team_id") or context.team_id or "", command.get("channel_id", "")
-        if word == "settings":
-            request = Request(PLATFORM, team, channel, SLASH_THREAD, command.get("user_id", ""), "settings",
-                              addressed=True)  # fmt: skip
+        if word == "settings":  # a command with no thread: the core follows none (Request.command)
+            request = Request(PLATFORM, team, channel, "", command.get("user_id", ""), command=Command.SETTINGS)
             texts = [escape_mrkdwn(e.text) async for e in self.core.handle(request) if isinstance(e, Final)]
             return "\n".join(texts)
         presets = {p.name: p.prompt for p in self.core.presets(team, channel)}

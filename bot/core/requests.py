@@ -6,11 +6,13 @@ import functools
 import logging
 import unicodedata
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Literal
 
 from bot.core.sanitize import clean_text
 
 __all__ = [
+    "Command",
     "Delta",
     "Final",
     "FinalKind",
@@ -29,6 +31,16 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 FinalKind = Literal["answer", "help", "notice", "error"]
+
+
+class Command(StrEnum):
+    """A command a front end received from its platform's own command objects (:attr:`Request.command`);
+    what each does, and the parser of commands written as text: :mod:`bot.core.commands`."""
+
+    ASK = "ask"
+    RESET = "reset"
+    SETTINGS = "settings"
+    HELP = "help"
 
 
 def normalize_id(value: str, *, fold_case: bool = False) -> str:
@@ -138,7 +150,15 @@ class Request:
     """One message to the bot.  ``thread`` is the thread root (a new message is its own root).
 
     ``addressed``: the user spoke to the bot directly (a mention, a slash command, a DM); the core
-    then follows the thread, so later pictures there need no second mention (kept in SQL).
+    then follows the thread, so later pictures there need no second mention (kept in SQL).  A typed
+    ``settings`` or ``help`` follows no thread, addressed or not.
+
+    ``command``: the command the platform's own command objects delivered (:class:`~bot.core.commands.Command`:
+    a Slack slash command, a Discord app command, the terminal's ``/reset``); the core then reads no command
+    words in ``text`` (``ask``: the text is the question).  ``None``: a plain message, whose text may write a
+    command (:func:`~bot.core.commands.parse_message`).  A command with no thread of its own (``settings`` or
+    ``help`` from Slack's slash command, Discord's ``/settings`` outside a thread) sends ``thread=""``: the core
+    reads no thread for those two; ``reset`` starts over the thread it names.
 
     ``roles``: the ids of the roles or groups the author has on the platform, where the platform has such
     a thing (Discord: the member's server role ids, without ``@everyone``); empty elsewhere (Slack, the web
@@ -173,6 +193,7 @@ class Request:
     roles: tuple[str, ...] = ()
     generation: GenerationRequest | None = None
     history: tuple[HistoryTurn, ...] | None = None
+    command: Command | None = None
 
     def __post_init__(self) -> None:
         _normalize_place(self)

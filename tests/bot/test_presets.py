@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from bot.core.commands import ParsedMessage as Command
+from bot.core.commands import parse_message
 from bot.core.config import DEFAULT_PRESETS
-from bot.core.presets import Command, parse_message
 from tests.bot import test_service
 from tests.bot.test_service import Harness, png, req
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import pytest
 
+from bot.core.commands import ParsedMessage as Command
+from bot.core.commands import parse_message
 from bot.core.config import PresetSettings
 from bot.core.errors import UserInputError
 from bot.core.grounding import Box, Phrase, bold_spans, identify_region, parse_grounding, settled
-from bot.core.presets import Command, PresetBook, parse_message
+from bot.core.presets import PresetBook
 
 
 def test_grounding_one_phrase() -> None:
