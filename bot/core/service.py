@@ -52,7 +52,7 @@ from bot.core.metrics import BotMetrics
 from bot.core.pipeline import CUT_NOTE, Context, Parts, Timing, chain, steps
 from bot.core.pipeline.command import help_text
 from bot.core.previews import WebsitePreviews
-from bot.core.requests import Final, ReplyEvent, ReplyFile, Request, ThreadRef
+from bot.core.requests import Final, FinalKind, ReplyEvent, ReplyFile, Request, ThreadRef
 from bot.core.sanitize import clean_text
 from bot.core.screenshot import PageRenderer
 from bot.core.workers import STALE_AFTER_S, WorkerIdentity, is_gone
@@ -189,7 +189,7 @@ class BotService(Timing):
                 self.metrics.quota_rejections.labels(exc.scope, exc.limit_name).inc()
             level = logging.WARNING if isinstance(exc, UnsupportedRequest) else logging.INFO  # a front end's fault
             log.log(level, "%s for %s/%s: %s", outcome, request.platform[:32], request.user[:128], exc)
-            kind = "error" if not isinstance(exc, UserInputError) else "notice"
+            kind: FinalKind = "error" if not isinstance(exc, UserInputError) else "notice"
             meta = _error_meta(exc, self._db.now())
             yield Final(clean_text(exc.user_message), kind=kind, ephemeral=exc.ephemeral, meta=meta)
         except Exception as exc:
@@ -231,7 +231,7 @@ class BotService(Timing):
                 if t.role == "assistant"
                 else clean_text(t.text or ""),
                 t.status,
-                t.image_id is not None,  # type: ignore[arg-type]
+                t.image_id is not None,
                 as_utc(t.created_at) if t.created_at else None,  # SQLite returns naive UTC times
                 info[t.image_id]["sha256"] if t.image_id in info else "",
             )

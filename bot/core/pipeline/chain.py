@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -123,7 +123,7 @@ class Context:
         return [c for _turn, pictures in self.seeded or () for c in pictures]
 
 
-Handler = Callable[[Context], AsyncIterator[ReplyEvent]]
+Handler = Callable[[Context], AsyncGenerator[ReplyEvent, None]]
 """The rest of the chain, as a step sees it: call it with the context and relay what it yields."""
 
 
@@ -139,10 +139,10 @@ class Step(Protocol):
     and handling what comes back if it must (the quota step gives the reservation back when a later step
     fails; the store step writes the answer the stream step streamed)."""
 
-    def __call__(self, ctx: Context, call_next: Handler) -> AsyncIterator[ReplyEvent]: ...
+    def __call__(self, ctx: Context, call_next: Handler) -> AsyncGenerator[ReplyEvent, None]: ...
 
 
-async def _end(_ctx: Context) -> AsyncIterator[ReplyEvent]:
+async def _end(_ctx: Context) -> AsyncGenerator[ReplyEvent, None]:
     return
     yield  # pragma: no cover - an async generator that yields nothing
 
@@ -156,7 +156,7 @@ def chain(steps: Sequence[Step]) -> Handler:
 
 
 def _link(step: Step, call_next: Handler) -> Handler:
-    def run(ctx: Context) -> AsyncIterator[ReplyEvent]:
+    def run(ctx: Context) -> AsyncGenerator[ReplyEvent, None]:
         return step(ctx, call_next)
 
     return run

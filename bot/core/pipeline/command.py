@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 from bot.core.commands import Command, parse_request
@@ -68,7 +68,7 @@ class Commands:
     def __init__(self, parts: Parts) -> None:
         self.parts = parts
 
-    async def __call__(self, ctx: Context, call_next: Handler) -> AsyncIterator[ReplyEvent]:
+    async def __call__(self, ctx: Context, call_next: Handler) -> AsyncGenerator[ReplyEvent, None]:
         request, db = ctx.request, self.parts.db
         if request.addressed and request.command not in NO_THREAD:
             await db.follow_thread(ctx.key)

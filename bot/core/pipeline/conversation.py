@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from typing import Any
 
@@ -50,7 +50,7 @@ class Conversation:
     def __init__(self, parts: Parts) -> None:
         self.parts = parts
 
-    async def __call__(self, ctx: Context, call_next: Handler) -> AsyncIterator[ReplyEvent]:
+    async def __call__(self, ctx: Context, call_next: Handler) -> AsyncGenerator[ReplyEvent, None]:
         db = self.parts.db
         ctx.conversation = await db.live_conversation(ctx.key)
         if ctx.conversation is not None and ctx.seeded is None:
@@ -70,7 +70,7 @@ class Record:
     def __init__(self, parts: Parts) -> None:
         self.parts = parts
 
-    async def __call__(self, ctx: Context, call_next: Handler) -> AsyncIterator[ReplyEvent]:
+    async def __call__(self, ctx: Context, call_next: Handler) -> AsyncGenerator[ReplyEvent, None]:
         db, request = self.parts.db, ctx.request
         if ctx.seeded is not None and ctx.conversation is not None:  # the client's history replaces the stored one
             await db.archive_conversation(ctx.conversation.id)
@@ -84,8 +84,8 @@ class Record:
         new_turns.append({"role": "user", "text": ctx.question, "image_id": image_ids[-1] if image_ids else None,
                           "user_id": request.user})  # fmt: skip
         new_turns.append({"role": "assistant", "status": "pending", "worker": self.parts.worker.id})
-        event = (request.platform, request.event_id) if request.event_id else None
-        stored = await db.add_turns(ctx.conversation.id, new_turns, event=event)
+        delivery = (request.platform, request.event_id) if request.event_id else None
+        stored = await db.add_turns(ctx.conversation.id, new_turns, event=delivery)
         ctx.answer_turn = stored[-1].id
         ctx.turns, ctx.images = await model_input(db, ctx.history + stored[:-1])
         settings = self.parts.settings

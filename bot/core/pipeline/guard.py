@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 from bot.core.errors import UnsupportedRequest
@@ -31,7 +31,7 @@ class Dedup:
     def __init__(self, parts: Parts) -> None:
         self.parts = parts
 
-    async def __call__(self, ctx: Context, call_next: Handler) -> AsyncIterator[ReplyEvent]:
+    async def __call__(self, ctx: Context, call_next: Handler) -> AsyncGenerator[ReplyEvent, None]:
         request = ctx.request
         check_ids(request)
         if request.event_id and not await self.parts.db.mark_event(request.platform, request.event_id):
@@ -50,7 +50,7 @@ class Access:
     def __init__(self, parts: Parts) -> None:
         self.parts = parts
 
-    async def __call__(self, ctx: Context, call_next: Handler) -> AsyncIterator[ReplyEvent]:
+    async def __call__(self, ctx: Context, call_next: Handler) -> AsyncGenerator[ReplyEvent, None]:
         r = ctx.request
         await self.parts.access.check(r.platform, r.workspace, r.channel, r.user, roles=r.roles)
         async with aclosing(call_next(ctx)) as events:

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
@@ -36,7 +36,7 @@ class Pictures:
     def __init__(self, parts: Parts) -> None:
         self.parts = parts
 
-    async def __call__(self, ctx: Context, call_next: Handler) -> AsyncIterator[ReplyEvent]:
+    async def __call__(self, ctx: Context, call_next: Handler) -> AsyncGenerator[ReplyEvent, None]:
         request, limits = ctx.request, self.parts.settings.images
         if len(request.images) > limits.max_per_message:
             raise ImageError(f"Please send at most {limits.max_per_message} pictures per message.")

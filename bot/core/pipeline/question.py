@@ -4,7 +4,7 @@ user's words, or the default preset for a bare picture)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Any
 
@@ -58,7 +58,7 @@ class Options:
     def __init__(self, parts: Parts) -> None:
         self.parts = parts
 
-    async def __call__(self, ctx: Context, call_next: Handler) -> AsyncIterator[ReplyEvent]:
+    async def __call__(self, ctx: Context, call_next: Handler) -> AsyncGenerator[ReplyEvent, None]:
         ctx.options = generation_options(self.parts.settings.generation, ctx.request.generation)
         async with aclosing(call_next(ctx)) as events:
             async for event in events:
@@ -72,7 +72,7 @@ class Presets:
     def __init__(self, parts: Parts) -> None:
         self.parts = parts
 
-    async def __call__(self, ctx: Context, call_next: Handler) -> AsyncIterator[ReplyEvent]:
+    async def __call__(self, ctx: Context, call_next: Handler) -> AsyncGenerator[ReplyEvent, None]:
         r = ctx.request
         # Preset prompts come from bot.toml, where "\u0000" is valid TOML: clean what is stored and sent.
         ctx.question = clean_text(self.parts.presets.question(ctx.parsed, bool(ctx.checked), r.workspace, r.channel))

@@ -5,7 +5,7 @@ question is stored gives the reservation back (:meth:`~bot.core.quotas.QuotaPoli
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 from bot.core.pipeline.chain import Context, Handler, Parts, log
@@ -20,7 +20,7 @@ class Quota:
     def __init__(self, parts: Parts) -> None:
         self.parts = parts
 
-    async def __call__(self, ctx: Context, call_next: Handler) -> AsyncIterator[ReplyEvent]:
+    async def __call__(self, ctx: Context, call_next: Handler) -> AsyncGenerator[ReplyEvent, None]:
         r = ctx.request
         pictures = len(ctx.checked) + len(ctx.seeded_images)
         ctx.usage_id = usage_id = await self.parts.quotas.admit(r.platform, r.workspace, r.user, pictures)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from bot.core.errors import BotError, BusyError, ImageError, ModelUnavailable, UserInputError
 from bot.core.pipeline.chain import Context, Handler, Parts, log
@@ -90,7 +90,7 @@ class Stream:
     def __init__(self, parts: Parts) -> None:
         self.parts = parts
 
-    async def __call__(self, ctx: Context, call_next: Handler) -> AsyncIterator[ReplyEvent]:
+    async def __call__(self, ctx: Context, call_next: Handler) -> AsyncGenerator[ReplyEvent, None]:
         streamed, turn_id = ctx.streamed, ctx.answer_turn
         assert turn_id is not None and ctx.conversation is not None
         partial = PartialSaver(self.parts.db, turn_id, self.parts.timing.PARTIAL_SAVE_S)
