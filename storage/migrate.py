@@ -21,7 +21,7 @@ from sqlalchemy import func, pool, select
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from storage.db import advisory_key
+from storage.ledger import advisory_key
 from storage.private import private_sqlite
 
 __all__ = [

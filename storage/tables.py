@@ -11,6 +11,7 @@ source (a forgotten stamp fails loudly as a NOT NULL violation instead of silent
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -272,13 +273,20 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
+def _length(column: Any) -> int:
+    """The declared length of a ``String(n)`` column."""
+    length = column.type.length
+    assert isinstance(length, int), column
+    return length
+
+
 ID_LENGTHS: dict[str, int] = {
-    "platform": Conversation.__table__.c.platform.type.length,
-    "workspace": Conversation.__table__.c.workspace.type.length,
-    "channel": Conversation.__table__.c.channel.type.length,
-    "thread": Conversation.__table__.c.thread.type.length,
-    "user": Turn.__table__.c.user_id.type.length,
-    "event_id": ProcessedEvent.__table__.c.event_id.type.length,
+    "platform": _length(Conversation.__table__.c.platform),
+    "workspace": _length(Conversation.__table__.c.workspace),
+    "channel": _length(Conversation.__table__.c.channel),
+    "thread": _length(Conversation.__table__.c.thread),
+    "user": _length(Turn.__table__.c.user_id),
+    "event_id": _length(ProcessedEvent.__table__.c.event_id),
 }
 """The longest platform ids the tables store, per request field (PostgreSQL enforces them; SQLite does not,
 so the core checks them for both: a front end sending longer ids gets the same clear refusal everywhere)."""

@@ -27,7 +27,9 @@ from typer.testing import CliRunner
 
 import bot.cli.common
 from bot.cli.main import app
-from storage import ConversationKey, Database, migrate
+from bot.core.quotas import reservation
+from bot.core.requests import ThreadRef
+from storage import Database, migrate
 from storage.tables import Base, Conversation, UsageEntry
 from tests.http_helpers import closed_port
 from tests.pg import create_database, truncate_tables
@@ -441,7 +443,7 @@ PNG = b"\x89PNG\r\n\x1a\n fake pixels"
 
 def _seed_conversations(env: Env) -> tuple[int, int]:
     async def seed(db: Database) -> tuple[int, int]:
-        conv = await db.get_or_create_conversation(ConversationKey("slack", "T1", "C1", "1700.01"))
+        conv = await db.get_or_create_conversation(ThreadRef("slack", "T1", "C1", "1700.01"))
         await db.set_preset(conv.id, "recipe")
         image = await db.add_image(PNG, "image/png", 640, 480)
         _q, answer = await db.add_turns(
@@ -451,7 +453,7 @@ def _seed_conversations(env: Env) -> tuple[int, int]:
                 {"role": "assistant", "status": "streaming"},
             ],
         )
-        async with db.admission("slack", "T1", "U1", images=1) as admission:
+        async with db.admission("slack", "T1", "U1", reservation(pictures=1)) as admission:
             pass  # the request's usage, reserved when it was admitted; the final write adds its tokens
         await db.finish_turn(
             answer.id,
@@ -463,7 +465,7 @@ def _seed_conversations(env: Env) -> tuple[int, int]:
             prompt_tokens=40,
             completion_tokens=20,
         )
-        old = await db.get_or_create_conversation(ConversationKey("discord", "G1", "C2", "m-1"))
+        old = await db.get_or_create_conversation(ThreadRef("discord", "G1", "C2", "m-1"))
         await db.add_turns(old.id, [{"role": "user", "text": "ancient question", "user_id": "D1"}])
         await db.archive_conversation(old.id)
         async with db.sessions.begin() as session:
@@ -637,7 +639,7 @@ def test_conversations_list_keeps_ids_on_one_line_at_80_columns(env: Env, monkey
     long_thread = "0f9a3c1e2b4d4e6f8a9b0c1d2e3f4a5b"  # the terminal chat's thread ids: 32 hex digits
 
     async def seed(db: Database) -> int:
-        return (await db.get_or_create_conversation(ConversationKey("terminal", "local", "terminal", long_thread))).id
+        return (await db.get_or_create_conversation(ThreadRef("terminal", "local", "terminal", long_thread))).id
 
     terminal_id = env.db(seed)
     monkeypatch.setattr(out, "width", 80)

@@ -1,7 +1,7 @@
 """Admin reports: what ``minigpt4-bot admin`` shows, assembled from storage by the core's own rules.
 
-The commands only render these.  Quota figures come from :class:`~bot.core.quotas.QuotaPolicy`, so
-the limits shown are the ones the bot enforces; every "today", "this month" and "N days ago" is
+The commands only render these.  Quota figures are not here: :meth:`bot.core.quotas.QuotaPolicy.overview`
+gives them, from the rules the bot enforces.  Every "today", "this month" and "N days ago" is
 measured on the database's clock (:meth:`storage.Database.now`), as the bot measures them.
 """
 
@@ -11,81 +11,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from bot.core.config import QuotaLimits, QuotaSettings
-from bot.core.quotas import QuotaPolicy, day_start, limit_parts, window_starts
+from bot.core.quotas import COUNTER_NAMES, day_start
 from storage import Database, as_utc
 from storage.tables import Conversation, Turn
 
 __all__ = [
-    "USAGE_COUNTERS",
     "ConversationRecord",
-    "QuotaLine",
-    "QuotaOverview",
-    "ScopeQuota",
     "UsageReport",
     "conversation_document",
     "load_conversation",
     "purge_candidates",
-    "quota_overview",
     "usage_report",
 ]
-
-USAGE_COUNTERS = ("requests", "tokens", "images")
-
-
-# ---------------------------------------------------------------------------- quotas
-
-
-@dataclass(frozen=True)
-class QuotaLine:
-    """One limit of one scope: configured default, stored override (``None``: none), effective, used so far."""
-
-    name: str
-    default: int
-    override: int | None
-    effective: int
-    used: int
-
-
-@dataclass(frozen=True)
-class ScopeQuota:
-    scope: str  # user | workspace
-    who: str  # the user id; "" for the workspace
-    overridden: bool  # an override is stored for this scope
-    lines: tuple[QuotaLine, ...]  # in QuotaLimits field order
-
-
-@dataclass(frozen=True)
-class QuotaOverview:
-    platform: str
-    workspace: str
-    day: datetime  # start of the usage windows (UTC)
-    month: datetime
-    scopes: tuple[ScopeQuota, ...]  # the user's first (when one was asked for), then the workspace's
-
-
-async def quota_overview(
-    db: Database, quota_settings: QuotaSettings, platform: str, workspace: str, user: str | None = None
-) -> QuotaOverview:
-    """Limits and usage for a workspace, and for one of its users when ``user`` is given."""
-    now = db.now()
-    policy = QuotaPolicy(quota_settings, db)
-    scopes = []
-    for scope, who in [*([("user", user)] if user is not None else []), ("workspace", "")]:
-        row = await db.quota_setting(scope, platform, workspace, who)
-        defaults = policy.defaults(scope)
-        limits = policy.limits(scope, row)
-        usage = await policy.usage(platform, workspace, who if scope == "user" else None, now)
-        lines = []
-        for name in QuotaLimits.model_fields:
-            counter, window = limit_parts(name)
-            override = getattr(row, name) if row is not None else None
-            used = getattr(usage[window], counter)
-            lines.append(QuotaLine(name, getattr(defaults, name), override, getattr(limits, name), used))
-        scopes.append(ScopeQuota(scope, who, row is not None, tuple(lines)))
-    starts = window_starts(now)
-    return QuotaOverview(platform, workspace, starts["day"], starts["month"], tuple(scopes))
-
 
 # ---------------------------------------------------------------------------- usage
 
@@ -112,7 +49,7 @@ async def usage_report(
     """
     since = day_start(db.now()) - timedelta(days=days - 1)
     found = await db.usage_report(since, platform=platform, workspace=workspace, by_day=by_day)
-    rows = [{k: int(v) if k in USAGE_COUNTERS else v for k, v in row.items()} for row in found]
+    rows: list[dict[str, Any]] = [{k: int(v) if k in COUNTER_NAMES else v for k, v in row.items()} for row in found]
     if top is not None:
         totals: dict[tuple[str, str, str], int] = {}
         for r in rows:
@@ -120,7 +57,7 @@ async def usage_report(
             totals[key] = totals.get(key, 0) + r["tokens"]
         keep = set(sorted(totals, key=lambda k: (-totals[k], k))[:top])
         rows = [r for r in rows if (r["platform"], r["workspace"], r["user_id"]) in keep]
-    columns = ("platform", "workspace", "user_id", *(("day",) if by_day else ()), *USAGE_COUNTERS)
+    columns = ("platform", "workspace", "user_id", *(("day",) if by_day else ()), *COUNTER_NAMES)
     return UsageReport(since, columns, [{c: r[c] for c in columns} for r in rows])
 
 

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from bot.core.config import Settings
-from bot.core.requests import Delta, Final, ImageAttachment, Request
+from bot.core.requests import Delta, Final, ImageAttachment, Request, ThreadRef
 from bot.core.service import BotService
 from model.engine.contract import Busy, RequestFailed, RequestRejected
 from storage import Database, UsageTotals
@@ -64,9 +64,8 @@ class Harness:
         return [event async for event in self.service.handle(request)]
 
     async def turns(self, thread: str = "t1") -> list[Any]:
-        from storage import ConversationKey
 
-        conv = await self.db.live_conversation(ConversationKey("slack", "T1", "C1", thread))
+        conv = await self.db.live_conversation(ThreadRef("slack", "T1", "C1", thread))
         return await self.db.turns(conv.id) if conv else []
 
 

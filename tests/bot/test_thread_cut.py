@@ -14,12 +14,12 @@ from typing import Any
 import pytest
 
 from bot.core.config import Settings
-from bot.core.requests import Final
+from bot.core.requests import Final, ThreadRef
 from bot.core.service import CUT_NOTE, BotService
 from model.engine import Engine
 from model.engine.contract import FinalEvent, TokenEvent
 from model.engine.local_backend import EngineBackend
-from storage import ConversationKey, Database, sqlite_url
+from storage import Database, sqlite_url
 from tests.bot import test_service
 from tests.bot.test_service import Harness, png, req
 from tests.scripted_backend import ScriptedBackend
@@ -80,7 +80,7 @@ def test_with_the_real_engine_the_note_comes_when_the_engine_cuts(
             generation = {"do_sample": False, "max_new_tokens": 4}
             roomy = BotService(Settings.model_validate({"generation": generation}), db, EngineBackend(engine))
             assert [e async for e in roomy.handle(req("What is this?", png()))][-1].kind == "answer"
-            conversation = await db.live_conversation(ConversationKey("slack", "T1", "C1", "t1"))
+            conversation = await db.live_conversation(ThreadRef("slack", "T1", "C1", "t1"))
             (_, answer) = await db.turns(conversation.id)
             fits = answer.prompt_tokens + 4 + 2  # this thread fits; one more turn does not
             tight = Settings.model_validate({"generation": {**generation, "max_length": fits}})

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from bot.core.config import Settings
-from bot.core.requests import Delta, Final
+from bot.core.requests import Delta, Final, ThreadRef
 from bot.core.service import BotService
 from model.engine.contract import Busy
-from storage import ConversationKey, Database
+from storage import Database
 from tests.bot import test_service
 from tests.bot.test_service import Harness, png, req
 from tests.scripted_backend import ScriptedBackend
@@ -183,7 +183,7 @@ def test_kill_9_mid_answer_keeps_most_of_the_text_and_the_retry_is_answered(db_u
         [sys.executable, "-c", CHILD, db_url, str(picture), LONG],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
-    key = ConversationKey("web", "W", "C", "t")
+    key = ThreadRef("web", "W", "C", "t")
 
     async def main() -> None:
         db = Database(db_url)

@@ -14,10 +14,10 @@ from datetime import timedelta
 from typing import Any
 
 from bot.core.config import Settings
-from bot.core.requests import Delta, Final
+from bot.core.requests import Delta, Final, ThreadRef
 from bot.core.service import BotService
 from bot.core.workers import STALE_AFTER_S, WorkerIdentity
-from storage import ConversationKey, Database
+from storage import Database
 from tests.bot.test_service import START, MovableClock, png, req
 from tests.scripted_backend import ScriptedBackend
 
@@ -31,7 +31,7 @@ def _service(url: str, clock: MovableClock, host: str, pid: int = 4242, **backen
 
 async def _statuses(service: BotService, thread: str = "t1") -> list[str]:
     db = service._db
-    conversation = await db.live_conversation(ConversationKey("slack", "T1", "C1", thread))
+    conversation = await db.live_conversation(ThreadRef("slack", "T1", "C1", thread))
     return [t.status for t in await db.turns(conversation.id) if t.role == "assistant"] if conversation else []
 
 
@@ -76,7 +76,7 @@ def test_answers_of_a_process_that_stopped_are_marked_at_a_heartbeat_or_a_restar
             for service in (a, b, local):
                 await service.recover()
             for service, thread in ((a, "ta"), (local, "tl")):  # what a crash mid-answer leaves in the database
-                conversation = await b._db.get_or_create_conversation(ConversationKey("slack", "T1", "C1", thread))
+                conversation = await b._db.get_or_create_conversation(ThreadRef("slack", "T1", "C1", thread))
                 await b._db.add_turns(conversation.id, [{"role": "user", "text": "q"},
                                                         {"role": "assistant", "status": "streaming",
                                                          "worker": service.worker.id}])  # fmt: skip
@@ -108,7 +108,7 @@ def test_the_pending_answer_records_its_worker(db_url: str) -> None:
         try:
             await service.recover()
             [event async for event in service.handle(req("What is this?", png()))]
-            conversation = await service._db.live_conversation(ConversationKey("slack", "T1", "C1", "t1"))
+            conversation = await service._db.live_conversation(ThreadRef("slack", "T1", "C1", "t1"))
             return [t.worker for t in await service._db.turns(conversation.id)]
         finally:
             await service._db.dispose()

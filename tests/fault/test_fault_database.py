@@ -24,9 +24,9 @@ from PIL import Image
 
 from adapters.web import WebFrontEnd, WebSettings
 from bot.core.config import Settings
-from bot.core.requests import Delta, Final, ImageAttachment, Request
+from bot.core.requests import Delta, Final, ImageAttachment, Request, ThreadRef
 from bot.core.service import BotService
-from storage import ConversationKey, Database
+from storage import Database
 from tests.scripted_backend import ScriptedBackend
 
 SETTINGS = Settings.model_validate({})
@@ -48,7 +48,7 @@ async def ask(service: BotService, request: Request) -> list[Any]:
 
 
 async def turns(db: Database, thread: str = "t1") -> list[Any]:
-    conversation = await db.live_conversation(ConversationKey("web", "local", "chat", thread))
+    conversation = await db.live_conversation(ThreadRef("web", "local", "chat", thread))
     return await db.turns(conversation.id) if conversation is not None else []
 
 
@@ -237,7 +237,7 @@ def test_fault_unavailable_is_told_apart_from_a_wrong_statement() -> None:
     import asyncpg
     from sqlalchemy.exc import DBAPIError, IntegrityError
 
-    from storage.db import is_unavailable
+    from storage import is_unavailable
 
     starting = DBAPIError("UPDATE turns …", {}, asyncpg.exceptions.CannotConnectNowError("starting up"))
     assert is_unavailable(starting) and is_unavailable(ConnectionRefusedError(111, "refused"))

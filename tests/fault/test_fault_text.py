@@ -15,10 +15,10 @@ import pytest
 from PIL import Image
 
 from bot.core.config import Settings
-from bot.core.requests import Delta, Final, ImageAttachment, Request
+from bot.core.requests import Delta, Final, ImageAttachment, Request, ThreadRef
 from bot.core.service import BotService
 from model.engine.contract import RequestFailed
-from storage import ConversationKey, Database
+from storage import Database
 from tests.scripted_backend import ScriptedBackend
 
 DIRTY = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\ud800-\udfff]")  # what may never be stored or sent (\t and \n may)
@@ -62,7 +62,7 @@ async def ask(service: BotService, request: Request) -> list[Any]:
 
 
 async def stored(db: Database, platform: str, workspace: str, channel: str, thread: str) -> list[Any]:
-    conversation = await db.live_conversation(ConversationKey(platform, workspace, channel, thread))
+    conversation = await db.live_conversation(ThreadRef(platform, workspace, channel, thread))
     return await db.turns(conversation.id) if conversation is not None else []
 
 

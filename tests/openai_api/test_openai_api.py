@@ -15,9 +15,9 @@ import openai
 import pytest
 from openai_helpers import assistant, data_url, png, running_api, user
 
+from bot.core.requests import ThreadRef
 from model.engine.contract import Busy, RequestFailed
-from storage import ConversationKey
-from storage.db import split_api_key
+from storage.api_keys import split_api_key
 from tests.scripted_backend import ScriptedBackend
 
 
@@ -324,7 +324,7 @@ def test_the_conversation_store_is_platform_openai(tmp_path: Path) -> None:
         async with running_api(tmp_path, ScriptedBackend()) as api:
             await api.client().chat.completions.create(model="minigpt4", messages=[user("x", data_url(png()))])
             conversation, _count = (await api.db.list_conversations(platform="openai"))[0]
-            key = ConversationKey("openai", conversation.workspace, conversation.channel, conversation.thread)
+            key = ThreadRef("openai", conversation.workspace, conversation.channel, conversation.thread)
             assert (await api.db.live_conversation(key)).id == conversation.id
 
     run(main())

@@ -16,7 +16,7 @@ from bot.core.config import Settings
 from bot.core.requests import Final, GenerationRequest, HistoryTurn, ImageAttachment, Request, ThreadRef
 from bot.core.service import BotService
 from model.engine.contract import Busy
-from storage import ConversationKey, Database
+from storage import Database
 from tests.scripted_backend import ScriptedBackend
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -88,7 +88,7 @@ def test_generation_options_reach_the_backend_and_bad_ones_are_refused_before_an
             refused = await final(service, ask("q", png((1, 2, 3)), thread="bad", generation=options))
             assert refused.kind == "notice" and refused.meta["reason"] == "bad_input", options
         assert len(backend.calls) == calls
-        assert await db.live_conversation(ConversationKey("openai", "acme", "key-1", "bad")) is None
+        assert await db.live_conversation(ThreadRef("openai", "acme", "key-1", "bad")) is None
         usage = await db.usage_since("openai", "acme", "alice", NOW - timedelta(days=1))
         assert usage.requests == 3  # refused requests are not charged
 
@@ -128,7 +128,7 @@ def test_refusals_say_why_and_when_to_retry(run: Any) -> None:
 
 def test_history_seeds_a_new_conversation_and_archives_the_old(run: Any) -> None:
     async def main(service: BotService, db: Database, backend: ScriptedBackend) -> None:
-        key = ConversationKey("openai", "acme", "key-1", "t")
+        key = ThreadRef("openai", "acme", "key-1", "t")
         await final(service, ask("first question", png()))
         old = await db.live_conversation(key)
         red, blue = png(), png((0, 0, 250))

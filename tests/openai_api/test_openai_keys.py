@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 import bot.cli.common
 from bot.cli.main import app
 from storage import Database
-from storage.db import API_KEY_PREFIX, split_api_key
+from storage.api_keys import API_KEY_PREFIX, split_api_key
 from storage.tables import ApiKey
 from tests.pg import create_database
 

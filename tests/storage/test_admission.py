@@ -12,15 +12,16 @@ from datetime import timedelta
 
 import pytest
 
-from storage import Database
+from storage import Database, UsageTotals
 
 LIMIT = 3
+ONE_REQUEST = UsageTotals(requests=1)  # what a request without pictures reserves
 
 
 async def _admit(db: Database, user: str, workspace: str = "T1", *, hold: float = 0.02) -> bool:
     """One admission with a request limit per user; ``hold`` widens the window between read and commit."""
     try:
-        async with db.admission("slack", workspace, user) as admission:
+        async with db.admission("slack", workspace, user, ONE_REQUEST) as admission:
             used = (await admission.usage_windows("slack", workspace, user, {"hour": db.now() - timedelta(hours=1)}))[
                 "hour"
             ]
@@ -61,7 +62,7 @@ def test_admissions_of_different_workspaces_do_not_wait_for_each_other(pg_url: s
         release = asyncio.Event()
 
         async def slow() -> None:
-            async with first.admission("slack", "T1", "alice") as admission:
+            async with first.admission("slack", "T1", "alice", ONE_REQUEST) as admission:
                 await admission.usage_windows("slack", "T1", "alice", {"hour": first.now() - timedelta(hours=1)})
                 await release.wait()
 

@@ -10,10 +10,11 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
-from storage import ConversationKey, Database, UsageTotals, as_utc
+from bot.core.requests import ThreadRef
+from storage import Database, UsageTotals, as_utc
 from storage.tables import Conversation, ImageBlob, Turn, UsageEntry, Worker
 
-KEY = ConversationKey("slack", "T1", "C1", "1700000000.0001")
+KEY = ThreadRef("slack", "T1", "C1", "1700000000.0001")
 NOW = datetime.now(UTC)  # only ever compared relative to itself
 
 
@@ -23,7 +24,7 @@ def usage(user: str = "U1", workspace: str = "T1", platform: str = "slack", **va
 
 async def reserve(db: Database, user: str = "U1", workspace: str = "T1", images: int = 0) -> int:
     """A request's usage reservation, admitted with no quota check."""
-    async with db.admission("slack", workspace, user, images=images) as admission:
+    async with db.admission("slack", workspace, user, UsageTotals(requests=1, images=images)) as admission:
         pass
     return admission.usage_id
 
@@ -68,7 +69,7 @@ def test_get_or_create_returns_the_same_live_conversation(run_db):
         assert await db.live_conversation(KEY) is None
         first = await db.get_or_create_conversation(KEY)
         again = await db.get_or_create_conversation(KEY)
-        other = await db.get_or_create_conversation(ConversationKey("slack", "T1", "C1", "other-thread"))
+        other = await db.get_or_create_conversation(ThreadRef("slack", "T1", "C1", "other-thread"))
         live = await db.live_conversation(KEY)
         fetched = await db.get_conversation(first.id)
         missing = await db.get_conversation(first.id + 1000)
@@ -133,7 +134,7 @@ def test_two_live_conversations_for_one_thread_are_refused_by_the_schema(run_db)
 def test_set_preset_and_list_conversations_with_turn_counts(run_db):
     async def body(db: Database):
         a = await db.get_or_create_conversation(KEY)
-        b = await db.get_or_create_conversation(ConversationKey("discord", "G1", "C9", "m1"))
+        b = await db.get_or_create_conversation(ThreadRef("discord", "G1", "C9", "m1"))
         await db.set_preset(a.id, "recipe")
         await db.add_turns(b.id, [{"role": "user", "text": "q"}, {"role": "assistant", "text": "a"}])
         return (
@@ -206,7 +207,7 @@ def test_turns_are_appended_in_order(run_db):
 def test_concurrent_appends_get_distinct_consecutive_seqs(run_db):
     async def body(db: Database):
         conv = await db.get_or_create_conversation(KEY)
-        other = await db.get_or_create_conversation(ConversationKey("slack", "T1", "C1", "parallel"))
+        other = await db.get_or_create_conversation(ThreadRef("slack", "T1", "C1", "parallel"))
         batches = await asyncio.gather(
             *(
                 db.add_turns(conv.id, [{"role": "user", "text": f"q{i}"}, {"role": "assistant", "text": f"a{i}"}])
@@ -275,7 +276,7 @@ def test_an_admission_that_raises_leaves_no_reservation_and_reads_exclude_its_ow
         await reserve(db)
         since = NOW - timedelta(hours=1)
         with pytest.raises(LookupError):
-            async with db.admission("slack", "T1", "U1", images=2) as admission:
+            async with db.admission("slack", "T1", "U1", UsageTotals(requests=1, images=2)) as admission:
                 before = (await admission.usage_windows("slack", "T1", "U1", {"today": since}))["today"]
                 inside = await db.quota_setting("user", "slack", "T1", "U1")
                 raise LookupError("refused")
@@ -499,7 +500,7 @@ def test_concurrent_duplicate_rules_are_added_once(run_db):
 def test_purge_removes_old_conversations_turns_and_orphan_images_but_keeps_usage(run_db):
     async def body(db: Database):
         old = await db.get_or_create_conversation(KEY)
-        kept = await db.get_or_create_conversation(ConversationKey("slack", "T1", "C1", "recent"))
+        kept = await db.get_or_create_conversation(ThreadRef("slack", "T1", "C1", "recent"))
         shared = await db.add_image(b"shared", "image/png", 1, 1)
         only_old = await db.add_image(b"only-old", "image/png", 1, 1)
         _q, old_answer = await db.add_turns(
@@ -545,7 +546,7 @@ def test_purge_removes_old_conversations_turns_and_orphan_images_but_keeps_usage
 def test_export_helpers_ids_counts_and_image_info(run_db):
     async def body(db: Database):
         a = await db.get_or_create_conversation(KEY)
-        b = await db.get_or_create_conversation(ConversationKey("web", "local", "browser", "s1"))
+        b = await db.get_or_create_conversation(ThreadRef("web", "local", "browser", "s1"))
         await db.archive_conversation(a.id)
         image = await db.add_image(b"abc", "image/jpeg", 3, 2)
         await _age_conversation(db, a.id, NOW - timedelta(days=10))

@@ -15,7 +15,8 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from storage import ConversationKey, Database, migrate
+from bot.core.requests import ThreadRef
+from storage import Database, migrate
 from storage.tables import Base
 from tests import pg
 
@@ -136,7 +137,7 @@ def test_data_survives_a_no_op_re_upgrade(empty_db_url):
     migrate.upgrade(empty_db_url)
 
     async def write(db: Database) -> int:
-        conv = await db.get_or_create_conversation(ConversationKey("slack", "T", "C", "t"))
+        conv = await db.get_or_create_conversation(ThreadRef("slack", "T", "C", "t"))
         await db.add_turns(conv.id, [{"role": "user", "text": "still here"}])
         await db.set_quota("user", "slack", "T", "U", tokens_per_day=5)
         return conv.id
@@ -156,12 +157,12 @@ def test_followed_threads_arrive_in_0002_without_touching_existing_data(empty_db
     assert "followed_threads" not in inspect_schema(empty_db_url)["tables"]
 
     async def write(db: Database) -> int:
-        conv = await db.get_or_create_conversation(ConversationKey("slack", "T", "C", "t"))
+        conv = await db.get_or_create_conversation(ThreadRef("slack", "T", "C", "t"))
         await _old_turn(db, conv.id, "user", "from 0001", "done")
         return conv.id
 
     async def follow_and_read(db: Database) -> tuple[bool, list[str]]:
-        key = ConversationKey("slack", "T", "C", "t")
+        key = ThreadRef("slack", "T", "C", "t")
         await db.follow_thread(key)
         return await db.is_followed(key), [t.text for t in await db.turns(conv_id)]
 
@@ -180,7 +181,7 @@ def test_workers_arrive_in_0003_and_old_unfinished_answers_have_no_worker(empty_
     assert migrate.upgrade(empty_db_url, "0002") == "0002"
 
     async def write(db: Database) -> int:
-        conv = await db.get_or_create_conversation(ConversationKey("slack", "T", "C", "t"))
+        conv = await db.get_or_create_conversation(ThreadRef("slack", "T", "C", "t"))
         await _old_turn(db, conv.id, "assistant", "half", "streaming")
         return conv.id
 

@@ -1,4 +1,7 @@
-"""One list of quota limits: ``QuotaLimits``' fields.  The table, the checks and the admin options follow it."""
+"""One list of quota limits (``QuotaLimits``' fields) and one list of counters (``bot.core.quotas.COUNTERS``):
+the tables, the checks, the ledger's sums and the admin options follow them, and these tests say when they
+disagree — a counter or a limit added without a migration fails here (and the migration tests compare the
+tables with what the migrations make)."""
 
 from __future__ import annotations
 
@@ -7,9 +10,10 @@ import typer
 
 from bot.cli.admin.quota import quota_app
 from bot.core.config import QuotaLimits
-from bot.core.quotas import limit_parts
-from storage.db import QUOTA_LIMITS
-from storage.tables import QuotaSetting
+from bot.core.quotas import COUNTER_NAMES, LIMITS, WINDOWS, limit_parts
+from storage import UsageTotals
+from storage.ledger import LEDGER_COUNTERS, QUOTA_LIMITS
+from storage.tables import QuotaSetting, UsageEntry
 
 FIELDS = list(QuotaLimits.model_fields)
 
@@ -48,3 +52,17 @@ def test_set_quota_accepts_exactly_the_limits(run_db):
         return [getattr(row, name) for name in FIELDS]
 
     assert run_db(work) == [7] * len(FIELDS)
+
+
+def test_the_counters_are_the_ledgers_columns_and_its_sums():
+    table = UsageEntry.__table__
+    columns = [c.name for c in table.columns if c.type.python_type is int and not c.primary_key and not c.foreign_keys]
+    assert list(COUNTER_NAMES) == columns == list(LEDGER_COUNTERS)  # the core's list, the table, storage's sums
+    assert list(UsageTotals.__dataclass_fields__) == list(COUNTER_NAMES)
+    assert all(not table.columns[name].nullable for name in COUNTER_NAMES)
+
+
+def test_every_limit_is_a_counter_per_window_of_the_quota_module():
+    assert list(LIMITS) == FIELDS == list(QUOTA_LIMITS)  # the config model, the quota module, the table
+    assert {counter for counter, _ in LIMITS.values()} <= set(COUNTER_NAMES)
+    assert {window for _, window in LIMITS.values()} <= set(WINDOWS)

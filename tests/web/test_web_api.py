@@ -22,10 +22,11 @@ from web_helpers import jpeg_bytes, make_settings, parse_sse, png_bytes, png_hea
 
 from adapters.web import create_app, run_web, upload_limit
 from bot.core.config import Settings
+from bot.core.requests import ThreadRef
 from bot.core.service import BotService
 from model.engine import Engine
 from model.engine.local_backend import EngineBackend
-from storage import ConversationKey, Database, sqlite_url
+from storage import Database, sqlite_url
 
 Image = tuple[str, bytes, str]  # filename, data, content type
 
@@ -72,7 +73,7 @@ async def post(client: TestClient, *args: Any, **kwargs: Any) -> list[tuple[str,
 
 
 async def thread_turns(db: Database, thread: str) -> list[Any]:
-    conversation = await db.live_conversation(ConversationKey("web", "local", "chat", thread))
+    conversation = await db.live_conversation(ThreadRef("web", "local", "chat", thread))
     return [] if conversation is None else await db.turns(conversation.id)
 
 

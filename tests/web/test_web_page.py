@@ -22,8 +22,8 @@ from browser import CDP, with_chromium
 from PIL import Image
 from web_helpers import BackgroundWeb, make_settings, png_bytes, start_demo_engine
 
+from bot.core.requests import ThreadRef
 from model.engine.local_backend import EngineBackend
-from storage import ConversationKey
 
 
 class _ListHandler(logging.Handler):
@@ -56,7 +56,7 @@ class BackgroundBot(BackgroundWeb):
         self.logged = handler.messages
 
     async def turns(self, thread: str) -> list[Any]:
-        conversation = await self.db.live_conversation(ConversationKey("web", "local", "chat", thread))
+        conversation = await self.db.live_conversation(ThreadRef("web", "local", "chat", thread))
         return [] if conversation is None else await self.db.turns(conversation.id)
 
     def stop(self) -> None:

@@ -123,7 +123,7 @@ def conversations_export(
         fail("give a conversation ID or --all (not both)", 2)
 
     async def work(db: Database) -> list[dict[str, Any] | None]:
-        ids = await db.conversation_ids() if export_all else [conversation_id]
+        ids = await db.conversation_ids() if export_all or conversation_id is None else [conversation_id]
         return [await reports.conversation_document(db, cid) for cid in ids]
 
     documents = run(settings, work)

@@ -2,7 +2,8 @@
 
 The limits are the fields of :class:`~bot.core.config.QuotaLimits`: ``quota set`` gets one
 ``--<limit>`` option per field (``--requests-per-day`` …) and the tables one row or column per
-field, so a new limit needs no change here.  The figures come from :mod:`bot.core.reports`.
+field, so a new limit needs no change here.  The figures come from
+:meth:`bot.core.quotas.QuotaPolicy.overview`, which the bot's own admission reads too.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from bot.cli.admin._common import (
     when,
 )
 from bot.cli.common import ConfigOption
-from bot.core import reports
 from bot.core.config import QuotaLimits, Settings
+from bot.core.quotas import LIMITS, QuotaPolicy
 from bot.core.requests import normalize_id, normalize_user
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ def _with_limit_options(command: F) -> F:
     signature = inspect.signature(command, eval_str=True)
     keyword = inspect.Parameter.KEYWORD_ONLY
     fixed = [p.replace(kind=keyword) for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
-    limits = [inspect.Parameter(n, keyword, default=None, annotation=LimitOption) for n in QuotaLimits.model_fields]
+    limits = [inspect.Parameter(n, keyword, default=None, annotation=LimitOption) for n in LIMITS]
     at = [p.name for p in fixed].index("config")
     command.__signature__ = signature.replace(parameters=[*fixed[:at], *limits, *fixed[at:]])  # type: ignore[attr-defined]
     return command
@@ -129,7 +130,7 @@ def quota_show(
     _, workspace, user = _scope(platform, workspace, user)
     user = user or None
 
-    overview = run(settings, lambda db: reports.quota_overview(db, settings.quotas, platform, workspace, user))
+    overview = run(settings, lambda db: QuotaPolicy(settings.quotas, db).overview(platform, workspace, user))
     for scope in overview.scopes:
         where = f"{platform}/{workspace}"
         title = f"user {scope.who} in {where}" if scope.scope == "user" else f"workspace {where}"
@@ -153,7 +154,7 @@ def _show_overrides(settings: Settings, wide: bool) -> None:
     if not rows:
         say("No quota overrides: the configured defaults apply to everyone.")
         return
-    names = list(QuotaLimits.model_fields)
+    names = list(LIMITS)
     shown = table(
         "quota overrides (user *: the workspace's own; 0 = unlimited, - = default)",
         ("platform/\nworkspace", "user", *map(_short, names), "updated"),
@@ -180,8 +181,8 @@ def quota_set(
     Limits not named keep their current value. Days and months are UTC calendar days and months.
     """
     settings = settings_for(config)
-    names = list(QuotaLimits.model_fields)
-    limits = {name: _parse_limit(name, given[name]) for name in names if given.get(name) is not None}
+    names = list(LIMITS)
+    limits = {name: _parse_limit(name, value) for name in names if (value := given.get(name)) is not None}
     if not limits:
         fail(f"name at least one limit, e.g. {_option(names[0])} 50 (0 = unlimited, none = default)", 2)
     scope, workspace, who = _scope(platform, workspace, user)

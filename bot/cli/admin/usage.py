@@ -14,6 +14,7 @@ import typer
 from bot.cli.admin._common import WIDE_HELP, add_row, known_platform, run, say, settings_for, show_table, table
 from bot.cli.common import ConfigOption
 from bot.core import reports
+from bot.core.quotas import COUNTER_NAMES
 
 __all__ = ["usage"]
 
@@ -57,10 +58,10 @@ def usage(
     if not report.rows:
         say(f"No usage since {report.since:%Y-%m-%d}.")
         return
-    shown = table(f"usage since {report.since:%Y-%m-%d} UTC", report.columns, right=reports.USAGE_COUNTERS)
+    shown = table(f"usage since {report.since:%Y-%m-%d} UTC", report.columns, right=COUNTER_NAMES)
     for r in report.rows:
         add_row(shown, *(f"{r[c]:,}" if isinstance(r[c], int) else r[c] for c in report.columns))
     shown.add_section()
-    labels = ["total"] + [""] * (len(report.columns) - len(reports.USAGE_COUNTERS) - 1)
-    add_row(shown, *labels, *(f"{sum(r[c] for r in report.rows):,}" for c in reports.USAGE_COUNTERS))
+    labels = ["total"] + [""] * (len(report.columns) - len(COUNTER_NAMES) - 1)
+    add_row(shown, *labels, *(f"{sum(r[c] for r in report.rows):,}" for c in COUNTER_NAMES))
     show_table(shown, cut=[("workspace", "user_id")], wide=wide)
