@@ -179,9 +179,10 @@ class PresetSettings(_Strict):
 class QuotaLimits(_Strict):
     """Limits for one scope; 0 means unlimited.
 
-    The one list of quota limits: the quota checks, the admin commands' options and columns, and a
-    test against the ``quota_settings`` table all follow these fields.  Each name is
-    ``<usage counter>_per_<day|month>``; the title is the short column name in admin tables.
+    The one list of quota limits (:data:`bot.core.quotas.LIMITS` is read from these fields): the quota
+    checks, the admin commands' options and columns, and a test against the ``quota_settings`` table all
+    follow them.  Each name is ``<counter>_per_<window>`` of :mod:`bot.core.quotas`' counters and windows
+    (checked when that module is imported); the title is the short column name in admin tables.
     """
 
     requests_per_day: int = Field(0, ge=0, title="req/day")
