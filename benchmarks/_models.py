@@ -9,6 +9,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import replace
 from pathlib import Path
+from typing import TypedDict
 
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -17,7 +18,25 @@ from model.demo_weights import _train_tokenizer
 from model.minigpt4 import MiniGPT4
 from model.variants import QFormerDims, VisionDims, get_variant
 
-SHAPES = {
+
+class LlmSizes(TypedDict):
+    """The LLaMA config's sizes."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+
+
+class Shape(TypedDict):
+    """One benchmark size: the ViT, the Q-Former and the LLaMA config's sizes."""
+
+    vision: VisionDims
+    qformer: QFormerDims
+    llm: LlmSizes
+
+
+SHAPES: dict[str, Shape] = {
     "small": dict(
         vision=VisionDims(img_size=224, patch_size=14, width=192, depth=4, heads=4, mlp_hidden=768),
         qformer=QFormerDims(hidden=128, layers=2, heads=4, intermediate=256, num_query_token=32, encoder_width=192),
@@ -45,8 +64,10 @@ def random_minigpt4(shape: str, device: str = "cpu", dtype: torch.dtype = torch.
             **sizes["llm"],
         )  # fmt: skip
         with torch.device(device):
-            llm = LlamaForCausalLM(config).to(dtype)
+            # transformers' @wraps(nn.Module.to) hides `self` from mypy (typeshed's _Wrapped is no descriptor)
+            llm = LlamaForCausalLM(config).to(dtype)  # type: ignore[arg-type]
         model = MiniGPT4(spec, llm.eval(), tokenizer, config.hidden_size, spm_file)
+    assert model.qformer is not None  # vicuna0 has one
     for module in (model.visual_encoder, model.llama_proj, model.qformer):
         module.to_empty(device=device)
         for name, param in module.named_parameters():
@@ -55,8 +76,11 @@ def random_minigpt4(shape: str, device: str = "cpu", dtype: torch.dtype = torch.
                     param.fill_(1.0)
                 else:
                     param.normal_(0, 0.02)
-    model.query_tokens = torch.nn.Parameter(torch.randn(1, spec.qformer.num_query_token, spec.qformer.hidden) * 0.02)
+    model.query_tokens = torch.nn.Parameter(
+        torch.randn(1, sizes["qformer"].num_query_token, sizes["qformer"].hidden) * 0.02
+    )
     model.query_tokens.data = model.query_tokens.data.to(device)
     model.ln_vision.to(device)
-    model.visual_encoder.to(dtype)
+    # transformers' @wraps(nn.Module.to) hides `self` from mypy (typeshed's _Wrapped is no descriptor)
+    model.visual_encoder.to(dtype)  # type: ignore[arg-type]
     return model.eval().requires_grad_(False)

@@ -136,7 +136,7 @@ def _write_llm(out: Path, sizes: dict[str, Any], gen: Any) -> None:
             used = 0
         shards[-1].append(name)
         used += size
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for i, keys in enumerate(shards, 1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file({k: _fill(names[k], k, gen) for k in keys}, str(out / file), metadata={"format": "pt"})

@@ -56,7 +56,9 @@ async def _conversations(backend: Any, n: int, max_new: int, think_s: float, pre
     import random
 
     options = {"do_sample": False, "max_new_tokens": max_new, "min_length": max_new + 1, "repetition_penalty": 1.0}
-    first, follow, reused, prompt, tokens = [], [], 0, 0, 0
+    first: list[float | None] = []
+    follow: list[float | None] = []
+    reused = prompt = tokens = 0
     pause = random.Random(n)
 
     async def conversation(i: int) -> None:

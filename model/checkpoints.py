@@ -18,6 +18,7 @@ The key maps follow transformers' ``convert_blip_2_original_to_pytorch.py``.
 
 from __future__ import annotations
 
+import operator
 import os
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
@@ -112,7 +113,7 @@ def iter_tensors(path: str | os.PathLike[str], role: str) -> Iterator[tuple[str,
             yield key, state.pop(key)
         return
     for key in _safetensors_call(p, role, lambda f: list(f.keys())):
-        tensor = _safetensors_call(p, role, lambda f, key=key: f.get_tensor(key))
+        tensor = _safetensors_call(p, role, operator.methodcaller("get_tensor", key))
         yield key, tensor
         del tensor
 

@@ -148,7 +148,8 @@ def _write_llm(out: Path, sizes: DemoSizes, gen: torch.Generator) -> None:
                 param.copy_(1.0 + _rand(gen, *param.shape, scale=0.1))
             else:
                 param.copy_(_rand(gen, *param.shape, scale=0.08))
-    llm.to(torch.float16).save_pretrained(out)
+    # transformers' @wraps(nn.Module.to) hides `self` from mypy (typeshed's _Wrapped is no descriptor)
+    llm.to(torch.float16).save_pretrained(out)  # type: ignore[arg-type]
 
 
 def _write_vit(path: Path, v: VisionDims, sizes: DemoSizes, gen: torch.Generator) -> None:

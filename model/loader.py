@@ -16,7 +16,7 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -144,7 +144,9 @@ def _load_llm_quantized(
     kwargs: dict[str, Any] = dict(dtype=dtype, output_loading_info=True, device_map={"": dev})
     kwargs["quantization_config"] = _quantization_config(quantization, dtype)
     try:
-        llm, info = LlamaForCausalLM.from_pretrained(llm_dir, **kwargs)
+        # output_loading_info=True: (model, info), which transformers' return annotation does not say
+        loaded = LlamaForCausalLM.from_pretrained(llm_dir, **kwargs)
+        llm, info = cast(tuple[LlamaForCausalLM, dict[str, Any]], loaded)
     except OSError as exc:
         raise CheckpointError(f"could not load the LLM weights in {llm_dir}: {exc}. {_LLM_FILES_HINT}") from exc
     missing = [k for k in info.get("missing_keys", []) if not k.endswith("rotary_emb.inv_freq")]
@@ -214,7 +216,9 @@ def _load_llm_streamed(llm_dir: Path, config: Any, dev: torch.device, dtype: tor
         llm.tie_weights()
     missing = [k for k, v in llm.state_dict().items() if v.is_meta]
     _raise_uncovered(llm_dir, missing, mismatched)
-    llm.to(dev)  # the computed buffers; parameters are already there
+    # the computed buffers (parameters are already there).
+    # transformers' @wraps(nn.Module.to) hides `self` from mypy (typeshed's _Wrapped is no descriptor)
+    llm.to(dev)  # type: ignore[arg-type]
     with contextlib.suppress(OSError):  # no generation_config.json: the one built from config.json stays
         llm.generation_config = GenerationConfig.from_pretrained(llm_dir)
     llm.eval().requires_grad_(False)
@@ -250,7 +254,8 @@ def _apply_lora(model: MiniGPT4, spec: VariantSpec, lora: Mapping[str, torch.Ten
             f"{report.file}: LoRA weights do not fit the LLM — missing {absent[:6]}, unexpected {extra[:6]}"
         )
     model.llm.load_state_dict(dict(lora), strict=False)
-    model.llm.to(model.device)
+    # transformers' @wraps(nn.Module.to) hides `self` from mypy (typeshed's _Wrapped is no descriptor)
+    model.llm.to(model.device)  # type: ignore[arg-type]
     model.llm.eval().requires_grad_(False)
     report.loaded += len(lora)
     return rank
@@ -398,11 +403,12 @@ def _place(model: MiniGPT4, dev: torch.device, dtype: torch.dtype) -> None:
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_meta and not name.startswith("llm."):
             raise CheckpointError(f"internal: {name} was not loaded from any file")
-    model.visual_encoder.to(dev, dtype)
+    # transformers' @wraps(nn.Module.to) hides `self` from mypy (typeshed's _Wrapped is no descriptor)
+    model.visual_encoder.to(dev, dtype)  # type: ignore[arg-type]
     model.ln_vision.to(dev, torch.float32)
     model.llama_proj.to(dev, torch.float32)
     if model.qformer is not None:
-        model.qformer.to(dev, torch.float32)
+        model.qformer.to(dev, torch.float32)  # type: ignore[arg-type]  # the same @wraps
         assert model.query_tokens is not None
         model.query_tokens.data = model.query_tokens.data.to(dev, torch.float32)
 

@@ -133,9 +133,9 @@ def _llm_parts(llm_dir: str | os.PathLike[str]) -> tuple[int, int, Any]:
     with torch.device("meta"):
         llm = LlamaForCausalLM(config)
     total = _count(llm)
-    edges = llm.get_input_embeddings().weight.numel()
+    edges = llm.model.embed_tokens.weight.numel()  # get_input_embeddings(), typed
     if not config.tie_word_embeddings:
-        edges += llm.get_output_embeddings().weight.numel()
+        edges += llm.lm_head.weight.numel()  # get_output_embeddings()
     return edges, total - edges, config
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,7 +67,7 @@ class ChatCall:
     conversation_id: str | None
 
 
-def _number(body: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+def _number(body: dict[str, Any], name: str, kind: type | types.UnionType) -> Any:
     value = body.get(name)
     if value is None:
         return None

@@ -67,7 +67,9 @@ class TextBatch:
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
     def to(self, device: torch.device | str) -> TextBatch:
-        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        moved: dict[str, Any] = {
+            k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()
+        }
         return TextBatch(**moved)
 
 

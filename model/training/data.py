@@ -144,8 +144,13 @@ class ListSource:
 
     def indices(self, epoch: int, rank: int, world: int, shuffle: bool, seed: int) -> list[int]:
         """This rank's indices for one epoch: ``DistributedSampler(shuffle, seed)`` at ``set_epoch(epoch)``."""
-        sampler = DistributedSampler(
-            range(len(self.records)), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed
+        # torch types the dataset as a Dataset; the sampler only takes its len(), so a range serves
+        sampler: DistributedSampler[int] = DistributedSampler(
+            range(len(self.records)),  # type: ignore[arg-type]
+            num_replicas=world,
+            rank=rank,
+            shuffle=shuffle,
+            seed=seed,
         )
         sampler.set_epoch(epoch)
         return list(sampler)

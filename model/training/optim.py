@@ -32,7 +32,8 @@ def uses_weight_decay(name: str, param: torch.Tensor) -> bool:
 
 def param_groups(named: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
     """``[{"params": decayed, "weight_decay": wd}, {"params": the rest, "weight_decay": 0}]`` (trainable only)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in named:
         if not param.requires_grad:
             continue

@@ -12,7 +12,8 @@ hold for a config; the export checks its output against it and the vLLM model lo
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
 
 from transformers import Blip2QFormerConfig, Blip2VisionConfig, LlamaConfig, PretrainedConfig
 
@@ -22,7 +23,20 @@ MODEL_TYPE = "minigpt4"
 ARCHITECTURE = "MiniGPT4ForConditionalGeneration"
 
 
-def _sub(value: Any, cls: type[PretrainedConfig]) -> PretrainedConfig | None:
+def _square(size: int | Sequence[int]) -> int:
+    """An image or patch side: transformers allows ``(height, width)``, MiniGPT-4's ViT is square."""
+    if isinstance(size, int):
+        return size
+    height, width = size
+    if height != width:
+        raise ValueError(f"MiniGPT-4's ViT takes square images and patches, not {height}×{width}")
+    return int(height)
+
+
+_Config = TypeVar("_Config", bound=PretrainedConfig)
+
+
+def _sub(value: Mapping[str, Any] | _Config | None, cls: type[_Config]) -> _Config | None:
     if value is None or isinstance(value, PretrainedConfig):
         return value
     return cls(**{k: v for k, v in dict(value).items() if k != "model_type"})
@@ -56,7 +70,9 @@ class MiniGPT4Config(PretrainedConfig):
         super().__init__(**kwargs)
         self.variant = variant
         self.template = template
-        self.vision_config = _sub(vision_config or {}, Blip2VisionConfig)
+        vision = _sub(vision_config or {}, Blip2VisionConfig)
+        assert vision is not None
+        self.vision_config = vision
         self.qformer_config = _sub(qformer_config, Blip2QFormerConfig)
         text = _sub(text_config or {}, LlamaConfig)
         assert text is not None
@@ -75,7 +91,7 @@ class MiniGPT4Config(PretrainedConfig):
 
     @property
     def image_size(self) -> int:
-        return int(self.vision_config.image_size)
+        return _square(self.vision_config.image_size)
 
     @property
     def projection_in_features(self) -> int:
@@ -100,8 +116,8 @@ def expected_shapes(config: MiniGPT4Config) -> dict[str, tuple[int, ...]]:
     fuses ``q/k/v_proj`` and ``gate/up_proj`` itself.
     """
     v, t = config.vision_config, config.text_config
-    w, mlp, patch = int(v.hidden_size), int(v.intermediate_size), int(v.patch_size)
-    grid = int(v.image_size) // patch
+    w, mlp, patch = int(v.hidden_size), int(v.intermediate_size), _square(v.patch_size)
+    grid = _square(v.image_size) // patch
     shapes: dict[str, tuple[int, ...]] = {
         "vision_model.embeddings.class_embedding": (1, 1, w),
         "vision_model.embeddings.position_embedding": (1, 1 + grid * grid, w),

@@ -219,7 +219,7 @@ def _save_shards(state: Mapping[str, torch.Tensor], folder: Path, shard_bytes: i
     if len(shards) == 1:
         save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
         return
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards, 1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(folder / file), metadata={"format": "pt"})

@@ -154,7 +154,8 @@ class MiniGPT4ForConditionalGeneration(nn.Module, SupportsMultiModal):
         self.config = config
         quant_config = vllm_config.quant_config
         v = config.vision_config
-        with self._mark_tower_model(vllm_config, "image"):
+        # SupportsMultiModal's (vLLM is not in the .venv mypy runs in: nn.Module.__getattr__ answers for it)
+        with self._mark_tower_model(vllm_config, "image"):  # type: ignore[operator]
             self.vision_model = BlipVisionModel(
                 v, quant_config, require_post_norm=False, prefix=maybe_prefix(prefix, "vision_model")
             )
@@ -167,11 +168,15 @@ class MiniGPT4ForConditionalGeneration(nn.Module, SupportsMultiModal):
                         q, quant_config=None, cache_config=None, prefix=maybe_prefix(prefix, "qformer")
                     )
                 self.llama_proj = nn.Linear(config.projection_in_features, int(config.text_config.hidden_size))
-        with self._mark_language_model(vllm_config):
+        # SupportsMultiModal's (vLLM is not in the .venv mypy runs in: nn.Module.__getattr__ answers for it)
+        with self._mark_language_model(vllm_config):  # type: ignore[operator]
             self.language_model = init_vllm_registered_model(
                 vllm_config=vllm_config, hf_config=config.text_config, prefix=maybe_prefix(prefix, "language_model")
             )
-        self.configure_mm_token_handling(int(config.text_config.vocab_size), [int(config.image_token_id)])
+        # SupportsMultiModal's (vLLM is not in the .venv mypy runs in: nn.Module.__getattr__ answers for it)
+        self.configure_mm_token_handling(  # type: ignore[operator]
+            int(config.text_config.vocab_size), [int(config.image_token_id)]
+        )
         self.make_empty_intermediate_tensors = self.language_model.make_empty_intermediate_tensors
 
     # ------------------------------------------------------------------ pictures
