@@ -7,10 +7,10 @@ dispatch is exercised exactly as with the engine.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from model.engine.contract import ChatTurn, FinalEvent, TokenEvent
+from model.engine.contract import FinalEvent, StreamArgs, TokenEvent, stream_method
 
 
 class ScriptedBackend:
@@ -30,19 +30,10 @@ class ScriptedBackend:
         self.before_final: Callable[[], Awaitable[None]] | None = None
         self.closed = False
 
-    async def stream(
-        self,
-        *,
-        turns: Sequence[ChatTurn],
-        images: Sequence[bytes],
-        conversation_id: str,
-        user: str,
-        options: Mapping[str, Any],
-    ) -> AsyncIterator[TokenEvent | FinalEvent]:
-        self.calls.append(
-            {"turns": list(turns), "images": list(images), "conversation_id": conversation_id, "user": user,
-             "options": dict(options)}
-        )  # fmt: skip
+    @stream_method
+    async def stream(self, args: StreamArgs) -> AsyncIterator[TokenEvent | FinalEvent]:
+        self.calls.append({**args, "turns": list(args["turns"]), "images": list(args["images"]),
+                           "options": dict(args["options"])})  # fmt: skip
         if self.fail is not None:
             raise self.fail
         scripted = self.script.pop(0) if self.script else self.answer

@@ -16,37 +16,29 @@ backend touches no file of ``bot/core``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Unpack, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
 
-from model.engine.contract import ChatTurn, FinalEvent, TokenEvent
+from model.engine.contract import ChatTurn, FinalEvent, StreamArgs, TokenEvent
 
 if TYPE_CHECKING:
     from bot.core.config import Settings
 
-__all__ = ["BackendPlugin", "BackendSettings", "ChatTurn", "GenerationBackend"]
+__all__ = ["BackendPlugin", "BackendSettings", "ChatTurn", "GenerationBackend", "StreamArgs"]
 
 
 @runtime_checkable
 class GenerationBackend(Protocol):
     """Streams one answer for a thread's turns and pictures."""
 
-    def stream(
-        self,
-        *,
-        turns: Sequence[ChatTurn],
-        images: Sequence[bytes],
-        conversation_id: str,
-        user: str,
-        options: Mapping[str, Any],
-    ) -> AsyncIterator[TokenEvent | FinalEvent]:
-        """Token events, then one final event.  ``conversation_id`` keys cached image tokens and KV
-        prefixes (and replica affinity); ``user`` is the fairness key; ``options`` the ``[generation]``
-        settings.  Raises ``model.engine.contract.EngineError`` subclasses only.  The core closes the iterator
-        (``aclose``, where it has one) when the reply ends early: that must cancel the request."""
+    def stream(self, **args: Unpack[StreamArgs]) -> AsyncIterator[TokenEvent | FinalEvent]:
+        """Token events, then one final event, for ``turns``, ``images``, ``conversation_id``, ``user`` and
+        ``options`` (:class:`~model.engine.contract.StreamArgs` says what each is).  Raises
+        ``model.engine.contract.EngineError`` subclasses only.  The core closes the iterator (``aclose``,
+        where it has one) when the reply ends early: that must cancel the request."""
         ...
 
     def describe(self) -> dict[str, Any]:

@@ -24,8 +24,9 @@ error                   meaning                                                 
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, NotRequired, TypedDict
+from typing import Any, Literal, NotRequired, TypedDict, TypeVar
 
 __all__ = [
     "Busy",
@@ -36,7 +37,9 @@ __all__ = [
     "RequestFailed",
     "RequestRejected",
     "RequestTooLarge",
+    "StreamArgs",
     "TokenEvent",
+    "stream_method",
 ]
 
 FinishReason = Literal["eos", "stop", "length", "aborted", "deadline"]
@@ -48,6 +51,46 @@ class ChatTurn(TypedDict):
     role: Literal["user", "assistant"]
     text: str
     image: NotRequired[bool]
+
+
+class StreamArgs(TypedDict):
+    """The keyword arguments of every backend's ``stream``: the seam's request defined once, so the protocol
+    (``bot.core.backend_api``) and the local, Ray and vLLM backends cannot drift apart (:func:`stream_method`).
+
+    ``conversation_id`` keys cached image tokens and KV prefixes (and replica affinity); ``user`` is the
+    fairness key; ``options`` are the ``[generation]`` settings.
+    """
+
+    turns: Sequence[ChatTurn]
+    images: Sequence[bytes]
+    conversation_id: str
+    user: str
+    options: Mapping[str, Any]
+
+
+_E = TypeVar("_E")
+
+
+def stream_method(method: Callable[[Any, StreamArgs], AsyncIterator[_E]]) -> Callable[..., AsyncIterator[_E]]:
+    """A backend's ``stream`` written against :class:`StreamArgs` (``@stream_method async def stream(self, args:
+    StreamArgs)``) without restating the parameters.  Callers keep the seam's call, keyword-only and exactly
+    these keywords (a misspelt one is a ``TypeError``, as ``inspect.signature`` shows); the method's own
+    iterator is returned as it is, so ``aclose`` reaches it."""
+
+    def stream(
+        self: Any,
+        *,
+        turns: Sequence[ChatTurn],
+        images: Sequence[bytes],
+        conversation_id: str,
+        user: str,
+        options: Mapping[str, Any],
+    ) -> AsyncIterator[_E]:
+        args = StreamArgs(turns=turns, images=images, conversation_id=conversation_id, user=user, options=options)
+        return method(self, args)
+
+    stream.__name__, stream.__qualname__, stream.__doc__ = method.__name__, method.__qualname__, method.__doc__
+    return stream
 
 
 @dataclass(frozen=True)

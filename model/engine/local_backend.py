@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from model.engine.contract import ChatTurn, EngineError, FinalEvent, RequestFailed, TokenEvent
+from model.engine.contract import EngineError, FinalEvent, RequestFailed, StreamArgs, TokenEvent, stream_method
 from model.engine.engine import Engine
 from model.engine.types import EngineRequest
 from model.generate import default_options
@@ -36,28 +36,22 @@ class EngineBackend:
         self.info = dict(info or {})
         self.timeout_s = timeout_s
 
-    async def stream(
-        self,
-        *,
-        turns: Sequence[ChatTurn],
-        images: Sequence[bytes],
-        conversation_id: str,
-        user: str,
-        options: Mapping[str, Any],
-    ) -> AsyncIterator[TokenEvent | FinalEvent]:
+    @stream_method
+    async def stream(self, args: StreamArgs) -> AsyncIterator[TokenEvent | FinalEvent]:
         """One answer for a thread: token events, then the final event (see the module docstring for errors).
 
         ``options`` are the ``[generation]`` settings (``max_new_tokens``, ``num_beams``, ``do_sample``,
         ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ``length_penalty``, ``min_length``,
         ``max_length``, ``seed`` …); the variant's stop strings are added.
         """
+        conversation_id = args["conversation_id"]
         try:
             request = EngineRequest(
-                turns=list(turns),
-                images=list(images),
-                options=default_options(self.engine.model, **options),
+                turns=list(args["turns"]),
+                images=list(args["images"]),
+                options=default_options(self.engine.model, **args["options"]),
                 conversation_id=conversation_id,
-                user=user,
+                user=args["user"],
                 deadline_s=self.timeout_s,
             )
             events = self.engine.submit(request)
