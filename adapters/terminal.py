@@ -22,7 +22,7 @@ import shlex
 import sys
 import threading
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any, Literal
@@ -47,7 +47,7 @@ HELP = """Terminal commands:
 Ctrl-C while an answer is written stops that answer.
 Anything else is sent to the bot, with the pictures attached since your last message."""
 
-Handler = Callable[[Request], AsyncIterator[ReplyEvent]]
+Handler = Callable[[Request], AsyncGenerator[ReplyEvent, None]]
 PROMPT = "you> "
 CLEAR_LINE = "\r\x1b[2K"  # carriage return + erase the whole line
 _OWN_TURN: contextvars.ContextVar[bool] = contextvars.ContextVar("terminal_turn", default=False)

@@ -269,7 +269,7 @@ def add_commands(
     ) -> None:
         await handlers.on_ask(interaction, image, question or "", preset)
 
-    ask_command = app_commands.Command(
+    ask_command: app_commands.Command[Any, ..., None] = app_commands.Command(
         name="ask",
         description="Ask about a picture: the answer appears here, follow up in its thread",
         callback=ask,
@@ -351,7 +351,7 @@ def _remote_payload(command: app_commands.AppCommand) -> dict[str, Any]:
 def differences(local: list[dict[str, Any]], remote: list[dict[str, Any]]) -> list[str]:
     """What differs between the local command payloads and the registered ones (names), [] when in step."""
     mine = {c["name"]: c for c in local}
-    theirs = {c.get("name"): c for c in remote}
+    theirs = {c["name"]: c for c in remote}  # Discord's registered commands always have a name
     changed = sorted(set(mine) ^ set(theirs))
     for name in sorted(set(mine) & set(theirs)):
         ours = mine[name]

@@ -29,7 +29,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import discord
@@ -53,7 +53,8 @@ log = logging.getLogger(__name__)
 NO_MENTIONS = discord.AllowedMentions.none()
 TOKEN_LIFETIME = datetime.timedelta(minutes=15)  # an interaction token's life
 TYPING_MAX_S = 300.0  # renew "typing…" at most this long while an answer has not begun
-THREAD_ARCHIVE_MINUTES = 1440  # a conversation thread hides after a day without messages
+# a conversation thread hides after a day without messages (Discord allows these four durations)
+THREAD_ARCHIVE_MINUTES: Literal[60, 1440, 4320, 10080] = 1440
 _FAILURES = (discord.DiscordException, aiohttp.ClientError, TimeoutError, OSError, ValueError)
 _TOKEN_GONE = (10015, 50027)  # Unknown Webhook, Invalid Webhook Token
 

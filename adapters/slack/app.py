@@ -199,6 +199,7 @@ class SlackFrontEnd:
     async def _connect(self, tokens: SlackTokens) -> None:
         from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
 
+        assert self.app is not None  # start() built it
         self._socket = AsyncSocketModeHandler(self.app, tokens.app, web_client=self.client)
         try:
             await asyncio.wait_for(self._socket.connect_async(), self.connect_timeout_s)

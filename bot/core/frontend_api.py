@@ -16,7 +16,7 @@ them, nothing else.  A front end (web chat, terminal, Slack, Discord …) is one
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -149,7 +149,7 @@ class Health:
 class Core(Protocol):
     """The whole API a front end may use.  :class:`bot.core.service.BotService` implements it."""
 
-    def handle(self, request: Request) -> AsyncIterator[ReplyEvent]:
+    def handle(self, request: Request) -> AsyncGenerator[ReplyEvent, None]:
         """Answer one message: streamed :class:`~bot.core.requests.Delta` values, then one ``Final``.
 
         Yields nothing for a redelivered ``event_id``.  Never raises for bad input, quotas, access or

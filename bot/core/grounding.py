@@ -353,7 +353,8 @@ def draw_boxes(picture: bytes, phrases: tuple[Phrase, ...], long_side: int) -> b
             if not phrase.label or number:
                 continue  # a bare [refer] box has no label; a phrase is named once, by its first box
             text = _fit(phrase.label, font, width - 3 * pad - swatch)
-            left, top, right, bottom = font.getbbox(text)
+            # whole pixels (Pillow's annotation says float: range() below would fail on one)
+            left, top, right, bottom = (int(v) for v in font.getbbox(text))
             w, h = swatch + 3 * pad + (right - left), (bottom - top) + 2 * pad
             where = _label_place(rect, (w, h), (width, height), placed)
             placed.append(where)

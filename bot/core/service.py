@@ -21,7 +21,7 @@ import itertools
 import logging
 import operator
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from datetime import timedelta
 from typing import Any
@@ -168,7 +168,7 @@ class BotService(Timing):
 
     # ------------------------------------------------------------------ the Core API (bot.core.frontend_api)
 
-    async def handle(self, request: Request) -> AsyncIterator[ReplyEvent]:
+    async def handle(self, request: Request) -> AsyncGenerator[ReplyEvent, None]:
         """Answer one message; yields nothing for a redelivered event.
 
         Text is cleaned once, here, both ways (:func:`~bot.core.sanitize.clean_text`): what the request

@@ -211,10 +211,11 @@ class ServeOptions:
             max_ongoing_requests=self.max_ongoing_requests,
             max_queued_requests=self.max_queued_requests,
             request_router_config=RequestRouterConfig(
-                request_router_class=ConversationAffinityRouter,
+                # Ray types RequestRouterConfig.__init__(**kwargs: dict[str, Any]): every argument as a dict
+                request_router_class=ConversationAffinityRouter,  # type: ignore[arg-type]
                 request_router_kwargs={"affinity": self.affinity, "max_imbalance": self.imbalance},
-                request_routing_stats_period_s=self.routing_stats_period_s,
-                request_routing_stats_timeout_s=max(self.routing_stats_period_s, 5.0),
+                request_routing_stats_period_s=self.routing_stats_period_s,  # type: ignore[arg-type]
+                request_routing_stats_timeout_s=max(self.routing_stats_period_s, 5.0),  # type: ignore[arg-type]
             ),
             health_check_period_s=10.0,  # check_health: is the engine's worker thread alive
             health_check_timeout_s=30.0,  # lenient: a replica in a big batch may answer late
@@ -235,5 +236,6 @@ class ServeOptions:
 
 def build_app(spec: ReplicaSpec, options: ServeOptions) -> Any:
     """The Ray Serve application (``serve.run`` it): one deployment of :class:`EngineReplica`."""
-    deployment = serve.deployment(EngineReplica).options(**options.deployment_kwargs())
+    # serve.deployment's overloads type a class argument as the decorator form (Ray's annotation)
+    deployment = serve.deployment(EngineReplica).options(**options.deployment_kwargs())  # type: ignore[attr-defined]
     return deployment.bind(spec, spec.fingerprint(options))

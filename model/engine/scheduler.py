@@ -181,7 +181,7 @@ class Scheduler:
                 del self.prefixes[key]
             evict.extend(victims)
             self._pop(seq)
-            if seq.prefix_key in self.prefixes:
+            if seq.prefix_key is not None and seq.prefix_key in self.prefixes:
                 del self.prefixes[seq.prefix_key]  # the running reservation now holds those tokens
             seq.admitted_at = self.clock()
             self.running[seq.seq_id] = seq
