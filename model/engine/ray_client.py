@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,13 +37,14 @@ from ray.serve.request_router import RequestRouter
 
 from model.engine.contract import (
     Busy,
-    ChatTurn,
     EngineError,
     FinalEvent,
     RequestFailed,
     RequestRejected,
     RequestTooLarge,
+    StreamArgs,
     TokenEvent,
+    stream_method,
 )
 
 __all__ = ["BUSY_RETRY_AFTER_S", "RayServeBackend", "RemoteError", "register_router", "sum_replica_stats"]
@@ -159,24 +160,16 @@ class RayServeBackend:
         self._on_close = on_close
         self._closed = False
 
-    async def stream(
-        self,
-        *,
-        turns: Sequence[ChatTurn],
-        images: Sequence[bytes],
-        conversation_id: str,
-        user: str,
-        options: Mapping[str, Any],
-    ) -> AsyncIterator[TokenEvent | FinalEvent]:
+    @stream_method
+    async def stream(self, args: StreamArgs) -> AsyncIterator[TokenEvent | FinalEvent]:
         """One answer from a replica (chosen by the conversation-affinity router); see the module docstring."""
         if self._closed:
             raise RequestFailed("the Ray Serve backend is closed")
+        conversation_id = args["conversation_id"]
         handle = self.handle.options(stream=True, method_name="stream", session_id=conversation_id)
-        try:
-            response = handle.remote(
-                turns=list(turns), images=list(images), conversation_id=conversation_id, user=user,
-                options=dict(options),
-            )  # fmt: skip
+        try:  # plain lists and dicts: what Ray pickles to the replica
+            response = handle.remote(**(args | {"turns": list(args["turns"]), "images": list(args["images"]),
+                                                "options": dict(args["options"])}))  # fmt: skip
         except Exception as exc:
             raise self._error(exc, conversation_id) from exc
         finished = False
