@@ -15,7 +15,7 @@ from adapters.web.common import CONFIG_KEY, SERVICE_KEY, USER_KEY, _json_error, 
 from adapters.web.forms import MALFORMED_BODY, UploadTooLarge, _read_form, _read_urlencoded
 from adapters.web.threads import _thread_of_another
 from bot.core.images import format_size
-from bot.core.requests import Final, ReplyFile, Request
+from bot.core.requests import Final, ImageAttachment, ReplyFile, Request
 
 EVENT_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,200}$")
 
@@ -45,7 +45,8 @@ async def _post_message(request: web.Request) -> web.StreamResponse:
         return _json_error(413, too_large, limit_bytes=limit)
     try:
         if request.content_type == "application/x-www-form-urlencoded":  # text only (no pictures)
-            fields, images = await _read_urlencoded(request), []
+            images: list[ImageAttachment] = []
+            fields = await _read_urlencoded(request)
         elif request.content_type.startswith("multipart/"):
             fields, images = await _read_form(request, limit)
         else:

@@ -200,7 +200,7 @@ def _model_dir(settings: Settings) -> Path:
 def _export(settings: Settings, out: Path) -> None:
     """Export ``[model]`` for vLLM (``minigpt4-bot weights export``'s function)."""
     try:
-        from model.vllm_plugin.export import export_model  # type: ignore[import-not-found]
+        from model.vllm_plugin.export import export_model
     except ImportError as exc:
         raise VllmSetupError(
             f"[vllm] model_dir is empty and the export is unavailable ({exc}): "
