@@ -33,7 +33,7 @@ from model.conversation import clean_answer
 from model.engine.contract import ChatTurn
 from model.image_processing import load_image
 from model.minigpt4 import MiniGPT4
-from model.sampling import GenerationOptions, IncrementalDetokenizer, RowSampler, truncate_left
+from model.sampling import GenerationOptions, IncrementalDetokenizer, RowSampler, sample_rows, truncate_left
 
 __all__ = [
     "ChatSession",
@@ -129,10 +129,9 @@ def decode_batch(
     while True:
         logits = out.logits[:, -1, :]  # [B, V]
         steps: list[TokenStep] = []
-        for row in range(batch):
-            if not running[row]:
-                continue
-            token = samplers[row].next_token(logits[row])
+        live = [row for row in range(batch) if running[row]]
+        chosen = sample_rows([samplers[row] for row in live], logits if len(live) == batch else logits[live])
+        for row, token in zip(live, chosen, strict=True):
             last[row] = token
             reason = samplers[row].finish_reason(decode_tail)
             if reason is not None:
