@@ -211,7 +211,7 @@ def test_a_thread_with_more_pictures_than_limit_mm_per_prompt_gets_a_clear_messa
     """[vllm] limit_mm_per_prompt reaches the worker (vLLM enforces it too); the backend refuses such a thread
     before sending it, and the core tells the user to start over — the worker keeps serving."""
     from bot.core.errors import UserInputError
-    from bot.core.service import BotService
+    from bot.core.pipeline.stream import engine_error
 
     backend: VllmBackend = env["vllm"]
     assert backend.facts["limit_mm_per_prompt"] == LIMIT
@@ -220,7 +220,7 @@ def test_a_thread_with_more_pictures_than_limit_mm_per_prompt_gets_a_clear_messa
         turns += [{"role": "user", "text": f"Picture {k}?", "image": True}, {"role": "assistant", "text": "A circle."}]
     with pytest.raises(RequestTooLarge, match=r"3 pictures.*at most 2 per prompt \(\[vllm\] limit_mm_per_prompt\)"):
         env["loop"].run(drain(backend, turns[:-1], [picture(k) for k in range(LIMIT + 1)], "many"))
-    told = BotService._engine_error(RequestTooLarge("x"), 1)
+    told = engine_error(RequestTooLarge("x"), 1)
     assert isinstance(told, UserInputError) and "Say reset to start over" in str(told)
     same_answer(*one_picture(env, "after-many"))
 
