@@ -83,16 +83,6 @@ def _clean_request(request: Request) -> Request:
     )
 
 
-def _check_ids(request: Request) -> None:
-    """Refuse ids longer than the tables keep (PostgreSQL would fail the first insert, SQLite would keep them:
-    the same refusal on both, before anything is stored)."""
-    for name, limit in ID_LENGTHS.items():
-        if len(value := getattr(request, name) or "") > limit:
-            raise UnsupportedRequest(
-                f"the front end sent a {name} of {len(value)} characters; at most {limit} are stored"
-            )
-
-
 def _clean_reply(event: ReplyEvent) -> ReplyEvent:
     """The reply with its text (and the names and captions of any files with it) cleaned."""
     changes: dict[str, Any] = {}
