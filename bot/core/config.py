@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from bot.core.backend_api import BackendSettings
 from bot.core.frontend_api import FrontEndSettings
 from bot.core.plugins import BACKENDS, FRONTENDS, load_plugin, plugin_names
+from model.settings import ModelSettings
 from storage.url import (
     DATABASE_URL_ENV,
     DatabaseURLError,
@@ -50,57 +51,6 @@ class ConfigError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ModelSettings(_Strict):
-    """``[model]``: which weights to load and how (paths to the original published files)."""
-
-    variant: Literal["vicuna0", "llama2", "minigptv2"] = "vicuna0"
-    llm: str = Field("", description="HF LLaMA/Vicuna directory; empty = demo weights")
-    vit: str = Field("", description="LAVIS eva_vit_g.pth")
-    qformer: str = Field("", description="BLIP-2 blip2_pretrained_flant5xxl.pth (vicuna0 only)")
-    projection: str = Field("", description="stage-2 checkpoint (pretrained_minigpt4*.pth / MiniGPT-v2)")
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    quantization: Literal["none", "int8", "nf4"] = "none"
-    vision: dict[str, float] | None = None
-    qformer_dims: dict[str, float] | None = None
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        if value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit()):
-            return value
-        raise ValueError("use auto, cpu, cuda or cuda:N")
-
-    @property
-    def uses_demo_weights(self) -> bool:
-        """No real weights configured: the bot starts on tiny random demo weights."""
-        return not (self.llm or self.vit or self.projection)
-
-    def loader_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for ``model.load_minigpt4`` (paths as given, already resolved)."""
-        ints = {k: _size(k, v) for k, v in (self.vision or {}).items()}
-        qints = {k: _size(k, v) for k, v in (self.qformer_dims or {}).items()}
-        return dict(
-            variant=self.variant,
-            llm=self.llm,
-            vit=self.vit,
-            qformer=self.qformer or None,
-            projection=self.projection,
-            device=self.device,
-            dtype=self.dtype,
-            quantization=self.quantization,
-            vision=ints or None,
-            qformer_dims=qints or None,
-        )
-
-
-def _size(key: str, value: float) -> int | float:
-    """TOML numbers of a size table: counts as ``int``; epsilons and ratios (``mlp_ratio = 4.3637``) stay floats."""
-    if "eps" in key or not float(value).is_integer():
-        return value
-    return int(value)
 
 
 class GenerationSettings(_Strict):

@@ -10,8 +10,9 @@ Training data is one source (``data = "…"``) or several mixed by ratio, the ya
 (``laion: {sample_ratio: 115}``, ``cc_sbu: {sample_ratio: 14}``) as ``[[train.datasets]]`` tables with
 ``name``, ``data``, ``sample_ratio`` and an optional ``batch_size`` (:class:`DatasetSettings`).
 
-``model/`` must not import ``bot/``, so :class:`TrainModelSettings` mirrors ``bot.core.config.ModelSettings``
-key for key (a test keeps the two in step).  Relative paths are resolved against the file's folder.
+The ``[model]`` table is the bot's own (:class:`model.settings.ModelSettings`, which ``bot.core.config``
+uses too); :class:`TrainModelSettings` only refuses quantized weights.  Relative paths are resolved
+against the file's folder.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from model.settings import ModelSettings
 
 __all__ = [
     "ALIGNMENT_PROMPTS",
@@ -49,28 +52,20 @@ ALIGNMENT_PROMPTS = (
     "<Img><ImageHere></Img> Could you describe the contents of this image for me?",
 )
 
-# train_configs/minigpt4_stage1_pretrain.yaml and minigpt4_stage2_finetune.yaml (+ the model's from_config defaults).
+# train_configs/minigpt4_stage1_pretrain.yaml and minigpt4_stage2_finetune.yaml (+ the model's from_config
+# defaults), side by side: (stage 1, stage 2) per setting.
+_RECIPES_BY_SETTING: dict[str, tuple[int | float, int | float]] = {
+    "batch_size": (64, 12),
+    "max_epoch": (4, 5),
+    "iters_per_epoch": (5000, 200),
+    "init_lr": (1e-4, 3e-5),
+    "min_lr": (8e-5, 1e-5),
+    "warmup_lr": (1e-6, 1e-6),
+    "warmup_steps": (5000, 200),
+    "max_txt_len": (32, 160),
+}
 STAGE_RECIPES: dict[int, dict[str, Any]] = {
-    1: dict(
-        batch_size=64,
-        max_epoch=4,
-        iters_per_epoch=5000,
-        init_lr=1e-4,
-        min_lr=8e-5,
-        warmup_lr=1e-6,
-        warmup_steps=5000,
-        max_txt_len=32,
-    ),
-    2: dict(
-        batch_size=12,
-        max_epoch=5,
-        iters_per_epoch=200,
-        init_lr=3e-5,
-        min_lr=1e-5,
-        warmup_lr=1e-6,
-        warmup_steps=200,
-        max_txt_len=160,
-    ),
+    stage: {key: values[stage - 1] for key, values in _RECIPES_BY_SETTING.items()} for stage in (1, 2)
 }
 
 # (stage-2 prompt_template, stage-2 end_sym) per variant; stage 1 has no prompt and end_sym "\n".
@@ -88,26 +83,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class TrainModelSettings(_Strict):
-    """``[model]``: the same keys, types and defaults as ``bot.toml``; ``projection`` is the starting checkpoint."""
+class TrainModelSettings(ModelSettings):
+    """``[model]``: ``bot.toml``'s table, key for key; ``projection`` is the starting checkpoint."""
 
-    variant: Literal["vicuna0", "llama2", "minigptv2"] = "vicuna0"
-    llm: str = Field("", description="HF LLaMA/Vicuna directory")
-    vit: str = Field("", description="LAVIS eva_vit_g.pth")
-    qformer: str = Field("", description="BLIP-2 blip2_pretrained_flant5xxl.pth (vicuna0 only)")
     projection: str = Field("", description="starting checkpoint (stage-1 output or pretrained_minigpt4*.pth)")
-    device: str = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
-    quantization: Literal["none", "int8", "nf4"] = "none"
-    vision: dict[str, float] | None = None
-    qformer_dims: dict[str, float] | None = None
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, value: str) -> str:
-        if value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit()):
-            return value
-        raise ValueError("use auto, cpu, cuda or cuda:N")
 
     @field_validator("quantization")
     @classmethod
@@ -115,28 +94,6 @@ class TrainModelSettings(_Strict):
         if value != "none":
             raise ValueError('training needs quantization = "none" (the reference trains on fp16 weights)')
         return value
-
-    def loader_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`model.loader.load_minigpt4`."""
-        ints = {k: _number(k, v) for k, v in (self.vision or {}).items()}
-        qints = {k: _number(k, v) for k, v in (self.qformer_dims or {}).items()}
-        return dict(
-            variant=self.variant,
-            llm=self.llm,
-            vit=self.vit,
-            qformer=self.qformer or None,
-            projection=self.projection,
-            device=self.device,
-            dtype=self.dtype,
-            quantization=self.quantization,
-            vision=ints or None,
-            qformer_dims=qints or None,
-        )
-
-
-def _number(key: str, value: float) -> float | int:
-    """Sizes as ints; epsilons and ratios (``mlp_ratio = 4.3637``) stay floats."""
-    return value if "eps" in key or not float(value).is_integer() else int(value)
 
 
 _PATTERN_CHARS = "*?[{:"
