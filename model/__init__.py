@@ -9,38 +9,31 @@ Names are loaded on first use, so ``import model.engine.contract`` (the engine's
 imported by the bot core) does not pull in torch.
 """
 
-from model._lazy import lazy_exports
+from model._lazy import by_module, lazy_exports
 
-_EXPORTS = {
-    "CheckpointError": "model.checkpoints",
-    "TEMPLATES": "model.conversation",
-    "build_prompt": "model.conversation",
-    "clean_answer": "model.conversation",
-    "ChatSession": "model.generate",
-    "ChatTurnResult": "model.generate",
-    "ChatTurn": "model.engine.contract",
-    "GenerationResult": "model.generate",
-    "TokenStep": "model.generate",
-    "beam_search": "model.generate",
-    "decode_answer": "model.generate",
-    "default_options": "model.generate",
-    "generate_ids": "model.generate",
-    "stream_answer": "model.generate",
-    "stream_ids": "model.generate",
-    "PrecisionError": "model.loader",
-    "load_minigpt4": "model.loader",
-    "MiniGPT4": "model.minigpt4",
-    "VisionOutputs": "model.minigpt4",
-    "LoadReport": "model.report",
-    "PartReport": "model.report",
-    "WeightsReport": "model.report",
-    "describe_weights": "model.report",
-    "GenerationOptions": "model.sampling",
-    "IncrementalDetokenizer": "model.sampling",
-    "InvalidGenerationOptions": "model.sampling",
-    "RowSampler": "model.sampling",
-    "VARIANTS": "model.variants",
-    "VariantSpec": "model.variants",
-}
+_EXPORTS = by_module(
+    {
+        "model.checkpoints": ("CheckpointError",),
+        "model.conversation": ("TEMPLATES", "build_prompt", "clean_answer"),
+        "model.generate": (
+            "ChatSession",
+            "ChatTurnResult",
+            "GenerationResult",
+            "TokenStep",
+            "beam_search",
+            "decode_answer",
+            "default_options",
+            "generate_ids",
+            "stream_answer",
+            "stream_ids",
+        ),
+        "model.engine.contract": ("ChatTurn",),
+        "model.loader": ("PrecisionError", "load_minigpt4"),
+        "model.minigpt4": ("MiniGPT4", "VisionOutputs"),
+        "model.report": ("LoadReport", "PartReport", "WeightsReport", "describe_weights"),
+        "model.sampling": ("GenerationOptions", "IncrementalDetokenizer", "InvalidGenerationOptions", "RowSampler"),
+        "model.variants": ("VARIANTS", "VariantSpec"),
+    }
+)
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+
+def by_module(groups: Mapping[str, Iterable[str]]) -> dict[str, str]:
+    """Name → module, from a table written module → its names (each module path written once)."""
+    return {name: module for module, names in groups.items() for name in names}
 
 
 def lazy_exports(package: str, exports: Mapping[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:

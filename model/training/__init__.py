@@ -7,22 +7,22 @@ warmup-cosine schedule) · ``checkpoint`` (original layout) · ``dist`` (``torch
 Entry point: :func:`run_training`; the command is ``minigpt4-bot train`` (``docs/training.md``).
 """
 
-from model._lazy import lazy_exports
+from model._lazy import by_module, lazy_exports
 
-_EXPORTS = {
-    "BatchBuilder": "model.training.batch",
-    "TextBatch": "model.training.batch",
-    "TrainConfig": "model.training.settings",
-    "TrainConfigError": "model.training.settings",
-    "TrainModelSettings": "model.training.settings",
-    "TrainSettings": "model.training.settings",
-    "load_train_config": "model.training.settings",
-    "DataError": "model.training.data",
-    "blip_caption": "model.training.data",
-    "TrainError": "model.training.loop",
-    "TrainResult": "model.training.loop",
-    "run_training": "model.training.loop",
-    "LinearWarmupCosineLR": "model.training.optim",
-}
+_EXPORTS = by_module(
+    {
+        "model.training.batch": ("BatchBuilder", "TextBatch"),
+        "model.training.settings": (
+            "TrainConfig",
+            "TrainConfigError",
+            "TrainModelSettings",
+            "TrainSettings",
+            "load_train_config",
+        ),
+        "model.training.data": ("DataError", "blip_caption"),
+        "model.training.loop": ("TrainError", "TrainResult", "run_training"),
+        "model.training.optim": ("LinearWarmupCosineLR",),
+    }
+)
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
