@@ -45,8 +45,8 @@ SHAPES: dict[str, dict[str, Any]] = {
         new_tokens=16,
     ),
     "7b": dict(
-        vision=dict(img_size=224, patch_size=14, width=1408, depth=39, heads=16, mlp_hidden=6144),
-        qformer=dict(hidden=768, layers=12, heads=12, intermediate=3072, num_query_token=32, encoder_width=1408),
+        vision={},  # no overrides: the published ViT-g and Q-Former (model.variants' defaults)
+        qformer={},
         llm=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
         shard_bytes=5 * 2**30,
         new_tokens=8,
@@ -76,7 +76,7 @@ def write_weights(out: Path, shape: str, seed: int = 0) -> dict[str, Any]:
     return dict(
         variant="vicuna0", llm=str(out / "llm"), vit=str(out / "eva_vit_g.pth"),
         qformer=str(out / "blip2_pretrained_flant5xxl.pth"), projection=str(out / "prerained_minigpt4_7b.pth"),
-        vision={k: v for k, v in sizes["vision"].items()}, qformer_dims=dict(sizes["qformer"]),
+        vision=dict(sizes["vision"]), qformer_dims=dict(sizes["qformer"]),
     )  # fmt: skip
 
 

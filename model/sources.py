@@ -100,12 +100,9 @@ class DriveFile(_File):
     filename: str
 
     @property
-    def link(self) -> str:
-        return f"https://drive.google.com/file/d/{self.file_id}/view"
-
-    @property
     def remote(self) -> str:
-        return self.link
+        """The page to open in a browser (``Download`` there saves the file)."""
+        return f"https://drive.google.com/file/d/{self.file_id}/view"
 
 
 Source = HubRepo | UrlFile | DriveFile

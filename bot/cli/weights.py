@@ -69,7 +69,7 @@ def weights_download(
         for key, drive in fetched.missing:
             err.print(
                 Text(
-                    f"{key}: {drive.filename} is on Google Drive, which needs a browser. Open {drive.link}, download "
+                    f"{key}: {drive.filename} is on Google Drive, which needs a browser. Open {drive.remote}, download "
                     f"it and save it as {out_dir / drive.filename} (or into a folder you give with --from), then "
                     "run this command again.",
                     style="yellow",
