@@ -3,7 +3,8 @@
 Modules by job, like the Slack front end: :mod:`~adapters.discord.app` (the discord.py client, its listeners
 and lifecycle), :mod:`~adapters.discord.commands` (the slash commands and their sync-only-when-changed),
 :mod:`~adapters.discord.files` (attachment downloads and checks), :mod:`~adapters.discord.messages` (mentions,
-Discord's editable messages for channel messages and interaction responses) and
+the calls every reply makes, Discord's editable messages for channel messages),
+:mod:`~adapters.discord.interaction_reply` (those of interaction responses) and
 :mod:`~adapters.discord.settings` (``[discord]`` in ``bot.toml``).  Importing this package loads only the
 settings: discord.py is imported when the front end is created.  Set-up: ``docs/discord.md``.
 """

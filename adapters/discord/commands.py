@@ -22,7 +22,8 @@ import aiohttp
 import discord
 from discord import app_commands
 
-from adapters.discord.messages import NO_MENTIONS, TOKEN_LIFETIME, InteractionReply, thread_name
+from adapters.discord.interaction_reply import TOKEN_LIFETIME, InteractionReply
+from adapters.discord.messages import NO_MENTIONS, thread_name
 from adapters.discord.settings import MESSAGE_LIMIT
 from adapters.streaming import split_message
 from bot.core.frontend_api import ImageLimits, PresetInfo
