@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, Self, cast
 
 from sqlalchemy import CursorResult, Result, event, text
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
@@ -106,6 +106,13 @@ class Store:
         """Create the schema directly (tests); production uses ``minigpt4-bot admin db upgrade``."""
         async with self.engine.begin() as conn:
             await conn.run_sync(Base.metadata.create_all)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """``async with Database(url) as db``: a command or test that opens a database closes it, also on error."""
+        await self.dispose()
 
     async def dispose(self) -> None:
         ping, self._ping = self._ping, None

@@ -168,11 +168,8 @@ def run_db(db_url: str) -> Callable[[Callable[[Database], Awaitable[Any]]], Any]
 
     def run(fn: Callable[[Database], Awaitable[Any]]) -> Any:
         async def main() -> Any:
-            db = Database(db_url)
-            try:
+            async with Database(db_url) as db:
                 return await fn(db)
-            finally:
-                await db.dispose()
 
         return asyncio.run(main())
 

@@ -71,11 +71,8 @@ def _on_db(url: str, fn: Callable[[Database], Awaitable[Any]]) -> Any:
     """``fn(Database(url))`` in a fresh event loop, disposing the engine after."""
 
     async def main() -> Any:
-        db = Database(url)
-        try:
+        async with Database(url) as db:
             return await fn(db)
-        finally:
-            await db.dispose()
 
     return asyncio.run(main())
 
@@ -208,14 +205,7 @@ def test_migration_0005_adds_the_keys_table_and_removes_it_again(empty_db_url: s
         found = await db.verify_api_key("openai", key)
         return found.user_id
 
-    async def main() -> str:
-        db = Database(empty_db_url)
-        try:
-            return await use(db)
-        finally:
-            await db.dispose()
-
-    assert asyncio.run(main()) == "u"
+    assert _on_db(empty_db_url, use) == "u"
     assert migrate.downgrade(empty_db_url, "0004") == "0004"
     assert migrate.upgrade(empty_db_url) == "0005"
 

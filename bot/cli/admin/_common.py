@@ -111,11 +111,8 @@ def run(settings: Settings, work: Callable[[Database], Awaitable[T]]) -> T:
     url = database_url(settings)
 
     async def main() -> T:
-        db = Database(url)
-        try:
+        async with Database(url) as db:
             return await work(db)
-        finally:
-            await db.dispose()
 
     try:
         return asyncio.run(main())
