@@ -16,7 +16,7 @@ Beam search (``num_beams > 1``) runs alone through :func:`model.generate.beam_se
 tokens are streamed as ordinary token events once the search has ended, then the final event.
 
 The worker loop, per iteration: ask the :class:`Scheduler` for a plan → evict prefixes it
-names → prepare and prefill admitted sequences (each emits its first token) → one batched
+names → prepare the admitted sequences and prefill them in one batch (each emits its first token) → one batched
 decode step for the running rows → remove finished / aborted / overdue rows, keeping their
 KV as conversation prefixes → report to the scheduler.  Nothing here blocks the event loop:
 events cross back with ``loop.call_soon_threadsafe``.
@@ -339,13 +339,17 @@ class Engine:
                     self._beam(seq)
                     gone.append(seq.seq_id)
                     continue
-                token = self.runner.prefill(seq)
+                self.runner.prefill(seq)  # staged: all of them are prefilled together below
             except Exception as exc:  # this request only: the others in the step go on
                 self._finish(seq, "error", self._request_error(seq, exc))
                 gone.append(seq.seq_id)
+        for seq, result in self.runner.run_prefills():
+            if isinstance(result, Exception):
+                self._finish(seq, "error", self._request_error(seq, result))
+                gone.append(seq.seq_id)
                 continue
             generated[seq.seq_id] = 1
-            if reason := self._token(seq, token):
+            if reason := self._token(seq, result):
                 seq.finish_reason = reason
                 done.append(seq)
         # the scheduler released the cached prefix of every admitted conversation; drop it where prefill didn't take it

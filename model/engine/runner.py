@@ -2,9 +2,11 @@
 
 The running batch is one left-padded KV cache (a transformers ``DynamicCache`` whose layer
 tensors are ``[rows, heads, T, head_dim]``) plus a ``[rows, T]`` attention mask and each
-row's next position.  A new sequence is prefilled on its own — exactly the computation a
-lone request does — and its KV is then padded and stacked onto the batch; finished rows are
-sliced out and the all-padding columns on the left trimmed.  Every row keeps its own
+row's next position.  The sequences admitted in one step are prefilled together in one
+padded forward (each row after its own reused prefix; a lone sequence without padding is
+exactly the computation a lone request does), and their KV is then stacked onto the batch;
+finished rows are sliced out and the all-padding columns on the left trimmed.  A decode step
+without padded rows runs without an attention mask.  Every row keeps its own
 :class:`~model.sampling.RowSampler` (options, history, generator); a decode step samples all rows in
 one :func:`~model.sampling.sample_rows` pass, whose ids equal each row's own, so a row's greedy ids
 do not depend on its neighbours.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
+from typing import Any
 
 import torch
 from PIL import Image
@@ -31,6 +34,49 @@ from model.sampling import RowSampler, sample_rows, truncate_left
 __all__ = ["Runner"]
 
 log = logging.getLogger(__name__)
+
+
+def _left_mask(lengths: list[int], device: torch.device) -> torch.Tensor:
+    """``[rows, max length]`` attention mask of rows left-padded to the longest."""
+    width = max(lengths)
+    columns = torch.arange(width, device=device).unsqueeze(0)
+    return (columns >= width - torch.tensor(lengths, device=device).unsqueeze(1)).long()
+
+
+def _stack_prefixes(entries: list[PrefixEntry | None], reused: list[int], width: int) -> list[tuple[Any, Any]]:
+    """Per layer ``(K, V)`` ``[rows, heads, width, head_dim]``: each row's first ``reused`` cached positions,
+    left-padded with zeros (a row without a prefix is all padding)."""
+    template = next(e for e in entries if e is not None).kv
+    layers = []
+    for layer, (k0, v0) in enumerate(template):
+        keys, values = [], []
+        for entry, r in zip(entries, reused, strict=True):
+            if entry is None or r == 0:
+                keys.append(k0.new_zeros(1, k0.shape[1], width, k0.shape[3]))
+                values.append(v0.new_zeros(1, v0.shape[1], width, v0.shape[3]))
+            else:
+                k, v = entry.kv[layer]
+                keys.append(_pad_left(k[:, :, :r], width, 2))
+                values.append(_pad_left(v[:, :, :r], width, 2))
+        layers.append((torch.cat(keys), torch.cat(values)))
+    return layers
+
+
+def _compact(cache: DynamicCache, mask: torch.Tensor, width: int) -> None:
+    """Move each row's valid KV columns (``mask == 1``, possibly with holes) to the right of a ``width`` layout.
+
+    The columns left over on the left repeat the row's first valid column: masked, but finite.
+    """
+    rows = mask.shape[0]
+    order = torch.arange(mask.shape[1], device=mask.device).expand(rows, -1)
+    valid = torch.where(mask.bool(), order, order.new_full((), -1)).sort(dim=1).values  # valid ones last, in order
+    index = valid[:, -width:]
+    first = torch.where(index >= 0, index, index.new_full((), 1 << 30)).min(dim=1, keepdim=True).values
+    index = torch.where(index >= 0, index, first)
+    for layer in cache.layers:
+        gather = index[:, None, :, None].expand(rows, layer.keys.shape[1], width, layer.keys.shape[3])
+        layer.keys = layer.keys.gather(2, gather)
+        layer.values = layer.values.gather(2, gather)
 
 
 def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -51,10 +97,13 @@ class Runner:
         self.prefixes = PrefixStore()
         self.prefix_reuse = prefix_reuse
         self._rows: list[SeqState] = []  # rows in the batch cache
-        self._pending: list[tuple[SeqState, DynamicCache, int]] = []  # prefilled, joined at the next merge
+        self._staged: list[tuple[SeqState, PrefixEntry | None]] = []  # prefill() → run_prefills()
+        # prefilled this step, joined at the next merge: (rows, their KV, [rows, T] mask, [rows] next positions)
+        self._pending: list[tuple[list[SeqState], DynamicCache, torch.Tensor, torch.Tensor]] = []
         self.cache: DynamicCache | None = None
         self.mask: torch.Tensor | None = None  # [rows, T] long
         self.positions: torch.Tensor | None = None  # [rows] next position of each row
+        self._padded = False  # whether any row of the batch is left-padded (else decode needs no mask)
         self.device = model.device
 
     # ------------------------------------------------------------------ preparing a sequence
@@ -102,44 +151,97 @@ class Runner:
 
     # ------------------------------------------------------------------ prefill and decode
 
-    @torch.inference_mode()
-    def prefill(self, seq: SeqState) -> int:
-        """Compute the sequence's context (reusing its conversation's cached KV prefix), sample token 1, join."""
+    def prefill(self, seq: SeqState) -> None:
+        """Stage a prepared sequence for this step's prefill, taking its conversation's cached KV prefix.
+
+        The forward passes run in :meth:`run_prefills`, all staged sequences in one padded batch.
+        """
         assert seq.context is not None and seq.sampler is not None
         key = seq.request.conversation_id if self.prefix_reuse else None
         reused, entry = self.prefixes.take(key, seq.items)
-        length = seq.context.shape[0]
-        if entry is not None:
-            cache = DynamicCache(ddp_cache_data=[(k[:, :, :reused], v[:, :, :reused]) for k, v in entry.kv])
-            positions = torch.arange(reused, length, device=self.device).unsqueeze(0)
-            out = self.model(
-                inputs_embeds=seq.context[reused:].unsqueeze(0), position_ids=positions, cache=cache, logits_to_keep=1
-            )
-        else:
-            cache = DynamicCache()
-            out = self.model(inputs_embeds=seq.context.unsqueeze(0), cache=cache, logits_to_keep=1)
         seq.reused_prefix_tokens = reused
-        token = seq.sampler.next_token(out.logits[0, -1])
-        self._join(seq, cache, length)
-        return token
+        self._staged.append((seq, entry))
 
-    def _join(self, seq: SeqState, cache: DynamicCache, length: int) -> None:
-        self._pending.append((seq, cache, length))
+    def run_prefills(self) -> list[tuple[SeqState, int | Exception]]:
+        """Prefill every staged sequence, sample its first token, and queue it to join the batch.
+
+        All of them go through one left-padded forward (:meth:`_prefill_batch`); if that fails, each is
+        retried alone, so a request that cannot be prefilled fails by itself.  Returns each sequence with
+        its first token or the exception that ended it.
+        """
+        staged, self._staged = self._staged, []
+        if len(staged) > 1:
+            try:
+                return list(zip([seq for seq, _ in staged], self._prefill_batch(staged), strict=True))
+            except Exception:
+                log.warning("batched prefill of %d sequences failed; prefilling them one by one", len(staged))
+        results: list[tuple[SeqState, int | Exception]] = []
+        for seq, entry in staged:
+            try:
+                results.append((seq, self._prefill_batch([(seq, entry)])[0]))
+            except Exception as exc:  # this request only
+                results.append((seq, exc))
+        return results
+
+    @torch.inference_mode()
+    def _prefill_batch(self, staged: list[tuple[SeqState, PrefixEntry | None]]) -> list[int]:
+        """One forward for all ``staged`` sequences: what each row does not reuse, after its reused KV.
+
+        Row ``i`` reuses ``r_i`` cached positions and computes ``s_i`` new ones.  The cache holds the
+        reused KV left-padded to ``R = max r``, the new block the embeddings left-padded to
+        ``S = max s``; the attention mask marks both paddings and the position ids count each row's own
+        positions, so every row sees exactly its own context (a lone row has no padding at all).  The
+        rows' KV is then compacted to the usual left-padded layout and queued to join the batch.
+        """
+        seqs = [seq for seq, _ in staged]
+        reused = [seq.reused_prefix_tokens for seq in seqs]
+        contexts = [seq.context for seq in seqs]
+        assert all(c is not None for c in contexts)
+        new = [c.shape[0] - r for c, r in zip(contexts, reused, strict=True)]  # type: ignore[union-attr]
+        rows, width_r, width_s = len(seqs), max(reused), max(new)
+        cache = DynamicCache()
+        if width_r:
+            cache = DynamicCache(ddp_cache_data=_stack_prefixes([e for _, e in staged], reused, width_r))
+        first = contexts[0]
+        assert first is not None
+        embeds = first.new_zeros(rows, width_s, first.shape[-1])
+        mask = torch.zeros(rows, width_r + width_s, dtype=torch.long, device=self.device)
+        for i, (ctx, r, s) in enumerate(zip(contexts, reused, new, strict=True)):
+            assert ctx is not None
+            embeds[i, width_s - s :] = ctx[r:]
+            mask[i, width_r - r : width_r] = 1
+            mask[i, width_r + width_s - s :] = 1
+        start = torch.tensor([r - (width_s - s) for r, s in zip(reused, new, strict=True)], device=self.device)
+        positions = (torch.arange(width_s, device=self.device).unsqueeze(0) + start.unsqueeze(1)).clamp(min=0)
+        padded = bool((mask == 0).any())
+        out = self.model(
+            inputs_embeds=embeds,
+            attention_mask=mask if padded else None,
+            position_ids=positions,
+            cache=cache,
+            logits_to_keep=1,
+        )
+        samplers = [seq.sampler for seq in seqs]
+        tokens = sample_rows(samplers, out.logits[:, -1, :])  # type: ignore[arg-type]
+        lengths = [r + s for r, s in zip(reused, new, strict=True)]
+        if padded:
+            _compact(cache, mask, max(lengths))
+        self._pending.append((seqs, cache, _left_mask(lengths, self.device), torch.tensor(lengths, device=self.device)))
+        return tokens
 
     @property
     def rows(self) -> list[SeqState]:
         """Every running sequence, in batch order (pending joins last)."""
-        return self._rows + [seq for seq, _, _ in self._pending]
+        return self._rows + [seq for seqs, _, _, _ in self._pending for seq in seqs]
 
     def _merge_pending(self) -> None:
         """Stack all sequences prefilled this step onto the batch in one copy of the KV cache."""
         if not self._pending:
             return
         parts = [(self.cache, self.mask, self.positions)] if self._rows else []
-        for seq, cache, length in self._pending:
-            parts.append((cache, torch.ones(1, length, dtype=torch.long, device=self.device),
-                          torch.tensor([length], device=self.device)))  # fmt: skip
-            self._rows.append(seq)
+        for seqs, cache, mask, positions in self._pending:
+            parts.append((cache, mask, positions))
+            self._rows.extend(seqs)
         self._pending = []
         width = max(mask.shape[1] for _, mask, _ in parts)
         merged = parts[0][0]
@@ -149,6 +251,7 @@ class Runner:
         self.cache = merged
         self.mask = torch.cat([_pad_left(mask, width, 1) for _, mask, _ in parts])
         self.positions = torch.cat([pos for _, _, pos in parts])
+        self._padded = bool((self.mask == 0).any())
 
     @torch.inference_mode()
     def decode(self) -> list[int]:
@@ -159,7 +262,10 @@ class Runner:
         embeds = self.model.llm.get_input_embeddings()(last)  # [B, 1, H]
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self._rows), 1)], dim=1)
         out = self.model(
-            inputs_embeds=embeds, attention_mask=self.mask, position_ids=self.positions.unsqueeze(1), cache=self.cache
+            inputs_embeds=embeds,
+            attention_mask=self.mask if self._padded else None,  # no padding: the plain causal path
+            position_ids=self.positions.unsqueeze(1),
+            cache=self.cache,
         )
         self.positions = self.positions + 1
         samplers = [seq.sampler for seq in self._rows]
@@ -200,6 +306,7 @@ class Runner:
         mask = self.mask[index]
         first = int((mask.sum(0) > 0).nonzero()[0])  # leading columns that are padding in every row
         self.mask = mask[:, first:]
+        self._padded = bool((self.mask == 0).any())
         self.positions = self.positions[index]
         for layer in self.cache.layers:
             layer.keys = layer.keys[index, :, first:]
@@ -208,7 +315,7 @@ class Runner:
 
     def reset(self) -> None:
         """Forget the running batch (after a failed step); the reuse caches stay."""
-        self._rows, self._pending = [], []
+        self._rows, self._pending, self._staged = [], [], []
         self.cache = self.mask = self.positions = None
 
     def evict(self, keys: tuple[str, ...] | list[str]) -> None:
