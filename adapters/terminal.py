@@ -360,7 +360,7 @@ def _user() -> str:
         return "local"
 
 
-class TerminalSettings(FrontEndSettings):
+class TerminalSettings(FrontEndSettings[bool | Literal["auto"]]):
     """``[terminal]``: the terminal chat; ``"auto"`` = when ``serve`` runs in an interactive terminal."""
 
     enabled: bool | Literal["auto"] = "auto"

@@ -220,7 +220,7 @@ class Settings(_Strict):
     render: RenderSettings = Field(default_factory=RenderSettings)
     grounding: GroundingSettings = Field(default_factory=GroundingSettings)
 
-    def frontend(self, name: str) -> FrontEndSettings:
+    def frontend(self, name: str) -> FrontEndSettings[Any]:
         """The validated ``[name]`` table of an installed front end (its defaults when absent)."""
         return self._plugin_table(FRONTENDS, name)
 

@@ -20,9 +20,10 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Generic, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict
+from typing_extensions import TypeVar
 
 from bot.core.requests import ReplyEvent, ReplyFile, Request, ThreadRef
 
@@ -247,12 +248,19 @@ class FrontEnd(Protocol):
         ...
 
 
-class FrontEndSettings(BaseModel):
-    """Base of a front end's ``bot.toml`` table: every front end has ``enabled``; unknown keys are errors."""
+Enabled = TypeVar("Enabled", default=bool)  # what a table's ``enabled`` holds: on/off, unless a front end says more
+
+
+class FrontEndSettings(BaseModel, Generic[Enabled]):
+    """Base of a front end's ``bot.toml`` table: every front end has ``enabled``; unknown keys are errors.
+
+    ``enabled`` is a bool unless the front end's plugin decides more (its ``enabled`` callable): the terminal's
+    table is ``FrontEndSettings[bool | Literal["auto"]]``.  Off (``False``, the default) is always valid.
+    """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    enabled: bool = False
+    enabled: Enabled | Literal[False] = False
 
 
 @dataclass(frozen=True)
@@ -285,7 +293,7 @@ class FrontEndPlugin:
     """
 
     name: str
-    settings: type[FrontEndSettings]
+    settings: type[FrontEndSettings[Any]]
     create: Callable[[Core, Any, FrontEndContext], FrontEnd]
     enabled: Callable[[Any, FrontEndContext], bool] = lambda settings, _context: bool(settings.enabled)
     check: Callable[[Any], str | None] = lambda _settings: None
