@@ -36,7 +36,7 @@ import re
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -345,31 +345,21 @@ class _EpochEnd:
     complete: bool  # the whole epoch was read (not resumed part-way)
 
 
+@dataclass(eq=False)
 class BatchStream:
     """Infinite (or one-pass) batches of this rank's records, decoded in order by a thread pool."""
 
-    def __init__(
-        self,
-        source: ListSource | ShardSource,
-        processor: ImageProcessor,
-        text_fn: Callable[[str], str],
-        bad: BadRecords,
-        *,
-        batch_size: int,
-        rank: int = 0,
-        world: int = 1,
-        shuffle: bool = False,
-        seed: int = 0,
-        num_workers: int = 0,
-    ) -> None:
-        self.source = source
-        self.processor = processor
-        self.text_fn = text_fn
-        self.bad = bad
-        self.batch_size = batch_size
-        self.rank, self.world = rank, world
-        self.shuffle, self.seed = shuffle, seed
-        self.num_workers = num_workers
+    source: ListSource | ShardSource
+    processor: ImageProcessor
+    text_fn: Callable[[str], str]
+    bad: BadRecords
+    _: KW_ONLY
+    batch_size: int
+    rank: int = 0
+    world: int = 1
+    shuffle: bool = False
+    seed: int = 0
+    num_workers: int = 0
 
     def _prepare(self, record: Record) -> tuple[torch.Tensor, str, str] | _Bad:
         text = self.text_fn(record.text)
