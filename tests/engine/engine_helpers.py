@@ -10,11 +10,40 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from PIL import Image
 
-from model.engine import FinalEvent, RequestStream, TokenEvent
+from model.engine import EngineRequest, FinalEvent, RequestStream, TokenEvent
 from model.engine.caches import Item, image_key
-from model.generate import generate
-from model.image_processing import load_image
+from model.generate import default_options, generate
+from model.image_processing import builtin_test_image, load_image
+from tests.pictures import encode_png
+
+WAIT = 20.0  # generous bound on anything that should end; a hang fails instead of blocking the suite
+
+
+PICTURE = encode_png(builtin_test_image(224))
+OTHER = encode_png(Image.new("RGB", (96, 64), (20, 120, 200)))  # a second, different picture
+
+
+def greedy(m: Any, n: int, **extra: Any) -> Any:
+    """Greedy options for at most ``n`` new tokens (no repetition penalty: ids match ``model.generate``)."""
+    return default_options(m, do_sample=False, max_new_tokens=n, repetition_penalty=1.0, **extra)
+
+
+def endless(m: Any, n: int = 1500) -> Any:
+    """Greedy options that only the token budget can end: EOS is masked and no stop strings apply."""
+    return greedy(m, n, min_length=n + 1, max_length=n + 1000, stop_strings=())
+
+
+def ask(m: Any, text: str, options: Any, image: bytes | None = PICTURE, **kw: Any) -> EngineRequest:
+    """A one-turn request, with ``image`` attached unless it is None."""
+    images = [image] if image is not None else []
+    return EngineRequest(turns=[user(text, image=image is not None)], images=images, options=options, **kw)
+
+
+async def bounded(awaitable: Any, timeout: float = WAIT) -> Any:
+    """Await with a generous bound (:data:`WAIT`): a hang fails the test instead of blocking the suite."""
+    return await asyncio.wait_for(awaitable, timeout)
 
 
 def user(text: str, image: bool = True) -> dict[str, Any]:

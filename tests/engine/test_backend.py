@@ -13,7 +13,7 @@ import inspect
 import logging
 
 import pytest
-from engine_helpers import alone_ids, user
+from engine_helpers import PICTURE, WAIT, alone_ids, user
 
 from model.engine import (
     Busy,
@@ -30,13 +30,7 @@ from model.engine import (
 )
 from model.engine.contract import ChatTurn
 from model.generate import decode_answer, default_options
-from model.image_processing import builtin_test_image
-from tests.pictures import encode_png
 
-WAIT = 20.0
-
-
-PICTURE = encode_png(builtin_test_image(224))
 GREEDY = {"do_sample": False, "max_new_tokens": 8, "repetition_penalty": 1.0}
 TURNS: list[ChatTurn] = [{"role": "user", "text": "What is this?", "image": True}]
 
