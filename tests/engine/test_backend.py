@@ -35,11 +35,6 @@ GREEDY = {"do_sample": False, "max_new_tokens": 8, "repetition_penalty": 1.0}
 TURNS: list[ChatTurn] = [{"role": "user", "text": "What is this?", "image": True}]
 
 
-@pytest.fixture(scope="module")
-def m(demo_models):
-    return demo_models["vicuna0"]
-
-
 async def _drain(backend: EngineBackend, **kw) -> list[TokenEvent | FinalEvent]:
     args = {"turns": TURNS, "images": [PICTURE], "conversation_id": "c1", "user": "u1", "options": GREEDY} | kw
     return [event async for event in backend.stream(**args)]

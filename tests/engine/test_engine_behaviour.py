@@ -36,12 +36,6 @@ from model.engine import (
 )
 from model.generate import decode_answer, default_options, generate
 
-
-@pytest.fixture(scope="module")
-def m(demo_models):
-    return demo_models["vicuna0"]
-
-
 # ----------------------------------------------------------------------------- streaming
 
 

@@ -33,12 +33,6 @@ from model.engine import (
     SchedulerConfig,
 )
 
-
-@pytest.fixture(scope="module")
-def m(demo_models):
-    return demo_models["vicuna0"]
-
-
 # ----------------------------------------------------------------------------- errors
 
 

@@ -22,11 +22,6 @@ from model.image_processing import builtin_test_image
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def m(demo_models):
-    return demo_models["vicuna0"]
-
-
 @pytest.mark.parametrize(("threads", "cores", "intra", "source"), [
     (0, 1, 1, "derived"), (0, 2, 1, "derived"), (0, 8, 7, "derived"), (3, 2, 3, "[engine] threads"),
     (1, 16, 1, "[engine] threads"),
