@@ -268,6 +268,12 @@ class IncrementalDetokenizer:
     Holds back an incomplete UTF-8 character (byte-fallback pieces decode to U+FFFD until
     complete), any tail that could still become a stop string such as Vicuna's ``###``,
     and leading whitespace (the reference strips the final answer).
+
+    Decoding is incremental (as vLLM's detokenizer): each token decodes a short window of ids
+    from the last safe point instead of the whole answer, and the window's text minus its first
+    part's is appended.  A safe point follows a complete character and starts a part that decodes
+    to some text, so SentencePiece's leading-space rule and byte merging act the same inside the
+    window as in the full decode: :attr:`text` always equals ``decode(ids)``.
     """
 
     def __init__(self, decode: Callable[[list[int]], str], stop_strings: Sequence[str] = ("###",)):
@@ -275,9 +281,30 @@ class IncrementalDetokenizer:
         self._stops = tuple(stop_strings)
         self.ids: list[int] = []
         self.emitted = ""
+        self.text = ""  # decode(ids)
+        self._committed = ""  # decode(ids[:_read])
+        self._prefix = 0  # window start: ids[_prefix:] is decoded for each new token
+        self._read = 0  # ids up to here are in _committed
+        self._prefix_text = ""  # decode(ids[_prefix:_read]) on its own
+
+    def _extend(self) -> None:
+        """Bring :attr:`text` up to the ids, decoding the window only; move the safe point when it is complete."""
+        window = self._decode(self.ids[self._prefix :])
+        if not window.startswith(self._prefix_text):  # not seen with SentencePiece; stay exact
+            self._prefix, self._prefix_text, self._committed = 0, "", ""
+            window = self._decode(self.ids)
+        self.text = self._committed + window[len(self._prefix_text) :]
+        if self.text.endswith("\ufffd"):
+            return  # an incomplete character: the window keeps its start
+        part = self._decode(self.ids[self._read :])
+        if part:  # the next window starts here
+            self._prefix, self._prefix_text = self._read, part
+        else:  # the new part decodes to nothing on its own (a lone space, special ids): keep the start
+            self._prefix_text = window
+        self._read, self._committed = len(self.ids), self.text
 
     def _visible(self, final: bool) -> str:
-        text = self._decode(self.ids).lstrip()
+        text = self.text.lstrip()
         for stop in self._stops:
             text = text.split(stop)[0]
         if final:
@@ -294,6 +321,7 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Add one token; return the newly visible text (possibly empty)."""
         self.ids.append(token_id)
+        self._extend()
         return self._advance(final=False)
 
     def flush(self) -> str:

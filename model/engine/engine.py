@@ -19,7 +19,8 @@ The worker loop, per iteration: ask the :class:`Scheduler` for a plan → evict 
 names → prepare the admitted sequences and prefill them in one batch (each emits its first token) → one batched
 decode step for the running rows → remove finished / aborted / overdue rows, keeping their
 KV as conversation prefixes → report to the scheduler.  Nothing here blocks the event loop:
-events cross back with ``loop.call_soon_threadsafe``.
+events cross back with ``loop.call_soon_threadsafe``, one call per loop after the prefills and
+one after the decode step, whatever the batch size.
 """
 
 from __future__ import annotations
@@ -111,6 +112,12 @@ class RequestStream:
         raise RuntimeError("stream ended without a final event")
 
 
+def _put_all(items: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    """On the consumer's loop: put one step's events into their streams' queues, in order."""
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
 class Engine:
     """Continuous-batching engine over one :class:`MiniGPT4`; see the module docstring."""
 
@@ -124,6 +131,8 @@ class Engine:
         self._seqs: dict[str, SeqState] = {}
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
         self._aborted: set[str] = set()
+        # events of this step, by the consumer's loop (worker thread only)
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.threads: ThreadSettings | None = None  # chosen at start()
@@ -230,12 +239,19 @@ class Engine:
     # ------------------------------------------------------------------ worker
 
     def _emit(self, seq: SeqState, item: Any) -> None:
+        """Queue an event for its stream; :meth:`_deliver` hands them over, one wake-up per event loop."""
         sink = self._sinks.get(seq.seq_id)
         if sink is None:
             return
         loop, queue = sink
-        with contextlib.suppress(RuntimeError):  # the consumer's loop is closed
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+        self._outbox.setdefault(loop, []).append((queue, item))
+
+    def _deliver(self) -> None:
+        """Send the queued events: one ``call_soon_threadsafe`` per event loop, not one per token."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            with contextlib.suppress(RuntimeError):  # the consumer's loop is closed
+                loop.call_soon_threadsafe(_put_all, items)
 
     def _finish(self, seq: SeqState, reason: str, error: BaseException | None = None) -> None:
         seq.finish_reason = reason
@@ -296,6 +312,7 @@ class Engine:
                 admitted = [self._seqs[s] for s in plan.admit if s in self._seqs]
             for seq, reason in dropped:  # _finish takes the lock itself
                 self._finish(seq, reason)
+            self._deliver()
             if plan.empty and not self.runner.rows:
                 with self._lock:
                     self._lock.wait(timeout=0.05)  # queued work that cannot start yet: do not spin
@@ -305,7 +322,9 @@ class Engine:
             except Exception as exc:  # never let one bad step kill the worker
                 log.exception("engine step failed; failing the running requests")
                 self._fail_all_running(exc)
+            self._deliver()
         self._shutdown()
+        self._deliver()
 
     def _drop_queued(self) -> list[tuple[SeqState, str]]:
         """Take aborted and overdue requests out of the queue (deadlines bound queueing too); caller holds the lock."""
@@ -365,6 +384,7 @@ class Engine:
                 seq.finish_reason = "deadline"
                 done.append(seq)
         self._retire(done, gone, generated)
+        self._deliver()  # the first tokens go out before the decode step
         if self.runner.rows:
             generated, done = {}, []
             for seq, token in zip(list(self.runner.rows), self.runner.decode(), strict=True):
