@@ -57,6 +57,7 @@ from adapters.discord.messages import (
     thread_name,
 )
 from adapters.discord.settings import MESSAGE_LIMIT, DiscordSettings
+from adapters.lifecycle import start_or_undo
 from adapters.streaming import InFlight, StreamedReply, TokenBucket
 from bot.core.frontend_api import Core, FrontEndSetupError
 from bot.core.requests import Request, ThreadRef
@@ -165,12 +166,7 @@ class DiscordFrontEnd:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        token = DiscordToken.from_env(self.environ)
-        try:
-            await self._start(token)
-        except BaseException:
-            await self.stop()
-            raise
+        await start_or_undo(self._start(DiscordToken.from_env(self.environ)), self.stop)
 
     async def _start(self, token: DiscordToken) -> None:
         self._stopped = False

@@ -43,6 +43,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.lifecycle import start_or_undo
 from adapters.slack.files import SlackFiles
 from adapters.slack.http import events_app
 from adapters.slack.messages import SlackThread, escape_mrkdwn, no_fence, slack_format, strip_mention
@@ -156,12 +157,7 @@ class SlackFrontEnd:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        tokens = SlackTokens.from_env(self.settings.mode, self.environ)
-        try:
-            await self._start(tokens)
-        except BaseException:
-            await self.stop()
-            raise
+        await start_or_undo(self._start(SlackTokens.from_env(self.settings.mode, self.environ)), self.stop)
 
     async def _start(self, tokens: SlackTokens) -> None:
         s = self.settings
