@@ -10,6 +10,7 @@ the user saw.  Each check runs once per front end:
 - a picture and a question are answered, and the answer is streamed (the user saw it grow);
 - a follow-up continues the conversation: the backend reads the whole thread, with its picture;
 - a picture the core refuses gives the user a clear message, and nothing is generated;
+- a user over a request quota gets the quota's refusal through the platform, and no conversation is stored;
 - the core is closed at the end (``BotService.close``: it takes itself off the worker list).
 """
 
@@ -21,8 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from sqlalchemy import func, select
+
 from bot.core.service import BotService
 from storage import Database
+from storage.tables import Conversation, UsageEntry
 from tests.pictures import png
 from tests.scripted_backend import ScriptedBackend
 
@@ -51,6 +55,27 @@ class Reply:
         return self.versions[-1]
 
 
+async def _users_and_conversations(url: str) -> tuple[list[tuple[str, str, str]], int]:
+    """Who has been charged so far (platform, workspace, user: as this front end names its user), and how many
+    conversations are stored."""
+    db = Database(url)
+    try:
+        async with db.sessions() as session:
+            users = (await session.execute(select(UsageEntry.platform, UsageEntry.workspace, UsageEntry.user_id))).all()
+            conversations = await session.scalar(select(func.count()).select_from(Conversation))
+    finally:
+        await db.dispose()
+    return sorted({(p, w, u) for p, w, u in users}), int(conversations or 0)
+
+
+async def _limit_requests(url: str, user: tuple[str, str, str], per_day: int) -> None:
+    db = Database(url)
+    try:
+        await db.set_quota("user", *user, requests_per_day=per_day)
+    finally:
+        await db.dispose()
+
+
 class FrontEndDriver(Protocol):
     """One front end, started, as a user drives it; it remembers the conversation ``ask`` started."""
 
@@ -67,7 +92,8 @@ class FrontEndDriver(Protocol):
         ...
 
     async def refused(self, question: str, data: bytes, filename: str) -> str:
-        """A new conversation whose attachment the core refuses; the message the user got."""
+        """A new conversation with an attachment, which the core refuses (the attachment, or the user's quota);
+        the message the user got."""
         ...
 
 
@@ -105,6 +131,20 @@ class FrontEndContract:
                 assert "not an image I can read" in message, message
                 assert "broken.png" in message or not driver.names_files, message
                 assert backend.calls == []  # nothing generated, nothing charged
+
+        asyncio.run(main())
+
+    def test_contract_a_user_over_the_request_quota_is_refused_and_nothing_is_stored(self, tmp_path: Path) -> None:
+        async def main() -> None:
+            backend = scripted()
+            async with self.running(tmp_path, backend) as driver:
+                await driver.ask("What is in this picture?", png())  # one request, charged to this user
+                [user], conversations = await _users_and_conversations(driver.database_url)
+                await _limit_requests(driver.database_url, user, per_day=1)
+                message = await driver.refused("And what is in this one?", png(), "second.png")
+                assert "reached the limit of 1 requests per day" in message, message
+                assert (await _users_and_conversations(driver.database_url))[1] == conversations == 1
+                assert len(backend.calls) == 1  # nothing generated for the refused request
 
         asyncio.run(main())
 

@@ -47,10 +47,10 @@ class OpenAIDriver:
     async def refused(self, question: str, data: bytes, filename: str) -> str:
         try:
             await self.client.chat.completions.create(model="minigpt4", messages=[user(question, data_url(data))])
-        except openai.BadRequestError as exc:
+        except (openai.BadRequestError, openai.RateLimitError) as exc:  # a picture it cannot read; a quota
             body = exc.body if isinstance(exc.body, dict) else json.loads(exc.response.text)
             return str(body.get("message") or body["error"]["message"])
-        raise AssertionError("the API answered a picture it cannot read")
+        raise AssertionError("the API answered a request the core refuses")
 
 
 class TestOpenAIFrontEnd(FrontEndContract):
