@@ -2,23 +2,13 @@
 
 Written by hand from ``storage/tables.py`` (constraint names follow its naming convention, so the
 schema is the same on SQLite and PostgreSQL; ``tests/storage/test_migrations.py`` compares them).
-
-Revision ID: 0001
-Revises:
-Create Date: 2025-11-25
 """
-
-from __future__ import annotations
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0001"
-down_revision: str | None = None
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "0001"
+down_revision = None
 
 LIVE = "archived_at IS NULL"
 

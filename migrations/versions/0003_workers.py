@@ -2,23 +2,13 @@
 
 With several processes on one database, a starting process marks only the answers of processes that are
 gone as interrupted — not those another process is still streaming.
-
-Revision ID: 0003
-Revises: 0002
-Create Date: 2026-11-27
 """
-
-from __future__ import annotations
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003"
-down_revision: str | None = "0002"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "0003"
+down_revision = "0002"
 
 
 def upgrade() -> None:

@@ -2,23 +2,13 @@
 
 Only the SHA-256 of a key is stored, next to its public ``key_id`` (looked up by a unique index); a revoked
 key keeps its row with ``revoked_at`` set.
-
-Revision ID: 0005
-Revises: 0004
-Create Date: 2026-12-08
 """
-
-from __future__ import annotations
-
-from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0005"
-down_revision: str | None = "0004"
-branch_labels: str | Sequence[str] | None = None
-depends_on: str | Sequence[str] | None = None
+revision = "0005"
+down_revision = "0004"
 
 
 def upgrade() -> None:
