@@ -16,17 +16,11 @@ from bot.core.service import BotService
 from model.engine import Engine
 from model.engine.local_backend import EngineBackend
 from storage import Database, sqlite_url
+from tests.front_end_helpers import typed_lines
 
 
 def _chat(demo_models, tmp_path, lines: list[str]) -> tuple[str, list]:
     settings = Settings.model_validate({"generation": {"max_new_tokens": 4, "do_sample": False}})
-    feed = iter(lines)
-
-    def read_line(_prompt: str) -> str:
-        try:
-            return next(feed)
-        except StopIteration:
-            raise EOFError from None
 
     async def main():
         db = Database(sqlite_url(tmp_path / "bot.db"))
@@ -34,7 +28,7 @@ def _chat(demo_models, tmp_path, lines: list[str]) -> tuple[str, list]:
         buffer = io.StringIO()
         async with Engine(demo_models["vicuna0"]) as engine:
             service = BotService(settings, db, EngineBackend(engine))
-            chat = TerminalChat(service.handle, Console(file=buffer, width=200), read_line, user="tester")
+            chat = TerminalChat(service.handle, Console(file=buffer, width=200), typed_lines(lines), user="tester")
             await chat.run()
             conversations = await db.list_conversations(platform="terminal")
             turns = [await db.turns(c.id) for c, _ in conversations]

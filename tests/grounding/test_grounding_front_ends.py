@@ -6,20 +6,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 from rich.console import Console
 
-from adapters.terminal import TerminalChat
-from adapters.web import create_app
 from bot.core.config import Settings
 from bot.core.service import BotService
 from storage import Database, sqlite_url
+from tests.front_end_helpers import final_event, terminal_chat, web_chat, web_form
 from tests.pictures import png
 from tests.scripted_backend import ScriptedBackend
 
@@ -37,33 +33,13 @@ async def _service(tmp_path: Path, backend: ScriptedBackend | None = None) -> tu
     return BotService(settings, db, backend or ScriptedBackend(ANSWER, piece=7)), db
 
 
-def _form(thread: str, text: str, event_id: str, picture: bytes | None = None) -> aiohttp.FormData:
-    form = aiohttp.FormData(default_to_multipart=True)
-    for name, value in (("thread", thread), ("text", text), ("event_id", event_id)):
-        form.add_field(name, value)
-    if picture is not None:
-        form.add_field("image", picture, filename="squares.png", content_type="image/png")
-    return form
-
-
 def test_grounding_web_final_event_carries_the_annotated_picture(tmp_path: Path) -> None:
     async def main() -> dict[str, Any]:
         service, db = await _service(tmp_path)
-        client = TestClient(TestServer(create_app(service)))
-        await client.start_server()
-        try:
-            form = aiohttp.FormData(default_to_multipart=True)
-            for name, value in (("thread", "t-boxes"), ("text", "/detection squares"), ("event_id", "e1")):
-                form.add_field(name, value)
-            form.add_field("image", _picture(), filename="squares.png", content_type="image/png")
+        async with web_chat(service, db) as client:
+            form = web_form("t-boxes", "/detection squares", "e1", _picture(), "squares.png")
             response = await client.post("/api/messages", data=form)
-            body = await response.text()
-        finally:
-            await client.close()
-            await service.close()
-            await db.dispose()
-        finals = [json.loads(block.split("data: ", 1)[1]) for block in body.split("\n\n") if "event: final" in block]
-        return finals[0]
+            return final_event(await response.text())
 
     final = asyncio.run(main())
     assert final["text"] == "**a green square**"
@@ -78,22 +54,10 @@ def _terminal(tmp_path: Path, console: Console) -> str:
     """The terminal chat asking ``/detection squares`` with a picture; what it printed."""
     picture = tmp_path / "squares.png"
     picture.write_bytes(_picture())
-    lines = iter([f"/image {picture} /detection squares"])
-
-    def read_line(_prompt: str) -> str:
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
 
     async def main() -> None:
         service, db = await _service(tmp_path)
-        chat = TerminalChat(service.handle, console, read_line, user="tester", files_dir=tmp_path / "files")
-        try:
-            await chat.run()
-        finally:
-            await service.close()
-            await db.dispose()
+        await terminal_chat(service, db, console, tmp_path / "files", f"/image {picture} /detection squares")
 
     asyncio.run(main())
     assert isinstance(console.file, io.StringIO)
@@ -124,17 +88,12 @@ def test_grounding_web_history_shows_answers_as_shown_and_the_model_reads_them_r
 
     async def main() -> list[dict[str, Any]]:
         service, db = await _service(tmp_path, backend)
-        client = TestClient(TestServer(create_app(service)))
-        await client.start_server()
-        try:
-            for form in (_form("t-boxes", "/detection squares", "e1", _picture()), _form("t-boxes", "and?", "e2")):
+        first = web_form("t-boxes", "/detection squares", "e1", _picture(), "squares.png")
+        async with web_chat(service, db) as client:
+            for form in (first, web_form("t-boxes", "and?", "e2")):
                 response = await client.post("/api/messages", data=form)
                 assert response.status == 200 and "event: final" in await response.text()
             history = await (await client.get("/api/threads/t-boxes")).json()
-        finally:
-            await client.close()
-            await service.close()
-            await db.dispose()
         return history["turns"]
 
     turns = asyncio.run(main())

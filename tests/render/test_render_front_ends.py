@@ -5,20 +5,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 from rich.console import Console
 
-from adapters.terminal import TerminalChat
-from adapters.web import create_app
 from bot.core.config import Settings
 from bot.core.service import BotService
 from storage import Database, sqlite_url
+from tests.front_end_helpers import final_event, terminal_chat, web_chat, web_form
 from tests.pictures import png
 from tests.scripted_backend import ScriptedBackend
 
@@ -42,21 +38,10 @@ async def _service(tmp_path: Path) -> tuple[BotService, Database]:
 def test_render_web_final_event_carries_preview_and_page(tmp_path: Path) -> None:
     async def main() -> list[dict[str, Any]]:
         service, db = await _service(tmp_path)
-        client = TestClient(TestServer(create_app(service)))
-        await client.start_server()
-        try:
-            form = aiohttp.FormData(default_to_multipart=True)
-            for name, value in (("thread", "t-site"), ("text", "website"), ("user", "u"), ("event_id", "e1")):
-                form.add_field(name, value)
-            form.add_field("image", _picture(), filename="sketch.png", content_type="image/png")
+        async with web_chat(service, db) as client:
+            form = web_form("t-site", "website", "e1", _picture(), "sketch.png", user="u")
             response = await client.post("/api/messages", data=form)
-            body = await response.text()
-        finally:
-            await client.close()
-            await service.close()
-            await db.dispose()
-        finals = [json.loads(block.split("data: ", 1)[1]) for block in body.split("\n\n") if "event: final" in block]
-        return finals[0]["files"]
+            return final_event(await response.text())["files"]
 
     files = asyncio.run(main())
     # the page goes as a download type: a blob of the bot's origin must never open as text/html
@@ -71,24 +56,12 @@ def test_render_web_final_event_carries_preview_and_page(tmp_path: Path) -> None
 def test_render_terminal_saves_both_files_and_prints_their_paths(tmp_path: Path) -> None:
     sketch = tmp_path / "sketch.png"
     sketch.write_bytes(_picture())
-    lines = iter([f"/image {sketch} website"])
-
-    def read_line(_prompt: str) -> str:
-        try:
-            return next(lines)
-        except StopIteration:
-            raise EOFError from None
 
     async def main() -> str:
         service, db = await _service(tmp_path)
         buffer = io.StringIO()
-        chat = TerminalChat(service.handle, Console(file=buffer, width=300), read_line, user="tester",
-                            files_dir=tmp_path / "files")  # fmt: skip
-        try:
-            await chat.run()
-        finally:
-            await service.close()
-            await db.dispose()
+        console = Console(file=buffer, width=300)
+        await terminal_chat(service, db, console, tmp_path / "files", f"/image {sketch} website")
         return buffer.getvalue()
 
     output = asyncio.run(main())
