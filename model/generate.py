@@ -33,7 +33,14 @@ from model.conversation import clean_answer
 from model.engine.contract import ChatTurn
 from model.image_processing import load_image
 from model.minigpt4 import MiniGPT4
-from model.sampling import GenerationOptions, IncrementalDetokenizer, RowSampler, sample_rows, truncate_left
+from model.sampling import (
+    GenerationOptions,
+    IncrementalDetokenizer,
+    RowFinish,
+    RowSampler,
+    sample_rows,
+    truncate_left,
+)
 
 __all__ = [
     "ChatSession",
@@ -60,7 +67,7 @@ class TokenStep:
 
     row: int
     token_id: int
-    finish_reason: str | None = None  # "eos" | "stop" | "length"
+    finish_reason: RowFinish | None = None
 
 
 @dataclass
@@ -68,7 +75,7 @@ class GenerationResult:
     """The generated ids of one row (stop ids and EOS included, as transformers returns them)."""
 
     token_ids: list[int] = field(default_factory=list)
-    finish_reason: str = "length"
+    finish_reason: RowFinish = "length"
     prompt_tokens: int = 0
     truncated_tokens: int = 0
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from transformers import (
@@ -35,6 +35,8 @@ from transformers import (
 )
 
 from model.engine.contract import RequestRejected
+
+RowFinish = Literal["eos", "stop", "length"]  # why a row stopped generating (the engine adds aborted / deadline)
 
 __all__ = [
     "GenerationOptions",
@@ -178,7 +180,7 @@ class RowSampler:
         self.history.append(token)
         return token
 
-    def finish_reason(self, decode_tail: Callable[[list[int]], str] | None) -> str | None:
+    def finish_reason(self, decode_tail: Callable[[list[int]], str] | None) -> RowFinish | None:
         """Why this row is done after its latest token, or ``None`` to continue."""
         generated = self.generated
         if generated[-1] in self.eos_ids:

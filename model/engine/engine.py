@@ -35,7 +35,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model.conversation import IMAGE_PLACEHOLDER
-from model.engine.contract import Busy, EngineError, FinalEvent, RequestFailed, RequestRejected, TokenEvent
+from model.engine.contract import (
+    Busy,
+    EngineError,
+    FinalEvent,
+    FinishReason,
+    RequestFailed,
+    RequestRejected,
+    TokenEvent,
+)
 from model.engine.metrics import EngineMetrics
 from model.engine.runner import Runner
 from model.engine.scheduler import Scheduler, SchedulerConfig, SeqInfo, StepResult
@@ -43,6 +51,7 @@ from model.engine.threads import ThreadSettings, apply_thread_settings, thread_s
 from model.engine.types import EngineRequest, SeqState
 from model.generate import beam_search, decode_answer, default_options
 from model.minigpt4 import MiniGPT4
+from model.sampling import RowFinish
 
 __all__ = ["Engine", "EngineConfig", "RequestStream"]
 
@@ -253,32 +262,39 @@ class Engine:
             with contextlib.suppress(RuntimeError):  # the consumer's loop is closed
                 loop.call_soon_threadsafe(_put_all, items)
 
-    def _finish(self, seq: SeqState, reason: str, error: BaseException | None = None) -> None:
+    def _fail(self, seq: SeqState, error: BaseException) -> None:
+        """End ``seq`` with an error: its stream raises ``error`` instead of a final event."""
+        seq.finish_reason = "error"
+        self._emit(seq, error)
+        self._forget(seq)
+
+    def _finish(self, seq: SeqState, reason: FinishReason) -> None:
+        """End ``seq`` with its final event (text, ids, timings) and record it in the metrics."""
         seq.finish_reason = reason
         now = time.monotonic()
-        if error is not None:
-            self._emit(seq, error)
-        else:
-            final = FinalEvent(
-                request_id=seq.seq_id,
-                finish_reason=reason,
-                text=decode_answer(self.model, seq.generated),
-                token_ids=tuple(seq.generated),
-                prompt_tokens=int(seq.context.shape[0]) if seq.context is not None else seq.prompt_tokens,
-                completion_tokens=len(seq.generated),
-                reused_prefix_tokens=seq.reused_prefix_tokens,
-                queued_s=(seq.admitted_at or now) - seq.submitted_at,
-                ttft_s=(seq.first_token_at - seq.submitted_at) if seq.first_token_at else None,
-                total_s=now - seq.submitted_at,
-            )
-            self.metrics.record_finish(final)
-            self._emit(seq, final)
+        final = FinalEvent(
+            request_id=seq.seq_id,
+            finish_reason=reason,
+            text=decode_answer(self.model, seq.generated),
+            token_ids=tuple(seq.generated),
+            prompt_tokens=int(seq.context.shape[0]) if seq.context is not None else seq.prompt_tokens,
+            completion_tokens=len(seq.generated),
+            reused_prefix_tokens=seq.reused_prefix_tokens,
+            queued_s=(seq.admitted_at or now) - seq.submitted_at,
+            ttft_s=(seq.first_token_at - seq.submitted_at) if seq.first_token_at else None,
+            total_s=now - seq.submitted_at,
+        )
+        self.metrics.record_finish(final)
+        self._emit(seq, final)
+        self._forget(seq)
+
+    def _forget(self, seq: SeqState) -> None:
         with self._lock:
             self._seqs.pop(seq.seq_id, None)
             self._sinks.pop(seq.seq_id, None)
             self._aborted.discard(seq.seq_id)
 
-    def _token(self, seq: SeqState, token: int) -> str | None:
+    def _token(self, seq: SeqState, token: int) -> RowFinish | None:
         """Record a sampled token, emit it, and return the row's finish reason if it is done."""
         assert seq.sampler is not None
         reason = seq.sampler.finish_reason(self.model.decode_text)
@@ -326,11 +342,12 @@ class Engine:
         self._shutdown()
         self._deliver()
 
-    def _drop_queued(self) -> list[tuple[SeqState, str]]:
+    def _drop_queued(self) -> list[tuple[SeqState, FinishReason]]:
         """Take aborted and overdue requests out of the queue (deadlines bound queueing too); caller holds the lock."""
         now = time.monotonic()
-        dropped = []
+        dropped: list[tuple[SeqState, FinishReason]] = []
         for seq_id, seq in list(self._seqs.items()):
+            reason: FinishReason
             if seq_id in self._aborted:
                 reason = "aborted"
             elif seq.deadline is not None and now > seq.deadline:
@@ -360,11 +377,11 @@ class Engine:
                     continue
                 self.runner.prefill(seq)  # staged: all of them are prefilled together below
             except Exception as exc:  # this request only: the others in the step go on
-                self._finish(seq, "error", self._request_error(seq, exc))
+                self._fail(seq, self._request_error(seq, exc))
                 gone.append(seq.seq_id)
         for seq, result in self.runner.run_prefills():
             if isinstance(result, Exception):
-                self._finish(seq, "error", self._request_error(seq, result))
+                self._fail(seq, self._request_error(seq, result))
                 gone.append(seq.seq_id)
                 continue
             generated[seq.seq_id] = 1
@@ -399,7 +416,10 @@ class Engine:
         """Remove ended rows (keeping their KV as prefixes), send their final events, tell the scheduler."""
         kept = self.runner.remove(done)
         for seq in done:
-            self._finish(seq, seq.finish_reason or "eos")
+            reason = seq.finish_reason or "eos"
+            if reason == "error":  # never here: failed rows end through _fail
+                raise RuntimeError(f"request {seq.seq_id} failed but was retired as finished")
+            self._finish(seq, reason)
         with self._lock:
             finished = tuple([s.seq_id for s in done] + gone)
             self.scheduler.update(StepResult(generated=generated, finished=finished, cached_prefixes=kept))
@@ -434,7 +454,7 @@ class Engine:
         for seq in rows:
             error = RequestFailed(f"engine step failed: {exc!r}")
             error.__cause__ = exc
-            self._finish(seq, "error", error)
+            self._fail(seq, error)
         with self._lock:
             self.scheduler.update(StepResult(finished=tuple(s.seq_id for s in rows)))
 

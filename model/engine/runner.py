@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import io
 import logging
-from typing import Any
 
 import torch
 from PIL import Image
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from model.engine.caches import ImageTokenCache, Item, PrefixEntry, PrefixStore, image_key
 from model.engine.contract import RequestRejected
@@ -36,6 +35,46 @@ __all__ = ["Runner"]
 log = logging.getLogger(__name__)
 
 
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (K, V), each [rows, heads, T, head_dim]
+
+
+def _attention_layer(layer: object) -> DynamicLayer:
+    """A layer of the engine's ``DynamicCache`` (transformers types a cache's layers as any layer kind)."""
+    if not isinstance(layer, DynamicLayer):
+        raise TypeError(f"expected a DynamicLayer in the batch cache, got {type(layer).__name__}")
+    return layer
+
+
+def kv_of(cache: DynamicCache) -> KV:
+    """Every layer's ``(K, V)`` of a filled cache (transformers types them optional: empty before the first update)."""
+    kv = []
+    for layer in cache.layers:
+        attention = _attention_layer(layer)
+        keys, values = attention.keys, attention.values
+        if keys is None or values is None:
+            raise ValueError("the batch cache has a layer without keys/values")
+        kv.append((keys, values))
+    return kv
+
+
+def set_kv(cache: DynamicCache, kv: KV) -> None:
+    """Replace every layer's ``(K, V)`` of a filled cache (slicing, padding or reordering its rows)."""
+    for layer, (keys, values) in zip(cache.layers, kv, strict=True):
+        attention = _attention_layer(layer)
+        attention.keys, attention.values = keys, values
+
+
+def _prepared(seqs: list[SeqState]) -> tuple[list[torch.Tensor], list[RowSampler]]:
+    """The contexts and samplers :meth:`Runner.prepare` gave ``seqs``."""
+    contexts, samplers = [], []
+    for seq in seqs:
+        if seq.context is None or seq.sampler is None:
+            raise ValueError(f"request {seq.seq_id} was not prepared")
+        contexts.append(seq.context)
+        samplers.append(seq.sampler)
+    return contexts, samplers
+
+
 def _left_mask(lengths: list[int], device: torch.device) -> torch.Tensor:
     """``[rows, max length]`` attention mask of rows left-padded to the longest."""
     width = max(lengths)
@@ -43,7 +82,7 @@ def _left_mask(lengths: list[int], device: torch.device) -> torch.Tensor:
     return (columns >= width - torch.tensor(lengths, device=device).unsqueeze(1)).long()
 
 
-def _stack_prefixes(entries: list[PrefixEntry | None], reused: list[int], width: int) -> list[tuple[Any, Any]]:
+def _stack_prefixes(entries: list[PrefixEntry | None], reused: list[int], width: int) -> KV:
     """Per layer ``(K, V)`` ``[rows, heads, width, head_dim]``: each row's first ``reused`` cached positions,
     left-padded with zeros (a row without a prefix is all padding)."""
     template = next(e for e in entries if e is not None).kv
@@ -73,10 +112,10 @@ def _compact(cache: DynamicCache, mask: torch.Tensor, width: int) -> None:
     index = valid[:, -width:]
     first = torch.where(index >= 0, index, index.new_full((), 1 << 30)).min(dim=1, keepdim=True).values
     index = torch.where(index >= 0, index, first)
-    for layer in cache.layers:
-        gather = index[:, None, :, None].expand(rows, layer.keys.shape[1], width, layer.keys.shape[3])
-        layer.keys = layer.keys.gather(2, gather)
-        layer.values = layer.values.gather(2, gather)
+    kv = kv_of(cache)
+    heads, head_dim = kv[0][0].shape[1], kv[0][0].shape[3]
+    gather = index[:, None, :, None].expand(rows, heads, width, head_dim)
+    set_kv(cache, [(keys.gather(2, gather), values.gather(2, gather)) for keys, values in kv])
 
 
 def _pad_left(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -195,19 +234,15 @@ class Runner:
         """
         seqs = [seq for seq, _ in staged]
         reused = [seq.reused_prefix_tokens for seq in seqs]
-        contexts = [seq.context for seq in seqs]
-        assert all(c is not None for c in contexts)
-        new = [c.shape[0] - r for c, r in zip(contexts, reused, strict=True)]  # type: ignore[union-attr]
+        contexts, samplers = _prepared(seqs)
+        new = [c.shape[0] - r for c, r in zip(contexts, reused, strict=True)]
         rows, width_r, width_s = len(seqs), max(reused), max(new)
         cache = DynamicCache()
         if width_r:
             cache = DynamicCache(ddp_cache_data=_stack_prefixes([e for _, e in staged], reused, width_r))
-        first = contexts[0]
-        assert first is not None
-        embeds = first.new_zeros(rows, width_s, first.shape[-1])
+        embeds = contexts[0].new_zeros(rows, width_s, contexts[0].shape[-1])
         mask = torch.zeros(rows, width_r + width_s, dtype=torch.long, device=self.device)
         for i, (ctx, r, s) in enumerate(zip(contexts, reused, new, strict=True)):
-            assert ctx is not None
             embeds[i, width_s - s :] = ctx[r:]
             mask[i, width_r - r : width_r] = 1
             mask[i, width_r + width_s - s :] = 1
@@ -221,8 +256,7 @@ class Runner:
             cache=cache,
             logits_to_keep=1,
         )
-        samplers = [seq.sampler for seq in seqs]
-        tokens = sample_rows(samplers, out.logits[:, -1, :])  # type: ignore[arg-type]
+        tokens = sample_rows(samplers, out.logits[:, -1, :])
         lengths = [r + s for r, s in zip(reused, new, strict=True)]
         if padded:
             _compact(cache, mask, max(lengths))
@@ -238,16 +272,22 @@ class Runner:
         """Stack all sequences prefilled this step onto the batch in one copy of the KV cache."""
         if not self._pending:
             return
-        parts = [(self.cache, self.mask, self.positions)] if self._rows else []
+        parts: list[tuple[DynamicCache, torch.Tensor, torch.Tensor]] = []
+        if self._rows:
+            assert self.cache is not None and self.mask is not None and self.positions is not None
+            parts.append((self.cache, self.mask, self.positions))
         for seqs, cache, mask, positions in self._pending:
             parts.append((cache, mask, positions))
             self._rows.extend(seqs)
         self._pending = []
         width = max(mask.shape[1] for _, mask, _ in parts)
+        kvs = [kv_of(cache) for cache, _, _ in parts]
         merged = parts[0][0]
-        for i, layer in enumerate(merged.layers):
-            layer.keys = torch.cat([_pad_left(c.layers[i].keys, width, 2) for c, _, _ in parts])
-            layer.values = torch.cat([_pad_left(c.layers[i].values, width, 2) for c, _, _ in parts])
+        stacked = []
+        for layer in range(len(kvs[0])):
+            keys = torch.cat([_pad_left(kv[layer][0], width, 2) for kv in kvs])
+            stacked.append((keys, torch.cat([_pad_left(kv[layer][1], width, 2) for kv in kvs])))
+        set_kv(merged, stacked)
         self.cache = merged
         self.mask = torch.cat([_pad_left(mask, width, 1) for _, mask, _ in parts])
         self.positions = torch.cat([pos for _, _, pos in parts])
@@ -268,9 +308,7 @@ class Runner:
             cache=self.cache,
         )
         self.positions = self.positions + 1
-        samplers = [seq.sampler for seq in self._rows]
-        assert all(s is not None for s in samplers)
-        return sample_rows(samplers, out.logits[:, -1, :])  # type: ignore[arg-type]  # one pass over [B, V]
+        return sample_rows(_prepared(self._rows)[1], out.logits[:, -1, :])  # one pass over [B, V]
 
     def remove(self, finished: list[SeqState]) -> dict[str, int]:
         """Drop rows; keep each finished conversation's KV as its prefix. Returns ``{key: tokens}`` kept."""
@@ -281,16 +319,14 @@ class Runner:
         gone = {s.seq_id for s in finished}
         kept: dict[str, int] = {}
         width = self.mask.shape[1]
+        batch_kv = kv_of(self.cache)
         for index, seq in enumerate(self._rows):
             key = seq.request.conversation_id
             if seq.seq_id not in gone or not key or not self.prefix_reuse or seq.finish_reason == "aborted":
                 continue
             valid = int(self.mask[index].sum())  # left-padded: the valid columns are the last `valid`
-            kv = [
-                (layer.keys[index : index + 1, :, width - valid :].clone(),
-                 layer.values[index : index + 1, :, width - valid :].clone())
-                for layer in self.cache.layers
-            ]  # fmt: skip
+            kv = [(keys[index : index + 1, :, width - valid :].clone(),
+                   values[index : index + 1, :, width - valid :].clone()) for keys, values in batch_kv]  # fmt: skip
             items = seq.items + seq.generated[:-1]  # the last sampled token was never fed
             if len(items) != valid:
                 log.error("prefix bookkeeping mismatch for %s (%d items, %d KV)", seq.seq_id, len(items), valid)
@@ -302,15 +338,13 @@ class Runner:
         if not self._rows:
             self.cache = self.mask = self.positions = None
             return kept
-        index = torch.tensor(keep, device=self.device)
-        mask = self.mask[index]
+        rows = torch.tensor(keep, device=self.device)
+        mask = self.mask[rows]
         first = int((mask.sum(0) > 0).nonzero()[0])  # leading columns that are padding in every row
         self.mask = mask[:, first:]
         self._padded = bool((self.mask == 0).any())
-        self.positions = self.positions[index]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, first:]
-            layer.values = layer.values[index, :, first:]
+        self.positions = self.positions[rows]
+        set_kv(self.cache, [(keys[rows, :, first:], values[rows, :, first:]) for keys, values in batch_kv])
         return kept
 
     def reset(self) -> None:

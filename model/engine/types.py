@@ -9,15 +9,18 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image
 
-from model.engine.contract import ChatTurn
+from model.engine.contract import ChatTurn, FinishReason
 from model.sampling import GenerationOptions, IncrementalDetokenizer, RowSampler
 
-__all__ = ["EngineRequest", "SeqState"]
+__all__ = ["EndReason", "EngineRequest", "SeqState"]
+
+# how a sequence ended: a final event's finish reason, or "error" (its stream raised instead)
+EndReason = FinishReason | Literal["error"]
 
 ImageInput = bytes | Image.Image
 
@@ -62,7 +65,7 @@ class SeqState:
     reused_prefix_tokens: int = 0
     admitted_at: float | None = None
     first_token_at: float | None = None
-    finish_reason: str | None = None
+    finish_reason: EndReason | None = None
 
     @property
     def seq_id(self) -> str:
