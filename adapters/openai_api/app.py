@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -41,6 +42,10 @@ CORE_KEY = web.AppKey("openai_core", Core)
 CONFIG_KEY = web.AppKey("openai_config", dict)
 IMAGES_KEY = web.AppKey("openai_images", RemoteImages)
 OWNER_KEY = web.RequestKey("openai_owner", ApiKeyOwner)
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+# Refused before the question is stored: the core keeps such an event as seen (a retry is a duplicate), while
+# busy or failing answers are stored as failed and their retry is answered.
+KEPT_REFUSALS = frozenset({"access_denied", "quota", "bad_input", "unsupported"})
 OFF_LOOP_BYTES = 256 * 1024  # bodies above this are parsed in a thread (the event loop keeps streaming)
 
 STATUS = {  # the core's refusal reasons → (HTTP status, OpenAI error type, code)
@@ -65,6 +70,17 @@ def _error(status: int, message: str, kind: str = "invalid_request_error", param
         if retry_after_s > 120:  # the SDK would retry within seconds: tell it not to
             headers["x-should-retry"] = "false"
     return web.json_response(error_body(message, kind, param, code), status=status, headers=headers)
+
+
+def _duplicate() -> web.Response:
+    """A 409 for a retried ``Idempotency-Key`` (Stripe's ``idempotency_key_in_use``): the core keeps which
+    requests it answered, not their answers, so the first answer cannot be sent again.  ``x-should-retry:
+    false``: the SDK would otherwise retry a 409 with the same key."""
+    response = _error(409, f"A request with this {IDEMPOTENCY_HEADER} was already received: it is being answered, "
+                      "was answered, or was refused. Its answer is not sent twice (nor charged twice); send a new "
+                      "key for a new request.", param=IDEMPOTENCY_HEADER, code="idempotency_key_in_use")  # fmt: skip
+    response.headers["x-should-retry"] = "false"
+    return response
 
 
 def _refusal(final: Final) -> web.Response:
@@ -199,8 +215,6 @@ async def _fetch_remote(request: web.Request, messages: list[Message], found: di
 
 
 def _digests(found: dict[str, ImageAttachment]) -> dict[str, str]:
-    import hashlib
-
     return {u: hashlib.sha256(a.data).hexdigest() for u, a in found.items() if a.error is None}
 
 
@@ -231,7 +245,18 @@ async def _bot_request(request: web.Request, call: ChatCall) -> Request:
         platform=PLATFORM, workspace=owner.workspace, channel=channel, thread=placement.ref.thread,
         user=owner.user, text=text, images=tuple(found[u] for m in new for u in m.image_urls),
         preset=preset if tail == 0 else None, generation=call.generation, history=history,
+        event_id=idempotency_event(owner, request.headers.get(IDEMPOTENCY_HEADER)),
     )  # fmt: skip
+
+
+def idempotency_event(owner: ApiKeyOwner, key: str | None) -> str | None:
+    """The core's event id for an ``Idempotency-Key``: the core's dedup step then answers (and charges) a
+    client's retry once.  Scoped to the key's user and workspace, so two users' keys never collide; hashed,
+    so a key of any length fits the stored id."""
+    if key is None or not key.strip():
+        return None
+    raw = "\0".join((owner.workspace, owner.user, key.strip()))
+    return "idem-" + hashlib.sha256(raw.encode("utf-8", "replace")).hexdigest()
 
 
 def _preset_text(text: str, preset: str | None, first: bool) -> str:
@@ -259,10 +284,13 @@ async def _chat(request: web.Request) -> web.StreamResponse:
     replies = request.app[CORE_KEY].handle(bot_request)
     try:
         first = await anext(replies, None)
-        if first is None:  # a redelivery: the API sends no event ids, so this does not happen
-            return _error(409, "This request was already answered.", code="duplicate")
+        if first is None:  # the Idempotency-Key of a request being answered or answered: not answered twice
+            return _duplicate()
         if isinstance(first, Final) and "reason" in first.meta:
-            return _refusal(first)
+            refused = _refusal(first)
+            if bot_request.event_id and first.meta["reason"] in KEPT_REFUSALS:  # a retry with its key: a 409
+                refused.headers["x-should-retry"] = "false"
+            return refused
         if call.stream:
             return await _stream(request, call, first, replies)
         return await _complete(call, first, replies)
