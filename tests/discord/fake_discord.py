@@ -243,6 +243,14 @@ class FakeDiscord(DiscordRest, FakeServer):
         await self.send(mention)
         return mention, await self.first_thread()
 
+    async def slash_question(
+        self, picture: bytes, text: str | None = "What is this?", **kwargs: Any
+    ) -> tuple[Interaction, int]:
+        """A user's ``/ask`` with ``picture`` (``kwargs``: :meth:`ask`'s): the interaction, and the thread the bot
+        opened for it (the start of most slash-command tests)."""
+        interaction = await self.interact(self.ask(self.add_attachment(picture), text, **kwargs))
+        return interaction, await self.first_thread()
+
     # ------------------------------------------------------------------ gateway
 
     async def _gateway(self, request: web.Request) -> web.WebSocketResponse:

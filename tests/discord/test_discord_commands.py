@@ -75,8 +75,7 @@ def test_discord_a_long_answer_continues_in_follow_ups_without_breaking_code_fen
     async def main() -> None:
         async with discord_env(tmp_path, backend=ScriptedBackend(answer, piece=400)) as env:
             fake = env.fake
-            interaction = await fake.interact(fake.ask(fake.add_attachment(png_bytes()), "Build it"))
-            thread_id = await fake.first_thread()
+            interaction, thread_id = await fake.slash_question(png_bytes(), "Build it")
             await env.answered(thread_id)
             await fake.settle()
             shown = [m for m in fake.bot_messages(fake.general) if m.interaction_id == interaction.id]
@@ -98,8 +97,7 @@ def test_discord_a_429_on_an_edit_is_waited_out_and_the_last_edit_carries_the_fu
         async with discord_env(tmp_path, backend=backend, discord=REAL_PACE) as env:
             fake = env.fake
             fake.fail_next("PATCH", "original", 2, retry_after=0.6)
-            interaction = await fake.interact(fake.ask(fake.add_attachment(png_bytes()), "What is this?"))
-            thread_id = await fake.first_thread()
+            interaction, thread_id = await fake.slash_question(png_bytes())
             await env.answered(thread_id, shown_in=fake.general)
             limited = fake.calls_of("PATCH", "original", status=429)
             assert len(limited) == 2
@@ -123,9 +121,7 @@ def test_discord_an_answer_outliving_the_interaction_token_continues_as_channel_
         async with discord_env(tmp_path, backend=backend, discord=REAL_PACE) as env:
             fake = env.fake
             # The token has 62.2 s left: 2.2 s before the front end stops using it (its 60 s margin).
-            payload = fake.ask(fake.add_attachment(png_bytes()), "What is this?", age_s=15 * 60 - 62.2)
-            interaction = await fake.interact(payload)
-            thread_id = await fake.first_thread()
+            interaction, thread_id = await fake.slash_question(png_bytes(), age_s=15 * 60 - 62.2)
             turns = await env.answered(thread_id, shown_in=thread_id)
             assert interaction.callbacks[0][1] == 5  # deferred in time although the snowflake is old
             original = fake.messages[interaction.original_id]
@@ -154,9 +150,7 @@ def test_discord_an_expired_token_mid_answer_still_ends_with_the_full_text(tmp_p
         async with discord_env(tmp_path, backend=backend, discord=REAL_PACE) as env:
             fake = env.fake
             env.adapter.token_margin = -env.adapter.token_margin  # trust the token past its end: Discord refuses it
-            payload = fake.ask(fake.add_attachment(png_bytes()), "What is this?", age_s=15 * 60 - 1.2)
-            interaction = await fake.interact(payload)
-            thread_id = await fake.first_thread()
+            interaction, thread_id = await fake.slash_question(png_bytes(), age_s=15 * 60 - 1.2)
             turns = await env.answered(thread_id, shown_in=thread_id)
             assert [c for c in fake.calls if c.status == 401]  # the webhook refused the spent token
             assert fake.bot_messages(thread_id)[-1].content == turns[1].text == backend.answer
@@ -185,8 +179,7 @@ def test_discord_help_settings_and_reset(tmp_path: Path) -> None:
             await fake.wait_for(lambda: len(fake.ephemerals()) == 3)
             assert "inside a conversation thread" in fake.ephemerals()[2].content
 
-            interaction = await fake.interact(fake.ask(fake.add_attachment(png_bytes()), "What is this?"))
-            thread_id = await fake.first_thread()
+            interaction, thread_id = await fake.slash_question(png_bytes())
             await env.answered(thread_id)
             reset = await fake.interact(fake.slash("reset", channel=thread_id))
             await fake.wait_for(
@@ -222,8 +215,7 @@ def test_discord_commands_are_registered_once_and_again_only_when_they_change(tm
             assert len(fake.command_writes) == 1 and len(fake.calls_of("GET", "commands")) == 2
 
             # A follow-up after the restart continues from SQL.
-            interaction = await fake.interact(fake.ask(fake.add_attachment(png_bytes()), "What is this?"))
-            thread_id = await fake.first_thread()
+            interaction, thread_id = await fake.slash_question(png_bytes())
             await env.answered(thread_id)
             await env.restart()
             await fake.send(fake.user_message(thread_id, "Is it big?"))
@@ -254,8 +246,7 @@ def test_discord_guild_commands_for_development_servers(tmp_path: Path) -> None:
         async with discord_env(tmp_path, fake=fake, discord={"guild_ids": [fake.guild_id]}) as env:
             assert fake.command_writes == [(str(fake.guild_id), ["ask", "reset", "help", "settings"])]
             assert "global" not in fake.commands
-            interaction = await fake.interact(fake.ask(fake.add_attachment(png_bytes()), "What is this?"))
-            thread_id = await fake.first_thread()
+            interaction, thread_id = await fake.slash_question(png_bytes())
             await env.answered(thread_id, shown_in=fake.general)
             assert interaction.original_id == thread_id
             await env.restart()

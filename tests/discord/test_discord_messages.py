@@ -119,8 +119,7 @@ def test_discord_quota_and_busy_replies(tmp_path: Path) -> None:
         backend = ScriptedBackend("A red square.")
         async with discord_env(tmp_path, backend=backend, quotas={"user": {"requests_per_day": 1}}) as env:
             fake = env.fake
-            await fake.interact(fake.ask(fake.add_attachment(png_bytes()), "What is this?"))
-            thread_id = await fake.first_thread()
+            _, thread_id = await fake.slash_question(png_bytes())
             await env.answered(thread_id, shown_in=fake.general)
 
             # Over quota through /ask: only the asker sees why; the "thinking…" response is removed, no thread.

@@ -96,8 +96,7 @@ def test_discord_denied_role_wins_and_roles_made_while_running_count(tmp_path: P
             # Only a deny rule: members without the role pass, and so do DMs (no role there to deny).
             await fake.send(fake.user_message(fake.dm, "What?", attachments=[fake.add_attachment(png_bytes())]))
             await env.answered(fake.dm, channel=fake.dm, workspace="dm", shown_in=fake.dm)
-            await fake.interact(fake.ask(fake.add_attachment(png_bytes()), "What is this?"))
-            thread_id = await fake.first_thread()
+            _, thread_id = await fake.slash_question(png_bytes())
             await env.answered(thread_id, shown_in=fake.general)
             bobs = await fake.interact(fake.ask(fake.add_attachment(png_bytes()), "Mine?", user=fake.bob))
             (notice,) = await fake.wait_for(lambda: fake.ephemerals())
