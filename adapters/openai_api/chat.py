@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import re
 import types
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +76,16 @@ def _number(body: dict[str, Any], name: str, kind: type | types.UnionType) -> An
     return value
 
 
+def _tagged(items: list[Any], where: str, tag: str, what: str) -> Iterator[tuple[str, dict[str, Any], str]]:
+    """Each item of a JSON list with its position (``messages[2]``) and its string ``tag`` (a message's
+    ``role``, a content part's ``type``): a 400 naming the position when an item is not such an object."""
+    for i, item in enumerate(items):
+        at = f"{where}[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get(tag), str):
+            raise BadRequest(f"Each {what} must be an object with a '{tag}'.", at)
+        yield at, item, item[tag]
+
+
 def _text_of(content: Any, where: str, urls: list[str]) -> str:
     """The text of a message's ``content`` (a string, or a list of parts); ``image_url`` parts go to ``urls``."""
     if content is None:
@@ -85,11 +95,7 @@ def _text_of(content: Any, where: str, urls: list[str]) -> str:
     if not isinstance(content, list):
         raise BadRequest("'content' must be a string or a list of content parts.", where)
     texts = []
-    for i, part in enumerate(content):
-        at = f"{where}[{i}]"
-        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-            raise BadRequest("Each content part must be an object with a 'type'.", at)
-        kind = part["type"]
+    for at, part, kind in _tagged(content, where, "type", "content part"):
         if kind == "text":
             if not isinstance(part.get("text"), str):
                 raise BadRequest("A text part needs a string 'text'.", f"{at}.text")
@@ -111,11 +117,7 @@ def _messages(raw: Any) -> list[Message]:
     if len(raw) > MAX_MESSAGES:
         raise BadRequest(f"At most {MAX_MESSAGES} messages per request.", "messages")
     messages = []
-    for i, item in enumerate(raw):
-        where = f"messages[{i}]"
-        if not isinstance(item, dict) or not isinstance(item.get("role"), str):
-            raise BadRequest("Each message must be an object with a 'role'.", where)
-        role = item["role"]
+    for where, item, role in _tagged(raw, "messages", "role", "message"):
         if role in UNSUPPORTED_ROLES or (role == "assistant" and item.get("tool_calls")):
             raise BadRequest("Tool and function calls are not supported by this model.", where)
         if role not in ("user", "assistant") and role not in IGNORED_ROLES:
