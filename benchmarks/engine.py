@@ -11,7 +11,7 @@ use the same random weights and greedy decoding with a fixed answer length.
     python benchmarks/engine.py --small                   # CPU, small shapes (~15 minutes on 2 cores)
     python benchmarks/engine.py --shape 7b --device cuda  # GPU, real Vicuna-7B shapes, fp16
 
-Each (system, threads) cell runs in its own process (and, for vllm, its own worker) so peak
+The systems themselves are in ``engine_systems.py``.  Each (system, threads) cell runs in its own process (and, for vllm, its own worker) so peak
 memory is its own.  A second table compares a follow-up's TTFT with prefix reuse against a
 full re-prefill at a ~1,000-token history, for the engine and for vLLM (prefix caching on vs
 off).  On a GPU a last column gives each cell's decode throughput as a fraction of the
@@ -29,18 +29,15 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from _workload import TURNS  # noqa: E402
+import engine_systems  # noqa: E402
 from _workload import image as _image  # noqa: E402
 from _workload import pct as _pct  # noqa: E402
 from _workload import turns as _turns  # noqa: E402
-
-TORCH_THREADS = 0  # --torch-threads, set in the worker: [engine] threads for every system
 
 
 def _peak_mb(device: str) -> float:
@@ -57,220 +54,6 @@ def _load(args: argparse.Namespace):
 
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     return random_minigpt4(args.shape, args.device, dtype)
-
-
-def _options(model, max_new: int):
-    from model.generate import default_options
-
-    # A fixed answer length for both systems: EOS is masked until max_new tokens (min_length counts BOS).
-    return default_options(
-        model, do_sample=False, max_new_tokens=max_new, min_length=max_new + 1, repetition_penalty=1.0, stop_strings=()
-    )
-
-
-# ----------------------------------------------------------------------------- the two systems
-
-
-async def run_baseline(model, threads: int, max_new: int) -> dict:
-    """One request at a time, full re-prefill per turn, HF generate (the reference demo's loop)."""
-    import torch
-    from transformers.generation.streamers import BaseStreamer
-
-    from model.generate import decode_answer
-    from model.image_processing import load_image
-
-    server = asyncio.Lock()
-    ttft_first: list[float] = []
-    ttft_follow: list[float] = []
-    tokens = 0
-
-    class FirstToken(BaseStreamer):
-        def __init__(self) -> None:
-            self.first: float | None = None
-            self.calls = 0
-
-        def put(self, value) -> None:
-            self.calls += 1  # call 1 is the (empty) prompt, call 2 the first generated token
-            if self.first is None and self.calls >= 2:
-                self.first = time.perf_counter()
-
-        def end(self) -> None:
-            pass
-
-    def answer(turns, image_tokens):
-        prompt = model.build_prompt(turns)
-        ctx = model.context_embeddings(prompt, [image_tokens])
-        streamer = FirstToken()
-        with torch.inference_mode():
-            out = model.llm.generate(
-                inputs_embeds=ctx.unsqueeze(0),
-                max_new_tokens=max_new,
-                min_new_tokens=max_new,
-                do_sample=False,
-                streamer=streamer,
-                pad_token_id=2,
-            )
-        return out[0].tolist(), streamer.first
-
-    async def thread(i: int) -> None:
-        nonlocal tokens
-        done: list[str] = []
-        image_tokens = None
-        for k in range(len(TURNS)):
-            submitted = time.perf_counter()
-            async with server:
-                if image_tokens is None:  # Chat.encode_img: once per upload
-                    image_tokens = model.encode_pil([load_image(_image(i))])[0]
-                ids, first = await asyncio.to_thread(answer, _turns(done, k), image_tokens)
-            (ttft_first if k == 0 else ttft_follow).append(first - submitted)
-            tokens += len(ids)
-            done.append(decode_answer(model, ids) or "ok")
-
-    start = time.perf_counter()
-    await asyncio.gather(*(thread(i) for i in range(threads)))
-    return {"elapsed": time.perf_counter() - start, "tokens": tokens, "first": ttft_first, "follow": ttft_follow}
-
-
-async def run_engine(model, threads: int, max_new: int) -> dict:
-    from model.engine import Engine, EngineConfig, EngineRequest, SchedulerConfig
-
-    opts = _options(model, max_new)
-    config = EngineConfig(scheduler=SchedulerConfig(max_batch=64, max_queue=1024, max_running_per_user=4,
-                                                    max_wait_s=3600, kv_budget_tokens=1_000_000),
-                          threads=TORCH_THREADS)  # fmt: skip
-    ttft_first: list[float] = []
-    ttft_follow: list[float] = []
-    tokens = 0
-    async with Engine(model, config) as engine:
-
-        async def thread(i: int) -> None:
-            nonlocal tokens
-            done: list[str] = []
-            image = _image(i)
-            for k in range(len(TURNS)):
-                request = EngineRequest(
-                    turns=_turns(done, k), images=[image], options=opts, conversation_id=f"t{i}", user=f"u{i}"
-                )
-                final = await engine.generate(request)
-                (ttft_first if k == 0 else ttft_follow).append(final.ttft_s)
-                tokens += final.completion_tokens
-                done.append(final.text or "ok")
-
-        start = time.perf_counter()
-        await asyncio.gather(*(thread(i) for i in range(threads)))
-        elapsed = time.perf_counter() - start
-    return {"elapsed": elapsed, "tokens": tokens, "first": ttft_first, "follow": ttft_follow}
-
-
-async def run_static(model, threads: int, max_new: int) -> dict:
-    """The peer to beat: plain transformers static batching — each turn of every thread in one ``generate`` call.
-
-    All ``threads`` conversations ask turn k together; the batch is left-padded and masked and runs until
-    every row has its ``max_new`` tokens; turn k+1 starts once the whole batch is done (full re-prefill,
-    no prefix reuse, the picture encoded once per thread, greedy).
-    """
-    import torch
-    from transformers.generation.streamers import BaseStreamer
-
-    from model.generate import decode_answer
-    from model.image_processing import load_image
-
-    class FirstToken(BaseStreamer):
-        def __init__(self) -> None:
-            self.first: float | None = None
-            self.calls = 0
-
-        def put(self, value) -> None:
-            self.calls += 1  # call 1 is the (empty) prompt, call 2 the first generated tokens
-            if self.first is None and self.calls >= 2:
-                self.first = time.perf_counter()
-
-        def end(self) -> None:
-            pass
-
-    def batch(contexts: list) -> tuple[list[list[int]], float | None]:
-        longest = max(c.shape[0] for c in contexts)
-        embeds = contexts[0].new_zeros(len(contexts), longest, contexts[0].shape[-1])
-        mask = torch.zeros(len(contexts), longest, dtype=torch.long)
-        for i, ctx in enumerate(contexts):
-            embeds[i, longest - ctx.shape[0] :] = ctx
-            mask[i, longest - ctx.shape[0] :] = 1
-        streamer = FirstToken()
-        with torch.inference_mode():
-            out = model.llm.generate(inputs_embeds=embeds, attention_mask=mask.to(embeds.device),
-                                     max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
-                                     streamer=streamer, pad_token_id=2)  # fmt: skip
-        return out.tolist(), streamer.first
-
-    ttft_first: list[float] = []
-    ttft_follow: list[float] = []
-    tokens = 0
-    start = time.perf_counter()
-    image_tokens = [model.encode_pil([load_image(_image(i))])[0] for i in range(threads)]
-    done: list[list[str]] = [[] for _ in range(threads)]
-    for k in range(len(TURNS)):
-        submitted = time.perf_counter()
-        contexts = [model.context_embeddings(model.build_prompt(_turns(done[i], k)), [image_tokens[i]])
-                    for i in range(threads)]  # fmt: skip
-        rows, first = await asyncio.to_thread(batch, contexts)
-        assert first is not None  # min_new_tokens=max_new: the streamer saw a first token
-        (ttft_first if k == 0 else ttft_follow).extend([first - submitted] * threads)
-        for i, ids in enumerate(rows):
-            tokens += len(ids)
-            done[i].append(decode_answer(model, ids) or "ok")
-    return {"elapsed": time.perf_counter() - start, "tokens": tokens, "first": ttft_first, "follow": ttft_follow}
-
-
-async def _loop_lag(samples: list[float], period: float = 0.010) -> None:
-    """What a ``/healthz`` handler would wait: sleep 10 ms, record the overshoot, until cancelled."""
-    while True:
-        before = time.perf_counter()
-        await asyncio.sleep(period)
-        samples.append(time.perf_counter() - before - period)
-
-
-async def _with_lag(run, *args) -> dict:
-    """Run one system with the loop-lag probe beside it; adds ``lag`` (overshoots, seconds) to its result."""
-    samples: list[float] = []
-    probe = asyncio.create_task(_loop_lag(samples))
-    try:
-        result = await run(*args)
-    finally:
-        probe.cancel()
-    result["lag"] = samples
-    return result
-
-
-async def run_follow_up(model, history_tokens: int, max_new: int) -> dict:
-    """TTFT of a follow-up at a long history: prefix reuse vs full re-prefill (both in the engine)."""
-    from model.engine import Engine, EngineConfig, EngineRequest
-
-    opts = _options(model, max_new)
-    long_answer = " ".join(["the red circle sits beside a green square on a white table"] * 8)
-    rounds = max(1, history_tokens // max(1, len(model.segment_token_ids(long_answer)[0]) + 12))
-    done = [long_answer] * rounds
-    base = []
-    for k in range(rounds):
-        base += [{"role": "user", "text": f"Tell me more, part {k}.", "image": k == 0},
-                 {"role": "assistant", "text": done[k]}]  # fmt: skip
-    results = {}
-    for reuse in (False, True):
-        async with Engine(model, EngineConfig(prefix_reuse=reuse, threads=TORCH_THREADS)) as engine:
-            image = _image(1)
-            samples = []
-            for trial in range(4):
-                history = [*base, {"role": "user", "text": f"And the colours? ({trial})"}]
-                warm = await engine.generate(EngineRequest(turns=history, images=[image], options=opts,
-                                                           conversation_id=f"c{trial}"))  # fmt: skip
-                follow = [*history, {"role": "assistant", "text": warm.text or "ok"},
-                          {"role": "user", "text": "Which one is bigger?"}]  # fmt: skip
-                final = await engine.generate(EngineRequest(turns=follow, images=[image], options=opts,
-                                                            conversation_id=f"c{trial}"))  # fmt: skip
-                samples.append(final.ttft_s)
-                results["context"] = final.prompt_tokens
-                results[f"reused_{reuse}"] = final.reused_prefix_tokens
-            results["reuse" if reuse else "full"] = statistics.median(samples[1:])
-    return results
 
 
 # ----------------------------------------------------------------------------- orchestration
@@ -313,8 +96,7 @@ def worker(args: argparse.Namespace) -> None:
         return
     from model.engine.threads import apply_thread_settings, thread_settings
 
-    global TORCH_THREADS
-    TORCH_THREADS = args.torch_threads
+    engine_systems.TORCH_THREADS = args.torch_threads
     apply_thread_settings(thread_settings(args.torch_threads))  # every system runs with the engine's settings
     torch.manual_seed(0)
     model = _load(args)
@@ -323,10 +105,11 @@ def worker(args: argparse.Namespace) -> None:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     if args.system == "followup":
-        result = asyncio.run(run_follow_up(model, args.history, args.max_new))
+        result = asyncio.run(engine_systems.run_follow_up(model, args.history, args.max_new))
     else:
-        run = {"baseline": run_baseline, "engine": run_engine, "static": run_static}[args.system]
-        result = asyncio.run(_with_lag(run, model, args.threads, args.max_new))
+        systems = engine_systems
+        run = {"baseline": systems.run_baseline, "engine": systems.run_engine, "static": systems.run_static}
+        result = asyncio.run(systems.with_lag(run[args.system], model, args.threads, args.max_new))
     result["peak_mb"] = _peak_mb(args.device)
     print("RESULT " + json.dumps(result))
 

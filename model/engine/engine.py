@@ -35,20 +35,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from model.conversation import IMAGE_PLACEHOLDER
-from model.engine.contract import (
-    Busy,
-    EngineError,
-    FinalEvent,
-    FinishReason,
-    RequestFailed,
-    RequestRejected,
-    TokenEvent,
-)
+from model.engine.contract import Busy, EngineError, FinalEvent, RequestFailed, RequestRejected, TokenEvent
 from model.engine.metrics import EngineMetrics
 from model.engine.runner import Runner
 from model.engine.scheduler import Scheduler, SchedulerConfig, SeqInfo, StepResult
 from model.engine.threads import ThreadSettings, apply_thread_settings, thread_settings
-from model.engine.types import EngineRequest, SeqState
+from model.engine.types import EngineRequest, FinishReason, SeqState
 from model.generate import beam_search, decode_answer, default_options
 from model.minigpt4 import MiniGPT4
 from model.sampling import RowFinish

@@ -17,7 +17,7 @@ from PIL import Image
 from model.engine.contract import ChatTurn, FinishReason
 from model.sampling import GenerationOptions, IncrementalDetokenizer, RowSampler
 
-__all__ = ["EndReason", "EngineRequest", "SeqState"]
+__all__ = ["EndReason", "EngineRequest", "FinishReason", "SeqState"]  # FinishReason: the contract's, beside EndReason
 
 # how a sequence ended: a final event's finish reason, or "error" (its stream raised instead)
 EndReason = FinishReason | Literal["error"]
