@@ -391,6 +391,18 @@ class FakeSlack(SlackDeliveries, FakeServer):
     def mention(self, channel: str, text: str, **kwargs: Any) -> dict[str, Any]:
         return self.user_message(channel, f"<@{self.bot_user}> {text}", kind="app_mention", **kwargs)
 
+    def picture_mention(
+        self, picture: bytes, text: str = "What is this?", channel: str = "C0GENERAL"
+    ) -> dict[str, Any]:
+        """A user mentions the bot in ``channel`` with ``picture`` shared (the start of most conversation tests)."""
+        return self.mention(channel, text, files=[self.add_file(picture)])
+
+    async def ask(self, picture: bytes, text: str = "What is this?", channel: str = "C0GENERAL") -> str:
+        """Send :meth:`picture_mention` and wait for its ack; the ``ts`` of the thread the answer goes to."""
+        mention = self.picture_mention(picture, text, channel)
+        await self.wait_ack(await self.send_event(mention))
+        return str(mention["ts"])
+
     def command_payload(
         self, text: str = "", *, command: str = "/minigpt4", user: str = "UALICE", channel: str = "C0GENERAL"
     ) -> dict[str, Any]:

@@ -101,7 +101,7 @@ def test_run_bot_starts_socket_mode_and_answers(demo_models: Any, tmp_path: Path
                                           model=demo_models["vicuna0"]))  # fmt: skip
         try:
             await asyncio.wait_for(fake.wait_connected(), 60)
-            mention = fake.mention(CHANNEL, "What is this?", files=[fake.add_file(png_bytes())])
+            mention = fake.picture_mention(png_bytes())
             await fake.send_event(mention)
 
             def answered() -> bool:

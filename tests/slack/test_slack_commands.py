@@ -31,9 +31,8 @@ def test_slash_settings_follows_no_thread(demo_backend: Any, tmp_path: Path) -> 
             assert env.outcomes() == {"answered": 1.0}
 
             # A mention still follows its thread: the change is the command's alone.
-            mention = fake.mention(CHANNEL, "What is this?", files=[fake.add_file(png_bytes())])
-            await fake.wait_ack(await fake.send_event(mention))
-            await env.answered(mention["ts"])
-            assert await _followed(env) == [(fake.team, CHANNEL, mention["ts"])]
+            root = await fake.ask(png_bytes())
+            await env.answered(root)
+            assert await _followed(env) == [(fake.team, CHANNEL, root)]
 
     asyncio.run(main())

@@ -25,7 +25,7 @@ def test_http_events_are_verified_acked_fast_and_answered_once(demo_backend: Any
             status, body, _ = await fake.http_post(url, challenge)
             assert status == 200 and "c-123" in body
 
-            mention = fake.mention(CHANNEL, "What is this?", files=[fake.add_file(png_bytes())])
+            mention = fake.picture_mention(png_bytes())
             status, _, seconds = await fake.http_event(url, mention, event_id="EvHTTP1")
             assert status == 200 and seconds < 3.0  # acked before the answer is generated
             turns = await env.answered(mention["ts"])
@@ -43,7 +43,7 @@ def test_http_events_are_verified_acked_fast_and_answered_once(demo_backend: Any
             assert env.outcomes() == {"answered": 2.0, "duplicate": 1.0}
 
             # A forged request (wrong signing secret) is refused and never reaches the bot.
-            forged = fake.mention(CHANNEL, "What is this?", files=[fake.add_file(png_bytes())])
+            forged = fake.picture_mention(png_bytes())
             calls = len(fake.calls)
             status, _, _ = await fake.http_event(url, forged, secret="not-the-secret")
             assert status == 401
@@ -70,7 +70,7 @@ def test_http_a_bad_timestamp_is_401_and_one_warning(tmp_path: Path, caplog: Any
     async def main() -> None:
         async with slack_env(tmp_path, backend=ScriptedBackend("A red square."), mode="http") as env:
             fake, url = env.fake, env.events_url
-            mention = fake.mention(CHANNEL, "What is this?", files=[fake.add_file(png_bytes())])
+            mention = fake.picture_mention(png_bytes())
             caplog.clear()
             status, _, _ = await fake.http_event(url, mention, timestamp="abc")
             assert status == 401
@@ -110,7 +110,7 @@ def test_http_a_signed_body_that_is_not_json_is_400(tmp_path: Path, caplog: Any)
             # Unsigned garbage is still 401, not 400: nothing is parsed before the signature holds.
             assert (await fake.http_post(url, "{not json", secret="not-the-secret"))[0] == 401
 
-            mention = fake.mention(CHANNEL, "What is this?", files=[fake.add_file(png_bytes())])
+            mention = fake.picture_mention(png_bytes())
             assert (await fake.http_event(url, mention))[0] == 200
             await env.answered(mention["ts"])
 
@@ -124,7 +124,7 @@ def test_http_a_replayed_event_does_not_download_its_picture_again(tmp_path: Pat
     async def main() -> None:
         async with slack_env(tmp_path, backend=ScriptedBackend("A red square."), mode="http") as env:
             fake = env.fake
-            mention = fake.mention(CHANNEL, "What is this?", files=[fake.add_file(png_bytes())])
+            mention = fake.picture_mention(png_bytes())
             assert (await fake.http_event(env.events_url, mention, event_id="EvREPLAY"))[0] == 200
             await env.answered(mention["ts"])
             assert len(fake.downloads) == 1

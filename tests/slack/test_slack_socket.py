@@ -108,7 +108,7 @@ def test_socket_mode_redelivery_is_answered_once(demo_backend: Any, tmp_path: Pa
     async def main() -> None:
         async with slack_env(tmp_path, backend=demo_backend) as env:
             fake = env.fake
-            mention = fake.mention(CHANNEL, "What is this?", files=[fake.add_file(png_bytes())])
+            mention = fake.picture_mention(png_bytes())
             first = await fake.send_event(mention, event_id="EvONCE")
             again = await fake.send_event(mention, event_id="EvONCE", retry_attempt=1, retry_reason="timeout")
             await fake.wait_ack(first)
@@ -131,7 +131,7 @@ def test_rate_limited_calls_wait_for_retry_after(demo_backend: Any, tmp_path: Pa
             fake = env.fake
             fake.fail_next("chat.postMessage", 1, retry_after=1)
             fake.fail_next("chat.update", 1, retry_after=1)
-            mention = fake.mention(CHANNEL, "What is this?", files=[fake.add_file(png_bytes())])
+            mention = fake.picture_mention(png_bytes())
             await fake.send_event(mention)
             await env.answered(mention["ts"])
             for method in ("chat.postMessage", "chat.update"):
@@ -176,7 +176,7 @@ def test_quota_and_notices_are_ephemeral(demo_backend: Any, tmp_path: Path) -> N
         async with slack_env(tmp_path, backend=demo_backend) as env:
             fake = env.fake
             await env.db.set_quota("user", "slack", fake.team, "UALICE", requests_per_day=1)
-            first = fake.mention(CHANNEL, "What is this?", files=[fake.add_file(png_bytes())])
+            first = fake.picture_mention(png_bytes())
             await fake.send_event(first)
             await env.answered(first["ts"])
 
@@ -203,7 +203,7 @@ def test_bot_messages_and_edits_are_ignored(demo_backend: Any, tmp_path: Path) -
     async def main() -> None:
         async with slack_env(tmp_path, backend=demo_backend) as env:
             fake = env.fake
-            mention = fake.mention(CHANNEL, "What is this?", files=[fake.add_file(png_bytes())])
+            mention = fake.picture_mention(png_bytes())
             await fake.send_event(mention)
             root = mention["ts"]
             await env.answered(root)
@@ -289,7 +289,7 @@ def test_a_reset_thread_continues_on_a_picture_after_a_restart(tmp_path: Path) -
     async def main() -> None:
         async with slack_env(tmp_path, backend=ScriptedBackend("A red square.")) as env:
             fake = env.fake
-            mention = fake.mention(CHANNEL, "What is this?", files=[fake.add_file(png_bytes())])
+            mention = fake.picture_mention(png_bytes())
             root = mention["ts"]
             await fake.send_event(mention)
             await env.answered(root)
@@ -351,7 +351,7 @@ def test_two_deliveries_of_one_event_at_once_download_its_picture_once(
         async with slack_env(tmp_path, backend=ScriptedBackend("A red square.")) as env:
             fake = env.fake
             fake.file_gate = asyncio.Event()  # the first download hangs until both deliveries are in
-            mention = fake.mention(CHANNEL, "What is this?", files=[fake.add_file(png_bytes())])
+            mention = fake.picture_mention(png_bytes())
             first = await fake.send_event(mention, event_id="EvTWICE")
             again = await fake.send_event(mention, event_id="EvTWICE", retry_attempt=1, retry_reason="timeout")
             await fake.wait_ack(first)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
-from slack_helpers import CHANNEL, png_bytes, slack_env
+from slack_helpers import CHANNEL, Env, png_bytes, slack_env
 
 from adapters.slack.messages import escape_mrkdwn, missing_files_write
 from bot.core.requests import ReplyFile
@@ -15,13 +16,16 @@ PAGE = "<!doctype html><html><body><div style='width:90px;height:60px;background
 ANSWER = "Here is your page:\n```html\n" + PAGE + "\n```"
 
 
+def _minigptv2(tmp_path: Path, answer: str) -> contextlib.AbstractAsyncContextManager[Env]:
+    """Slack on a MiniGPT-v2 bot whose backend answers ``answer`` (boxes included)."""
+    return slack_env(tmp_path, backend=ScriptedBackend(answer, piece=9), model={"variant": "minigptv2"})
+
+
 def test_render_slack_uploads_preview_and_page_into_the_thread(tmp_path: Path) -> None:
     async def main() -> None:
         async with slack_env(tmp_path, backend=ScriptedBackend(ANSWER, piece=40)) as env:
             fake = env.fake
-            mention = fake.mention(CHANNEL, "website", files=[fake.add_file(png_bytes())])
-            await fake.wait_ack(await fake.send_event(mention))
-            root = mention["ts"]
+            root = await fake.ask(png_bytes(), "website")
             shared = await fake.wait_for(lambda: len(fake.shared_files(CHANNEL, root)) == 2 and fake.shared_files(
                 CHANNEL, root))  # fmt: skip
             assert [u["filename"] for u in shared] == ["website.png", "website.html"]
@@ -38,9 +42,7 @@ def test_render_slack_without_files_write_says_so_in_the_thread(tmp_path: Path) 
         async with slack_env(tmp_path, backend=ScriptedBackend(ANSWER, piece=40)) as env:
             fake = env.fake
             fake.scopes.discard("files:write")
-            mention = fake.mention(CHANNEL, "website", files=[fake.add_file(png_bytes())])
-            await fake.wait_ack(await fake.send_event(mention))
-            root = mention["ts"]
+            root = await fake.ask(png_bytes(), "website")
             files = [
                 ReplyFile(
                     "website.png", "image/png", b"", title="Preview (rendered without scripts or network access)"
@@ -61,11 +63,9 @@ def test_grounding_slack_uploads_the_annotated_picture_into_the_thread(tmp_path:
     answer = "<p>a sofa</p> {<10><20><60><80>}"
 
     async def main() -> None:
-        async with slack_env(tmp_path, backend=ScriptedBackend(answer, piece=9), model={"variant": "minigptv2"}) as env:
+        async with _minigptv2(tmp_path, answer) as env:
             fake = env.fake
-            mention = fake.mention(CHANNEL, "/detection sofas", files=[fake.add_file(png_bytes())])
-            await fake.wait_ack(await fake.send_event(mention))
-            root = mention["ts"]
+            root = await fake.ask(png_bytes(), "/detection sofas")
             (shared,) = await fake.wait_for(lambda: fake.shared_files(CHANNEL, root))
             assert shared["filename"] == "boxes.png" and shared["thread_ts"] == root
             assert shared["data"].startswith(b"\x89PNG")
@@ -81,12 +81,10 @@ def test_grounding_slack_without_files_write_names_the_boxes_picture(tmp_path: P
     answer = "<p>a <b>sofa</b></p> {<10><20><60><80>}"
 
     async def main() -> None:
-        async with slack_env(tmp_path, backend=ScriptedBackend(answer, piece=9), model={"variant": "minigptv2"}) as env:
+        async with _minigptv2(tmp_path, answer) as env:
             fake = env.fake
             fake.scopes.discard("files:write")
-            mention = fake.mention(CHANNEL, "/detection sofas", files=[fake.add_file(png_bytes())])
-            await fake.wait_ack(await fake.send_event(mention))
-            root = mention["ts"]
+            root = await fake.ask(png_bytes(), "/detection sofas")
             replies = await fake.wait_for(lambda: len(fake.bot_replies(CHANNEL, root)) == 2 and fake.bot_replies(
                 CHANNEL, root))  # fmt: skip
             assert [m.text for m in replies] == [
