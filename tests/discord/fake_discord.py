@@ -49,7 +49,8 @@ import discord.gateway
 import discord.http
 import yarl
 from aiohttp import web
-from fake_discord_objects import (
+
+from tests.discord.fake_discord_objects import (
     APP_FLAG_MESSAGE_CONTENT_LIMITED,
     MESSAGE_CONTENT,
     Call,
@@ -60,8 +61,7 @@ from fake_discord_objects import (
     _Snowflakes,
     snowflake_time,
 )
-from fake_discord_rest import DiscordRest
-
+from tests.discord.fake_discord_rest import DiscordRest
 from tests.fake_platform import FakeServer
 
 __all__ = ["Call", "Channel", "FakeDiscord", "Interaction", "Message"]

@@ -11,7 +11,8 @@ import time
 from typing import Any
 
 from aiohttp import web
-from fake_discord_objects import (
+
+from tests.discord.fake_discord_objects import (
     _COMPILED,
     APP_FLAG_MESSAGE_CONTENT_LIMITED,
     DEFER_LIMIT_S,

@@ -31,9 +31,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
-from fake_slack_deliveries import SlackDeliveries
 
 from tests.fake_platform import FakeServer
+from tests.slack.fake_slack_deliveries import SlackDeliveries
 
 LOGIN_PAGE = "<!DOCTYPE html><html><head><title>Slack</title></head><body>Sign in to Slack</body></html>"
 BOT_METHODS = {
