@@ -36,6 +36,13 @@ def seq(seq_id: str, user: str = "u", prompt: int = 10, new: int = 10, prefix: s
     return SeqInfo(seq_id, user, prompt, new, prefix)
 
 
+def add_for(s: Scheduler, **per_user: int) -> None:
+    """Queue ``n`` requests per user in turn, named after the user: ``add_for(s, A=2)`` adds ``a0``, ``a1``."""
+    for user, n in per_user.items():
+        for i in range(n):
+            s.add(seq(f"{user.lower()}{i}", user=user))
+
+
 def test_scheduler_module_imports_no_tensor_library() -> None:
     """The standard library, plus the torch-free contract for its errors (``Busy``, ``RequestTooLarge``)."""
     import model.engine.scheduler as mod
@@ -91,9 +98,7 @@ def test_prefills_per_step_are_limited() -> None:
 
 def test_round_robin_admits_the_late_user_in_the_first_wave() -> None:
     s = make(max_batch=4, max_running_per_user=4)
-    for i in range(6):
-        s.add(seq(f"a{i}", user="A"))
-    s.add(seq("b0", user="B"))
+    add_for(s, A=6, B=1)
     plan = s.schedule()
     assert plan.admit == ("a0", "b0", "a1", "a2")
     assert plan.admit.index("b0") < plan.admit.index("a1")
@@ -103,18 +108,13 @@ def test_round_robin_admits_the_late_user_in_the_first_wave() -> None:
 
 def test_round_robin_alternates_between_users_with_many_requests() -> None:
     s = make(max_batch=6, max_running_per_user=6)
-    for i in range(4):
-        s.add(seq(f"a{i}", user="A"))
-    for i in range(4):
-        s.add(seq(f"b{i}", user="B"))
+    add_for(s, A=4, B=4)
     assert s.schedule().admit == ("a0", "b0", "a1", "b1", "a2", "b2")
 
 
 def test_max_running_per_user_caps_a_flooding_user() -> None:
     s = make(max_batch=8, max_running_per_user=2)
-    for i in range(6):
-        s.add(seq(f"a{i}", user="A"))
-    s.add(seq("b0", user="B"))
+    add_for(s, A=6, B=1)
     plan = s.schedule()
     assert plan.admit == ("a0", "b0", "a1")  # batch has room, but A is at its cap
     assert s.running_for("A") == 2 and s.running_for("B") == 1
@@ -126,8 +126,7 @@ def test_max_running_per_user_caps_a_flooding_user() -> None:
 
 def test_per_user_queue_limit_hits_only_the_flooding_user() -> None:
     s = make(max_batch=1, max_queued_per_user=3)
-    for i in range(3):
-        s.add(seq(f"a{i}", user="A"))
+    add_for(s, A=3)
     with pytest.raises(Busy) as info:
         s.add(seq("a3", user="A"))
     assert "'A'" in info.value.reason
