@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from bot.core.grounding import bold_spans
 from bot.core.requests import Delta, Final, ReplyEvent, ReplyFile
 
 __all__ = [
@@ -87,8 +88,21 @@ def _fit(text: str, start: int, budget: int, cost: Callable[[str], int]) -> int:
     return i
 
 
-def _break(text: str, start: int, end: int) -> int:
-    """Where to cut inside ``text[start:end]``: paragraph, line, sentence, word — else as late as is safe."""
+def _bold(text: str) -> list[tuple[int, int]]:
+    """Where the ``**phrase**`` spans are (markers included): a cut inside one would leave each message an
+    unmatched ``**`` (Slack's ``*`` once converted) and the phrase not bold."""
+    spans, at = [], 0
+    for piece, bold in bold_spans(text):
+        width = len(piece) + 4 if bold else len(piece)
+        if bold:
+            spans.append((at, at + width))
+        at += width
+    return spans
+
+
+def _break(text: str, start: int, end: int, bold: Sequence[tuple[int, int]] = ()) -> int:
+    """Where to cut inside ``text[start:end]``: paragraph, line, sentence, word — else as late as is safe;
+    outside ``bold`` spans where a cut outside them exists (a phrase longer than a message is cut anyway)."""
     floor = start + max(1, (end - start) // 2)
     window = text[floor:end]
     candidates = (
@@ -97,13 +111,20 @@ def _break(text: str, start: int, end: int) -> int:
         max((m.end() for m in _SENTENCE.finditer(window)), default=0),
         window.rfind(" ") + 1,
     )
-    for offset in candidates:
-        if offset > 0 and not _unsafe_cut(text, floor + offset):
-            return floor + offset
-    cut = end
-    while cut > start + 1 and _unsafe_cut(text, cut):
-        cut -= 1
+    for avoid in (bold, ()) if bold else ((),):
+        for offset in candidates:
+            if offset > 0 and not _unsafe_cut(text, floor + offset) and not _inside(avoid, floor + offset):
+                return floor + offset
+        cut = end
+        while cut > start + 1 and (_unsafe_cut(text, cut) or _inside(avoid, cut)):
+            cut -= 1
+        if not _inside(avoid, cut):
+            return cut
     return cut
+
+
+def _inside(spans: Sequence[tuple[int, int]], i: int) -> bool:
+    return any(a < i < b for a, b in spans)
 
 
 def _fences(body: str, opener: str | None) -> str | None:
@@ -138,11 +159,12 @@ def split_message(text: str, limit: int, cost: Callable[[str], int] = len) -> li
     chunks: list[str] = []
     opener: str | None = None
     pos = 0
+    bold = _bold(text)
     while pos < len(text):
         head = opener + "\n" if opener else ""
         budget = limit - cost(head) - cost(CLOSE)
         end = _fit(text, pos, budget, cost)
-        cut = end if end >= len(text) else _break(text, pos, end)
+        cut = end if end >= len(text) else _break(text, pos, end, bold)
         body = text[pos:cut]
         opener = _fences(body, opener)
         chunk = head + body.rstrip()
