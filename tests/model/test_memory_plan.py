@@ -16,6 +16,7 @@ from model.demo_weights import write_demo_weights
 from model.memory import plan_memory
 from model.report import describe_weights
 from model.variants import get_variant
+from tests.demo_helpers import shape_lines
 
 runner = CliRunner()
 
@@ -70,13 +71,10 @@ def test_auto_dtype_on_cpu_picks_bfloat16_when_float32_does_not_fit(demo, monkey
 
 def test_weights_check_refuses_early_with_numbers(demo, tmp_path, monkeypatch):
     d = demo["vicuna0"]
-    vision = ", ".join(f"{k} = {v}" for k, v in d.vision.items())
-    qdims = ", ".join(f"{k} = {v}" for k, v in d.qformer_dims.items())
     config = tmp_path / "bot.toml"
     config.write_text(
         f'data_dir = "{tmp_path}"\n[model]\ndevice = "cpu"\ndtype = "float32"\nllm = "{d.llm}"\nvit = "{d.vit}"\n'
-        f'qformer = "{d.qformer}"\nprojection = "{d.projection}"\nvision = {{ {vision} }}\n'
-        f"qformer_dims = {{ {qdims} }}\n"
+        f'qformer = "{d.qformer}"\nprojection = "{d.projection}"\n' + shape_lines(d)
     )
     ok = runner.invoke(app, ["weights", "check", "-c", str(config), "--max-new-tokens", "2"])
     assert ok.exit_code == 0, ok.output

@@ -18,6 +18,7 @@ import pytest
 from fake_hub import Repo, Servers, folder_files
 
 from model.demo_weights import write_demo_weights
+from tests.demo_helpers import shape_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 VICUNA = "Vision-CAIR/vicuna-7b"
@@ -50,13 +51,8 @@ def drive(demo, tmp_path) -> Path:
 
 
 def _config(tmp_path: Path, demo) -> Path:
-    vision = ", ".join(f"{k} = {v}" for k, v in demo.vision.items())
-    qdims = ", ".join(f"{k} = {v}" for k, v in demo.qformer_dims.items())
     path = tmp_path / "bot.toml"
-    path.write_text(
-        f'data_dir = "{tmp_path / "state"}"\n\n[model]\ndevice = "cpu"  # the CPU\nvision = {{ {vision} }}\n'
-        f"qformer_dims = {{ {qdims} }}\n"
-    )
+    path.write_text(f'data_dir = "{tmp_path / "state"}"\n\n[model]\ndevice = "cpu"  # the CPU\n' + shape_lines(demo))
     return path
 
 
