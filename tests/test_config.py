@@ -66,10 +66,25 @@ def test_front_end_tables_are_validated_by_their_front_end(tmp_path):
     assert load_settings(None).frontend("web").port == 8080
 
 
-def test_the_engine_backend_must_be_installed(tmp_path):
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        pytest.param(
+            '[engine]\nbackend = "quantum"\n',
+            r"engine\.backend: .*no generation backend 'quantum'.*installed: local",
+            id="the_engine_backend_must_be_installed",
+        ),
+        pytest.param(
+            "[generation]\ntop_p = 1.5\nnum_beams = 0\n",
+            r"generation\.top_p.*\n.*generation\.num_beams|generation\.num_beams",
+            id="generation_ranges_are_validated",
+        ),
+    ],
+)
+def test_a_bad_value_is_refused_naming_its_field(tmp_path, text: str, match: str):
     path = tmp_path / "bot.toml"
-    path.write_text('[engine]\nbackend = "quantum"\n')
-    with pytest.raises(ConfigError, match=r"engine\.backend: .*no generation backend 'quantum'.*installed: local"):
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
         load_settings(path)
 
 
@@ -86,13 +101,6 @@ def test_every_bad_field_is_reported(tmp_path):
     fields = ("model.dtype", "model.quantization", "model.device", "model.colour")
     message = config_errors(tmp_path / "bot.toml", text, 4, fields)
     assert "'float64'" in message
-
-
-def test_generation_ranges_are_validated(tmp_path):
-    path = tmp_path / "bot.toml"
-    path.write_text("[generation]\ntop_p = 1.5\nnum_beams = 0\n")
-    with pytest.raises(ConfigError, match=r"generation\.top_p.*\n.*generation\.num_beams|generation\.num_beams"):
-        load_settings(path)
 
 
 def test_relative_paths_resolve_against_the_config_file(tmp_path, monkeypatch):
