@@ -66,10 +66,7 @@ class BackgroundBot(BackgroundWeb):
 
 @pytest.fixture(scope="module")
 def bot(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    running = BackgroundBot(tmp_path_factory.mktemp("web-page"))
-    running.start()
-    yield running
-    running.stop()
+    yield from BackgroundBot(tmp_path_factory.mktemp("web-page")).running()
 
 
 MARKUP = ("<b id=inj>bold?</b>", "```html\n<b id=inj>bold?</b>\n```")

@@ -44,10 +44,7 @@ class ScriptedBot(BackgroundWeb):
 
 @pytest.fixture(scope="module")
 def bot(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    running = ScriptedBot(tmp_path_factory.mktemp("web-views"))
-    running.start()
-    yield running
-    running.stop()
+    yield from ScriptedBot(tmp_path_factory.mktemp("web-views")).running()
 
 
 async def viewport(cdp: CDP, width: int, height: int, *, mobile: bool) -> None:

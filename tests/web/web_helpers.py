@@ -9,6 +9,7 @@ import json
 import struct
 import threading
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,12 @@ class BackgroundWeb:
         self.service = BotService(self.settings, self.db, self.backend)
         self.runner = await run_web(self.service, "127.0.0.1", 0)
         self.port = self.runner.addresses[0][1]
+
+    def running(self) -> Iterator[Any]:
+        """Start, hand out this bot, stop afterwards: a module-scoped fixture is ``yield from Bot(...).running()``."""
+        self.start()
+        yield self
+        self.stop()
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):
