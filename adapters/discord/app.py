@@ -61,6 +61,7 @@ from adapters.lifecycle import start_or_undo
 from adapters.streaming import InFlight, StreamedReply, TokenBucket
 from bot.core.frontend_api import Core, FrontEndSetupError
 from bot.core.requests import Request, ThreadRef
+from bot.core.shutdown import close_quietly
 
 __all__ = ["INTENTS_NOTE", "PERMISSIONS", "PLATFORM", "TOKEN_ENV", "DiscordFrontEnd", "DiscordToken"]
 
@@ -248,9 +249,7 @@ class DiscordFrontEnd:
         self._stopped = True
         await self._in_flight.cancel_all()
         client, self.client = self.client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await client.close()
+        await close_quietly(client.close if client is not None else None)
         gateway, self._gateway = self._gateway, None
         if gateway is not None:
             with contextlib.suppress(BaseException):

@@ -51,6 +51,7 @@ from adapters.slack.settings import SlackSettings
 from adapters.streaming import InFlight, StreamedReply, TokenBucket
 from bot.core.frontend_api import Core, FrontEndSetupError
 from bot.core.requests import Command, Final, ImageAttachment, Request, ThreadRef
+from bot.core.shutdown import close_quietly
 
 __all__ = ["EVENTS_PATH", "PLATFORM", "OneDeliveryAtATime", "SlackFrontEnd", "SlackTokens", "make_client"]
 
@@ -209,9 +210,7 @@ class SlackFrontEnd:
     async def stop(self) -> None:
         """Stop receiving, interrupt answers in flight (their placeholders say so), close connections."""
         socket, self._socket = self._socket, None
-        if socket is not None:
-            with contextlib.suppress(Exception):
-                await socket.close_async()
+        await close_quietly(socket.close_async if socket is not None else None)
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()

@@ -21,13 +21,13 @@ Chromium's own process sandbox cannot start as root, so a bot running as root la
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
 from typing import Any, Protocol, runtime_checkable
 
 from bot.core.config import RenderSettings
+from bot.core.shutdown import close_quietly
 
 __all__ = [
     "CHROMIUM_NAMES", "ENABLE_HINT", "NO_SANDBOX_HINT", "ChromiumRenderer", "PageRenderer", "RenderError",
@@ -137,8 +137,7 @@ class ChromiumRenderer:
         except Exception as exc:
             raise RenderError(f"Chromium failed to render the page: {type(exc).__name__}: {exc}") from exc
         finally:
-            with contextlib.suppress(Exception):
-                await context.close()
+            await close_quietly(context.close)
 
     async def _ensure_browser(self) -> Any:
         async with self._lock:
@@ -167,13 +166,9 @@ class ChromiumRenderer:
 
     async def close(self) -> None:
         browser, self._browser = self._browser, None
-        if browser is not None:
-            with contextlib.suppress(Exception):
-                await browser.close()
+        await close_quietly(browser.close if browser is not None else None)
         playwright, self._playwright = self._playwright, None
-        if playwright is not None:
-            with contextlib.suppress(Exception):
-                await playwright.stop()
+        await close_quietly(playwright.stop if playwright is not None else None)
 
 
 def _first_line(exc: Exception) -> str:
