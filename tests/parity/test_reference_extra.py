@@ -46,6 +46,25 @@ def _greedy(m, ctx: torch.Tensor, n: int, rp: float) -> list[int]:
     return generate_ids(m, [ctx], max_new_tokens=n, do_sample=False, repetition_penalty=rp)[0]
 
 
+def _prompt(m, case: dict, turns: list[dict]) -> str:
+    """The prompt of ``turns``, checked against the reference's text and its token segments."""
+    prompt = m.build_prompt(turns)
+    assert prompt == case["prompt"]
+    assert m.segment_token_ids(prompt) == case["segment_token_ids"]
+    return prompt
+
+
+def _context_logits_and_greedy(m, ctx: torch.Tensor, name: str, lengths: tuple[int, ...] = (8, 32)) -> None:
+    """The context embeddings, the last position's logits and the greedy ids (each length, repetition penalty
+    1.0 and 1.05) of case ``name`` match the reference's."""
+    _close(ctx, f"{name}__context_embeds.npy")
+    with torch.no_grad():
+        _close(m.llm(inputs_embeds=ctx[None]).logits[0, -1], f"{name}__last_logits.npy")
+    for n in lengths:
+        for rp in ("1.0", "1.05"):
+            assert _greedy(m, ctx, n, float(rp)) == CASES[name][f"greedy_ids_{n}_rp{rp}"], (n, rp)
+
+
 @pytest.fixture(scope="module")
 def vicuna0(parity_model):
     return parity_model
@@ -84,17 +103,9 @@ def test_llama2_visual_path(llama2):
 
 def test_llama2_prompt_context_logits_and_greedy(llama2):
     case = CASES["llama2_single"]
-    prompt = llama2.build_prompt([{"role": "user", "text": case["question"], "image": True}])
-    assert prompt == case["prompt"]
-    assert llama2.segment_token_ids(prompt) == case["segment_token_ids"]
+    prompt = _prompt(llama2, case, [{"role": "user", "text": case["question"], "image": True}])
     tokens = llama2.encode_pil([_image(case["image"])])
-    ctx = llama2.context_embeddings(prompt, tokens)
-    _close(ctx, "llama2_single__context_embeds.npy")
-    with torch.no_grad():
-        _close(llama2.llm(inputs_embeds=ctx[None]).logits[0, -1], "llama2_single__last_logits.npy")
-    for n in (8, 32):
-        for rp in ("1.0", "1.05"):
-            assert _greedy(llama2, ctx, n, float(rp)) == case[f"greedy_ids_{n}_rp{rp}"], (n, rp)
+    _context_logits_and_greedy(llama2, llama2.context_embeddings(prompt, tokens), "llama2_single")
 
 
 # ----------------------------------------------------------------------------- two turns, two images
@@ -108,20 +119,13 @@ def test_two_turns_two_images(vicuna0):
         {"role": "assistant", "text": first["assistant_answer_fixed"]},
         {"role": "user", "text": second["question"], "image": True},
     ]
-    prompt = vicuna0.build_prompt(turns)
-    assert prompt == case["prompt"]
-    assert vicuna0.segment_token_ids(prompt) == case["segment_token_ids"]
+    prompt = _prompt(vicuna0, case, turns)
     images = vicuna0.encode_pil([_image(case["images"][0]), _image(case["images"][1])])
     _close(images[0], "vicuna0_two_turns_two_images__visual_tokens_image1_shapes.npy")
     _close(images[1], "vicuna0_two_turns_two_images__visual_tokens_image2_stripes.npy")
     ctx = vicuna0.context_embeddings(prompt, images)
     assert ctx.shape[0] == case["context_len"]
-    _close(ctx, "vicuna0_two_turns_two_images__context_embeds.npy")
-    with torch.no_grad():
-        _close(vicuna0.llm(inputs_embeds=ctx[None]).logits[0, -1], "vicuna0_two_turns_two_images__last_logits.npy")
-    for n in (8, 32):
-        for rp in ("1.0", "1.05"):
-            assert _greedy(vicuna0, ctx, n, float(rp)) == case[f"greedy_ids_{n}_rp{rp}"], (n, rp)
+    _context_logits_and_greedy(vicuna0, ctx, "vicuna0_two_turns_two_images")
 
 
 def test_vicuna0_single_32_token_runs_diverge_at_step_23(vicuna0):
@@ -160,12 +164,6 @@ def test_minigptv2_interpolation_lora_and_greedy(v2):
     _close(out.vit_out[0], "minigptv2_single__vit_out.npy")
     _close(out.grouped[0], "minigptv2_single__grouped_vit_tokens.npy")
     _close(out.visual_tokens[0], "minigptv2_single__visual_tokens.npy")
-    prompt = v2.build_prompt([{"role": "user", "text": case["question"], "image": True}])
-    assert prompt == case["prompt"]
-    assert v2.segment_token_ids(prompt) == case["segment_token_ids"]
+    prompt = _prompt(v2, case, [{"role": "user", "text": case["question"], "image": True}])
     ctx = v2.context_embeddings(prompt, [out.visual_tokens[0]])
-    _close(ctx, "minigptv2_single__context_embeds.npy")
-    with torch.no_grad():
-        _close(v2.llm(inputs_embeds=ctx[None]).logits[0, -1], "minigptv2_single__last_logits.npy")
-    for rp in ("1.0", "1.05"):
-        assert _greedy(v2, ctx, 8, float(rp)) == case[f"greedy_ids_8_rp{rp}"]
+    _context_logits_and_greedy(v2, ctx, "minigptv2_single", lengths=(8,))
