@@ -164,11 +164,12 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def run_db(db_url: str) -> Callable[[Callable[[Database], Awaitable[Any]]], Any]:
-    """``run_db(async_fn)``: await ``async_fn(Database)`` in a fresh event loop, disposing the engine after."""
+    """``run_db(async_fn)``: await ``async_fn(Database)`` in a fresh event loop, disposing the engine after
+    (``run_db(async_fn, clock=…)``: ``Database``'s keyword arguments)."""
 
-    def run(fn: Callable[[Database], Awaitable[Any]]) -> Any:
+    def run(fn: Callable[[Database], Awaitable[Any]], **database: Any) -> Any:
         async def main() -> Any:
-            async with Database(db_url) as db:
+            async with Database(db_url, **database) as db:
                 return await fn(db)
 
         return asyncio.run(main())
