@@ -11,11 +11,12 @@ use the same random weights and greedy decoding with a fixed answer length.
     python benchmarks/engine.py --small                   # CPU, small shapes (~15 minutes on 2 cores)
     python benchmarks/engine.py --shape 7b --device cuda  # GPU, real Vicuna-7B shapes, fp16
 
-The systems themselves are in ``engine_systems.py``.  Each (system, threads) cell runs in its own process (and, for vllm, its own worker) so peak
-memory is its own.  A second table compares a follow-up's TTFT with prefix reuse against a
-full re-prefill at a ~1,000-token history, for the engine and for vLLM (prefix caching on vs
-off).  On a GPU a last column gives each cell's decode throughput as a fraction of the
-memory-bandwidth bound (every generated token of a batch reads all LLM weights once).
+The systems themselves are in ``engine_systems.py``.  Each (system, threads) cell runs in its
+own process (and, for vllm, its own worker) so peak memory is its own.  A second table compares
+a follow-up's TTFT with prefix reuse against a full re-prefill at a ~1,000-token history, for the
+engine and for vLLM (prefix caching on vs off).  On a GPU a last column gives each cell's decode
+throughput as a fraction of the memory-bandwidth bound (every generated token of a batch reads
+all LLM weights once).
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def worker(args: argparse.Namespace) -> None:
         return
     from model.engine.threads import apply_thread_settings, thread_settings
 
-    engine_systems.TORCH_THREADS = args.torch_threads
+    engine_systems.TORCH_THREADS, engine_systems.MAX_PREFILLS = args.torch_threads, args.max_prefills
     apply_thread_settings(thread_settings(args.torch_threads))  # every system runs with the engine's settings
     torch.manual_seed(0)
     model = _load(args)
@@ -124,7 +125,8 @@ async def _warmup(model, opts) -> None:
 def _cell(args: argparse.Namespace, system: str, threads: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", system, "--threads", str(threads), "--shape", args.shape,
            "--device", args.device, "--max-new", str(args.max_new), "--history", str(args.history),
-           "--vllm-model", args.vllm_model, "--torch-threads", str(args.torch_threads)]  # fmt: skip
+           "--vllm-model", args.vllm_model, "--torch-threads", str(args.torch_threads),
+           "--max-prefills", str(args.max_prefills)]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     for line in out.stdout.splitlines():
@@ -192,6 +194,8 @@ def main() -> None:
     parser.add_argument("--busy", type=int, default=0, help="CPU-bound processes of its own running beside it")
     parser.add_argument("--torch-threads", type=int, default=0,
                         help="[engine] threads for every system (0: derived, as the engine does)")  # fmt: skip
+    parser.add_argument("--max-prefills", type=int, default=4,
+                        help="the engine's [engine] max_prefills_per_step (default 4, the bot's)")  # fmt: skip
     parser.add_argument("--vllm-model", default="", help="folder for the exported random weights (default: a temp dir)")
     parser.add_argument("--bandwidth-gbs", type=float, default=0.0, help="GPU memory bandwidth for the bound")
     parser.add_argument("--worker", choices=["baseline", "engine", "static", "followup", "vllm", "vllm-followup"],
@@ -259,7 +263,8 @@ def _tables(args: argparse.Namespace) -> None:
 
     print(f"# engine benchmark: shape={args.shape} device={args.device}{' (' + gpu + ')' if gpu else ''} "
           f"answer={args.max_new} tokens, 3 turns/thread, runs={args.runs}, busy={args.busy}, "
-          f"torch {thread_settings(args.torch_threads).describe()}, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+          f"max_prefills_per_step={args.max_prefills}, torch {thread_settings(args.torch_threads).describe()}, "
+          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     print("# tok/s and speed-up: median over the runs (worst); speed-up against the first system of the same run;")
     print("# loop lag: p99 overshoot of a 10 ms asyncio sleep while the cell runs (worst run)")
     print()

@@ -21,6 +21,7 @@ from _workload import image as _image
 from _workload import turns as _turns
 
 TORCH_THREADS = 0  # --torch-threads, set by the worker: [engine] threads for every system
+MAX_PREFILLS = 4  # --max-prefills, set by the worker: the engine's [engine] max_prefills_per_step
 
 
 def _first_token_streamer():
@@ -103,7 +104,8 @@ async def run_engine(model, threads: int, max_new: int) -> dict:
 
     opts = _options(model, max_new)
     config = EngineConfig(scheduler=SchedulerConfig(max_batch=64, max_queue=1024, max_running_per_user=4,
-                                                    max_wait_s=3600, kv_budget_tokens=1_000_000),
+                                                    max_wait_s=3600, kv_budget_tokens=1_000_000,
+                                                    max_prefills_per_step=MAX_PREFILLS),
                           threads=TORCH_THREADS)  # fmt: skip
     ttft_first: list[float] = []
     ttft_follow: list[float] = []
