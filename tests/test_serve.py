@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -19,6 +20,8 @@ from bot.core.frontend_api import Core, FrontEndContext, FrontEndPlugin, FrontEn
 from bot.core.plugins import BACKENDS, FRONTENDS, load_plugin, plugin_names
 from bot.core.requests import Final, Request
 from tests.scripted_backend import ScriptedBackend
+
+T = TypeVar("T")
 
 
 def test_installed_plugins_are_well_formed() -> None:
@@ -125,6 +128,19 @@ def _settings(probes: dict[str, Any], **tables: Any) -> Settings:
     return Settings.model_validate({"data_dir": probes["data_dir"], "engine": {"backend": "scripted"}, **tables})
 
 
+async def _once_alpha_ended(
+    probes: dict[str, Any], caplog: pytest.LogCaptureFixture, during: Callable[[asyncio.Task[int]], Awaitable[T]]
+) -> tuple[T, int]:
+    """Serve alpha (which ends at once) and beta; once alpha has ended, ``during(serve's task)``, then beta is
+    stopped: what ``during`` returned, and serve's exit status."""
+    task = asyncio.create_task(serve.run_bot(_settings(probes), terminal=False))
+    while "alpha ended" not in caplog.text:
+        await asyncio.sleep(0.01)
+    value = await during(task)
+    probes["made"]["beta"].context.request_stop("beta")
+    return value, await asyncio.wait_for(task, 10)
+
+
 def test_serve_starts_what_is_enabled_and_stops_when_the_last_front_end_ends(probes, caplog) -> None:
     caplog.set_level(logging.INFO)
     status = asyncio.run(serve.run_bot(_settings(probes, beta={"enabled": False}), terminal=False))
@@ -138,15 +154,11 @@ def test_serve_starts_what_is_enabled_and_stops_when_the_last_front_end_ends(pro
 def test_a_front_end_that_leaves_does_not_stop_the_others(probes, caplog) -> None:
     caplog.set_level(logging.INFO)
 
-    async def main() -> int:
-        task = asyncio.create_task(serve.run_bot(_settings(probes), terminal=False))
-        while "alpha ended" not in caplog.text:
-            await asyncio.sleep(0.01)
+    async def still_serving(task: asyncio.Task[int]) -> None:
         assert not task.done()  # beta still serves
-        probes["made"]["beta"].context.request_stop("beta")
-        return await asyncio.wait_for(task, 10)
 
-    assert asyncio.run(main()) == 0
+    _, status = asyncio.run(_once_alpha_ended(probes, caplog, still_serving))
+    assert status == 0
     assert "alpha ended; still serving beta" in caplog.text
     assert probes["made"]["alpha"].stopped and probes["made"]["beta"].stopped
 
@@ -169,14 +181,8 @@ def test_nothing_enabled_is_an_error(probes, caplog) -> None:
 def test_serve_watches_each_started_front_end_for_readiness(probes, caplog) -> None:
     caplog.set_level(logging.INFO)
 
-    async def main() -> Any:
-        task = asyncio.create_task(serve.run_bot(_settings(probes), terminal=False))
-        while "alpha ended" not in caplog.text:
-            await asyncio.sleep(0.01)
-        ready = await probes["made"]["beta"].core.readiness()  # the real core, on the real database
-        probes["made"]["beta"].context.request_stop("beta")
-        await asyncio.wait_for(task, 10)
-        return ready
+    async def readiness(_task: asyncio.Task[int]) -> Any:
+        return await probes["made"]["beta"].core.readiness()  # the real core, on the real database
 
-    ready = asyncio.run(main())
+    ready, _ = asyncio.run(_once_alpha_ended(probes, caplog, readiness))
     assert ready.ok and ready.checks == {"database": "ok", "engine": "ok", "beta": "ok", "alpha": "ok"}
