@@ -40,12 +40,14 @@ from bot.core.errors import UserInputError
 from bot.core.requests import Final, ReplyFile
 
 __all__ = [
+    "ASKED",
     "COLORS",
     "TASK_PRESETS",
     "Box",
     "GroundedPictures",
     "Grounding",
     "Phrase",
+    "asked_region",
     "bold_spans",
     "draw_boxes",
     "identify_region",
@@ -90,6 +92,10 @@ COLORS: tuple[tuple[int, int, int], ...] = (
 """One colour per phrase, in order: the demo's palette (RGB), its two repeated entries left out."""
 
 BINS = 100
+
+ASKED = "asked"
+"""The label of the region an ``identify`` question asked about, drawn in :data:`ASKED_DASHES`."""
+ASKED_DASHES = ((0, 0, 0), (255, 255, 255))
 """Corners are integers 0–100 of the original width and height (the demo's ``bounding_box_size``)."""
 
 _NUMBER = r"-?\d+(?:\.\d+)?%?"
@@ -324,10 +330,35 @@ def _label_place(
     return (x, preferred, x + w, preferred + h)  # the picture is full of labels: this one may cover another
 
 
-def draw_boxes(picture: bytes, phrases: tuple[Phrase, ...], long_side: int) -> bytes:
+def asked_region(question: str) -> Box | None:
+    """The region an ``identify`` question asks about (the box :func:`identify_region` put in the text sent
+    to the model), so the returned picture can show it; ``None`` for any other question."""
+    prompt = TASK_PRESETS[REGION_PRESET]
+    if not question.startswith(prompt):
+        return None
+    found = _boxes("".join(re.findall(r"\{[^{}]*\}", question[len(prompt) :])[-1:]))
+    return found[0] if found else None
+
+
+def _dashed(draw: ImageDraw.ImageDraw, rect: tuple[int, int, int, int], line: int, dash: int) -> None:
+    """A rectangle's outline in black and white dashes: the asked region, unlike any phrase's solid colour
+    and visible on any picture."""
+    x1, y1, x2, y2 = rect
+    edges = (((x1, y1), (1, 0), x2 - x1), ((x1, y2 - line + 1), (1, 0), x2 - x1),
+             ((x1, y1), (0, 1), y2 - y1), ((x2 - line + 1, y1), (0, 1), y2 - y1))  # fmt: skip
+    for (x, y), (dx, dy), length in edges:
+        for at in range(0, length + 1, dash):
+            n = min(dash, length + 1 - at) - 1
+            start = (x + dx * at, y + dy * at)
+            end = (start[0] + dx * n + dy * (line - 1), start[1] + dy * n + dx * (line - 1))
+            draw.rectangle((*start, *end), fill=ASKED_DASHES[(at // dash) % 2])
+
+
+def draw_boxes(picture: bytes, phrases: tuple[Phrase, ...], long_side: int, asked: Box | None = None) -> bytes:
     """``picture`` as a PNG, scaled so its long side is ``long_side`` (aspect ratio kept), with every box
-    drawn in its phrase's colour and each phrase's label by its first box.  CPU-bound: call it off the
-    event loop.  Raises Pillow's errors for a picture it cannot read."""
+    drawn in its phrase's colour and each phrase's label by its first box; ``asked`` (the region of an
+    ``identify`` question) dashed, labelled :data:`ASKED`.  CPU-bound: call it off the event loop.  Raises
+    Pillow's errors for a picture it cannot read."""
     with Image.open(io.BytesIO(picture)) as source:
         image = source.convert("RGB")  # what the model saw (the first frame of a GIF)
     scale = long_side / max(image.size)
@@ -342,14 +373,18 @@ def draw_boxes(picture: bytes, phrases: tuple[Phrase, ...], long_side: int) -> b
     overlay = Image.new("RGBA", image.size, (0, 0, 0, 0))
     labels = ImageDraw.Draw(overlay)
     texts: list[tuple[tuple[int, int], str]] = []
-    for index, phrase in enumerate(phrases):
-        color = COLORS[index % len(COLORS)]
+    drawn = [(Phrase(ASKED, (asked,)), ASKED_DASHES[0])] if asked is not None else []
+    drawn += [(phrase, COLORS[index % len(COLORS)]) for index, phrase in enumerate(phrases)]
+    for phrase, color in drawn:
         for number, b in enumerate(phrase.boxes):
             rect = (
                 min(width - 1, round(b.x1 / BINS * width)), min(height - 1, round(b.y1 / BINS * height)),
                 min(width - 1, round(b.x2 / BINS * width)), min(height - 1, round(b.y2 / BINS * height)),
             )  # fmt: skip
-            draw.rectangle(rect, outline=color, width=line)
+            if b is asked:
+                _dashed(draw, rect, line, 4 * line)
+            else:
+                draw.rectangle(rect, outline=color, width=line)
             if not phrase.label or number:
                 continue  # a bare [refer] box has no label; a phrase is named once, by its first box
             text = _fit(phrase.label, font, width - 3 * pad - swatch)
@@ -390,20 +425,22 @@ class GroundedPictures:
         found = parse_grounding(answer)
         return (found.text or self.ONLY_BOXES) if found.phrases else answer
 
-    async def attach(self, final: Final, picture: bytes | None) -> Final:
+    async def attach(self, final: Final, picture: bytes | None, question: str = "") -> Final:
         """``final`` with ``boxes.png`` (its boxes on ``picture``: the thread's latest) and the cleaned text,
-        if it holds boxes; unchanged otherwise, or when the picture cannot be drawn on (one log line)."""
+        if it holds boxes or ``question`` asked about a region (``identify``: the region is drawn dashed, so
+        the user sees what the answer is about); unchanged otherwise, or when the picture cannot be drawn on
+        (one log line)."""
         if not self.settings.enabled or final.kind != "answer" or picture is None:
             return final
-        found = parse_grounding(final.text)
-        if not found.phrases:
+        found, asked = parse_grounding(final.text), asked_region(question)
+        if not found.phrases and asked is None:
             return final
         try:
-            png = await asyncio.to_thread(draw_boxes, picture, found.phrases, self.settings.long_side)
+            png = await asyncio.to_thread(draw_boxes, picture, found.phrases, self.settings.long_side, asked)
         except Exception as exc:  # a picture the checks let through but Pillow cannot draw on: keep the text
             log.warning("could not draw %d box(es) on the picture: %r", found.box_count, exc)
             return final
         file = ReplyFile(self.FILENAME, "image/png", png, title=self.TITLE)
         meta = {**final.meta, "boxes": found.box_count}
-        text = found.text or self.ONLY_BOXES
+        text = (found.text or self.ONLY_BOXES) if found.phrases else final.text
         return dataclasses.replace(final, text=text, files=(*final.files, file), meta=meta)

@@ -70,12 +70,13 @@ class WebsitePreviews:
         elif screenshot.runs_as_root():
             log.warning("website previews: %s", screenshot.NO_SANDBOX_HINT)
 
-    async def attach(self, final: Final, picture: bytes | None = None) -> Final:
+    async def attach(self, final: Final, picture: bytes | None = None, question: str = "") -> Final:
         """``final`` with ``website.png`` (when rendering works) and ``website.html`` added, if it holds a page;
-        with ``boxes.png`` (its boxes drawn on ``picture``, the thread's latest) if it holds boxes."""
+        with ``boxes.png`` (its boxes drawn on ``picture``, the thread's latest) if it holds boxes or
+        ``question`` asked about a region (``identify``)."""
         if final.kind != "answer":
             return final
-        final = await self.grounded.attach(final, picture)
+        final = await self.grounded.attach(final, picture, question)
         page = extract_html(final.text)
         if page is None:
             return final

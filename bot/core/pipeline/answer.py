@@ -40,7 +40,8 @@ class Extras:
         async with aclosing(call_next(ctx)) as events:
             async for event in events:
                 if isinstance(event, Final):
-                    event = await self.parts.previews.attach(event, ctx.images[-1] if ctx.images else None)
+                    picture = ctx.images[-1] if ctx.images else None
+                    event = await self.parts.previews.attach(event, picture, ctx.question)
                     if event.meta.get("context_cut") and not ctx.told_cut:  # once per thread: the first cut answer
                         event = dataclasses.replace(event, text=f"{event.text}\n\n{CUT_NOTE}")
                 yield event
