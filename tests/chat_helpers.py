@@ -10,8 +10,11 @@ at the platform's fake) — stopping is the same for every platform: the front e
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,7 @@ from bot.core.frontend_api import Core, FrontEnd
 from bot.core.service import BotService
 from storage import Database, sqlite_url
 
-__all__ = ["BASE", "ChatEnv", "fresh_database", "make_settings"]
+__all__ = ["BASE", "ChatEnv", "fresh_database", "make_settings", "run_in"]
 
 BASE: dict[str, Any] = {
     "generation": {"max_new_tokens": 8, "do_sample": False},
@@ -43,6 +46,22 @@ async def fresh_database(folder: Path, prefix: str) -> str:
     await schema.create_all()
     await schema.dispose()
     return url
+
+
+def run_in(
+    started: Callable[..., contextlib.AbstractAsyncContextManager[Any]],
+    main: Callable[[Any, Any], Awaitable[None]],
+    folder: Path,
+    **env: Any,
+) -> None:
+    """Run ``main(env, env.fake)`` inside ``started(folder, **env)`` (a platform's ``slack_env``, ``discord_env``)
+    in a fresh event loop: the frame of most chat-platform tests."""
+
+    async def run() -> None:
+        async with started(folder, **env) as running:
+            await main(running, running.fake)
+
+    asyncio.run(run())
 
 
 class ChatEnv:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,11 @@ from bot.core.frontend_api import FrontEndContext, ThreadTurn
 from bot.core.requests import ThreadRef
 from bot.core.service import BotService
 from tests import chat_helpers
-from tests.chat_helpers import ChatEnv, fresh_database
+from tests.chat_helpers import ChatEnv, fresh_database, run_in
 from tests.pictures import png as png_bytes
 from tests.scripted_backend import ScriptedBackend
 
-__all__ = ["Env", "FakeDiscord", "Message", "ScriptedBackend", "discord_env", "png_bytes"]
+__all__ = ["Env", "FakeDiscord", "Message", "ScriptedBackend", "discord_env", "in_discord", "png_bytes"]
 
 BASE: dict[str, Any] = {
     **chat_helpers.BASE,
@@ -116,3 +116,8 @@ async def discord_env(
                 await env.stop()
     finally:
         await fake.close()
+
+
+def in_discord(main: Callable[[Env, FakeDiscord], Awaitable[None]], folder: Path, **env: Any) -> None:
+    """:func:`~tests.chat_helpers.run_in` :func:`discord_env`: ``main(env, fake)`` in a started Discord env."""
+    run_in(discord_env, main, folder, **env)

@@ -10,7 +10,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from discord_helpers import Env, FakeDiscord, discord_env, png_bytes
+from discord_helpers import Env, FakeDiscord, discord_env, in_discord, png_bytes
 from typer.testing import CliRunner
 
 from bot.cli.main import app
@@ -86,42 +86,40 @@ def test_discord_role_allow_list_through_mentions_and_ask(tmp_path: Path) -> Non
 
 
 def test_discord_denied_role_wins_and_roles_made_while_running_count(tmp_path: Path) -> None:
-    async def main() -> None:
-        async with discord_env(tmp_path) as env:
-            fake = env.fake
-            # Made while the bot is connected (GUILD_ROLE_CREATE): the client knows it at once.
-            muted = await fake.add_role("Muted", members=(fake.bob,))
-            await admin(env, tmp_path, "deny", "role", str(muted), "-p", "discord")
+    async def main(env: Env, fake: FakeDiscord) -> None:
+        # Made while the bot is connected (GUILD_ROLE_CREATE): the client knows it at once.
+        muted = await fake.add_role("Muted", members=(fake.bob,))
+        await admin(env, tmp_path, "deny", "role", str(muted), "-p", "discord")
 
-            # Only a deny rule: members without the role pass, and so do DMs (no role there to deny).
-            await fake.send(fake.user_message(fake.dm, "What?", attachments=[fake.add_attachment(png_bytes())]))
-            await env.answered(fake.dm, channel=fake.dm, workspace="dm", shown_in=fake.dm)
-            _, thread_id = await fake.slash_question(png_bytes())
-            await env.answered(thread_id, shown_in=fake.general)
-            bobs = await fake.interact(fake.ask(fake.add_attachment(png_bytes()), "Mine?", user=fake.bob))
-            (notice,) = await fake.wait_for(lambda: fake.ephemerals())
-            assert DENIED in notice.content and notice.interaction_id == bobs.id
+        # Only a deny rule: members without the role pass, and so do DMs (no role there to deny).
+        await fake.send(fake.user_message(fake.dm, "What?", attachments=[fake.add_attachment(png_bytes())]))
+        await env.answered(fake.dm, channel=fake.dm, workspace="dm", shown_in=fake.dm)
+        _, thread_id = await fake.slash_question(png_bytes())
+        await env.answered(thread_id, shown_in=fake.general)
+        bobs = await fake.interact(fake.ask(fake.add_attachment(png_bytes()), "Mine?", user=fake.bob))
+        (notice,) = await fake.wait_for(lambda: fake.ephemerals())
+        assert DENIED in notice.content and notice.interaction_id == bobs.id
 
-            # Bob gets an allowed role too: the denied one still wins.
-            helpers = await fake.add_role("Helpers", members=(fake.bob, fake.alice))
-            await admin(env, tmp_path, "allow", "role", str(helpers), "-p", "discord")
-            mention = fake.user_message(fake.general, "Now?", author=fake.bob, mention=True,
-                                        attachments=[fake.add_attachment(png_bytes())])  # fmt: skip
-            await fake.send(mention)
-            reply = await fake.wait_for(lambda: [m for m in fake.bot_messages(fake.general) if m.reference])
-            assert DENIED in reply[0].content and len(fake.threads_created) == 1
-            # Without the denied role Bob passes on the allowed one.
-            fake.member_roles[fake.bob["id"]].remove(str(muted))
-            await fake.send(fake.user_message(fake.general, "Now?", author=fake.bob, mention=True,
-                                              attachments=[fake.add_attachment(png_bytes())]))  # fmt: skip
-            await fake.wait_for(lambda: len(fake.threads_created) == 2)
-            await env.answered(fake.threads_created[1], shown_in=fake.threads_created[1])
+        # Bob gets an allowed role too: the denied one still wins.
+        helpers = await fake.add_role("Helpers", members=(fake.bob, fake.alice))
+        await admin(env, tmp_path, "allow", "role", str(helpers), "-p", "discord")
+        mention = fake.user_message(fake.general, "Now?", author=fake.bob, mention=True,
+                                    attachments=[fake.add_attachment(png_bytes())])  # fmt: skip
+        await fake.send(mention)
+        reply = await fake.wait_for(lambda: [m for m in fake.bot_messages(fake.general) if m.reference])
+        assert DENIED in reply[0].content and len(fake.threads_created) == 1
+        # Without the denied role Bob passes on the allowed one.
+        fake.member_roles[fake.bob["id"]].remove(str(muted))
+        await fake.send(fake.user_message(fake.general, "Now?", author=fake.bob, mention=True,
+                                          attachments=[fake.add_attachment(png_bytes())]))  # fmt: skip
+        await fake.wait_for(lambda: len(fake.threads_created) == 2)
+        await env.answered(fake.threads_created[1], shown_in=fake.threads_created[1])
 
-            # @everyone (the server's id) is not one of a member's roles: allowing it lets no one in by role.
-            await admin(env, tmp_path, "allow", "role", str(fake.guild_id), "-p", "discord")
-            await admin(env, tmp_path, "allow", "role", str(helpers), "-p", "discord", "--remove")
-            await fake.interact(fake.ask(fake.add_attachment(png_bytes()), "Again?"))
-            await fake.wait_for(lambda: len(fake.ephemerals()) == 2)
-            assert DENIED in fake.ephemerals()[1].content
+        # @everyone (the server's id) is not one of a member's roles: allowing it lets no one in by role.
+        await admin(env, tmp_path, "allow", "role", str(fake.guild_id), "-p", "discord")
+        await admin(env, tmp_path, "allow", "role", str(helpers), "-p", "discord", "--remove")
+        await fake.interact(fake.ask(fake.add_attachment(png_bytes()), "Again?"))
+        await fake.wait_for(lambda: len(fake.ephemerals()) == 2)
+        assert DENIED in fake.ephemerals()[1].content
 
-    asyncio.run(main())
+    in_discord(main, tmp_path)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,12 @@ from bot.core.config import Settings
 from bot.core.frontend_api import FrontEndContext, ThreadTurn
 from bot.core.requests import ThreadRef
 from bot.core.service import BotService
-from tests.chat_helpers import ChatEnv, fresh_database
+from tests.chat_helpers import ChatEnv, fresh_database, run_in
 from tests.chat_helpers import make_settings as _make_settings
 from tests.pictures import png as png_bytes
 from tests.scripted_backend import ScriptedBackend
 
-__all__ = ["CHANNEL", "Env", "ScriptedBackend", "make_settings", "png_bytes", "slack_env"]
+__all__ = ["CHANNEL", "Env", "FakeSlack", "ScriptedBackend", "in_slack", "make_settings", "png_bytes", "slack_env"]
 
 CHANNEL = "C0GENERAL"
 
@@ -117,3 +117,8 @@ async def slack_env(
     finally:
         await env.stop()
         await fake.close()
+
+
+def in_slack(main: Callable[[Env, FakeSlack], Awaitable[None]], folder: Path, **env: Any) -> None:
+    """:func:`~tests.chat_helpers.run_in` :func:`slack_env`: ``main(env, fake)`` in a started Slack env."""
+    run_in(slack_env, main, folder, **env)
