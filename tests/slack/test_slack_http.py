@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from slack_helpers import CHANNEL, ScriptedBackend, png_bytes, slack_env
+from slack_helpers import CHANNEL, Env, FakeSlack, ScriptedBackend, in_slack, png_bytes, slack_env
 
 from model.engine.contract import RequestFailed
 
@@ -121,41 +121,39 @@ def test_http_a_replayed_event_does_not_download_its_picture_again(tmp_path: Pat
     """Issue 26, item 18: each retry of an answered event fetched its files from Slack before the core
     dropped it.  The core's record of the event (SQL, so also after a restart) is asked first."""
 
-    async def main() -> None:
-        async with slack_env(tmp_path, backend=ScriptedBackend("A red square."), mode="http") as env:
-            fake = env.fake
-            mention = fake.picture_mention(png_bytes())
-            assert (await fake.http_event(env.events_url, mention, event_id="EvREPLAY"))[0] == 200
-            await env.answered(mention["ts"])
-            assert len(fake.downloads) == 1
+    async def main(env: Env, fake: FakeSlack) -> None:
+        mention = fake.picture_mention(png_bytes())
+        assert (await fake.http_event(env.events_url, mention, event_id="EvREPLAY"))[0] == 200
+        await env.answered(mention["ts"])
+        assert len(fake.downloads) == 1
 
-            for retry in (1, 2, 3):  # Slack's retries (X-Slack-Retry-Num), and a duplicate without the header
-                assert (await fake.http_event(env.events_url, mention, event_id="EvREPLAY", retry_num=retry))[0] == 200
-            assert (await fake.http_event(env.events_url, mention, event_id="EvREPLAY"))[0] == 200
-            await fake.wait_for(lambda: env.outcomes().get("duplicate") == 4.0)
-            await env.restart()  # a late retry reaching a restarted bot
-            assert (await fake.http_event(env.events_url, mention, event_id="EvREPLAY", retry_num=4))[0] == 200
-            await fake.wait_for(lambda: env.outcomes().get("duplicate") == 1.0)
-            await fake.settle()
-            assert len(fake.downloads) == 1
-            assert len(fake.bot_replies(CHANNEL, mention["ts"])) == 1
+        for retry in (1, 2, 3):  # Slack's retries (X-Slack-Retry-Num), and a duplicate without the header
+            assert (await fake.http_event(env.events_url, mention, event_id="EvREPLAY", retry_num=retry))[0] == 200
+        assert (await fake.http_event(env.events_url, mention, event_id="EvREPLAY"))[0] == 200
+        await fake.wait_for(lambda: env.outcomes().get("duplicate") == 4.0)
+        await env.restart()  # a late retry reaching a restarted bot
+        assert (await fake.http_event(env.events_url, mention, event_id="EvREPLAY", retry_num=4))[0] == 200
+        await fake.wait_for(lambda: env.outcomes().get("duplicate") == 1.0)
+        await fake.settle()
+        assert len(fake.downloads) == 1
+        assert len(fake.bot_replies(CHANNEL, mention["ts"])) == 1
 
-            # A new event with the same picture is downloaded and answered as usual.
-            again = fake.user_message(CHANNEL, "And this?", thread_ts=mention["ts"], files=mention["files"])
-            assert (await fake.http_event(env.events_url, again, event_id="EvNEW"))[0] == 200
-            await env.answered(mention["ts"], answers=2)
-            assert len(fake.downloads) == 2
+        # A new event with the same picture is downloaded and answered as usual.
+        again = fake.user_message(CHANNEL, "And this?", thread_ts=mention["ts"], files=mention["files"])
+        assert (await fake.http_event(env.events_url, again, event_id="EvNEW"))[0] == 200
+        await env.answered(mention["ts"], answers=2)
+        assert len(fake.downloads) == 2
 
-            # An event whose answer failed is not "seen": its retry fetches the picture and is answered.
-            env.backend.fail = RequestFailed("the engine broke")
-            broken = fake.mention(CHANNEL, "What now?", files=[fake.add_file(png_bytes((0, 0, 200)))])
-            assert (await fake.http_event(env.events_url, broken, event_id="EvFAIL"))[0] == 200
-            await fake.wait_for(lambda: fake.bot_replies(CHANNEL, broken["ts"]))  # "something went wrong"
-            await fake.settle()
-            assert [t.status for t in await env.turns(broken["ts"]) if t.role == "assistant"] == ["failed"]
-            env.backend.fail = None
-            assert (await fake.http_event(env.events_url, broken, event_id="EvFAIL", retry_num=1))[0] == 200
-            await env.answered(broken["ts"])
-            assert len(fake.downloads) == 4
+        # An event whose answer failed is not "seen": its retry fetches the picture and is answered.
+        env.backend.fail = RequestFailed("the engine broke")
+        broken = fake.mention(CHANNEL, "What now?", files=[fake.add_file(png_bytes((0, 0, 200)))])
+        assert (await fake.http_event(env.events_url, broken, event_id="EvFAIL"))[0] == 200
+        await fake.wait_for(lambda: fake.bot_replies(CHANNEL, broken["ts"]))  # "something went wrong"
+        await fake.settle()
+        assert [t.status for t in await env.turns(broken["ts"]) if t.role == "assistant"] == ["failed"]
+        env.backend.fail = None
+        assert (await fake.http_event(env.events_url, broken, event_id="EvFAIL", retry_num=1))[0] == 200
+        await env.answered(broken["ts"])
+        assert len(fake.downloads) == 4
 
-    asyncio.run(main())
+    in_slack(main, tmp_path, backend=ScriptedBackend("A red square."), mode="http")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fake_slack import FakeSlack
-from slack_helpers import CHANNEL, ScriptedBackend, png_bytes, slack_env
+from slack_helpers import CHANNEL, Env, ScriptedBackend, in_slack, png_bytes
 
 from adapters.slack.app import make_client
 from adapters.slack.messages import INTERRUPTED, PLACEHOLDER, SlackThread, slack_format, unescape_mrkdwn
@@ -36,33 +36,32 @@ def _plain(text: str) -> str:
 
 
 def test_long_answer_is_split_without_breaking_characters_or_code_fences(tmp_path: Path) -> None:
-    async def main() -> None:
-        slack = {"max_message_chars": 300}
-        async with slack_env(tmp_path, backend=ScriptedBackend(LONG, piece=9), slack=slack) as env:
-            fake = env.fake
-            mention = fake.mention(CHANNEL, "website", files=[fake.add_file(png_bytes())])
-            await fake.send_event(mention)
-            await fake.wait_for(lambda: env.outcomes().get("answered"))
-            await fake.settle(0.3)
-            turns = await env.turns(mention["ts"])
-            assert turns[1].text == LONG.strip()
-            replies = fake.bot_replies(CHANNEL, mention["ts"])
-            assert len(replies) >= 5 and all(m.thread_ts == mention["ts"] for m in replies)
-            for message in replies:
-                for _, version in message.edits:  # interim versions too
-                    assert len(version) <= 300 and version.count("```") % 2 == 0, version
-                    version.encode("utf-8")
-            shown = [unescape_mrkdwn(m.text) for m in replies]
-            joined = "".join(shown)
-            assert _plain(joined) == _plain(LONG)
-            for cluster in ("👩‍💻", "e\u0301", "🇩🇪", "🇫🇷", "漢字", "<b>&amp;</b>"):
-                assert joined.count(cluster) == LONG.count(cluster), cluster
-            code_parts = [s for s in shown if "print(" in s]
-            assert len(code_parts) >= 3 and all(s.count("```") == 2 for s in code_parts[1:-1])
-            assert all(s.startswith("```python\n") for s in code_parts[1:])  # reopened with its language
-            assert not any(m.deleted for m in fake.thread(CHANNEL, mention["ts"], deleted=True))
+    slack = {"max_message_chars": 300}
 
-    asyncio.run(main())
+    async def main(env: Env, fake: FakeSlack) -> None:
+        mention = fake.mention(CHANNEL, "website", files=[fake.add_file(png_bytes())])
+        await fake.send_event(mention)
+        await fake.wait_for(lambda: env.outcomes().get("answered"))
+        await fake.settle(0.3)
+        turns = await env.turns(mention["ts"])
+        assert turns[1].text == LONG.strip()
+        replies = fake.bot_replies(CHANNEL, mention["ts"])
+        assert len(replies) >= 5 and all(m.thread_ts == mention["ts"] for m in replies)
+        for message in replies:
+            for _, version in message.edits:  # interim versions too
+                assert len(version) <= 300 and version.count("```") % 2 == 0, version
+                version.encode("utf-8")
+        shown = [unescape_mrkdwn(m.text) for m in replies]
+        joined = "".join(shown)
+        assert _plain(joined) == _plain(LONG)
+        for cluster in ("👩‍💻", "e\u0301", "🇩🇪", "🇫🇷", "漢字", "<b>&amp;</b>"):
+            assert joined.count(cluster) == LONG.count(cluster), cluster
+        code_parts = [s for s in shown if "print(" in s]
+        assert len(code_parts) >= 3 and all(s.count("```") == 2 for s in code_parts[1:-1])
+        assert all(s.startswith("```python\n") for s in code_parts[1:])  # reopened with its language
+        assert not any(m.deleted for m in fake.thread(CHANNEL, mention["ts"], deleted=True))
+
+    in_slack(main, tmp_path, backend=ScriptedBackend(LONG, piece=9), slack=slack)
 
 
 def test_update_budget_is_shared_by_concurrent_streams(tmp_path: Path) -> None:
@@ -74,27 +73,26 @@ def test_update_budget_is_shared_by_concurrent_streams(tmp_path: Path) -> None:
     async def sleep(seconds: float) -> None:
         await asyncio.sleep(seconds / scale)
 
-    async def main() -> None:
-        backend = ScriptedBackend("word " * 160, piece=5, delay=0.012)  # ≈ 1.9 s = 2 minutes of clock
-        slack = {"updates_per_minute": 8, "update_interval_s": 5.0}
-        async with slack_env(tmp_path, backend=backend, slack=slack, clock=clock, sleep=sleep) as env:
-            fake = env.fake
-            mentions = [fake.mention(CHANNEL, f"question {i}", files=[fake.add_file(png_bytes())]) for i in range(2)]
-            await asyncio.gather(*(fake.send_event(m) for m in mentions))
-            for mention in mentions:
-                await env.answered(mention["ts"])
-            updates = sorted(c.at for c in fake.calls_of("chat.update"))
-            tolerance = 3.0  # 50 ms of real time for the trip to the fake
-            worst = max(sum(t <= u < t + 60.0 - tolerance for u in updates) for t in updates)
-            assert worst <= 8, updates
-            assert len(updates) >= 10  # both streams were edited while they ran, within the budget
-            for mention in mentions:
-                (message,) = fake.bot_replies(CHANNEL, mention["ts"])
-                interim = [t for t, text in message.edits[1:-1]]
-                assert all(b - a >= 5.0 - tolerance for a, b in itertools.pairwise(interim))
-                assert message.text == ("word " * 160).strip()
+    backend = ScriptedBackend("word " * 160, piece=5, delay=0.012)  # ≈ 1.9 s = 2 minutes of clock
+    slack = {"updates_per_minute": 8, "update_interval_s": 5.0}
 
-    asyncio.run(main())
+    async def main(env: Env, fake: FakeSlack) -> None:
+        mentions = [fake.mention(CHANNEL, f"question {i}", files=[fake.add_file(png_bytes())]) for i in range(2)]
+        await asyncio.gather(*(fake.send_event(m) for m in mentions))
+        for mention in mentions:
+            await env.answered(mention["ts"])
+        updates = sorted(c.at for c in fake.calls_of("chat.update"))
+        tolerance = 3.0  # 50 ms of real time for the trip to the fake
+        worst = max(sum(t <= u < t + 60.0 - tolerance for u in updates) for t in updates)
+        assert worst <= 8, updates
+        assert len(updates) >= 10  # both streams were edited while they ran, within the budget
+        for mention in mentions:
+            (message,) = fake.bot_replies(CHANNEL, mention["ts"])
+            interim = [t for t, text in message.edits[1:-1]]
+            assert all(b - a >= 5.0 - tolerance for a, b in itertools.pairwise(interim))
+            assert message.text == ("word " * 160).strip()
+
+    in_slack(main, tmp_path, backend=backend, slack=slack, clock=clock, sleep=sleep)
 
 
 async def _reply(fake: FakeSlack) -> tuple[StreamedReply, str]:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-from slack_helpers import CHANNEL, Env, png_bytes, slack_env
+from slack_helpers import CHANNEL, Env, FakeSlack, in_slack, png_bytes, slack_env
 
 from adapters.slack.messages import escape_mrkdwn, missing_files_write
 from bot.core.requests import ReplyFile
@@ -22,40 +22,34 @@ def _minigptv2(tmp_path: Path, answer: str) -> contextlib.AbstractAsyncContextMa
 
 
 def test_render_slack_uploads_preview_and_page_into_the_thread(tmp_path: Path) -> None:
-    async def main() -> None:
-        async with slack_env(tmp_path, backend=ScriptedBackend(ANSWER, piece=40)) as env:
-            fake = env.fake
-            root = await fake.ask(png_bytes(), "website")
-            shared = await fake.wait_for(lambda: len(fake.shared_files(CHANNEL, root)) == 2 and fake.shared_files(
-                CHANNEL, root))  # fmt: skip
-            assert [u["filename"] for u in shared] == ["website.png", "website.html"]
-            assert shared[0]["data"].startswith(b"\x89PNG") and shared[1]["data"].decode() == PAGE
-            assert all(u["thread_ts"] == root for u in shared)  # in the answer's thread, not the channel
-            (answer,) = fake.bot_replies(CHANNEL, root)
-            assert answer.text == escape_mrkdwn(ANSWER)  # the text answer stays as it was streamed
+    async def main(env: Env, fake: FakeSlack) -> None:
+        root = await fake.ask(png_bytes(), "website")
+        shared = await fake.wait_for(lambda: len(fake.shared_files(CHANNEL, root)) == 2 and fake.shared_files(
+            CHANNEL, root))  # fmt: skip
+        assert [u["filename"] for u in shared] == ["website.png", "website.html"]
+        assert shared[0]["data"].startswith(b"\x89PNG") and shared[1]["data"].decode() == PAGE
+        assert all(u["thread_ts"] == root for u in shared)  # in the answer's thread, not the channel
+        (answer,) = fake.bot_replies(CHANNEL, root)
+        assert answer.text == escape_mrkdwn(ANSWER)  # the text answer stays as it was streamed
 
-    asyncio.run(main())
+    in_slack(main, tmp_path, backend=ScriptedBackend(ANSWER, piece=40))
 
 
 def test_render_slack_without_files_write_says_so_in_the_thread(tmp_path: Path) -> None:
-    async def main() -> None:
-        async with slack_env(tmp_path, backend=ScriptedBackend(ANSWER, piece=40)) as env:
-            fake = env.fake
-            fake.scopes.discard("files:write")
-            root = await fake.ask(png_bytes(), "website")
-            files = [
-                ReplyFile(
-                    "website.png", "image/png", b"", title="Preview (rendered without scripts or network access)"
-                ),
-                ReplyFile("website.html", "text/html", b"", title="The page as an HTML file"),
-            ]
-            note = escape_mrkdwn(missing_files_write(files))
-            replies = await fake.wait_for(lambda: [m for m in fake.bot_replies(CHANNEL, root) if m.text == note])
-            assert len(replies) == 1 and fake.shared_files(CHANNEL, root) == []
-            texts = [m.text for m in fake.bot_replies(CHANNEL, root)]
-            assert texts == [escape_mrkdwn(ANSWER), note]  # the answer, then the note; nothing lost
+    async def main(env: Env, fake: FakeSlack) -> None:
+        fake.scopes.discard("files:write")
+        root = await fake.ask(png_bytes(), "website")
+        files = [
+            ReplyFile("website.png", "image/png", b"", title="Preview (rendered without scripts or network access)"),
+            ReplyFile("website.html", "text/html", b"", title="The page as an HTML file"),
+        ]
+        note = escape_mrkdwn(missing_files_write(files))
+        replies = await fake.wait_for(lambda: [m for m in fake.bot_replies(CHANNEL, root) if m.text == note])
+        assert len(replies) == 1 and fake.shared_files(CHANNEL, root) == []
+        texts = [m.text for m in fake.bot_replies(CHANNEL, root)]
+        assert texts == [escape_mrkdwn(ANSWER), note]  # the answer, then the note; nothing lost
 
-    asyncio.run(main())
+    in_slack(main, tmp_path, backend=ScriptedBackend(ANSWER, piece=40))
 
 
 def test_grounding_slack_uploads_the_annotated_picture_into_the_thread(tmp_path: Path) -> None:
