@@ -214,13 +214,18 @@ def test_bot_messages_and_edits_are_ignored(demo_backend: Any, tmp_path: Path) -
     in_slack(main, tmp_path, backend=demo_backend)
 
 
+async def _mention_without_a_picture(fake: FakeSlack) -> str:
+    """A mention that forgot the picture: the bot asks for one (ephemerally); the mention's ts (its thread)."""
+    mention = fake.mention(CHANNEL, "what can I cook?")
+    await fake.send_event(mention)
+    await fake.wait_for(lambda: fake.ephemerals)
+    assert "I need a picture" in fake.ephemerals[0]["text"]
+    return mention["ts"]
+
+
 def test_a_picture_after_the_mention_or_after_reset_needs_no_second_mention(demo_backend: Any, tmp_path: Path) -> None:
     async def main(env: Env, fake: FakeSlack) -> None:
-        mention = fake.mention(CHANNEL, "what can I cook?")  # forgot the picture
-        root = mention["ts"]
-        await fake.send_event(mention)
-        await fake.wait_for(lambda: fake.ephemerals)
-        assert "I need a picture" in fake.ephemerals[0]["text"]
+        root = await _mention_without_a_picture(fake)
         chatter = fake.user_message(CHANNEL, "haha", user="UBOB", thread_ts=root)  # text only: not for the bot
         await fake.wait_ack(await fake.send_event(chatter))
         picture = fake.user_message(CHANNEL, "here it is", thread_ts=root, files=[fake.add_file(png_bytes())])
@@ -242,11 +247,7 @@ def test_a_picture_after_the_mention_or_after_reset_needs_no_second_mention(demo
 
 def test_a_picture_in_a_mentioned_thread_starts_the_conversation_after_a_restart(tmp_path: Path) -> None:
     async def main(env: Env, fake: FakeSlack) -> None:
-        mention = fake.mention(CHANNEL, "what can I cook?")  # forgot the picture
-        root = mention["ts"]
-        await fake.send_event(mention)
-        await fake.wait_for(lambda: fake.ephemerals)
-        assert "I need a picture" in fake.ephemerals[0]["text"]
+        root = await _mention_without_a_picture(fake)
 
         await env.restart()  # a new core and front end on the same database: nothing kept in memory
         calls = len(fake.calls)
