@@ -46,19 +46,12 @@ START = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 
 
 class Harness:
-    """The core on a database whose one clock the test moves (``h.now``): stored stamps and quota windows agree."""
+    """The core on a database whose one clock the test moves (``h.clock.now``): stored stamps and quota windows
+    agree."""
 
     def __init__(self, db: Database, settings: Settings, backend: ScriptedBackend, clock: MovableClock) -> None:
-        self.db, self.backend, self._clock = db, backend, clock
+        self.db, self.backend, self.clock = db, backend, clock
         self.service = BotService(settings, db, backend)
-
-    @property
-    def now(self) -> datetime:
-        return self._clock.now
-
-    @now.setter
-    def now(self, value: datetime) -> None:
-        self._clock.now = value
 
     async def ask(self, request: Request) -> list[Any]:
         return [event async for event in self.service.handle(request)]
@@ -96,7 +89,7 @@ def test_answer_is_streamed_stored_and_counted(run):
         turns = await h.turns()
         assert [(t.role, t.status) for t in turns] == [("user", "done"), ("assistant", "done")]
         assert turns[1].text == "A red circle." and turns[1].completion_tokens == 3 and turns[1].ttft_ms == 10
-        usage = await h.db.usage_since("slack", "T1", "alice", h.now.replace(hour=0))
+        usage = await h.db.usage_since("slack", "T1", "alice", h.clock.now.replace(hour=0))
         assert (usage.requests, usage.tokens, usage.images) == (1, 3, 1)
         call = h.backend.calls[0]
         assert call["turns"] == [{"role": "user", "text": "What is this?", "image": True}]
@@ -187,7 +180,7 @@ def test_quota_names_the_limit_and_reset_time(run):
         assert len(await h.turns()) == 4  # the refused question was not stored or sent
         await h.db.set_quota("user", "slack", "T1", "alice", requests_per_day=3)  # admin override
         assert (await h.ask(req("three")))[-1].kind == "answer"
-        h.now = h.now.replace(day=26)  # a new day
+        h.clock.now = h.clock.now.replace(day=26)  # a new day
         assert (await h.ask(req("four")))[-1].kind == "answer"
         metrics = h.service.metrics.render().decode()
         assert 'minigpt4_quota_rejections_total{limit="requests_per_day",scope="user"} 1.0' in metrics
@@ -233,7 +226,7 @@ def test_simultaneous_requests_are_counted_exactly(run):
         bob = await burst("bob", 4)  # the workspace has 2 of its 5 left
         assert sorted(e.kind for e in bob) == ["answer"] * 2 + ["error"] * 2
         assert all("This workspace has reached the limit of 5" in e.text for e in bob if e.kind == "error")
-        since = h.now.replace(hour=0)
+        since = h.clock.now.replace(hour=0)
         assert (await h.db.usage_since("slack", "T1", "alice", since)).requests == 3
         assert (await h.db.usage_since("slack", "T1", None, since)) == UsageTotals(5, 5 * 3, 5)
         assert len(h.backend.calls) == 5
@@ -248,7 +241,7 @@ def test_simultaneous_pictures_are_counted_exactly(run):
         two = png((1, 1, 1)), png((2, 2, 2))
         replies = await asyncio.gather(*(h.ask(req("What?", *two, thread=f"t{i}")) for i in range(4)))
         assert sorted(events[-1].kind for events in replies) == ["answer", "error", "error", "error"]
-        assert (await h.db.usage_since("slack", "T1", "alice", h.now.replace(hour=0))).images == 2
+        assert (await h.db.usage_since("slack", "T1", "alice", h.clock.now.replace(hour=0))).images == 2
 
     run(fn, settings)
 
@@ -258,7 +251,7 @@ def test_a_failed_answer_is_not_charged_and_an_interrupted_one_is(run):
     settings = {"quotas": {"user": {"requests_per_day": 2, "images_per_day": 0}}}
 
     async def fn(h: Harness):
-        since = h.now.replace(hour=0)
+        since = h.clock.now.replace(hour=0)
         h.backend.fail = RequestFailed("engine step failed")
         (failed,) = await h.ask(req("What?", png()))
         assert failed.kind == "error"
