@@ -101,8 +101,20 @@ def worker(args: argparse.Namespace) -> None:
     apply_thread_settings(thread_settings(args.torch_threads))  # every system runs with the engine's settings
     torch.manual_seed(0)
     model = _load(args)
+    if args.tune_all and args.device == "cpu":  # the engine's CPU tuning for the peers too (it does its own)
+        from model.engine.cpu_tuning import keep_freed_memory, lay_out_for_cpu
+
+        keep_freed_memory()
+        lay_out_for_cpu(model)
     warm = default_options(model, do_sample=False, max_new_tokens=2, stop_strings=())
-    asyncio.run(_warmup(model, warm))
+    if args.system in ("engine", "followup"):
+        asyncio.run(_warmup(model, warm))  # the engine's start also tunes a CPU host (model.engine.cpu_tuning)
+    else:  # plain transformers, as the reference runs it: an engine here would tune the shared model
+        from model.generate import generate
+        from model.image_processing import load_image
+
+        generate(model, [model.context_embeddings(model.build_prompt(_turns([], 0)),
+                                                  model.encode_pil([load_image(_image(0))]))], warm)  # fmt: skip
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     if args.system == "followup":
@@ -126,7 +138,7 @@ def _cell(args: argparse.Namespace, system: str, threads: int) -> dict:
     cmd = [sys.executable, __file__, "--worker", system, "--threads", str(threads), "--shape", args.shape,
            "--device", args.device, "--max-new", str(args.max_new), "--history", str(args.history),
            "--vllm-model", args.vllm_model, "--torch-threads", str(args.torch_threads),
-           "--max-prefills", str(args.max_prefills)]  # fmt: skip
+           "--max-prefills", str(args.max_prefills), *(["--tune-all"] if args.tune_all else [])]  # fmt: skip
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     for line in out.stdout.splitlines():
@@ -196,6 +208,11 @@ def main() -> None:
                         help="[engine] threads for every system (0: derived, as the engine does)")  # fmt: skip
     parser.add_argument("--max-prefills", type=int, default=4,
                         help="the engine's [engine] max_prefills_per_step (default 4, the bot's)")  # fmt: skip
+    parser.add_argument(
+        "--tune-all",
+        action="store_true",
+        help="CPU: give baseline and static the engine's CPU tuning too (weight layout, malloc)",
+    )
     parser.add_argument("--vllm-model", default="", help="folder for the exported random weights (default: a temp dir)")
     parser.add_argument("--bandwidth-gbs", type=float, default=0.0, help="GPU memory bandwidth for the bound")
     parser.add_argument("--worker", choices=["baseline", "engine", "static", "followup", "vllm", "vllm-followup"],
@@ -249,6 +266,10 @@ def _row(threads: int, name: str, runs: list[dict], ratios: list[float], bound: 
             f"{lag:.0f} | {max(r['peak_mb'] for r in runs):.0f} |{frac}")  # fmt: skip
 
 
+def _peers(args: argparse.Namespace) -> str:
+    return "with the engine's CPU tuning" if args.tune_all else "plain transformers"
+
+
 def _tables(args: argparse.Namespace) -> None:
     from model.engine.threads import thread_settings
 
@@ -263,7 +284,8 @@ def _tables(args: argparse.Namespace) -> None:
 
     print(f"# engine benchmark: shape={args.shape} device={args.device}{' (' + gpu + ')' if gpu else ''} "
           f"answer={args.max_new} tokens, 3 turns/thread, runs={args.runs}, busy={args.busy}, "
-          f"max_prefills_per_step={args.max_prefills}, torch {thread_settings(args.torch_threads).describe()}, "
+          f"max_prefills_per_step={args.max_prefills}, peers {_peers(args)}, "
+          f"torch {thread_settings(args.torch_threads).describe()}, "
           f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     print("# tok/s and speed-up: median over the runs (worst); speed-up against the first system of the same run;")
     print("# loop lag: p99 overshoot of a 10 ms asyncio sleep while the cell runs (worst run)")

@@ -36,6 +36,7 @@ from typing import Any
 
 from model.conversation import IMAGE_PLACEHOLDER
 from model.engine.contract import Busy, EngineError, FinalEvent, RequestFailed, RequestRejected, TokenEvent
+from model.engine.cpu_tuning import keep_freed_memory, lay_out_for_cpu
 from model.engine.metrics import EngineMetrics
 from model.engine.runner import Runner
 from model.engine.scheduler import Scheduler, SchedulerConfig, SeqInfo, StepResult
@@ -145,6 +146,8 @@ class Engine:
             self._stopping = False
             self.threads = thread_settings(self.config.threads)
             log.info("engine: %s", self.threads.describe())
+            if self.model.device.type == "cpu" and keep_freed_memory():
+                log.info("engine: malloc keeps freed memory for reuse (model.engine.cpu_tuning)")
             self._thread = threading.Thread(target=self._work, name="minigpt4-engine", daemon=True)
             self._thread.start()
         return self
@@ -309,6 +312,10 @@ class Engine:
     def _work(self) -> None:
         assert self.threads is not None
         apply_thread_settings(self.threads)  # here: torch's thread count is per thread (model.engine.threads)
+        if self.model.device.type == "cpu":
+            changed = lay_out_for_cpu(self.model)
+            if changed:
+                log.info("engine: %d linear weights laid out for the CPU GEMM (model.engine.cpu_tuning)", changed)
         while True:
             with self._lock:
                 while not self._stopping and not self._has_work():

@@ -1,12 +1,12 @@
 """The tensor side of the engine: image tokens, prefill with prefix reuse, batched decode steps.
 
-The running batch is one left-padded KV cache (a transformers ``DynamicCache`` whose layer
-tensors are ``[rows, heads, T, head_dim]``) plus a ``[rows, T]`` attention mask and each
-row's next position.  The sequences admitted in one step are prefilled together in one
+The running batch is one left-padded KV cache written in place (:class:`~model.engine.kv_cache.BatchKV`:
+per layer ``[rows, heads, T, head_dim]`` views of larger buffers, with their ``[rows, T]`` attention
+mask) and each row's next position.  The sequences admitted in one step are prefilled together in one
 padded forward (each row after its own reused prefix; a lone sequence without padding is
-exactly the computation a lone request does), and their KV is then stacked onto the batch;
-finished rows are sliced out and the all-padding columns on the left trimmed.  A decode step
-without padded rows runs without an attention mask.  Every row keeps its own
+exactly the computation a lone request does), and their KV is then written into free rows of the
+batch; a finished row is overwritten by the last one, and the all-padding columns on the left are
+skipped.  A decode step without padded rows runs without an attention mask.  Every row keeps its own
 :class:`~model.sampling.RowSampler` (options, history, generator); a decode step samples all rows in
 one :func:`~model.sampling.sample_rows` pass, whose ids equal each row's own, so a row's greedy ids
 do not depend on its neighbours.
@@ -24,6 +24,7 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from model.engine.caches import ImageTokenCache, Item, PrefixEntry, PrefixStore, image_key
 from model.engine.contract import RequestRejected
+from model.engine.kv_cache import KV, BatchKV
 from model.engine.types import SeqState
 from model.generate import answer_detokenizer
 from model.image_processing import ImageDecodeError, load_image
@@ -33,9 +34,6 @@ from model.sampling import RowSampler, sample_rows, truncate_left
 __all__ = ["Runner"]
 
 log = logging.getLogger(__name__)
-
-
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (K, V), each [rows, heads, T, head_dim]
 
 
 def _attention_layer(layer: object) -> DynamicLayer:
@@ -139,10 +137,8 @@ class Runner:
         self._staged: list[tuple[SeqState, PrefixEntry | None]] = []  # prefill() → run_prefills()
         # prefilled this step, joined at the next merge: (rows, their KV, [rows, T] mask, [rows] next positions)
         self._pending: list[tuple[list[SeqState], DynamicCache, torch.Tensor, torch.Tensor]] = []
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None  # [rows, T] long
+        self.batch = BatchKV()  # the running rows' KV, written in place
         self.positions: torch.Tensor | None = None  # [rows] next position of each row
-        self._padded = False  # whether any row of the batch is left-padded (else decode needs no mask)
         self.device = model.device
 
     # ------------------------------------------------------------------ preparing a sequence
@@ -268,89 +264,69 @@ class Runner:
         """Every running sequence, in batch order (pending joins last)."""
         return self._rows + [seq for seqs, _, _, _ in self._pending for seq in seqs]
 
+    @torch.inference_mode()
     def _merge_pending(self) -> None:
-        """Stack all sequences prefilled this step onto the batch in one copy of the KV cache."""
+        """Write all sequences prefilled this step into free rows of the batch cache (:class:`BatchKV`)."""
         if not self._pending:
             return
-        parts: list[tuple[DynamicCache, torch.Tensor, torch.Tensor]] = []
-        if self._rows:
-            assert self.cache is not None and self.mask is not None and self.positions is not None
-            parts.append((self.cache, self.mask, self.positions))
-        for seqs, cache, mask, positions in self._pending:
-            parts.append((cache, mask, positions))
+        positions = [] if self.positions is None else [self.positions]
+        for seqs, cache, mask, lengths in self._pending:
+            self.batch.add(kv_of(cache), mask, lengths.tolist())
             self._rows.extend(seqs)
+            positions.append(lengths)
         self._pending = []
-        width = max(mask.shape[1] for _, mask, _ in parts)
-        kvs = [kv_of(cache) for cache, _, _ in parts]
-        merged = parts[0][0]
-        stacked = []
-        for layer in range(len(kvs[0])):
-            keys = torch.cat([_pad_left(kv[layer][0], width, 2) for kv in kvs])
-            stacked.append((keys, torch.cat([_pad_left(kv[layer][1], width, 2) for kv in kvs])))
-        set_kv(merged, stacked)
-        self.cache = merged
-        self.mask = torch.cat([_pad_left(mask, width, 1) for _, mask, _ in parts])
-        self.positions = torch.cat([pos for _, _, pos in parts])
-        self._padded = bool((self.mask == 0).any())
+        self.positions = torch.cat(positions)
 
     @torch.inference_mode()
     def decode(self) -> list[int]:
         """One decode step for every row: feed each row's last token, sample the next one."""
         self._merge_pending()
-        assert self.cache is not None and self.mask is not None and self.positions is not None
+        assert self.positions is not None
         last = torch.tensor([seq.generated[-1] for seq in self._rows], device=self.device).unsqueeze(1)  # [B, 1]
         embeds = self.model.llm.get_input_embeddings()(last)  # [B, 1, H]
-        self.mask = torch.cat([self.mask, self.mask.new_ones(len(self._rows), 1)], dim=1)
+        padded = self.batch.padded
+        mask = self.batch.next_step_mask()
         out = self.model(
             inputs_embeds=embeds,
-            attention_mask=self.mask if self._padded else None,  # no padding: the plain causal path
+            attention_mask=mask if padded else None,  # no padding: the plain causal path
             position_ids=self.positions.unsqueeze(1),
-            cache=self.cache,
+            cache=self.batch.cache,
         )
+        self.batch.advance(1)
         self.positions = self.positions + 1
         return sample_rows(_prepared(self._rows)[1], out.logits[:, -1, :])  # one pass over [B, V]
 
+    @torch.inference_mode()
     def remove(self, finished: list[SeqState]) -> dict[str, int]:
         """Drop rows; keep each finished conversation's KV as its prefix. Returns ``{key: tokens}`` kept."""
         if not finished:
             return {}
         self._merge_pending()
-        assert self.cache is not None and self.mask is not None and self.positions is not None
+        assert self.positions is not None
         gone = {s.seq_id for s in finished}
         kept: dict[str, int] = {}
-        width = self.mask.shape[1]
-        batch_kv = kv_of(self.cache)
         for index, seq in enumerate(self._rows):
             key = seq.request.conversation_id
             if seq.seq_id not in gone or not key or not self.prefix_reuse or seq.finish_reason == "aborted":
                 continue
-            valid = int(self.mask[index].sum())  # left-padded: the valid columns are the last `valid`
-            kv = [(keys[index : index + 1, :, width - valid :].clone(),
-                   values[index : index + 1, :, width - valid :].clone()) for keys, values in batch_kv]  # fmt: skip
+            valid = self.batch.lengths[index]
             items = seq.items + seq.generated[:-1]  # the last sampled token was never fed
             if len(items) != valid:
                 log.error("prefix bookkeeping mismatch for %s (%d items, %d KV)", seq.seq_id, len(items), valid)
                 continue
-            self.prefixes.put(key, PrefixEntry(items, kv))
+            self.prefixes.put(key, PrefixEntry(items, self.batch.row_kv(index)))
             kept[key] = valid
-        keep = [i for i, s in enumerate(self._rows) if s.seq_id not in gone]
-        self._rows = [self._rows[i] for i in keep]
+        order = self.batch.remove([i for i, s in enumerate(self._rows) if s.seq_id in gone])
+        self._rows = [self._rows[i] for i in order]
+        self.positions = self.positions[torch.tensor(order, dtype=torch.long, device=self.device)]
         if not self._rows:
-            self.cache = self.mask = self.positions = None
-            return kept
-        rows = torch.tensor(keep, device=self.device)
-        mask = self.mask[rows]
-        first = int((mask.sum(0) > 0).nonzero()[0])  # leading columns that are padding in every row
-        self.mask = mask[:, first:]
-        self._padded = bool((self.mask == 0).any())
-        self.positions = self.positions[rows]
-        set_kv(self.cache, [(keys[rows, :, first:], values[rows, :, first:]) for keys, values in batch_kv])
+            self.positions = None
         return kept
 
     def reset(self) -> None:
         """Forget the running batch (after a failed step); the reuse caches stay."""
         self._rows, self._pending, self._staged = [], [], []
-        self.cache = self.mask = self.positions = None
+        self.batch, self.positions = BatchKV(), None
 
     def evict(self, keys: tuple[str, ...] | list[str]) -> None:
         for key in keys:
