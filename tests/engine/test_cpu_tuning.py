@@ -25,6 +25,15 @@ from model.engine.cpu_tuning import keep_freed_memory, lay_out_for_cpu
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _plain(module):
+    """A copy with every linear weight in PyTorch's usual layout (the shared test models are laid out already)."""
+    copied = copy.deepcopy(module)
+    for sub in copied.modules():
+        if isinstance(sub, torch.nn.Linear):
+            sub.weight.data = sub.weight.data.contiguous()
+    return copied
+
+
 def test_the_layout_keeps_values_and_shapes_and_is_done_once() -> None:
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4, bias=False))
@@ -42,8 +51,8 @@ def test_the_layout_keeps_values_and_shapes_and_is_done_once() -> None:
 
 
 def test_the_laid_out_llm_gives_the_same_logits_and_greedy_ids(m) -> None:
-    original = copy.deepcopy(m.llm)
-    laid_out = copy.deepcopy(m.llm)
+    original = _plain(m.llm)
+    laid_out = _plain(m.llm)
     assert lay_out_for_cpu(laid_out) > 0
     ids = torch.randint(3, m.llm.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -63,7 +72,7 @@ def test_malloc_keeps_freed_memory_where_the_c_library_has_mallopt() -> None:
 
 
 def test_the_engine_tunes_a_cpu_host_at_start_and_says_so(m, caplog) -> None:
-    model = copy.deepcopy(m)
+    model = _plain(m)
 
     async def main():
         async with Engine(model) as eng:
