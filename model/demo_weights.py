@@ -124,6 +124,43 @@ def _rand(gen: torch.Generator, *shape: int, scale: float = 0.02) -> torch.Tenso
     return torch.randn(*shape, generator=gen) * scale
 
 
+# Residual dimension 0 carries a constant, so the LLM can push byte pieces far down (see _steer_away_from_bytes).
+ANCHOR = 0.25  # its value: a few times the other embedding columns' spread, so the norm stays dominated by them
+BYTE_PUSH = 40.0  # the avoided pieces' head weight on it: logit ≈ -BYTE_PUSH · (normalised anchor)
+EOS_PUSH = 0.15  # the end-of-text token's: demo answers of ~120 tokens (median; 0 gave many of 1-3 tokens)
+EOS_ID = 2
+
+
+def _avoided_pieces(tokenizer_model: Path) -> list[int]:
+    """The pieces a demo answer should not contain: byte fallback (``<0x00>``…) and pieces with ``#``."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
+    return [i for i in range(sp.get_piece_size()) if sp.is_byte(i) or "#" in sp.id_to_piece(i)]
+
+
+def _steer_away(llm: Any, avoided: list[int]) -> None:
+    """Make the random LLM (almost) never emit the ``avoided`` pieces (:func:`_avoided_pieces`).
+
+    Half the demo vocabulary is byte fallback: random logits picked bytes that decode to no character, and the
+    demo's answers were strings of U+FFFD.  And a random ``###`` (Vicuna v0's stop string) ended answers after
+    a few dozen tokens.  Residual dimension 0 is held at :data:`ANCHOR` at every position (the text embeddings
+    and the picture projection write it; no layer's output does), so after the final norm it is a positive
+    constant; the head gives each avoided piece ``-BYTE_PUSH`` on it, the end-of-text token a little
+    (``-EOS_PUSH``, so that answers are not cut to a few tokens) and every other piece 0.  Demo answers then end
+    at the end-of-text token or the length limit.
+    """
+    with torch.no_grad():
+        llm.model.embed_tokens.weight[:, 0] = ANCHOR
+        for layer in llm.model.layers:
+            layer.self_attn.o_proj.weight[0, :] = 0.0
+            layer.mlp.down_proj.weight[0, :] = 0.0
+        head = llm.lm_head.weight
+        head[:, 0] = 0.0
+        head[avoided, 0] = -BYTE_PUSH
+        head[EOS_ID, 0] = -EOS_PUSH
+
+
 def _write_llm(out: Path, sizes: DemoSizes, gen: torch.Generator) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -137,7 +174,7 @@ def _write_llm(out: Path, sizes: DemoSizes, gen: torch.Generator) -> None:
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
         bos_token_id=1,
-        eos_token_id=2,
+        eos_token_id=EOS_ID,
         pad_token_id=0,
         tie_word_embeddings=False,
     )
@@ -148,6 +185,7 @@ def _write_llm(out: Path, sizes: DemoSizes, gen: torch.Generator) -> None:
                 param.copy_(1.0 + _rand(gen, *param.shape, scale=0.1))
             else:
                 param.copy_(_rand(gen, *param.shape, scale=0.08))
+    _steer_away(llm, _avoided_pieces(out / "tokenizer.model"))
     # transformers' @wraps(nn.Module.to) hides `self` from mypy (typeshed's _Wrapped is no descriptor)
     llm.to(torch.float16).save_pretrained(out)  # type: ignore[arg-type]
 
@@ -223,6 +261,8 @@ def _write_projection(path: Path, in_features: int, sizes: DemoSizes, gen: torch
         "llama_proj.weight": _rand(gen, sizes.llm_hidden, in_features, scale=0.2),
         "llama_proj.bias": _rand(gen, sizes.llm_hidden),
     }
+    model["llama_proj.weight"][0] = 0.0  # residual dimension 0 is the LLM's anchor (_steer_away)
+    model["llama_proj.bias"][0] = ANCHOR
     if lora:
         r, h = sizes.lora_rank, sizes.llm_hidden
         for i in range(sizes.llm_layers):
