@@ -7,6 +7,7 @@ implementation, so the ids sent to vLLM and the text shown are the local engine'
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,10 @@ class TextCodec:
         from transformers import AutoTokenizer
 
         folder = Path(folder).expanduser()
+        if _model_type(folder) == "minigpt4":  # an exported folder: AutoTokenizer looks its model_type up
+            from model.vllm_plugin.configuration import register_config
+
+            register_config()
         spm = folder / "tokenizer.model"
         # legacy=True: the reference's slow SentencePiece tokenizer (`[INST]` after `<s>` → `▁[`, `INST`, `]`).
         return cls(AutoTokenizer.from_pretrained(folder, legacy=True), str(spm) if spm.is_file() else None)
@@ -58,3 +63,12 @@ class TextCodec:
         special = set(self.tokenizer.all_special_ids)
         size = self._sp.get_piece_size()
         return self._sp.decode([i for i in ids if i not in special and 0 <= i < size])
+
+
+def _model_type(folder: Path) -> str | None:
+    """``model_type`` of the folder's ``config.json`` (``None`` without a readable one)."""
+    try:
+        value = json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None

@@ -17,17 +17,10 @@ __all__ = ["register"]
 
 def register() -> None:
     """Make ``model_type = "minigpt4"`` folders loadable by vLLM (safe to call repeatedly)."""
-    from transformers import AutoConfig
     from vllm import ModelRegistry
 
-    from model.vllm_plugin.configuration import ARCHITECTURE, MODEL_TYPE, MiniGPT4Config
+    from model.vllm_plugin.configuration import ARCHITECTURE, register_config
 
-    try:
-        AutoConfig.register(MODEL_TYPE, MiniGPT4Config, exist_ok=True)
-    except TypeError:  # a transformers without exist_ok
-        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-        if MODEL_TYPE not in CONFIG_MAPPING:
-            AutoConfig.register(MODEL_TYPE, MiniGPT4Config)
+    register_config()
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, f"model.vllm_plugin.modeling:{ARCHITECTURE}")

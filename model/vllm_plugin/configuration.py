@@ -174,3 +174,21 @@ def expected_shapes(config: MiniGPT4Config) -> dict[str, tuple[int, ...]]:
             p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
         }  # fmt: skip
     return shapes
+
+
+def register_config() -> None:
+    """Register :class:`MiniGPT4Config` with ``AutoConfig`` (idempotent).
+
+    vLLM needs it to read an exported folder; the bot needs it too wherever transformers looks a folder's
+    config up by its ``model_type`` (``AutoTokenizer`` does, and otherwise warns that it loads ``minigpt4``
+    as an untyped config).
+    """
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.register(MODEL_TYPE, MiniGPT4Config, exist_ok=True)
+    except TypeError:  # a transformers without exist_ok
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        if MODEL_TYPE not in CONFIG_MAPPING:
+            AutoConfig.register(MODEL_TYPE, MiniGPT4Config)

@@ -7,6 +7,8 @@ really loads and runs the folders is tests/vllm/test_model.py.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,8 @@ from model.conversation import TEMPLATES, build_prompt
 from model.demo_weights import DemoSizes, write_demo_weights
 from model.vllm_plugin.configuration import MiniGPT4Config, expected_shapes
 from model.vllm_plugin.export import MANIFEST, _save_shards, chat_template, check_export, export_model
+
+ROOT = Path(__file__).resolve().parents[2]
 
 VARIANTS = ("vicuna0", "llama2", "minigptv2")
 THREAD: list[dict[str, Any]] = [
@@ -150,6 +154,19 @@ def test_tokenizer_and_chat_template_give_the_backends_token_ids(
     assert text == tokenizer.bos_token + prompt
     assert (folder / "chat_template.jinja").read_text() == chat_template(template)
     assert tokenizer(text, add_special_tokens=False).input_ids == contract
+
+
+def test_the_bot_reads_an_exported_folders_tokenizer_without_a_config_warning(
+    exports: dict[str, tuple[Any, Path]],
+) -> None:
+    """The vllm backend tokenises with the exported folder in the bot's process, where transformers does not know
+    ``model_type = "minigpt4"`` unless it is registered: it warned "a model of type minigpt4 … of type ``"."""
+    _, folder = exports["vicuna0"]
+    code = "import sys; from model.text import TextCodec; print(TextCodec.from_dir(sys.argv[1]).eos_id)"
+    out = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=ROOT, capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    assert out.stdout.strip() == "2"
+    assert "model of type" not in out.stderr, out.stderr
 
 
 def test_weights_export_command(tmp_path: Path) -> None:
