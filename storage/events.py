@@ -46,6 +46,14 @@ class EventStore(Store):
                 await session.execute(_attempt_questions(answer).values(status="retried", updated_at=self.now()))
             return True
 
+    async def forget_event(self, platform: str, event_id: str) -> bool:
+        """Give back an event id whose request was refused before anything was stored (no answer linked), so
+        that the same id sent again is answered; ``False`` if there was no such row."""
+        async with self.sessions.begin() as session:
+            key = (ProcessedEvent.platform == platform, ProcessedEvent.event_id == event_id)
+            row = delete(ProcessedEvent).where(*key, ProcessedEvent.turn_id.is_(None))
+            return bool(affected(await session.execute(row)))
+
     async def event_seen(self, platform: str, event_id: str) -> bool:
         """Whether :meth:`mark_event` would refuse the event now (a read: nothing recorded) — for a front end
         that asks before fetching what a request needs.  An event whose answer failed or was interrupted is

@@ -43,9 +43,6 @@ CONFIG_KEY = web.AppKey("openai_config", dict)
 IMAGES_KEY = web.AppKey("openai_images", RemoteImages)
 OWNER_KEY = web.RequestKey("openai_owner", ApiKeyOwner)
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-# Refused before the question is stored: the core keeps such an event as seen (a retry is a duplicate), while
-# busy or failing answers are stored as failed and their retry is answered.
-KEPT_REFUSALS = frozenset({"access_denied", "quota", "bad_input", "unsupported"})
 OFF_LOOP_BYTES = 256 * 1024  # bodies above this are parsed in a thread (the event loop keeps streaming)
 
 STATUS = {  # the core's refusal reasons → (HTTP status, OpenAI error type, code)
@@ -76,9 +73,9 @@ def _duplicate() -> web.Response:
     """A 409 for a retried ``Idempotency-Key`` (Stripe's ``idempotency_key_in_use``): the core keeps which
     requests it answered, not their answers, so the first answer cannot be sent again.  ``x-should-retry:
     false``: the SDK would otherwise retry a 409 with the same key."""
-    response = _error(409, f"A request with this {IDEMPOTENCY_HEADER} was already received: it is being answered, "
-                      "was answered, or was refused. Its answer is not sent twice (nor charged twice); send a new "
-                      "key for a new request.", param=IDEMPOTENCY_HEADER, code="idempotency_key_in_use")  # fmt: skip
+    response = _error(409, f"A request with this {IDEMPOTENCY_HEADER} was already received: it is being answered "
+                      "or was answered. Its answer is not sent twice (nor charged twice); send a new key for a new "
+                      "request.", param=IDEMPOTENCY_HEADER, code="idempotency_key_in_use")  # fmt: skip
     response.headers["x-should-retry"] = "false"
     return response
 
@@ -245,7 +242,7 @@ async def _bot_request(request: web.Request, call: ChatCall) -> Request:
         platform=PLATFORM, workspace=owner.workspace, channel=channel, thread=placement.ref.thread,
         user=owner.user, text=text, images=tuple(found[u] for m in new for u in m.image_urls),
         preset=preset if tail == 0 else None, generation=call.generation, history=history,
-        event_id=idempotency_event(owner, request.headers.get(IDEMPOTENCY_HEADER)),
+        event_id=idempotency_event(owner, request.headers.get(IDEMPOTENCY_HEADER)), retry_refused=True,
     )  # fmt: skip
 
 
@@ -287,10 +284,7 @@ async def _chat(request: web.Request) -> web.StreamResponse:
         if first is None:  # the Idempotency-Key of a request being answered or answered: not answered twice
             return _duplicate()
         if isinstance(first, Final) and "reason" in first.meta:
-            refused = _refusal(first)
-            if bot_request.event_id and first.meta["reason"] in KEPT_REFUSALS:  # a retry with its key: a 409
-                refused.headers["x-should-retry"] = "false"
-            return refused
+            return _refusal(first)  # the core gave a refused request's key back: a retry with it is answered
         if call.stream:
             return await _stream(request, call, first, replies)
         return await _complete(call, first, replies)

@@ -178,6 +178,13 @@ class Request:
     text may name a preset as a message does.  A front end sends it only when the client's history is not
     the stored one (edited, regenerated, or never seen): a follow-up on the stored conversation reuses the
     engine's cached image tokens and KV prefix, a seeded one cannot.
+
+    ``event_id``: the platform's id of the event; a second request with the same id is a redelivery and is
+    answered by nothing (unless the first one's answer failed or was interrupted: then it is answered).
+    ``retry_refused``: a request refused before anything was stored (an access rule, a quota, a bad picture)
+    gives its ``event_id`` back, so that the same id sent again is answered — for front ends whose clients
+    retry on purpose (an API's ``Idempotency-Key``).  Chat platforms leave it off: their redeliveries of a
+    refused message would post the refusal again.
     """
 
     platform: str
@@ -194,6 +201,7 @@ class Request:
     generation: GenerationRequest | None = None
     history: tuple[HistoryTurn, ...] | None = None
     command: Command | None = None
+    retry_refused: bool = False
 
     def __post_init__(self) -> None:
         _normalize_place(self)

@@ -149,6 +149,24 @@ def test_an_event_refused_before_its_answer_stays_a_duplicate(run):
     run(fn, {"quotas": {"user": {"requests_per_day": 1, "images_per_day": 0}}})
 
 
+def test_a_refused_event_that_asks_for_it_gets_its_id_back_and_its_retry_is_answered(run):
+    """``retry_refused`` (an API's Idempotency-Key): a request refused before anything was stored frees its id —
+    once the quota allows, the same id is answered, then it is a duplicate like any answered event."""
+
+    async def fn(h: Harness):
+        assert (await h.ask(req("What is this?", png(), event_id="e0", retry_refused=True)))[-1].kind == "answer"
+        (refused,) = await h.ask(req("And this?", png(), event_id="e1", retry_refused=True))
+        assert "limit of 1 request" in refused.text
+        assert not await h.db.event_seen("slack", "e1")
+        await h.db.set_quota("user", "slack", "T1", "alice", requests_per_day=2)
+        assert (await h.ask(req("And this?", png(), event_id="e1", retry_refused=True)))[-1].kind == "answer"
+        assert await h.ask(req("And this?", png(), event_id="e1", retry_refused=True)) == []
+        assert not await h.db.forget_event("slack", "e1")  # answered: its id is never given back
+        assert [t.text for t in await h.turns() if t.role == "user"].count("And this?") == 1
+
+    run(fn, {"quotas": {"user": {"requests_per_day": 1, "images_per_day": 0}}})
+
+
 CHILD = textwrap.dedent(
     """
     import asyncio, sys

@@ -88,17 +88,21 @@ def test_a_request_without_the_header_is_never_a_duplicate(tmp_path: Path) -> No
     asyncio.run(main())
 
 
-def test_a_refused_request_keeps_its_key_and_tells_the_sdk_not_to_retry_it(tmp_path: Path) -> None:
+def test_a_refused_request_gives_its_key_back_so_that_its_retry_is_answered(tmp_path: Path) -> None:
+    """As Stripe keeps no result for a request that failed validation: a 429 (or 403, 400) stores nothing, so the
+    same key sent again once the quota allows is answered — once: after that it is a 409 like any answer's."""
+
     async def main() -> None:
         async with running_api(tmp_path, ScriptedBackend("A red square.")) as api:
             await api.db.set_quota("user", "openai", "acme", "alice", requests_per_day=1)
             assert await ask(api, idempotency="first") == "A red square."
             with pytest.raises(openai.RateLimitError) as refused:
                 await ask(api, idempotency="second")
-            assert refused.value.response.headers["x-should-retry"] == "false"
+            assert refused.value.response.headers["x-should-retry"] == "false"  # the day's limit: hours away
             await api.db.set_quota("user", "openai", "acme", "alice", requests_per_day=3)
-            with pytest.raises(openai.ConflictError):  # the core keeps the refused event as seen
+            assert await ask(api, idempotency="second") == "A red square."
+            with pytest.raises(openai.ConflictError):
                 await ask(api, idempotency="second")
-            assert await ask(api, idempotency="third") == "A red square."
+            assert await requests_of(api, "alice") == 2
 
     asyncio.run(main())

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
-from bot.core.errors import UnsupportedRequest
+from bot.core.errors import BotError, UnsupportedRequest
 from bot.core.pipeline.chain import Context, Handler, Parts, log
 from bot.core.requests import ReplyEvent, Request
 from storage import ID_LENGTHS
@@ -26,7 +27,8 @@ def check_ids(request: Request) -> None:
 
 class Dedup:
     """A unique event id in SQL: a redelivered event (Slack's retries, a gateway replay) ends here, answered
-    by nothing (``outcome`` ``duplicate``).  Ids too long to store are refused first."""
+    by nothing (``outcome`` ``duplicate``).  Ids too long to store are refused first.  A request with
+    ``retry_refused`` that a later step refuses before its question is stored gives its id back."""
 
     def __init__(self, parts: Parts) -> None:
         self.parts = parts
@@ -38,9 +40,20 @@ class Dedup:
             log.info("ignoring redelivered event %s/%s", request.platform, request.event_id)
             ctx.outcome = "duplicate"
             return
-        async with aclosing(call_next(ctx)) as events:
-            async for event in events:
-                yield event
+        try:
+            async with aclosing(call_next(ctx)) as events:
+                async for event in events:
+                    yield event
+        except BotError:
+            if request.event_id and request.retry_refused and ctx.answer_turn is None:
+                await self._give_back(request.platform, request.event_id)
+            raise
+
+    async def _give_back(self, platform: str, event_id: str) -> None:
+        try:  # shielded: a client that leaves at once still frees its key
+            await asyncio.shield(self.parts.db.forget_event(platform, event_id))
+        except Exception as exc:  # the refusal goes out anyway; a retry with the key is then a duplicate
+            log.error("event %s/%s: could not give back the id of a refused request: %r", platform, event_id, exc)
 
 
 class Access:
