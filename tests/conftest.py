@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -31,6 +32,20 @@ DEMO_VARIANTS = ("vicuna0", "llama2", "minigptv2")
 def _numeric_overrides(section: dict[str, Any]) -> dict[str, Any]:
     """The numeric keys of a config.json section, as a user would copy them into ``[model.vision]``."""
     return {k: v for k, v in section.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+@pytest.fixture(autouse=True)
+def _no_root_handler_on_a_closed_stream() -> Any:
+    """A test that runs the CLI in process (``configure_logging``: ``basicConfig(force=True)``) leaves the root
+    logger writing to that run's captured stderr, closed once the run ends: every later record printed
+    "--- Logging error --- … I/O operation on closed file" into the report.  Drop such handlers afterwards."""
+    root = logging.getLogger()
+    level = root.level
+    yield
+    for handler in list(root.handlers):
+        if getattr(getattr(handler, "stream", None), "closed", False):
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
