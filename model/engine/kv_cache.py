@@ -12,7 +12,8 @@ columns must stay finite), and exposes the live region ``[:rows, :, start:end]``
 * a leaving row (:meth:`BatchKV.remove`) is overwritten by the batch's last row (one row copied), and
   ``start`` moves right past the columns no row uses any more;
 * only when the columns or rows run out is everything copied once into larger buffers (:meth:`_repack`),
-  with :data:`COLUMN_HEADROOM` spare columns.
+  with :data:`COLUMN_HEADROOM` spare columns; when fewer than a quarter of the row slots are in use the
+  buffers shrink, and an empty batch frees them.
 
 The views are what attention reads, so the numbers are those of a contiguous cache (the tests compare
 greedy ids and logits with a lone request).
@@ -28,6 +29,7 @@ __all__ = ["COLUMN_HEADROOM", "KV", "BatchKV", "InPlaceLayer"]
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (K, V), each [rows, heads, T, head_dim]
 
 COLUMN_HEADROOM = 128  # spare columns allocated at a repack: decode steps before the next one
+MIN_ROW_CAPACITY = 8  # fewer rows than a quarter of the capacity shrink it, not below this
 
 
 class InPlaceLayer(DynamicLayer):
@@ -58,6 +60,10 @@ class BatchKV:
     """The batch's KV buffers and geometry (see the module docstring).  Used by the engine's worker thread only."""
 
     def __init__(self) -> None:
+        self.repacks = 0  # how often everything was copied into new buffers (for tests and benchmarks)
+        self._clear()
+
+    def _clear(self) -> None:
         self.buffers: KV = []  # per layer: [row capacity, heads, column capacity, head_dim]
         self.mask_buffer = torch.zeros(0, 0, dtype=torch.long)  # [row capacity, column capacity]
         self.rows = 0
@@ -65,7 +71,6 @@ class BatchKV:
         self.end = 0  # next column to write; every row's valid columns end here
         self.lengths: list[int] = []  # valid columns per row
         self.cache = DynamicCache()
-        self.repacks = 0  # how often everything was copied into new buffers (for tests and benchmarks)
 
     # ------------------------------------------------------------------ views
 
@@ -144,6 +149,10 @@ class BatchKV:
             self.lengths.pop()
         self.rows = len(order)
         self.start = self.end - max(self.lengths, default=0)
+        if not self.rows:  # an idle engine holds no KV: the next rows allocate afresh
+            self._clear()
+        elif self.rows * 4 <= self.mask_buffer.shape[0] and self.mask_buffer.shape[0] > MIN_ROW_CAPACITY:
+            self._repack(max(2 * self.rows, MIN_ROW_CAPACITY), self.width)  # after a burst: give the rows back
         return order
 
     # ------------------------------------------------------------------ room

@@ -16,7 +16,7 @@ import torch
 from engine_helpers import ask, bounded, collect, endless
 
 from model.engine import Engine
-from model.engine.kv_cache import COLUMN_HEADROOM, BatchKV
+from model.engine.kv_cache import COLUMN_HEADROOM, MIN_ROW_CAPACITY, BatchKV
 
 LAYERS, HEADS, DIM = 2, 2, 4
 
@@ -97,3 +97,18 @@ def test_a_long_answer_repacks_once_per_headroom_not_once_per_step(m) -> None:
     final, runner = asyncio.run(bounded(main()))
     assert len(final.token_ids) == 300
     assert 1 <= runner.batch.repacks <= 300 // COLUMN_HEADROOM + 1
+
+
+def test_rows_are_given_back_after_a_burst_and_an_empty_batch_holds_nothing() -> None:
+    torch.manual_seed(0)
+    batch = BatchKV()
+    lengths = list(range(1, 21))
+    batch.add(_kv(20, 20), torch.tensor([[0] * (20 - n) + [1] * n for n in lengths]), lengths)
+    assert batch.mask_buffer.shape[0] >= 20
+    kept = batch.row_kv(19)  # the longest row, which stays
+    order = batch.remove(list(range(17)))
+    assert batch.rows == 3 and batch.mask_buffer.shape[0] == MIN_ROW_CAPACITY  # 3 rows: a quarter of 20 or less
+    row = order.index(19)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(batch.row_kv(row), kept, strict=True))
+    batch.remove([0, 1, 2])
+    assert batch.rows == 0 and batch.buffers == [] and batch.repacks >= 1
