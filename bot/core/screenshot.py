@@ -93,6 +93,24 @@ def chromium_args(as_root: bool) -> list[str]:
     return ["--no-sandbox", "--disable-gpu"] if as_root else ["--disable-gpu"]
 
 
+CAPTURE_TRIES = 3  # a capture that fails while the page tries to navigate away is tried again
+
+
+async def _screenshot(page: Any, timeout_ms: float) -> bytes:
+    """The page as PNG.  A page that tries to navigate (``<meta http-equiv="refresh">``: every request is
+    aborted, so it stays) can make Chromium fail a capture made at that moment ("Unable to capture
+    screenshot"), more often on a busy host: wait a little and capture again."""
+    for attempt in range(1, CAPTURE_TRIES + 1):
+        try:
+            return bytes(await page.screenshot(type="png", timeout=timeout_ms, animations="disabled"))
+        except Exception as exc:
+            if attempt == CAPTURE_TRIES or "Unable to capture screenshot" not in str(exc):
+                raise
+            log.info("Chromium could not capture the page (attempt %d); capturing again", attempt)
+            await asyncio.sleep(0.2 * attempt)
+    raise AssertionError("unreachable")
+
+
 class ChromiumRenderer:
     """One headless Chromium launched on first use (and again if it dies), a fresh context per render."""
 
@@ -131,7 +149,7 @@ class ChromiumRenderer:
             await page.set_content(html, wait_until="load", timeout=timeout_ms)
             height = max(VIEWPORT["height"], min(await _page_height(page), self.settings.max_height_px))
             await page.set_viewport_size({"width": VIEWPORT["width"], "height": height})
-            return await page.screenshot(type="png", timeout=timeout_ms, animations="disabled")
+            return await _screenshot(page, timeout_ms)
         except RenderError:
             raise
         except Exception as exc:

@@ -246,3 +246,31 @@ def test_render_disabled_or_no_page_means_no_files(tmp_path: Path) -> None:
     (tmp_path / "off").mkdir()
     off = asyncio.run(_ask(tmp_path / "off", "```html\n" + PAGE + "\n```", enabled=False))[-1]
     assert [f.filename for f in off.files] == ["website.html"]
+
+
+class _Page:
+    """Stands in for a Playwright page whose first captures fail as Chromium's do while the page navigates."""
+
+    def __init__(self, failures: list[str]) -> None:
+        self.failures, self.calls = failures, 0
+
+    async def screenshot(self, **_: Any) -> bytes:
+        self.calls += 1
+        if self.failures:
+            raise RuntimeError(self.failures.pop(0))
+        return b"png"
+
+
+def test_a_capture_that_fails_while_the_page_navigates_is_tried_again() -> None:
+    from bot.core.screenshot import CAPTURE_TRIES, _screenshot
+
+    unable = "Page.screenshot: Protocol error (Page.captureScreenshot): Unable to capture screenshot"
+    page = _Page([unable, unable])
+    assert asyncio.run(_screenshot(page, 1000)) == b"png" and page.calls == 3
+    page = _Page([unable] * CAPTURE_TRIES)
+    with pytest.raises(RuntimeError, match="Unable to capture"):
+        asyncio.run(_screenshot(page, 1000))
+    page = _Page(["Target page, context or browser has been closed"])  # another failure: not tried again
+    with pytest.raises(RuntimeError, match="closed"):
+        asyncio.run(_screenshot(page, 1000))
+    assert page.calls == 1
