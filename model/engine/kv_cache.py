@@ -8,7 +8,8 @@ columns must stay finite), and exposes the live region ``[:rows, :, start:end]``
 * a decode step writes each layer's new K/V at column ``end`` (:class:`InPlaceLayer.update`), then
   :meth:`BatchKV.advance` moves ``end`` — no copy of the cache;
 * rows are left-padded: every row's valid columns end at ``end``; row ``i`` holds ``lengths[i]``;
-* joining rows (:meth:`BatchKV.add`) are written right-aligned at ``end`` into free row slots;
+* joining rows (:meth:`BatchKV.add`) are written right-aligned at ``end`` into free row slots (their mask
+  follows from their lengths);
 * a leaving row (:meth:`BatchKV.remove`) is overwritten by the batch's last row (one row copied), and
   ``start`` moves right past the columns no row uses any more;
 * only when the columns or rows run out is everything copied once into larger buffers (:meth:`_repack`),
@@ -114,12 +115,12 @@ class BatchKV:
 
     # ------------------------------------------------------------------ rows joining and leaving
 
-    def add(self, kv: KV, mask: torch.Tensor, lengths: list[int]) -> None:
-        """Append rows: per layer ``[r, heads, w, head_dim]`` right-aligned (left-padded), their ``[r, w]`` mask."""
-        new_rows, w = mask.shape
+    def add(self, kv: KV, lengths: list[int]) -> None:
+        """Append rows: per layer ``[r, heads, w, head_dim]``, row ``i``'s ``lengths[i]`` valid columns last."""
+        new_rows, w = len(lengths), kv[0][0].shape[2]
         if not self.buffers:
             self._allocate_like(kv, new_rows, w + COLUMN_HEADROOM)
-            self.mask_buffer = mask.new_zeros(new_rows, w + COLUMN_HEADROOM)
+            self.mask_buffer = torch.zeros(new_rows, w + COLUMN_HEADROOM, dtype=torch.long, device=kv[0][0].device)
             self.start = self.end = w
             self._wire()
         self._ensure(self.rows + new_rows, w, 0)
@@ -127,8 +128,9 @@ class BatchKV:
         for (keys, values), (k, v) in zip(self.buffers, kv, strict=True):
             keys[rows, :, self.end - w : self.end] = k
             values[rows, :, self.end - w : self.end] = v
-        self.mask_buffer[rows, : self.end] = 0
-        self.mask_buffer[rows, self.end - w : self.end] = mask
+        columns = torch.arange(self.end, device=self.mask_buffer.device)
+        first = self.end - torch.tensor(lengths, device=self.mask_buffer.device)  # each row's first valid column
+        self.mask_buffer[rows, : self.end] = (columns[None, :] >= first[:, None]).long()
         self.rows += new_rows
         self.lengths.extend(lengths)
         self.start = self.end - max(self.lengths)

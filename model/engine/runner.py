@@ -73,13 +73,6 @@ def _prepared(seqs: list[SeqState]) -> tuple[list[torch.Tensor], list[RowSampler
     return contexts, samplers
 
 
-def _left_mask(lengths: list[int], device: torch.device) -> torch.Tensor:
-    """``[rows, max length]`` attention mask of rows left-padded to the longest."""
-    width = max(lengths)
-    columns = torch.arange(width, device=device).unsqueeze(0)
-    return (columns >= width - torch.tensor(lengths, device=device).unsqueeze(1)).long()
-
-
 def _stack_prefixes(entries: list[PrefixEntry | None], reused: list[int], width: int) -> KV:
     """Per layer ``(K, V)`` ``[rows, heads, width, head_dim]``: each row's first ``reused`` cached positions,
     left-padded with zeros (a row without a prefix is all padding)."""
@@ -135,10 +128,9 @@ class Runner:
         self.prefix_reuse = prefix_reuse
         self._rows: list[SeqState] = []  # rows in the batch cache
         self._staged: list[tuple[SeqState, PrefixEntry | None]] = []  # prefill() → run_prefills()
-        # prefilled this step, joined at the next merge: (rows, their KV, [rows, T] mask, [rows] next positions)
-        self._pending: list[tuple[list[SeqState], DynamicCache, torch.Tensor, torch.Tensor]] = []
-        self.batch = BatchKV()  # the running rows' KV, written in place
-        self.positions: torch.Tensor | None = None  # [rows] next position of each row
+        # prefilled this step, joined at the next merge: (rows, their left-padded KV, each row's length)
+        self._pending: list[tuple[list[SeqState], DynamicCache, list[int]]] = []
+        self.batch = BatchKV()  # the running rows' KV, written in place; a row's length is its next position
         self.device = model.device
 
     # ------------------------------------------------------------------ preparing a sequence
@@ -256,32 +248,29 @@ class Runner:
         lengths = [r + s for r, s in zip(reused, new, strict=True)]
         if padded:
             _compact(cache, mask, max(lengths))
-        self._pending.append((seqs, cache, _left_mask(lengths, self.device), torch.tensor(lengths, device=self.device)))
+        self._pending.append((seqs, cache, lengths))
         return tokens
 
     @property
     def rows(self) -> list[SeqState]:
         """Every running sequence, in batch order (pending joins last)."""
-        return self._rows + [seq for seqs, _, _, _ in self._pending for seq in seqs]
+        return self._rows + [seq for seqs, _, _ in self._pending for seq in seqs]
 
     @torch.inference_mode()
     def _merge_pending(self) -> None:
         """Write all sequences prefilled this step into free rows of the batch cache (:class:`BatchKV`)."""
         if not self._pending:
             return
-        positions = [] if self.positions is None else [self.positions]
-        for seqs, cache, mask, lengths in self._pending:
-            self.batch.add(kv_of(cache), mask, lengths.tolist())
+        for seqs, cache, lengths in self._pending:
+            self.batch.add(kv_of(cache), lengths)
             self._rows.extend(seqs)
-            positions.append(lengths)
         self._pending = []
-        self.positions = torch.cat(positions)
 
     @torch.inference_mode()
     def decode(self) -> list[int]:
         """One decode step for every row: feed each row's last token, sample the next one."""
         self._merge_pending()
-        assert self.positions is not None
+        positions = torch.tensor(self.batch.lengths, device=self.device)  # left-padded: a row's next position
         last = torch.tensor([seq.generated[-1] for seq in self._rows], device=self.device).unsqueeze(1)  # [B, 1]
         embeds = self.model.llm.get_input_embeddings()(last)  # [B, 1, H]
         padded = self.batch.padded
@@ -289,11 +278,10 @@ class Runner:
         out = self.model(
             inputs_embeds=embeds,
             attention_mask=mask if padded else None,  # no padding: the plain causal path
-            position_ids=self.positions.unsqueeze(1),
+            position_ids=positions.unsqueeze(1),
             cache=self.batch.cache,
         )
         self.batch.advance(1)
-        self.positions = self.positions + 1
         return sample_rows(_prepared(self._rows)[1], out.logits[:, -1, :])  # one pass over [B, V]
 
     @torch.inference_mode()
@@ -302,7 +290,6 @@ class Runner:
         if not finished:
             return {}
         self._merge_pending()
-        assert self.positions is not None
         gone = {s.seq_id for s in finished}
         kept: dict[str, int] = {}
         for index, seq in enumerate(self._rows):
@@ -318,15 +305,12 @@ class Runner:
             kept[key] = valid
         order = self.batch.remove([i for i, s in enumerate(self._rows) if s.seq_id in gone])
         self._rows = [self._rows[i] for i in order]
-        self.positions = self.positions[torch.tensor(order, dtype=torch.long, device=self.device)]
-        if not self._rows:
-            self.positions = None
         return kept
 
     def reset(self) -> None:
         """Forget the running batch (after a failed step); the reuse caches stay."""
         self._rows, self._pending, self._staged = [], [], []
-        self.batch, self.positions = BatchKV(), None
+        self.batch = BatchKV()
 
     def evict(self, keys: tuple[str, ...] | list[str]) -> None:
         for key in keys:

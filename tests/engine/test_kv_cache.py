@@ -59,7 +59,7 @@ def test_joins_steps_and_leaves_keep_every_row_equal_to_plain_concatenation(seed
             mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths])
             for k, _ in kv:  # padding columns hold garbage the mask hides (the prefill's compaction repeats one)
                 k.masked_fill_(mask[:, None, :, None] == 0, 7.0)
-            batch.add(kv, mask, lengths)
+            batch.add(kv, lengths)
             rows += [[(k[r, :, width - n :], v[r, :, width - n :]) for k, v in kv] for r, n in enumerate(lengths)]
         elif op == "step":
             before, pointers = batch.repacks, [k.data_ptr() for k, _ in batch.buffers]
@@ -103,7 +103,7 @@ def test_rows_are_given_back_after_a_burst_and_an_empty_batch_holds_nothing() ->
     torch.manual_seed(0)
     batch = BatchKV()
     lengths = list(range(1, 21))
-    batch.add(_kv(20, 20), torch.tensor([[0] * (20 - n) + [1] * n for n in lengths]), lengths)
+    batch.add(_kv(20, 20), lengths)
     assert batch.mask_buffer.shape[0] >= 20
     kept = batch.row_kv(19)  # the longest row, which stays
     order = batch.remove(list(range(17)))
