@@ -28,11 +28,10 @@ from bot.core.config import Settings
 from model.engine.contract import Busy, ChatTurn, FinalEvent, RequestFailed, RequestTooLarge, TokenEvent
 from tests.contracts.backend_contract import BackendContract, BackendDriver
 from tests.pictures import encode_png
+from tests.vllm.vllm_env import require_vllm
 
 ROOT = Path(__file__).resolve().parents[2]
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
-if not VLLM_PYTHON.is_file():
-    pytest.skip("no vLLM environment: ./scripts/setup.sh --vllm (or --dev) creates .venv-vllm", allow_module_level=True)
+require_vllm()
 
 T = TypeVar("T")
 GREEDY = {"do_sample": False, "max_new_tokens": 24, "repetition_penalty": 1.05}

@@ -21,14 +21,9 @@ from typing import Any
 import pytest
 from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).resolve().parents[2]
-VLLM_PYTHON = Path(os.environ.get("MINIGPT4_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
-if not VLLM_PYTHON.is_file():
-    pytest.skip(
-        f"no vLLM environment at {VLLM_PYTHON}: ./scripts/setup.sh --vllm creates .venv-vllm "
-        "(or set MINIGPT4_VLLM_PYTHON)",
-        allow_module_level=True,
-    )
+from tests.vllm.vllm_env import ROOT, VLLM_PYTHON, require_vllm
+
+require_vllm()
 
 VARIANTS = ("vicuna0", "llama2", "minigptv2")
 NEW_TOKENS = 24
