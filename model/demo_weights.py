@@ -124,7 +124,7 @@ def _rand(gen: torch.Generator, *shape: int, scale: float = 0.02) -> torch.Tenso
     return torch.randn(*shape, generator=gen) * scale
 
 
-# Residual dimension 0 carries a constant, so the LLM can push byte pieces far down (see _steer_away_from_bytes).
+# Residual dimension 0 carries a constant, so the LLM can push pieces far down (see _steer_away).
 ANCHOR = 0.25  # its value: a few times the other embedding columns' spread, so the norm stays dominated by them
 BYTE_PUSH = 40.0  # the avoided pieces' head weight on it: logit ≈ -BYTE_PUSH · (normalised anchor)
 EOS_PUSH = 0.15  # the end-of-text token's: demo answers of ~120 tokens (median; 0 gave many of 1-3 tokens)

@@ -100,15 +100,19 @@ async def _screenshot(page: Any, timeout_ms: float) -> bytes:
     """The page as PNG.  A page that tries to navigate (``<meta http-equiv="refresh">``: every request is
     aborted, so it stays) can make Chromium fail a capture made at that moment ("Unable to capture
     screenshot"), more often on a busy host: wait a little and capture again."""
-    for attempt in range(1, CAPTURE_TRIES + 1):
+
+    async def capture() -> bytes:
+        return bytes(await page.screenshot(type="png", timeout=timeout_ms, animations="disabled"))
+
+    for attempt in range(1, CAPTURE_TRIES):
         try:
-            return bytes(await page.screenshot(type="png", timeout=timeout_ms, animations="disabled"))
+            return await capture()
         except Exception as exc:
-            if attempt == CAPTURE_TRIES or "Unable to capture screenshot" not in str(exc):
+            if "Unable to capture screenshot" not in str(exc):
                 raise
             log.info("Chromium could not capture the page (attempt %d); capturing again", attempt)
             await asyncio.sleep(0.2 * attempt)
-    raise AssertionError("unreachable")
+    return await capture()  # the last try: its failure is the render's
 
 
 class ChromiumRenderer:
