@@ -83,7 +83,7 @@ def test_history_survives_a_kill_mid_answer(tmp_path):
     config = tmp_path / "bot.toml"
     config.write_text(
         f'data_dir = "{tmp_path / "state"}"\n[model]\ndevice = "cpu"\n'
-        f"[generation]\ndo_sample = false\nmax_new_tokens = 1000\nmin_length = 1001\nmax_length = 4000\n"
+        f"[generation]\ndo_sample = false\nmax_new_tokens = 3000\nmin_length = 3001\nmax_length = 4000\n"
         f"[engine]\nrequest_timeout_s = 600\n"
         f'[web]\nhost = "127.0.0.1"\nport = {port}\n'
     )
@@ -99,7 +99,7 @@ def test_history_survives_a_kill_mid_answer(tmp_path):
         assert done[-1][0] == "final" and done[-1][1]["kind"] == "answer"
         answer = done[-1][1]["text"]
         partial = _post(url, {"thread": "t1", "text": "And the colour?", "event_id": "e2"}, stop_after_s=1.5)
-        assert {name for name, _ in partial} == {"delta"}  # still streaming (1000 tokens)
+        assert {name for name, _ in partial} == {"delta"}  # still streaming (3000 tokens: seconds)
         seen = "".join(data["text"] for _, data in partial)
         server.send_signal(signal.SIGKILL)  # mid-answer: no shutdown code runs
         server.wait(timeout=30)
